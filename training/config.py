@@ -39,6 +39,8 @@ class SynthConfig(Section):
     n_hits: int = Field(6, ge=0, description="planted autophagy-off hit genes")
     knockout_efficiency: float = Field(0.8, gt=0, le=1)
     novel_fraction: float = Field(0.02, ge=0, le=1, description="share of screen cells from the novel-phenotype gene")
+    max_cells_per_file: int = Field(10000, ge=1, description="larger slides are split into part files (same group)")
+    batch_size: int = Field(256, ge=1, description="cells rendered at once (memory vs speed)")
     seed: int = 0
 
 
@@ -71,6 +73,7 @@ class AugmentConfig(Section):
 class DataConfig(Section):
     channels: list[str | int] = Field(default_factory=list, description="names or indices; empty = image channels")
     image_size: int | None = Field(None, ge=8, description="model input size; None = as stored")
+    resize: Literal["resize", "crop"] = Field("resize", description="how stored crops reach image_size")
     normalize: Literal["none", "per_cell", "fixed"] = "none"
     mean: float = 0.0
     std: float = 1.0
@@ -129,10 +132,10 @@ class MlflowConfig(Section):
     experiment: str = "spatial"
 
 
-class RegisterConfig(Section):
+class RegistryConfig(Section):
     model_name: str = "spatial-phenotype"
     alias: str = "champion"
-    metric: str = "balanced_accuracy"
+    metric: str = Field("test_balanced_accuracy", description="MLflow run metric that decides the alias")
     greater_is_better: bool = True
 
 
@@ -202,7 +205,7 @@ class Params(Section):
     uncertainty: UncertaintyConfig = UncertaintyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     mlflow: MlflowConfig = MlflowConfig()
-    register: RegisterConfig = RegisterConfig()
+    registry: RegistryConfig = RegistryConfig()
     ssl: SSLConfig = SSLConfig()
     al: ALConfig = ALConfig()
     tune: TuneConfig = TuneConfig()

@@ -251,8 +251,9 @@ class CellFile:
             raise DataError(f"{self.path}: '{self._images_name}' row {bad} holds NaN or Inf pixels")
         return out
 
-    def read_rows(self, rows: np.ndarray, channels: Sequence[int] | None = None) -> np.ndarray:
-        """Arbitrary rows, read as contiguous runs (never h5py fancy indexing), in the order given."""
+    def read_rows(self, rows: np.ndarray, channels: Sequence[int] | None = None, max_gap: int = 8) -> np.ndarray:
+        """Arbitrary rows in the order given, read as contiguous runs (never h5py fancy indexing); rows up to
+        ``max_gap`` apart share one read, which is cheaper than a second HDF5 call."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size == 0:
             c = self.info.n_channels if channels is None else len(channels)
@@ -260,7 +261,7 @@ class CellFile:
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         out = np.empty((len(rows), *self.read(0, 0, channels).shape[1:]), np.float32)
-        for a, b in contiguous_runs(sorted_rows):
+        for a, b in contiguous_runs(sorted_rows, max_gap):
             lo, hi = int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1
             block = self.read(lo, hi, channels)
             out[order[a:b]] = block[sorted_rows[a:b] - lo]

@@ -1,0 +1,231 @@
+"""MLflow: where runs go, the run layout of an ensemble, the one logged model and the registry alias.
+
+Tracking URI: ``mlflow.tracking_uri`` in params, else ``$MLFLOW_TRACKING_URI``, else a sqlite file ``mlflow.db``
+at the repository root as an absolute path. Inside ``dvc exp run --temp`` (which works in a copy under
+``.dvc/tmp/exps/``) the root is the original repository's, so runs are not lost with the copy.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.config import MlflowConfig, Params, RegistryConfig
+from training.errors import ModelError
+
+log = logging.getLogger(__name__)
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def repo_root(start: Path | None = None) -> Path:
+    """The repository root: the folder holding ``.dvc`` or ``.git`` (outside any DVC temp experiment copy)."""
+    here = (start or Path.cwd()).resolve()
+    parts = here.parts
+    if ".dvc" in parts:  # .../repo/.dvc/tmp/exps/<tmp>/... -> .../repo
+        here = Path(*parts[: parts.index(".dvc")])
+    for d in (here, *here.parents):
+        if (d / ".dvc").is_dir() or (d / ".git").exists():
+            return d
+    return here
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+def configure(cfg: MlflowConfig) -> str:
+    import mlflow
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.experiment)
+    return uri
+
+
+def log_params(params: Params) -> None:
+    """The full resolved config: flat dotted params plus ``params.yaml`` as an artifact."""
+    import mlflow
+    import yaml
+
+    flat = {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in params.flat().items()}
+    mlflow.log_params(flat)
+    mlflow.log_text(yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False), "params.yaml")
+
+
+class MemberRun:
+    """A nested run for one ensemble member; ``log_metrics`` is what the engine calls per epoch."""
+
+    def __init__(self, name: str, parent_id: str):
+        import mlflow
+
+        self._run = mlflow.start_run(run_name=name, nested=True, parent_run_id=parent_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)}, step=step)
+
+    def close(self) -> None:
+        import mlflow
+
+        mlflow.end_run()
+
+
+class Tracker:
+    """A parent run (one per ensemble, AL campaign or sweep) with nested children."""
+
+    def __init__(self, params: Params, run_name: str, tags: dict[str, str] | None = None,
+                 run_id: str | None = None):
+        import mlflow
+
+        configure(params.mlflow)
+        self.run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+        self.run_id = self.run.info.run_id
+        if run_id is None:
+            log_params(params)
+
+    def member(self, k: int, prefix: str = "member") -> MemberRun:
+        return MemberRun(f"{prefix}-{k}", self.run_id)
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        import mlflow
+
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and np.isfinite(v)},
+                           step=step)
+
+    def log_artifacts(self, path: str | Path, artifact_path: str | None = None) -> None:
+        import mlflow
+
+        p = Path(path)
+        (mlflow.log_artifacts if p.is_dir() else mlflow.log_artifact)(str(p), artifact_path)
+
+    def close(self, status: str = "FINISHED") -> None:
+        import mlflow
+
+        mlflow.end_run(status=status)
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type, *_: object) -> None:
+        self.close("FAILED" if exc_type else "FINISHED")
+
+
+# -- the logged model ---------------------------------------------------------------------------------
+def _pyfunc_class():
+    import mlflow.pyfunc
+
+    class EnsembleModel(mlflow.pyfunc.PythonModel):
+        """The whole ensemble (members, temperatures, novelty, classes, channels, size) as one MLflow model.
+
+        Input: float32 images ``(N, C, H, W)`` (model channels or the full stored stack); output: one row per cell
+        with ``prob_<class>...``, ``predicted_class``, ``confidence``, ``entropy``, ``aleatoric``, ``epistemic``,
+        ``novelty``.
+        """
+
+        def load_context(self, context) -> None:
+            from training.ensemble import Ensemble
+
+            self.ensemble = Ensemble.load(context.artifacts["ensemble"])
+
+        def predict(self, context, model_input, params=None):
+            images = np.asarray(model_input, dtype=np.float32)
+            return self.ensemble.to_frame(self.ensemble.predict_images(images))
+
+    return EnsembleModel
+
+
+def log_ensemble_model(ensemble_dir: str | Path, example: np.ndarray) -> str:
+    """Log the ensemble directory as one pyfunc model in the active run; returns its model URI."""
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from training.ensemble import Ensemble
+
+    ens = Ensemble.load(ensemble_dir)
+    if len(example) < 2:
+        raise ModelError("the input example needs a batch of at least 2 cells")
+    output = ens.to_frame(ens.predict_images(example))
+    info = mlflow.pyfunc.log_model(
+        name="ensemble",
+        python_model=_pyfunc_class()(),
+        artifacts={"ensemble": str(ensemble_dir)},
+        signature=infer_signature(example, output),
+        input_example=example,
+    )
+    return info.model_uri
+
+
+def register(model_uri: str, run_id: str, cfg: RegistryConfig) -> dict[str, Any]:
+    """Register ``model_uri``; move ``cfg.alias`` to the new version if its run's ``cfg.metric`` beats the holder's."""
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    mv = mlflow.register_model(model_uri, cfg.model_name)
+    new_value = client.get_run(run_id).data.metrics.get(cfg.metric)
+    current = None
+    try:
+        holder = client.get_model_version_by_alias(cfg.model_name, cfg.alias)
+        current = client.get_run(holder.run_id).data.metrics.get(cfg.metric) if holder.run_id else None
+    except MlflowException:
+        holder = None
+    better = (
+        holder is None
+        or current is None
+        or (new_value is not None and (new_value > current if cfg.greater_is_better else new_value < current))
+    )
+    if better:
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
+    return {
+        "model_name": cfg.model_name,
+        "version": int(mv.version),
+        "alias": cfg.alias,
+        "alias_moved": bool(better),
+        "alias_version": int(mv.version) if better else int(holder.version),
+        "metric": cfg.metric,
+        "value": new_value,
+        "previous_value": current,
+    }
+
+
+def resolve_model(uri: str | os.PathLike, mlflow_cfg: MlflowConfig | None = None,
+                  cache_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
+    """A local ensemble directory for ``uri`` (a directory, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``)
+    and what is known about it (name, version, alias)."""
+    s = os.fspath(uri)
+    if not s.startswith("models:/"):
+        p = Path(s)
+        if not (p / "spec.json").is_file():
+            raise ModelError(f"{p}: not an ensemble directory (expected spec.json) and not a models:/ URI")
+        return p, {"name": p.name, "version": None, "alias": None, "uri": s}
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri(mlflow_cfg or MlflowConfig()))
+    ref = s[len("models:/") :]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            mv = client.get_model_version_by_alias(name, alias)
+        else:
+            name, version = ref.rsplit("/", 1)
+            alias = None
+            mv = client.get_model_version(name, version)
+        dst = Path(cache_dir or tempfile.mkdtemp(prefix="spatial-model-"))
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
+    except MlflowException as exc:
+        raise ModelError(f"model URI '{s}' does not resolve in {mlflow.get_tracking_uri()}: {exc.message}") from None
+    found = next((p.parent for p in local.rglob("spec.json")), None)
+    if found is None:
+        raise ModelError(f"model URI '{s}' holds no spatiAL ensemble")
+    return found, {"name": name, "version": int(mv.version), "alias": alias, "uri": s, "run_id": mv.run_id}
