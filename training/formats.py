@@ -396,6 +396,7 @@ def write_h5sc(
         ds.attrs["n_image_channels"] = len(kinds) - kinds.count("mask")
         uns = h5.create_group("uns")
         uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        uns.create_group(UNS_PREFIX.rstrip("/")).attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         for key, values in (("channel_names", names), ("channel_mapping", kinds)):
             d = uns.create_dataset(f"{UNS_PREFIX}{key}", data=np.array(values, dtype=object), dtype=str_dtype)
             d.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})

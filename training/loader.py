@@ -80,7 +80,7 @@ def make_blocks(table: pd.DataFrame, block_size: int) -> list[_Block]:
     blocks = []
     labels = table["y"].to_numpy(np.int64) if "y" in table else np.full(len(table), -1, np.int64)
     positions = np.arange(len(table))
-    for source, pos in table.groupby("source_file", observed=True, sort=True).indices.items():
+    for source, pos in table.groupby("source_file", observed=True, sort=False).indices.items():
         rows = table["row"].to_numpy(np.int64)[pos]
         order = np.argsort(rows, kind="stable")
         pos, rows = positions[pos][order], rows[order]

@@ -1,0 +1,146 @@
+"""The CLI wiring of train / evaluate / register / inspect, the MLflow run layout and the champion alias."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from mlflow import MlflowClient
+from typer.testing import CliRunner
+
+from training.cli import app
+from training.ensemble import Ensemble
+from training.errors import ModelError
+from training.tracking import repo_root, resolve_model
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_manifest):
+    d = tmp_path_factory.mktemp("cli")
+    params = {
+        "split": {"classes": ["bright", "spotty"], "test_fraction": 0.5, "max_per_class": None},
+        "data": {"channels": ["LC3B"], "image_size": 32, "batch_size": 16},
+        "model": {"dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]},
+        "train": {"epochs": 3},
+        "ensemble": {"members": 2},
+        "mlflow": {"tracking_uri": f"sqlite:///{d / 'mlflow.db'}", "experiment": "cli"},
+        "registry": {"model_name": "tiny"},
+    }
+    (d / "params.yaml").write_text(yaml.safe_dump(params))
+    return d
+
+
+@pytest.fixture(scope="module")
+def trained(workdir, tiny_manifest):
+    p = workdir / "params.yaml"
+    invoke("train", "--params", p, "--manifest", tiny_manifest, "--out", workdir / "ens",
+           "--metrics", workdir / "train.json", "--no-progress")
+    invoke("evaluate", "--params", p, "--model", workdir / "ens", "--splits", workdir / "ens.splits.parquet",
+           "--out", workdir / "report", "--metrics", workdir / "eval.json", "--no-progress")
+    invoke("register", "--params", p, "--model", workdir / "ens", "--out", workdir / "reg.json")
+    return workdir
+
+
+def test_train_evaluate_register_outputs(trained):
+    train = json.loads((trained / "train.json").read_text())
+    assert train["members"] == 2 and train["classes"] == ["bright", "spotty"]
+    ev = json.loads((trained / "eval.json").read_text())
+    assert ev["balanced_accuracy"] > 0.6  # the tiny model learns better than chance
+    for key in ("nll", "ece", "uncalibrated/ece", "single_member/nll", "heldout/density/auroc", "heldout_dim/mutual_info/auroc"):
+        assert key in ev
+    for png in ("confusion.png", "reliability.png", "embedding.png", "uncertainty.png"):
+        assert (trained / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    preds = pd.read_parquet(trained / "report" / "predictions.parquet")
+    assert {"source_file", "cell_id", "prob_bright", "prob_spotty", "epistemic", "novelty", "split"} <= set(preds.columns)
+    np.testing.assert_allclose(preds[["prob_bright", "prob_spotty"]].sum(axis=1), 1, atol=1e-5)
+
+
+def test_mlflow_run_layout_and_champion(trained):
+    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
+    client = MlflowClient()
+    reg = json.loads((trained / "reg.json").read_text())
+    run = client.get_run(reg["run_id"])
+    assert run.data.params["train.epochs"] == "2" and run.data.params["ensemble.members"] == "2"
+    assert "test_balanced_accuracy" in run.data.metrics and "test_heldout_density_auroc" in run.data.metrics
+    children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+    assert sorted(c.info.run_name for c in children) == ["member-0", "member-1"]
+    history = client.get_metric_history(children[0].info.run_id, "val_loss")
+    assert len(history) == 3  # one point per epoch
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
+    assert "evaluate/reliability.png" in artifacts and "evaluate/predictions.parquet" in artifacts
+    mv = client.get_model_version_by_alias("tiny", "champion")
+    assert int(mv.version) == reg["version"] == 1
+    # models:/ URI resolves to the same ensemble
+    loaded = mlflow.pyfunc.load_model("models:/tiny@champion")
+    x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
+    out = loaded.predict(x)
+    direct = Ensemble.load(trained / "ens").to_frame(Ensemble.load(trained / "ens").predict_images(x))
+    np.testing.assert_allclose(out["prob_bright"], direct["prob_bright"], atol=1e-5)
+
+
+def test_alias_moves_only_to_a_better_version(trained):
+    p = trained / "params.yaml"
+    mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
+    client = MlflowClient()
+    run_id = Ensemble.load(trained / "ens").spec.info["mlflow_run_id"]
+    # a worse run: register the same ensemble again after pretending its metric dropped
+    client.log_metric(run_id, "test_balanced_accuracy", -1.0)
+    res = invoke("register", "--params", p, "--model", trained / "ens", "--out", trained / "reg2.json")
+    reg2 = json.loads((trained / "reg2.json").read_text())
+    assert reg2["version"] == 2 and not reg2["alias_moved"] and "stays on version 1" in res.output
+    client.log_metric(run_id, "test_balanced_accuracy", 2.0)
+    invoke("register", "--params", p, "--model", trained / "ens", "--out", trained / "reg3.json")
+    assert json.loads((trained / "reg3.json").read_text())["alias_moved"]
+    assert client.get_model_version_by_alias("tiny", "champion").version == "3"
+
+
+def test_resolve_model_errors(trained, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{trained / 'mlflow.db'}")
+    with pytest.raises(ModelError, match="does not resolve"):
+        resolve_model("models:/tiny@nonexistent")
+    with pytest.raises(ModelError, match="not an ensemble directory"):
+        resolve_model(trained)
+    local, info = resolve_model("models:/tiny@champion")
+    assert (local / "spec.json").is_file() and info["version"] == 3
+
+
+def test_cli_user_errors_exit_2_without_traceback(tmp_path, tiny_manifest):
+    cases = [
+        (["inspect", str(tmp_path / "none.h5")], "file not found"),
+        (["train", "--manifest", str(tiny_manifest), "--set", "model.name=resnet9000", "--set", "train.epochs=1",
+          "--out", str(tmp_path / "m")], "unknown model"),
+        (["train", "--manifest", str(tiny_manifest), "--set", "split.classes=[bright,mitotic]",
+          "--out", str(tmp_path / "m")], "mitotic"),
+        (["train", "--manifest", str(tiny_manifest), "--set", "data.batch_size=100000", "--set", "data.image_size=32",
+          "--out", str(tmp_path / "m")], "batch_size"),
+        (["evaluate", "--model", str(tmp_path)], "not an ensemble directory"),
+        (["split", "--set", "split.test_fraction=2"], "split.test_fraction"),
+    ]
+    for args, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
+                                                 "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert message.lower() in proc.stderr.lower(), (args, proc.stderr)
+        assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "m").exists()
+
+
+def test_repo_root_escapes_dvc_temp_copies(tmp_path):
+    (tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc").mkdir(parents=True)
+    (tmp_path / ".git").mkdir()
+    assert repo_root(tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc") == tmp_path
