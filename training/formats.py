@@ -258,6 +258,9 @@ class CellFile:
         if rows.size == 0:
             c = self.info.n_channels if channels is None else len(channels)
             return np.empty((0, c, self.info.height, self.info.width), np.float32)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == len(rows) and (np.diff(rows) == 1).all():  # already one contiguous run: no gather copy
+            return self.read(lo, hi, channels)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         out = np.empty((len(rows), *self.read(0, 0, channels).shape[1:]), np.float32)
