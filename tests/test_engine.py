@@ -1,0 +1,299 @@
+"""The training engine: learns, resumes bit-identically, stops early, fails loudly on NaN, is seed-deterministic."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from training.augment import Augmenter
+from training.config import AugmentConfig, ModelConfig, TrainConfig
+from training.engine import (
+    SupervisedObjective,
+    fit,
+    predict,
+    seed_everything,
+    select_device,
+)
+from training.errors import ConfigError, TrainingError
+from training.models import build_model, feature_dim
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: extra threads only add sync overhead (and a shared CI box turns it into spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+TINY = {"name": "convnext_custom", "dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]}
+
+
+def blobs(n: int, seed: int, size: int = 32, flip: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy round cells on an exact-0 background: class 0 larger with bright puncta, class 1 smaller, diffuse."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 2
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    cy, cx = (torch.rand(2, n, 1, 1, generator=g) * 0.3 + 0.35) * size
+    r = torch.where(y == 0, 0.28, 0.2)[:, None, None] * size * (0.85 + 0.3 * torch.rand(n, 1, 1, generator=g))
+    mask = ((yy - cy) ** 2 + (xx - cx) ** 2) < r**2
+    off = (torch.rand(2, n, 6, 1, 1, generator=g) - 0.5) * r[:, None]  # 6 puncta per cell, inside it
+    spots = torch.exp(-((yy - cy[:, None] - off[0]) ** 2 + (xx - cx[:, None] - off[1]) ** 2) / 4.0).sum(1)
+    x = 0.3 + 0.05 * torch.randn(n, size, size, generator=g) + 0.6 * spots * (y == 0)[:, None, None]
+    return (x.clamp(0, 1) * mask)[:, None].float(), (1 - y if flip else y).long()
+
+
+class Loader:
+    """DataLoader(TensorDataset) yielding engine batches; shuffled from the global torch RNG (or seed+epoch)."""
+
+    def __init__(self, x, y, batch_size=32, shuffle=True, seed: int | None = None):
+        self.ds = TensorDataset(x, y, torch.arange(len(x)))
+        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.ds) / self.batch_size)
+
+    def __iter__(self):
+        gen = None if self.seed is None else torch.Generator().manual_seed(self.seed + self.epoch)
+        for x, y, i in DataLoader(self.ds, self.batch_size, shuffle=self.shuffle, generator=gen):
+            yield {"image": x, "label": y, "idx": i}
+
+
+def data(n_train=256, n_val=128, flip_val=False, seed=None):
+    return (Loader(*blobs(n_train, 0), seed=seed), Loader(*blobs(n_val, 1, flip=flip_val), shuffle=False))
+
+
+def make(seed=0, drop_rate=0.0, drop_path_rate=0.0):
+    torch.manual_seed(seed)
+    return build_model(ModelConfig(**TINY, drop_rate=drop_rate, drop_path_rate=drop_path_rate), 1, 2)
+
+
+def cfg(**kw) -> TrainConfig:
+    base = {"epochs": 4, "lr": 3e-3, "warmup_epochs": 0.5, "patience": None, "device": "cpu"}
+    return TrainConfig(**{**base, **kw})
+
+
+def objective(noise=True):
+    aug = Augmenter(AugmentConfig(noise=0.02 if noise else 0.0, blur=0.3))
+    return SupervisedObjective(2, aug, label_smoothing=0.05)
+
+
+def test_tiny_model_learns_easy_task() -> None:
+    train, val = data()
+    logged = []
+    res = fit(make(), train, val, cfg(epochs=6), objective(), 2, progress=False,
+              log_metrics=lambda m, e: logged.append((e, m)))
+    assert res.history[-1]["val_accuracy"] > 0.8
+    assert res.history[-1]["val_balanced_accuracy"] > 0.8
+    assert res.history[-1]["train_loss"] < res.history[0]["train_loss"]
+    assert [e for e, _ in logged] == list(range(6)) and res.epochs_run == 6
+    assert {"train_loss", "train_accuracy", "grad_norm", "lr", "val_loss", "val_accuracy",
+            "val_balanced_accuracy"} <= set(logged[0][1])
+
+
+def test_resume_is_bit_identical(tmp_path) -> None:
+    c = cfg(epochs=4, patience=3)
+    train, val = data()
+    full = make(drop_rate=0.3, drop_path_rate=0.1)
+    ref = fit(full, train, val, c, objective(), 2, out_dir=tmp_path / "a", progress=False)
+
+    class Crash(Loader):
+        def set_epoch(self, epoch: int) -> None:
+            if epoch == 2:
+                raise KeyboardInterrupt
+            super().set_epoch(epoch)
+
+    crash = Crash(*blobs(256, 0))
+    part = make(drop_rate=0.3, drop_path_rate=0.1)
+    with pytest.raises(KeyboardInterrupt):
+        fit(part, crash, val, c, objective(), 2, out_dir=tmp_path / "b", progress=False)
+    saved = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    assert saved["state"]["epoch"] == 2
+
+    resumed = make(seed=123, drop_rate=0.3, drop_path_rate=0.1)  # different init: everything comes from last.pt
+    torch.manual_seed(999)  # and a disturbed global RNG
+    res = fit(resumed, Loader(*blobs(256, 0)), val, c, objective(), 2, out_dir=tmp_path / "b", resume=True,
+              progress=False)
+    assert res.history == ref.history
+    assert res.epochs_run == ref.epochs_run == 4
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_resume_without_checkpoint_fails(tmp_path) -> None:
+    train, val = data(n_train=64, n_val=32)
+    with pytest.raises(TrainingError, match="no checkpoint"):
+        fit(make(), train, val, cfg(), objective(), 2, out_dir=tmp_path, resume=True, progress=False)
+
+
+def test_early_stopping_restores_best(tmp_path) -> None:
+    train, val = data(flip_val=True)  # validation labels inverted: val loss rises as the model learns
+    model = make()
+    snapshots = {}
+
+    def snap(metrics, epoch):
+        snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    res = fit(model, train, val, cfg(epochs=20, patience=2), objective(), 2, out_dir=tmp_path, log_metrics=snap,
+              progress=False)
+    losses = [h["val_loss"] for h in res.history]
+    assert res.stopped_early and res.epochs_run < 20
+    assert res.epochs_run == res.best_epoch + 1 + 2
+    assert res.best_epoch == int(np.argmin(losses)) and res.best_val_loss == min(losses)
+    assert res.weights_epoch == res.best_epoch
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[res.best_epoch][k]), k
+    # resuming a finished run trains nothing more and returns the same best weights
+    again = make(seed=5)
+    res2 = fit(again, train, val, cfg(epochs=20, patience=2), objective(), 2, out_dir=tmp_path, resume=True,
+               progress=False)
+    assert res2.epochs_run == res.epochs_run and res2.history == res.history
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, again.state_dict()[k]), k
+
+
+class NaNAt:
+    """Supervised objective whose loss turns NaN at one (epoch, step)."""
+
+    def __init__(self, epoch: int, step: int):
+        self.inner, self.at = objective(), (epoch, step)
+
+    def loss(self, model, batch, step):
+        loss, extra = self.inner.loss(model, batch, step)
+        return (loss * float("nan") if (step.epoch, step.step) == self.at else loss), extra
+
+    def on_step_end(self, model):
+        pass
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, d):
+        pass
+
+
+def test_nan_loss_raises_and_keeps_checkpoint(tmp_path) -> None:
+    val = data(n_val=32)[1]
+    ckpt = tmp_path / "last.pt"
+    seen = {}
+
+    class Watch(Loader):
+        def set_epoch(self, epoch):
+            if epoch == 1:
+                seen["bytes"] = ckpt.read_bytes()
+            super().set_epoch(epoch)
+
+    with pytest.raises(TrainingError, match=rf"loss became NaN at epoch 1 step 2; last good checkpoint: {ckpt}"):
+        fit(make(), Watch(*blobs(128, 0)), val, cfg(), NaNAt(1, 2), 2, out_dir=tmp_path, progress=False)
+    assert ckpt.read_bytes() == seen["bytes"]
+    assert torch.load(ckpt, weights_only=False)["state"]["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temp files left behind
+
+    with pytest.raises(TrainingError, match="last good checkpoint: none"):
+        fit(make(), Loader(*blobs(64, 0)), val, cfg(), NaNAt(0, 0), 2, progress=False)
+
+
+def test_same_seed_same_history() -> None:
+    def run(seed):
+        train, val = data(n_train=128, n_val=64)
+        seed_everything(seed)
+        model = make(seed, drop_rate=0.2)
+        return fit(model, train, val, cfg(epochs=2, seed=seed), objective(), 2, progress=False).history
+
+    a, b, c = run(0), run(0), run(1)
+    assert a == b
+    assert a != c
+
+
+def test_schedule_sgd_and_step_cap() -> None:
+    calls = []
+
+    class Count(SupervisedObjective):
+        def loss(self, model, batch, step):
+            calls.append((step.epoch, step.step, step.global_step, step.total_steps))
+            return super().loss(model, batch, step)
+
+    lrs = []
+    train, val = data(n_train=256, n_val=32)
+    c = cfg(epochs=4, optimizer="sgd", lr=0.05, warmup_epochs=2, max_steps_per_epoch=3)
+    fit(make(), train, None, c, Count(2, None), 2, progress=False, log_metrics=lambda m, e: lrs.append(m["lr"]))
+    assert len(calls) == 12 and calls[-1] == (3, 2, 11, 12)
+    assert lrs[0] < lrs[1] and lrs[1] > lrs[2] > lrs[3]  # warm-up to the peak, then cosine decay
+    assert lrs[1] == pytest.approx(0.05) and lrs[3] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_unlabeled_cells_are_ignored_and_bad_weights_refused() -> None:
+    x, y = blobs(64, 0)
+    y[::2] = -1
+    res = fit(make(), Loader(x, y), Loader(x, y, shuffle=False), cfg(epochs=1), objective(), 2, progress=False)
+    assert math.isfinite(res.history[0]["val_loss"])
+    with pytest.raises(ConfigError, match="class_weights"):
+        SupervisedObjective(3, None, class_weights=torch.ones(2))
+    weighted = SupervisedObjective(2, None, class_weights=torch.tensor([1.0, 3.0]))
+    assert fit(make(), Loader(x, y), None, cfg(epochs=1), weighted, 2, progress=False).epochs_run == 1
+
+
+@pytest.mark.parametrize("name", ["convnext_custom", "sparcs_vgg"])
+def test_predict_and_mc_dropout(name: str) -> None:
+    x, y = blobs(40, 3)
+    loader = Loader(x, y, batch_size=16, shuffle=False)
+    extra = TINY if name == "convnext_custom" else {}
+    for rate in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = build_model(ModelConfig(**{**extra, "name": name, "drop_rate": rate}), 1, 2)
+        model.train()
+        out = predict(model, loader, mc_dropout=4)
+        assert model.training  # mode restored
+        assert out["logits"].shape == (4, 40, 2)
+        assert out["features"].shape == (40, feature_dim(model))
+        assert (out["idx"] == np.arange(40)).all() and (out["label"] == y.numpy()).all()
+        spread = out["logits"].std(0).max()
+        assert (spread > 1e-4) if rate > 0 else (spread == 0)
+        plain = predict(model, loader, with_features=False)
+        assert plain["logits"].shape == (40, 2) and "features" not in plain
+        np.testing.assert_allclose(plain["logits"], model.eval()(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+def test_select_device() -> None:
+    assert select_device("auto").type == "cpu" and select_device("cpu").type == "cpu"
+    with pytest.raises(ConfigError, match="no CUDA"):
+        select_device("cuda")
+    with pytest.raises(ConfigError, match="not a device"):
+        select_device("gpu0")
+
+
+class BodyDropoutNet(torch.nn.Module):
+    """Dropout inside the feature extractor: MC dropout must rerun the whole network per sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.Dropout(0.5), torch.nn.ReLU())
+        self.fc = torch.nn.Linear(4, 2)
+
+    def forward_features(self, x):
+        return self.body(x)
+
+    def forward_head(self, f, pre_logits: bool = False):
+        f = f.mean((2, 3))
+        return f if pre_logits else self.fc(f)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+def test_mc_dropout_in_the_body() -> None:
+    x, y = blobs(8, 0)
+    torch.manual_seed(0)
+    model = BodyDropoutNet()
+    out = predict(model, Loader(x, y, shuffle=False), mc_dropout=3)
+    assert out["logits"].std(0).max() > 1e-4
+    np.testing.assert_allclose(out["features"], model.eval().forward_head(model.forward_features(x), True).detach(),
+                               rtol=1e-5, atol=1e-6)

@@ -1,0 +1,230 @@
+"""Model factory: every name builds, embeddings work for all models, checkpoints load safely, augmentations."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from training.augment import Augmenter
+from training.config import AugmentConfig, ModelConfig
+from training.errors import ModelError
+from training.models import SparcsVGG, build_model, embed, feature_dim, model_names
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: extra threads only add sync overhead (and a shared CI box turns it into spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+TINY = {"dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]}
+BIG = ("base", "large", "xlarge", "xxlarge", "huge", "small")
+
+
+def _names(big: bool) -> list[str]:
+    return [n for n in model_names() if any(b in n for b in BIG) == big]
+
+
+def _check_shapes(name: str, in_chans: int, size: int = 64) -> None:
+    with torch.device("meta"):
+        model = build_model(ModelConfig(name=name), in_chans, 5)
+        x = torch.zeros(3, in_chans, size, size)
+        assert model(x).shape == (3, 5)
+        assert embed(model, x).shape == (3, feature_dim(model))
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("name", _names(big=False))
+def test_every_small_name_builds(name: str, in_chans: int) -> None:
+    _check_shapes(name, in_chans)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("name", _names(big=True))
+def test_every_big_name_builds(name: str, in_chans: int) -> None:
+    _check_shapes(name, in_chans)
+
+
+@pytest.mark.parametrize("in_chans", [1, 3])
+@pytest.mark.parametrize("name", ["convnext_custom", "sparcs_vgg", "convnext_atto"])
+def test_real_forward_and_embedding(name: str, in_chans: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, **TINY), in_chans, 4).eval()
+    x = torch.rand(2, in_chans, 32, 32)
+    logits, feats = model(x), embed(model, x)
+    assert logits.shape == (2, 4) and torch.isfinite(logits).all()
+    assert feats.shape == (2, feature_dim(model))
+    # embed is the input of the final classifier
+    torch.testing.assert_close(model.get_classifier()(feats), logits)
+
+
+def test_custom_convnext_follows_dims_and_dropout() -> None:
+    model = build_model(ModelConfig(name="convnext_custom", dims=[8, 16, 24, 40], depths=[1, 2, 1, 1], drop_rate=0.3), 2, 3)
+    assert feature_dim(model) == 40
+    assert len(model.stages[1].blocks) == 2
+    assert model.head.drop.p == pytest.approx(0.3)
+
+
+@pytest.mark.parametrize("size", [32, 64, 128])
+def test_sparcs_vgg_pools_to_2048(size: int) -> None:
+    model = build_model(ModelConfig(name="sparcs_vgg", drop_rate=0.2), 1, 2).eval()
+    x = torch.rand(2, 1, size, size)
+    fmap = model.forward_features(x)
+    assert fmap.shape[1] == 512
+    assert torch.flatten(model.pool(fmap), 1).shape == (2, 2048)
+    assert model.pre_logits[0].in_features == 2048
+    assert [m.out_features for m in model.pre_logits if isinstance(m, torch.nn.Linear)] == [1024, 512, 256]
+    assert model(x).shape == (2, 2)
+    assert embed(model, x).shape == (2, 256) == (2, feature_dim(model))
+    assert all(m.p == pytest.approx(0.2) for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    if size == 128:
+        assert fmap.shape[-2:] == (2, 2)  # the original geometry: no resampling at 128 px
+
+
+def test_unknown_name_lists_choices() -> None:
+    with pytest.raises(ModelError, match="convnext_atto.*|sparcs_vgg"):
+        build_model(ModelConfig(name="resnet50"), 1, 2)
+
+
+@pytest.mark.parametrize("value", ["hub", "imagenet", "true", "hf-hub:timm/convnext_atto.d2_in1k"])
+def test_hub_weights_refused(value: str) -> None:
+    with pytest.raises(ModelError, match="offline"):
+        build_model(ModelConfig(name="convnext_atto", pretrained=value), 1, 2)
+
+
+def test_missing_checkpoint(tmp_path) -> None:
+    with pytest.raises(ModelError, match="not found"):
+        build_model(ModelConfig(name="convnext_custom", pretrained=str(tmp_path / "nope.pt"), **TINY), 1, 2)
+
+
+def test_bad_custom_dims() -> None:
+    with pytest.raises(ModelError, match="4 stages"):
+        build_model(ModelConfig(name="convnext_custom", dims=[8, 16], depths=[1, 1]), 1, 2)
+
+
+def test_local_checkpoint_loads_and_skips_head(tmp_path, caplog) -> None:
+    torch.manual_seed(0)
+    src = build_model(ModelConfig(name="convnext_custom", **TINY), 3, 5)
+    path = tmp_path / "src.pt"
+    torch.save({"model": src.state_dict(), "epoch": 3}, path)
+
+    same = build_model(ModelConfig(name="convnext_custom", pretrained=str(path), **TINY), 3, 5)
+    for k, v in src.state_dict().items():
+        torch.testing.assert_close(same.state_dict()[k], v)
+
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
+    with caplog.at_level(logging.INFO, logger="training.models"):
+        other = build_model(ModelConfig(name="convnext_custom", pretrained=str(path), **TINY), 1, 2)
+    assert "head.fc.weight" in caplog.text and "stem.0.weight" in caplog.text
+    torch.testing.assert_close(other.stages[2].blocks[0].conv_dw.weight, src.stages[2].blocks[0].conv_dw.weight)
+    # stem conv adapted from 3 to 1 channel (RGB summed), head left at its fresh init
+    torch.testing.assert_close(other.stem[0].weight, src.stem[0].weight.sum(1, keepdim=True))
+    assert other.head.fc.weight.shape == (2, 32)
+
+
+def test_checkpoint_for_another_architecture_is_refused(tmp_path) -> None:
+    src = build_model(ModelConfig(name="convnext_custom", dims=[8, 16, 24, 32], depths=[1, 1, 1, 1]), 1, 2)
+    torch.save(src.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(ModelError, match="does not fit"):
+        build_model(ModelConfig(name="convnext_custom", pretrained=str(tmp_path / "w.pt"), **TINY), 1, 2)
+    torch.save({"not": "weights"}, tmp_path / "junk.pt")
+    with pytest.raises(ModelError, match="not a state dict"):
+        build_model(ModelConfig(name="sparcs_vgg", pretrained=str(tmp_path / "junk.pt")), 1, 2)
+
+
+def test_vgg_checkpoint_other_channels(tmp_path) -> None:
+    src = SparcsVGG(in_chans=2, num_classes=3)
+    torch.save(src.state_dict(), tmp_path / "vgg.pt")
+    dst = build_model(ModelConfig(name="sparcs_vgg", pretrained=str(tmp_path / "vgg.pt")), 1, 3)
+    torch.testing.assert_close(dst.fc.weight, src.fc.weight)  # same head size: loaded
+    assert dst.input_norm.weight.shape == (1,)
+
+
+# -- augmentations ---------------------------------------------------------------------------------------------
+
+
+def _cells(n: int = 16, c: int = 2, size: int = 24) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(n, c, size, size, generator=g)
+    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
+    mask = ((yy - size / 2) ** 2 + (xx - size / 2.5) ** 2) < (size / 3) ** 2
+    return x * mask  # exact-0 background outside the "cell"
+
+
+@pytest.mark.parametrize("view", ["standard", "weak", "strong"])
+def test_augment_shapes_and_reproducible(view: str) -> None:
+    aug = Augmenter(AugmentConfig(blur=0.5))
+    x = _cells()
+    before = x.clone()
+    a = getattr(aug, view)(x, torch.Generator().manual_seed(5))
+    b = getattr(aug, view)(x, torch.Generator().manual_seed(5))
+    c = getattr(aug, view)(x, torch.Generator().manual_seed(6))
+    assert a.shape == x.shape and a.dtype == x.dtype
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)  # input untouched
+    assert (a >= 0).all()
+
+
+def test_non_square_keeps_shape() -> None:
+    x = torch.rand(8, 1, 16, 24)
+    aug = Augmenter(AugmentConfig(blur=1.0))
+    for view in (aug.standard, aug.weak, aug.strong):
+        assert view(x, torch.Generator().manual_seed(0)).shape == x.shape
+
+
+def test_zero_config_is_identity() -> None:
+    cfg = AugmentConfig(flips=False, rot90=False, intensity=0, contrast=0, gamma=0, noise=0, blur=0)
+    x = _cells()
+    aug = Augmenter(cfg)
+    torch.testing.assert_close(aug.standard(x, torch.Generator().manual_seed(0)), x, rtol=0, atol=0)
+    torch.testing.assert_close(aug.weak(x, torch.Generator().manual_seed(0)), x, rtol=0, atol=0)
+    assert torch.equal(Augmenter(cfg, cutout=0).strong(x, torch.Generator().manual_seed(0)), x)
+
+
+def test_weak_only_permutes_pixels() -> None:
+    x = _cells(n=32)
+    y = Augmenter(AugmentConfig(intensity=0.5, noise=0.2, blur=1.0)).weak(x, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(y.flatten(2).sort(-1).values, x.flatten(2).sort(-1).values, rtol=0, atol=0)
+    moved = (y != x).flatten(1).any(1)
+    assert 20 <= int(moved.sum()) < 32  # 7/8 of the D4 group moves pixels
+    # every output is one of the 8 dihedral transforms of its input
+    for xi, yi in zip(x, y, strict=True):
+        views = [torch.rot90(v, k, (-2, -1)) for v in (xi, xi.flip(-1)) for k in range(4)]
+        assert any(torch.equal(yi, v) for v in views)
+
+
+def test_intensity_keeps_background_zero_and_strong_is_stronger() -> None:
+    x = _cells(n=64)
+    cfg = AugmentConfig(flips=False, rot90=False, blur=0.0)
+    aug = Augmenter(cfg, cutout=0)
+    s = aug.standard(x, torch.Generator().manual_seed(0))
+    assert ((x == 0) == (s == 0)).float().mean() > 0.99  # background stays exactly 0 (noise could hit 0 rarely)
+    assert (s[x == 0] == 0).all()
+    st = aug.strong(x, torch.Generator().manual_seed(0))
+    assert (st[x == 0] == 0).all()
+    assert (st - x).abs().mean() > 1.5 * (s - x).abs().mean()
+
+
+def test_strong_cutout_zeroes_a_square() -> None:
+    x = torch.rand(16, 1, 32, 32) + 0.1
+    cfg = AugmentConfig(flips=False, rot90=False, intensity=0, contrast=0, gamma=0, noise=0, blur=0)
+    y = Augmenter(cfg, cutout=0.5).strong(x, torch.Generator().manual_seed(0))
+    zeros = (y == 0).flatten(1).sum(1)
+    assert (zeros >= 1).all() and (zeros <= 16 * 16).all()
+    torch.testing.assert_close(y[y != 0], x[y != 0])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_augment_on_cuda_matches_params() -> None:
+    x = _cells().cuda()
+    aug = Augmenter(AugmentConfig(noise=0.0))
+    a = aug.standard(x, torch.Generator().manual_seed(0))
+    b = aug.standard(x.cpu(), torch.Generator().manual_seed(0))
+    assert a.device.type == "cuda"
+    torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,437 @@
+"""The one training loop. Regimes (supervised, FixMatch, active learning, ensembles) plug in an ``Objective``.
+
+Batches are dicts: ``image`` float32 (B, C, H, W), ``label`` int64 (B,) with -1 = unlabeled, ``idx`` int64 (B,);
+regimes may add keys. Epochs are numbered from 0 (``StepContext.epoch``, history, ``log_metrics`` step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import random
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
+from tqdm.auto import tqdm
+
+from training.atomic import atomic_path
+from training.augment import Augmenter
+from training.config import TrainConfig
+from training.errors import ConfigError, TrainingError
+
+log = logging.getLogger(__name__)
+CHECKPOINT = "last.pt"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def select_device(spec: str = "auto") -> torch.device:
+    """``auto`` -> CUDA if available, else CPU; an explicit device that is not available is a ConfigError."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{spec}' is not a device (use auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={spec} but no CUDA device is available")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"train.device={spec} but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+@dataclass
+class StepContext:
+    epoch: int
+    step: int
+    global_step: int
+    generator: torch.Generator
+    device: torch.device
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+
+
+class Objective(Protocol):
+    """What a regime plugs into :func:`fit`. ``loss`` runs under autocast with the batch already on the device."""
+
+    def loss(self, model: nn.Module, batch: dict, step: StepContext) -> tuple[Tensor, dict[str, float]]: ...
+
+    def on_step_end(self, model: nn.Module) -> None: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, d: dict) -> None: ...
+
+
+class SupervisedObjective:
+    """Cross-entropy (label smoothing, optional class weights) on ``Augmenter.standard`` views; -1 labels ignored."""
+
+    def __init__(
+        self, n_classes: int, augmenter: Augmenter | None, label_smoothing: float = 0.0,
+        class_weights: Tensor | None = None,
+    ) -> None:
+        if class_weights is not None and class_weights.shape != (n_classes,):
+            raise ConfigError(f"class_weights must have shape ({n_classes},), got {tuple(class_weights.shape)}")
+        self.n_classes = n_classes
+        self.augmenter = augmenter
+        self.label_smoothing = label_smoothing
+        self.class_weights = class_weights
+
+    def loss(self, model: nn.Module, batch: dict, step: StepContext) -> tuple[Tensor, dict[str, float]]:
+        x, y = batch["image"], batch["label"]
+        keep = y >= 0
+        if not bool(keep.any()):
+            raise TrainingError(f"epoch {step.epoch} step {step.step}: a supervised batch has no labeled cells")
+        if not bool(keep.all()):
+            x, y = x[keep], y[keep]
+        if self.augmenter is not None:
+            x = self.augmenter.standard(x, step.generator)
+        logits = model(x).float()
+        weight = None if self.class_weights is None else self.class_weights.to(logits.device, logits.dtype)
+        loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=self.label_smoothing)
+        return loss, {"train_accuracy": (logits.argmax(1) == y).float().mean().item()}
+
+    def on_step_end(self, model: nn.Module) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, d: dict) -> None:
+        pass
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_val_loss: float
+    epochs_run: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+    checkpoint_dir: Path | None = None
+    weights_epoch: int = -1  # the epoch whose weights the model holds after fit
+
+
+# -- helpers ---------------------------------------------------------------------------------------------------
+
+
+def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.ndim == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
+    if enabled and device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _steps_per_epoch(train_data: Iterable, explicit: int | None, cap: int | None) -> int:
+    steps = explicit
+    if steps is None:
+        try:
+            steps = len(train_data)  # type: ignore[arg-type]
+        except TypeError:
+            steps = cap
+    if steps is None:
+        raise TrainingError("cannot tell the steps per epoch: train_data has no len(); pass steps_per_epoch")
+    steps = min(steps, cap) if cap else steps
+    if steps < 1:
+        raise TrainingError("training data is empty (0 steps per epoch)")
+    return steps
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Weight decay on weights with >= 2 dims only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def _lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+        "augment": gen.get_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    gen.set_state(state["augment"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _last_good(ckpt: Path | None) -> str:
+    return f"last good checkpoint: {ckpt if ckpt is not None and ckpt.is_file() else 'none'}"
+
+
+def _cpu_copy(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: Iterable, n_classes: int, device: torch.device, amp: bool = False) -> dict:
+    """Validation metrics over labeled cells: val_loss (plain cross-entropy), val_accuracy, val_balanced_accuracy."""
+    was_training = model.training
+    model.eval()
+    acc = MulticlassAccuracy(n_classes, average="micro").to(device)
+    bacc = MulticlassRecall(n_classes, average="macro").to(device)
+    total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    for batch in data:
+        batch = _to_device(batch, device, amp and device.type == "cuda")
+        keep = batch["label"] >= 0
+        if not bool(keep.any()):
+            continue
+        with _autocast(device, amp):
+            logits = model(batch["image"][keep]).float()
+        y = batch["label"][keep]
+        total += F.cross_entropy(logits, y, reduction="sum").double()
+        count += len(y)
+        acc.update(logits, y)
+        bacc.update(logits, y)
+    model.train(was_training)
+    if count == 0:
+        raise TrainingError("validation data has no labeled cells")
+    return {
+        "val_loss": float(total) / count,
+        "val_accuracy": float(acc.compute()),
+        "val_balanced_accuracy": float(bacc.compute()),
+    }
+
+
+# -- the loop --------------------------------------------------------------------------------------------------
+
+
+def fit(
+    model: nn.Module,
+    train_data: Iterable[dict],
+    val_data: Iterable[dict] | None,
+    cfg: TrainConfig,
+    objective: Objective,
+    n_classes: int,
+    out_dir: Path | None = None,
+    resume: bool = False,
+    log_metrics: Callable[[dict[str, float], int], None] | None = None,
+    progress: bool = True,
+    steps_per_epoch: int | None = None,
+) -> FitResult:
+    """Train ``model`` in place for ``cfg.epochs`` epochs (fewer with early stopping).
+
+    Checkpoints ``out_dir/last.pt`` after every epoch; ``resume`` continues from it (bit-identical on CPU).
+    With early stopping on (``cfg.patience``) the best-validation-loss weights are restored at the end;
+    with ``val_data=None`` there is no validation and no early stopping.
+    """
+    device = select_device(cfg.device)
+    amp = cfg.amp and device.type == "cuda"
+    model.to(device)
+    if amp:
+        model.to(memory_format=torch.channels_last)
+    steps = _steps_per_epoch(train_data, steps_per_epoch, cfg.max_steps_per_epoch)
+    total = steps * cfg.epochs
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(round(cfg.warmup_epochs * steps), total))
+    gen = torch.Generator()
+    ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
+    early = cfg.patience is not None and val_data is not None
+    st: dict[str, Any] = {"epoch": 0, "best_epoch": -1, "best_val_loss": math.inf, "best_state": None,
+                          "bad_epochs": 0, "stopped_early": False, "history": []}
+
+    if resume:
+        if ckpt is None or not ckpt.is_file():
+            raise TrainingError(f"cannot resume: no checkpoint at {ckpt}")
+        saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        objective.load_state_dict(saved["objective"])
+        st = saved["state"]
+        _set_rng_state(saved["rng"], gen)
+        log.info("resumed from %s at epoch %d", ckpt, st["epoch"])
+    else:
+        seed_everything(cfg.seed)
+        gen.manual_seed(int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0]))
+
+    while st["epoch"] < cfg.epochs and not st["stopped_early"]:
+        epoch = st["epoch"]
+        if hasattr(train_data, "set_epoch"):
+            train_data.set_epoch(epoch)
+        model.train()
+        sums: dict[str, float] = defaultdict(float)
+        n = 0
+        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not progress, leave=False)
+        for step, batch in zip(range(steps), train_data, strict=False):
+            ctx = StepContext(epoch, step, epoch * steps + step, gen, device, steps, total)
+            batch = _to_device(batch, device, amp)
+            with _autocast(device, amp):
+                loss, extra = objective.loss(model, batch, ctx)
+            value = loss.item()
+            if not math.isfinite(value):
+                bad = "NaN" if math.isnan(value) else "Inf"
+                raise TrainingError(f"loss became {bad} at epoch {epoch} step {step}; {_last_good(ckpt)}")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.grad_clip:
+                sums["grad_norm"] += float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            objective.on_step_end(model)
+            sums["train_loss"] += value
+            for k, v in extra.items():
+                sums[k] += float(v)
+            n += 1
+            bar.update()
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{value:.4f}")
+        bar.close()
+        if n == 0:
+            raise TrainingError(f"training data yielded no batches in epoch {epoch}")
+
+        metrics = {k: v / n for k, v in sums.items()}
+        metrics["lr"] = optimizer.param_groups[0]["lr"]
+        if val_data is not None:
+            metrics.update(evaluate(model, val_data, n_classes, device, amp))
+            if not math.isfinite(metrics["val_loss"]):
+                raise TrainingError(f"validation loss became NaN at epoch {epoch}; {_last_good(ckpt)}")
+            if metrics["val_loss"] < st["best_val_loss"]:
+                st.update(best_epoch=epoch, best_val_loss=metrics["val_loss"], bad_epochs=0)
+                if early:
+                    st["best_state"] = _cpu_copy(model.state_dict())
+            else:
+                st["bad_epochs"] += 1
+                st["stopped_early"] = early and st["bad_epochs"] >= cfg.patience
+        st["history"].append({"epoch": epoch, **metrics})
+        st["epoch"] = epoch + 1
+        if log_metrics is not None:
+            log_metrics(metrics, epoch)
+        if ckpt is not None:
+            with atomic_path(ckpt) as tmp:
+                torch.save({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
+                    "state": st, "rng": _rng_state(gen), "config": cfg.model_dump(mode="json"),
+                }, tmp)
+        if progress:
+            tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"epoch": epoch, **metrics}.items()))
+
+    weights_epoch = st["epoch"] - 1
+    if early and st["best_state"] is not None:
+        model.load_state_dict(st["best_state"])
+        weights_epoch = st["best_epoch"]
+    return FitResult(
+        best_epoch=st["best_epoch"], best_val_loss=st["best_val_loss"], epochs_run=st["epoch"],
+        stopped_early=st["stopped_early"], history=copy.deepcopy(st["history"]),
+        checkpoint_dir=Path(out_dir) if out_dir is not None else None, weights_epoch=weights_epoch,
+    )
+
+
+# -- inference -------------------------------------------------------------------------------------------------
+
+
+def _head_only_dropout(model: nn.Module) -> bool:
+    """True when every active Dropout lives in ``model.head``/``fc``/``pre_logits`` (body features are deterministic)."""
+    return all(
+        name.startswith(("head.", "fc", "pre_logits."))
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0
+    )
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module, data: Iterable[dict], device: torch.device | str | None = None, mc_dropout: int = 0,
+    with_features: bool = True, amp: bool = True,
+) -> dict[str, np.ndarray]:
+    """Logits (N, K) — or (S, N, K) with ``mc_dropout=S`` passes with only Dropout in train mode — plus
+    penultimate ``features`` (N, D, dropout off), ``idx`` and ``label`` (N,).
+
+    With MC dropout the body runs once per batch and the head S times when all active dropout is in the head.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    model.to(device)
+    use_amp = amp and device.type == "cuda"
+    was_training = model.training
+    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+    head_only = _head_only_dropout(model)
+    out: dict[str, list] = defaultdict(list)
+    seen = 0
+    model.eval()
+    try:
+        for batch in data:
+            x = batch["image"].to(device, non_blocking=True)
+            if use_amp:
+                x = x.contiguous(memory_format=torch.channels_last)
+            b = len(x)
+            with _autocast(device, use_amp):
+                f = model.forward_features(x)
+                if with_features:
+                    out["features"].append(model.forward_head(f, pre_logits=True).float().cpu())
+                if mc_dropout:
+                    for m in dropouts:
+                        m.train()
+                    samples = [
+                        (model.forward_head(f) if head_only else model(x)).float().cpu() for _ in range(mc_dropout)
+                    ]
+                    for m in dropouts:
+                        m.eval()
+                    out["logits"].append(torch.stack(samples))
+                else:
+                    out["logits"].append(model.forward_head(f).float().cpu())
+            idx = batch.get("idx")
+            out["idx"].append(idx.cpu() if idx is not None else torch.arange(seen, seen + b))
+            label = batch.get("label")
+            out["label"].append(label.cpu() if label is not None else torch.full((b,), -1, dtype=torch.long))
+            seen += b
+    finally:
+        model.train(was_training)
+    if not seen:
+        raise TrainingError("predict: data yielded no batches")
+    res = {
+        "logits": torch.cat(out["logits"], dim=1 if mc_dropout else 0).numpy(),
+        "idx": torch.cat(out["idx"]).numpy(),
+        "label": torch.cat(out["label"]).numpy(),
+    }
+    if with_features:
+        res["features"] = torch.cat(out["features"]).numpy()
+    return res
