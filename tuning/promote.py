@@ -1,0 +1,98 @@
+"""From sweep to service: retrain the best trial's configuration as a K-member ensemble, evaluate it on the
+test split, log it as one MLflow model and register it; the registry alias (``champion``) moves to it when its
+``registry.metric`` beats the current holder's, and the scoring service loads ``models:/NAME@champion``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from training.config import Params
+from training.errors import ConfigError
+from tuning.trainable import TAG_SWEEP, trial_params
+
+
+def campaign_queries(best: dict[str, Any], params: Params) -> pd.DataFrame:
+    """The cells the winning campaign queried (the ``queries.parquet`` its trial logged to MLflow)."""
+    import tempfile
+
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from training.tracking import configure
+    from tuning.trainable import QUERIES
+
+    run_id = best.get("mlflow_run_id")
+    if not run_id:
+        raise ConfigError("the best trial has no MLflow run: cannot find the cells its campaign labeled")
+    configure(params.mlflow)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=QUERIES, dst_path=tmp)
+        except (MlflowException, OSError) as exc:
+            raise ConfigError(f"run {run_id} has no {QUERIES} artifact ({exc})") from None
+        return pd.read_parquet(path)
+
+
+def active_table(table: pd.DataFrame, queries: pd.DataFrame, pool_splits: list[str]) -> pd.DataFrame:
+    """The split table an active-learning winner trains on: the cells its campaign labeled (with the oracle's
+    answers) form the training split; the rest of the pool becomes unlabeled; val / test stay as they are."""
+    from training.oracle import cell_keys
+
+    answered = queries[queries["label"].notna()]
+    answers = pd.Series(answered["label"].astype(str).to_numpy(), index=cell_keys(answered))
+    keys = cell_keys(table)
+    labeled = keys.isin(answers.index)
+    if not labeled.any():
+        raise ConfigError("none of the campaign's labeled cells is in the split table")
+    out = table.copy()
+    out["split"] = out["split"].astype(str)
+    out["label"] = out["label"].astype(object)
+    rest = out["split"].isin(pool_splits).to_numpy() & ~labeled
+    out.loc[rest, "split"] = "unlabeled"
+    out.loc[rest, "label"] = None
+    out.loc[labeled, "split"] = "train"
+    out.loc[labeled, "label"] = answers.reindex(keys[labeled]).to_numpy()
+    return out
+
+
+def promote(best: dict[str, Any], params: Params, table: pd.DataFrame, classes: list[str], out: str | Path,
+            eval_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+    """Train, evaluate, log and register the configuration in ``best`` (a sweep's ``best.json``).
+
+    An active-learning winner is trained on the cells its campaign labeled (:func:`active_table`).
+    The promote run is nested under the sweep's parent run; returns the registry outcome plus the model URI,
+    run id, ensemble directory and test metrics."""
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    from training.evaluate import evaluate
+    from training.tracking import Tracker, log_ensemble_model, register
+    from training.train import prepare_data, train_ensemble
+
+    if "overrides" not in best:
+        raise ConfigError("best config has no 'overrides' (expected a best.json written by spatial tune)")
+    p, regime = trial_params(params.model_dump(mode="json"), best["overrides"])
+    if regime == "active":
+        table = active_table(table, campaign_queries(best, p), p.al.pool)
+    out = Path(out)
+    eval_dir = Path(eval_dir) if eval_dir is not None else out.parent / f"{out.name}.evaluate"
+    data = prepare_data(table, classes, p)
+    tags = {"stage": "tune-promote", "regime": regime, TAG_SWEEP: str(best.get("sweep", "")),
+            "spatial.source_trial": str(best.get("trial_id", "")),
+            "spatial.source_run": str(best.get("mlflow_run_id", ""))}
+    if best.get("parent_run_id"):
+        tags[MLFLOW_PARENT_RUN_ID] = best["parent_run_id"]
+    with Tracker(p, run_name=f"promote-{best.get('sweep', 'sweep')}", tags=tags) as tr:
+        ens = train_ensemble(data, p, out, progress=progress, tracker=tr)
+        metrics = evaluate(ens, table, p, eval_dir, progress=progress)
+        tr.log_metrics({f"test_{k}".replace("/", "_"): v for k, v in metrics.items()})
+        tr.log_artifacts(eval_dir, "evaluate")
+        s = ens.spec.image_size
+        example = np.random.default_rng(0).random((2, len(ens.spec.channels), s, s), dtype=np.float32)
+        uri = log_ensemble_model(out, example)
+        result = register(uri, tr.run_id, p.registry)
+    return result | {"model_uri": uri, "run_id": tr.run_id, "ensemble": str(out), "evaluate": str(eval_dir),
+                     "test_balanced_accuracy": metrics.get("balanced_accuracy"), "overrides": best["overrides"]}
