@@ -1,0 +1,185 @@
+"""Screen-wide batch scoring: the numbers, exactly-once output, resuming after a crash, the CLI and Ray Data."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import typer
+from typer.testing import CliRunner
+
+import serving.batch as batch
+from serving.batch import parts_dir, score_files
+from training.config import ScoreConfig
+from training.ensemble import Ensemble
+from training.errors import DataError
+from training.formats import CellFile
+from training.tables import read_table
+
+FIELDS = ["confidence", "entropy", "aleatoric", "epistemic", "novelty"]
+
+
+@pytest.fixture(scope="module")
+def files(tiny_manifest: Path) -> list[Path]:
+    root = tiny_manifest.parent
+    return [root / "screen_s0.h5sc", root / "spotty_s1.h5"]  # scPortrait and SPARCSpy, 80 + 60 cells
+
+
+@pytest.fixture(scope="module")
+def reference(files, tiny_ensemble) -> pd.DataFrame:
+    """The ensemble applied directly to the stored stacks, one file at a time."""
+    ens = Ensemble.load(tiny_ensemble)
+    frames = []
+    for f in files:
+        with CellFile(f) as cf:
+            cells = pd.DataFrame({"source_file": str(f.resolve()), "cell_id": cf.cell_ids()})
+            frames.append(ens.to_frame(ens.predict_images(cf.read(0, cf.n_cells)), cells))
+    return pd.concat(frames, ignore_index=True)
+
+
+def assert_same_scores(got: pd.DataFrame, want: pd.DataFrame) -> None:
+    key = ["source_file", "cell_id"]
+    assert not got.duplicated(key).any(), "a cell was written twice"
+    merged = want.merge(got, on=key, how="outer", suffixes=("_want", "_got"), indicator=True)
+    assert (merged["_merge"] == "both").all(), "cells missing or extra"
+    for col in ["prob_bright", "prob_spotty", *FIELDS]:
+        np.testing.assert_allclose(merged[f"{col}_got"], merged[f"{col}_want"], rtol=1e-4, atol=1e-5, err_msg=col)
+    assert (merged["predicted_class_got"] == merged["predicted_class_want"]).all()
+
+
+def test_scores_every_cell_once_with_the_ensembles_numbers(files, tiny_ensemble, reference, tmp_path):
+    out = tmp_path / "scores.parquet"
+    result = score_files(files, tiny_ensemble, out, ScoreConfig(chunk_size=25, batch_size=16), progress=False)
+    df, meta = read_table(out)
+    assert result["n_cells"] == len(df) == 140 and result["chunks"] == 4 + 3
+    assert list(df.columns) == ["source_file", "cell_id", "prob_bright", "prob_spotty", "predicted_class", *FIELDS]
+    assert_same_scores(df, reference)
+    assert meta["n_cells"] == 140 and meta["classes"] == ["bright", "spotty"]
+    assert not parts_dir(out).exists(), "parts are removed once the result is assembled"
+    # file order and row order are kept
+    with CellFile(files[0]) as cf:
+        np.testing.assert_array_equal(df["cell_id"].to_numpy()[:80], cf.cell_ids())
+
+
+def test_a_crashed_run_resumes_without_missing_or_duplicated_cells(files, tiny_ensemble, reference, tmp_path,
+                                                                   monkeypatch):
+    out = tmp_path / "scores.parquet"
+    cfg = ScoreConfig(chunk_size=20, batch_size=16)
+    real_write, calls = batch.write_part, []
+
+    def crash_after_three(df, parts, chunk, meta=None):
+        if len(calls) == 3:
+            raise KeyboardInterrupt("killed")  # what a Ctrl-C / kill at this point looks like to the run
+        calls.append(chunk.index)
+        return real_write(df, parts, chunk, meta)
+
+    monkeypatch.setattr(batch, "write_part", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        score_files(files, tiny_ensemble, out, cfg, progress=False)
+    assert not out.exists()
+    parts = sorted(p.name for p in parts_dir(out).glob("part-*.parquet"))
+    assert parts == ["part-000000.parquet", "part-000001.parquet", "part-000002.parquet"]
+    assert not [p for p in parts_dir(out).iterdir() if p.name.startswith(".")], "no half-written part is left"
+
+    monkeypatch.setattr(batch, "write_part", real_write)
+    result = score_files(files, tiny_ensemble, out, cfg, progress=False)
+    assert result["resumed_chunks"] == 3 and result["chunks"] == 4 + 3
+    df, _ = read_table(out)
+    assert len(df) == 140
+    assert_same_scores(df, reference)
+
+
+def test_parts_of_another_run_are_not_mixed_in(files, tiny_ensemble, tmp_path, monkeypatch):
+    out = tmp_path / "scores.parquet"
+    monkeypatch.setattr(batch, "assemble", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+    with pytest.raises(RuntimeError):
+        score_files(files[:1], tiny_ensemble, out, ScoreConfig(chunk_size=40), progress=False)
+    with pytest.raises(DataError, match="chunk_size"):
+        score_files(files[:1], tiny_ensemble, out, ScoreConfig(chunk_size=30), progress=False)
+    with pytest.raises(DataError, match="files"):
+        score_files(files, tiny_ensemble, out, ScoreConfig(chunk_size=40), progress=False)
+
+
+def test_bad_inputs_are_clear_errors(files, tiny_ensemble, tmp_path):
+    with pytest.raises(DataError, match="listed twice"):
+        score_files([files[0], files[0]], tiny_ensemble, tmp_path / "a.parquet", progress=False)
+    with pytest.raises(DataError, match="file not found"):
+        score_files([tmp_path / "nope.h5"], tiny_ensemble, tmp_path / "b.parquet", progress=False)
+    other = tmp_path / "other.h5sc"
+    from training.formats import write_h5sc
+
+    write_h5sc(other, np.zeros((3, 2, 8, 8), np.float32), np.arange(3), channel_names=["a", "b"])
+    with pytest.raises(DataError, match="LC3B"):
+        score_files([other], tiny_ensemble, tmp_path / "c.parquet", progress=False)
+
+
+def test_cli_score_with_embeddings(files, tiny_ensemble, reference, tmp_path):
+    from serving.commands import add_commands
+
+    app = typer.Typer()
+    add_commands(app)
+    out, summary = tmp_path / "cli.parquet", tmp_path / "summary.json"
+    result = CliRunner().invoke(app, ["score", *map(str, files), "--model", str(tiny_ensemble), "--out", str(out),
+                                      "--embeddings", "--set", "score.chunk_size=64", "--metrics", str(summary),
+                                      "--no-progress"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "140 cells" in result.output
+    df = pd.read_parquet(out)
+    assert_same_scores(df.drop(columns="embedding"), reference)
+    emb = np.stack(df["embedding"].to_numpy())
+    assert emb.shape == (140, 32) and np.isfinite(emb).all()  # the tiny model's last stage has 32 channels
+    assert json.loads(summary.read_text())["n_cells"] == 140
+
+
+@pytest.fixture
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    yield cluster
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.slow
+def test_ray_data_on_two_nodes_matches_local(files, tiny_ensemble, reference, tmp_path, ray_cluster):
+    out = tmp_path / "ray.parquet"
+    result = score_files(files, tiny_ensemble, out, ScoreConfig(chunk_size=20, batch_size=32),
+                         ray_address=ray_cluster.address, progress=False, keep_parts=True)
+    df, _ = read_table(out)
+    assert result["n_cells"] == len(df) == 140
+    assert_same_scores(df, reference)
+    nodes = {json.loads(pq.read_schema(p).metadata[b"spatial"])["ray_node"]
+             for p in parts_dir(out).glob("part-*.parquet")}
+    assert len(nodes) == 2, "both nodes of the cluster scored chunks"
+
+
+def test_scores_the_registered_champion(files, tiny_ensemble, reference, tmp_path):
+    """``--model models:/NAME@ALIAS`` goes through the MLflow registry (training.tracking.resolve_model)."""
+    import mlflow
+
+    from training.config import MlflowConfig, RegistryConfig
+    from training.tracking import log_ensemble_model, register
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment("score")
+    with mlflow.start_run() as run:
+        mlflow.log_metric("test_balanced_accuracy", 0.9)
+        model_uri = log_ensemble_model(tiny_ensemble, np.zeros((2, 1, 32, 32), np.float32))
+    register(model_uri, run.info.run_id, RegistryConfig(model_name="tiny-score"))
+    out = tmp_path / "champion.parquet"
+    score_files(files[:1], "models:/tiny-score@champion", out, ScoreConfig(chunk_size=50), progress=False,
+                mlflow=MlflowConfig(tracking_uri=uri))
+    df, meta = read_table(out)
+    assert meta["model"]["name"] == "tiny-score" and meta["model"]["version"] == 1
+    assert meta["model"]["alias"] == "champion"
+    assert_same_scores(df, reference[reference["source_file"] == str(files[0].resolve())])
