@@ -109,9 +109,8 @@ def test_truncated_file_is_a_data_error(tmp_path):
     path = write_h5sc(tmp_path / "full.h5sc", _cells(40, size=32), np.arange(40))
     data = path.read_bytes()
     (tmp_path / "cut.h5sc").write_bytes(data[: len(data) // 2])
-    with pytest.raises(DataError, match="cut.h5sc"):
-        with CellFile(tmp_path / "cut.h5sc") as f:
-            f.read(0, 40)
+    with pytest.raises(DataError, match="cut.h5sc"), CellFile(tmp_path / "cut.h5sc") as f:
+        f.read(0, 40)
 
 
 def test_nan_pixels_are_reported_with_file_and_row(tmp_path):

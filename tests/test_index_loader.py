@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 import torch
 
-from training.cellindex import build_index, read_manifest
+from training.cellindex import build_index
 from training.config import DataConfig, SplitConfig
 from training.errors import ConfigError, DataError
 from training.formats import CellFile, write_h5sc

@@ -74,7 +74,7 @@ def test_mlflow_run_layout_and_champion(trained):
     client = MlflowClient()
     reg = json.loads((trained / "reg.json").read_text())
     run = client.get_run(reg["run_id"])
-    assert run.data.params["train.epochs"] == "2" and run.data.params["ensemble.members"] == "2"
+    assert run.data.params["train.epochs"] == "3" and run.data.params["ensemble.members"] == "2"
     assert "test_balanced_accuracy" in run.data.metrics and "test_heldout_density_auroc" in run.data.metrics
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["member-0", "member-1"]
@@ -93,19 +93,28 @@ def test_mlflow_run_layout_and_champion(trained):
 
 
 def test_alias_moves_only_to_a_better_version(trained):
+    """A second ensemble (its own MLflow run) takes the alias only when its test metric beats the holder's."""
+    import shutil
+
     p = trained / "params.yaml"
     mlflow.set_tracking_uri(f"sqlite:///{trained / 'mlflow.db'}")
     client = MlflowClient()
-    run_id = Ensemble.load(trained / "ens").spec.info["mlflow_run_id"]
-    # a worse run: register the same ensemble again after pretending its metric dropped
-    client.log_metric(run_id, "test_balanced_accuracy", -1.0)
-    res = invoke("register", "--params", p, "--model", trained / "ens", "--out", trained / "reg2.json")
+    holder_run = Ensemble.load(trained / "ens").spec.info["mlflow_run_id"]
+    holder_value = client.get_run(holder_run).data.metrics["test_balanced_accuracy"]
+    challenger = trained / "ens2"
+    shutil.copytree(trained / "ens", challenger)
+    run = client.create_run(client.get_run(holder_run).info.experiment_id)
+    spec = json.loads((challenger / "spec.json").read_text())
+    spec["info"]["mlflow_run_id"] = run.info.run_id
+    (challenger / "spec.json").write_text(json.dumps(spec))
+    client.log_metric(run.info.run_id, "test_balanced_accuracy", holder_value - 0.1)
+    res = invoke("register", "--params", p, "--model", challenger, "--out", trained / "reg2.json")
     reg2 = json.loads((trained / "reg2.json").read_text())
     assert reg2["version"] == 2 and not reg2["alias_moved"] and "stays on version 1" in res.output
-    client.log_metric(run_id, "test_balanced_accuracy", 2.0)
-    invoke("register", "--params", p, "--model", trained / "ens", "--out", trained / "reg3.json")
+    client.log_metric(run.info.run_id, "test_balanced_accuracy", holder_value + 0.1)
+    invoke("register", "--params", p, "--model", challenger, "--out", trained / "reg3.json")
     assert json.loads((trained / "reg3.json").read_text())["alias_moved"]
-    assert client.get_model_version_by_alias("tiny", "champion").version == "3"
+    assert int(client.get_model_version_by_alias("tiny", "champion").version) == 3
 
 
 def test_resolve_model_errors(trained, monkeypatch):

@@ -194,6 +194,19 @@ def register(params: ParamsOpt = None, set_: SetOpt = None,
     typer.echo(f"registered {result['model_name']} version {result['version']}; alias '{result['alias']}' {moved}")
 
 
+def _add_commands() -> None:
+    """Commands that live beside their code: active learning, scoring/serving, tuning."""
+    from serving.commands import add_commands as scoring_commands
+    from training.al_commands import add_commands as al_commands
+    from tuning.commands import add_commands as tuning_commands
+
+    for add in (al_commands, scoring_commands, tuning_commands):
+        add(app)
+
+
+_add_commands()
+
+
 def main() -> None:
     """Console entry point: user errors -> one line on stderr, exit code 2."""
     try:

@@ -41,6 +41,8 @@ class SynthConfig(Section):
     novel_fraction: float = Field(0.02, ge=0, le=1, description="share of screen cells from the novel-phenotype gene")
     max_cells_per_file: int = Field(10000, ge=1, description="larger slides are split into part files (same group)")
     batch_size: int = Field(256, ge=1, description="cells rendered at once (memory vs speed)")
+    compression: Literal["lzf", "gzip", "none"] = Field("lzf", description="HDF5 compression (scPortrait: lzf)")
+    workers: int = Field(2, ge=1, description="threads generating files in parallel (same output for any number)")
     seed: int = 0
 
 
@@ -140,57 +142,120 @@ class RegistryConfig(Section):
 
 
 class SSLConfig(Section):
+    """Semi-supervised training (``train.regime=semisupervised``) and the label budget of every regime."""
+
     method: Literal["fixmatch", "autoencoder"] = "fixmatch"
-    threshold: float = Field(0.95, gt=0, le=1)
-    unlabeled_ratio: int = Field(3, ge=1)
-    unlabeled_weight: float = Field(1.0, ge=0)
-    ema_decay: float = Field(0.99, ge=0, lt=1)
+    threshold: float = Field(0.95, gt=0, le=1, description="FixMatch confidence threshold for a pseudo-label")
+    unlabeled_ratio: int = Field(3, ge=1, description="unlabeled cells per labeled cell in a batch (mu)")
+    unlabeled_weight: float = Field(1.0, ge=0, description="weight of the unlabeled loss (lambda_u)")
+    ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA teacher that makes the pseudo-labels; 0 = the student")
     distribution_alignment: bool = False
     novelty_guard: bool = True
-    recon_weight: float = Field(1.0, ge=0)
-    label_fraction: float = Field(1.0, gt=0, le=1, description="share of training labels kept")
+    guard_quantile: float = Field(0.95, gt=0, lt=1, description="labeled-feature distance quantile beyond which "
+                                  "unlabeled cells are down-weighted as novel")
+    recon_weight: float = Field(1.0, ge=0, description="autoencoder arm: weight of the reconstruction loss")
+    label_fraction: float = Field(1.0, gt=0, le=1, description="class-stratified share of training labels kept "
+                                  "(any regime); the other training cells become unlabeled")
+    truth: str | None = Field(None, description="simulator truth.parquet: logs pseudo-label accuracy (never trains)")
+
+
+DEFAULT_STATE_CLASSES = {"on": "stimulated", "off": "unstimulated", "blocked": "atg5_ko", "partial": "ei24_ko"}
 
 
 class ALConfig(Section):
+    """Simulated pool-based active learning campaigns (``spatial al``)."""
+
     strategies: list[str] = ["random", "margin", "power_bald"]
-    seeds: int = Field(3, ge=1)
-    initial: int = Field(40, ge=1)
+    seeds: int = Field(3, ge=1, description="campaigns per strategy (seeds al.seed, al.seed+1, ...)")
+    seed: int = 0
+    initial: int = Field(20, ge=1, description="labels in the initial set")
     initial_method: Literal["random", "typicality"] = "random"
-    query_size: int = Field(40, ge=1)
-    rounds: int = Field(5, ge=1)
-    pool_subsample: int | None = Field(4000, ge=1)
-    power_temperature: float = Field(1.0, gt=0)
-    semisupervised: bool = False
-    labels_csv: str | None = None
-    members: int = Field(1, ge=1)
+    query_size: int = Field(20, ge=1, description="labels acquired per round")
+    rounds: int = Field(4, ge=1, description="acquisition rounds after the initial set")
+    pool: list[Literal["train", "unlabeled"]] = Field(["train"], min_length=1, description="splits that form the pool")
+    pool_subsample: int | None = Field(4000, ge=1, description="pool cells scored per round (random subsample)")
+    power_temperature: float = Field(1.0, gt=0, description="power_*: sample with p ~ score^(1/T)")
+    posterior: Literal["mc_dropout", "ensemble"] = Field("mc_dropout", description="samples for bald / power_bald")
+    members: int = Field(1, ge=1, description="models per round (ensemble posterior)")
+    mc_samples: int = Field(20, ge=2)
+    epochs: int = Field(10, ge=1, description="epochs over the labeled set per round (from scratch each round)")
+    min_steps: int = Field(100, ge=1, description="at least this many optimizer steps per round")
+    batch_size: int = Field(32, ge=1)
+    semisupervised: bool = Field(False, description="FixMatch on the rest of the pool inside each round")
+    full_data: bool = Field(True, description="train on the whole oracle-labeled pool as the reference")
+    typicality_neighbors: int = Field(20, ge=1)
+    oracle: Literal["auto", "truth", "manifest", "labels"] = Field(
+        "auto", description="truth: simulator's truth.parquet beside the manifest; manifest: slide labels; "
+        "labels: al.labels_csv; auto: labels_csv if set, else truth if present, else manifest")
+    labels_csv: str | None = Field(None, description="CSV source_file,cell_id,label of labels a person gave")
+    state_classes: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_STATE_CLASSES),
+        description="simulated annotator: true state -> class name (other states: 'none of these')")
+
+
+def _default_space() -> dict[str, dict[str, Any]]:
+    return {
+        "train.lr": {"type": "loguniform", "low": 3e-4, "high": 1e-2},
+        "train.weight_decay": {"type": "loguniform", "low": 1e-3, "high": 1e-1},
+        "model.drop_rate": {"type": "uniform", "low": 0.0, "high": 0.3},
+    }
 
 
 class TuneConfig(Section):
-    num_samples: int = Field(4, ge=1)
-    address: str | None = None
+    """Ray Tune sweeps (``spatial tune``); dimensions in ``space`` are dotted keys of this config."""
+
+    num_samples: int = Field(4, ge=1, description="random search: samples per grid point; optuna: trials")
+    name: str | None = Field(None, description="sweep (experiment) name; None = sweep-<timestamp>")
+    address: str | None = Field(None, description="Ray cluster address; else $RAY_ADDRESS, else a local Ray")
     cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)
+    gpus_per_trial: float = Field(0.0, ge=0, description="fractions share a GPU (0.25 = four trials per GPU)")
     metric: str = "val_balanced_accuracy"
     mode: Literal["max", "min"] = "max"
     scheduler: Literal["asha", "fifo"] = "asha"
+    grace_period: int = Field(1, ge=1, description="ASHA: reports (epochs / AL rounds) before a trial can stop")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor at each rung")
     search: Literal["random", "optuna"] = "random"
-    max_failures: int = Field(1, ge=0)
-    storage_path: str | None = None
-    space: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    max_failures: int = Field(1, ge=0, description="retries of a failing trial (from its last checkpoint)")
+    storage_path: str | None = Field(None, description="Tune results; shared storage (NFS, s3://) on a cluster; "
+                                     "None = ray_results/ at the repository root (local runs only)")
+    out: str = Field("reports/tune", description="best.json, best_params.yaml, trials.csv")
+    promote_out: str = Field("models/tuned", description="ensemble directory written by spatial tune --promote")
+    space: dict[str, dict[str, Any]] = Field(default_factory=_default_space)
 
 
 class ScoreConfig(Section):
+    """Screen-wide batch scoring (``spatial score``)."""
+
     batch_size: int = Field(256, ge=1)
-    chunk_size: int = Field(4096, ge=1)
+    chunk_size: int = Field(4096, ge=1, description="cells per resumable part file")
+    num_workers: int = Field(0, ge=0, description="loader worker processes per scorer (local or per Ray actor)")
+    device: str = Field("auto", description="auto | cpu | cuda[:i] (local runs; Ray actors use their GPU if given)")
+    ray_actors: int | None = Field(None, ge=1, description="Ray scorer actors; None = one per GPU, else one per CPU")
+    ray_cpus_per_actor: float = Field(1.0, gt=0)
+    ray_gpus_per_actor: float | None = Field(None, ge=0, description="None = 1 when the cluster has GPUs, else 0")
+    torch_threads: int | None = Field(None, ge=1, description="PyTorch threads of a local run; None = all cores")
 
 
 class ServeConfig(Section):
+    """The BentoML HTTP service (``spatial serve``)."""
+
     host: str = "127.0.0.1"
     port: int = Field(3000, ge=1, le=65535)
     max_cells_per_request: int = Field(1024, ge=1)
-    max_request_mb: float = Field(64.0, gt=0)
-    max_batch_size: int = Field(256, ge=1)
-    max_latency_ms: int = Field(500, ge=1)
+    max_request_mb: float = Field(64.0, gt=0, description="largest JSON body (POST /score)")
+    max_upload_mb: float = Field(4096.0, gt=0, description="largest file upload (POST /score_file)")
+    max_batch_size: int = Field(256, ge=1, description="adaptive batching: most cells per model call")
+    max_latency_ms: int = Field(30000, ge=1, description="adaptive batching: a request expected to wait longer "
+                                "gets 503 (load shedding); screening clients prefer waiting")
+    resize: bool = Field(True, description="resize square crops of another size to the model's input (else 422)")
+    file_chunk_cells: int = Field(512, ge=1, description="cells read, scored and streamed at once by /score_file")
+    threads: int = Field(16, ge=1, description="requests the front service handles at once")
+    timeout_s: int = Field(3600, ge=1, description="request timeout (large uploads stream for long)")
+    cpus: float | None = Field(None, gt=0, description="CPUs reserved for the model runner; None = BentoML default")
+    gpus: int | None = Field(None, ge=0, description="GPUs for the model runner; None = 1 if CUDA is visible, else 0")
+    device: str = Field("auto", description="auto | cpu | cuda[:i] for the model runner")
+    torch_threads: int | None = Field(None, ge=1, description="model runner's PyTorch threads; None = all cores")
 
 
 class Params(Section):

@@ -15,8 +15,6 @@ Test groups are drawn per class (``test_fraction`` of that class's groups, at le
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pandas as pd
 
@@ -47,7 +45,7 @@ def choose_test_groups(labeled: pd.DataFrame, classes: list[str], fraction: floa
                 f"class '{cls}' comes from {len(groups)} group(s) ({', '.join(groups)}); a group-wise split needs at "
                 "least 2 slides per class so that no slide is in both train and test"
             )
-        k = min(len(groups) - 1, max(1, math.ceil(fraction * len(groups))))
+        k = min(len(groups) - 1, max(1, round(fraction * len(groups))))
         test.update(rng.choice(groups, size=k, replace=False).tolist())
     return test
 

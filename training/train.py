@@ -109,13 +109,17 @@ def make_objective(params: Params, data: TrainData, seed: int):
 def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume: bool = False,
                  log_metrics=None, progress: bool = True):
     """Train member ``k``; returns the model, its validation temperature and its novelty model."""
+    from training.semisupervised import keep_label_fraction, training_stream
+
     seed = member_seed(params, k)
     seed_everything(seed)
+    data = keep_label_fraction(data, params.ssl.label_fraction, params.split.seed)
     train_rows = data.split("train")
     if params.ensemble.bootstrap:
         rng = np.random.default_rng(seed)
         train_rows = train_rows.iloc[rng.integers(0, len(train_rows), len(train_rows))].reset_index(drop=True)
     train_loader, val_loader = loaders(data, params, seed, train_rows)
+    train_loader = training_stream(train_loader, data, params, seed)
     model = build_model(params.model, len(data.channels), len(data.classes))
     objective = make_objective(params, data, seed)
     result = fit(model, train_loader, val_loader, params.train.model_copy(update={"seed": seed}), objective,

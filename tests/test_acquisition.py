@@ -1,0 +1,110 @@
+"""Acquisition functions on hand-made posteriors and embeddings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.acquisition import (
+    STRATEGIES,
+    bald,
+    entropy,
+    k_center_greedy,
+    least_confidence,
+    margin,
+    power_sample,
+    select,
+    typiclust,
+)
+from training.errors import ConfigError
+
+PROBS = np.array([
+    [0.90, 0.05, 0.05],  # confident
+    [0.50, 0.45, 0.05],  # smallest gap (0.05)
+    [0.40, 0.30, 0.30],  # least confident, highest entropy-ish, gap 0.10
+    [0.70, 0.20, 0.10],
+])
+
+
+def test_margin_picks_the_smallest_gap():
+    assert np.allclose(margin(PROBS), 1 - np.array([0.85, 0.05, 0.10, 0.50]))
+    pos, scores = select("margin", 1, np.random.default_rng(0), probs=PROBS)
+    assert pos.tolist() == [1]
+    assert scores[0] == pytest.approx(0.95)
+    pos, _ = select("margin", 2, np.random.default_rng(0), probs=PROBS)
+    assert pos.tolist() == [1, 2]
+
+
+def test_least_confidence_and_entropy_rank_the_flattest_first():
+    assert select("least_confidence", 1, np.random.default_rng(0), probs=PROBS)[0].tolist() == [2]
+    assert select("entropy", 1, np.random.default_rng(0), probs=PROBS)[0].tolist() == [2]
+    assert least_confidence(PROBS)[0] == pytest.approx(0.10)
+    assert entropy(np.array([[0.5, 0.5]]))[0] == pytest.approx(np.log(2))
+    assert entropy(np.array([[1.0, 0.0]]))[0] == pytest.approx(0.0)
+
+
+def test_bald_is_zero_when_members_agree_and_positive_when_they_disagree():
+    agree = np.repeat(PROBS[None], 5, axis=0)  # (S, N, K), every member the same
+    assert np.allclose(bald(agree), 0.0, atol=1e-12)
+    disagree = np.array([[[1.0, 0.0]], [[0.0, 1.0]]])  # two confident members, opposite classes
+    assert bald(disagree)[0] == pytest.approx(np.log(2))  # H(mean) = log 2, mean H = 0
+    # an uncertain-but-agreeing cell scores below a disagreeing one: BALD is epistemic only
+    mixed = np.array([[[0.5, 0.5], [0.9, 0.1]], [[0.5, 0.5], [0.1, 0.9]]])
+    pos, _ = select("bald", 1, np.random.default_rng(0), samples=mixed)
+    assert pos.tolist() == [1]
+
+
+def test_coreset_picks_the_farthest_point_then_covers_the_rest():
+    pool = np.array([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [0.0, 5.0]])
+    labeled = np.array([[0.0, 0.0]])
+    pos, dist = k_center_greedy(pool, labeled, 2)
+    assert pos[0] == 2 and dist[0] == pytest.approx(10.0)
+    assert pos[1] == 3 and dist[1] == pytest.approx(5.0)  # farthest from {labeled, point 2}
+    pos, _ = select("coreset", 4, np.random.default_rng(0), embeddings=pool, labeled_embeddings=labeled)
+    assert sorted(pos.tolist()) == [0, 1, 2, 3]  # distinct; the labeled duplicate (point 0) comes last
+    assert pos[-1] == 0
+
+
+def test_power_sampling_is_reproducible_distinct_and_prefers_high_scores():
+    scores = np.linspace(0.01, 1.0, 200)
+    a = power_sample(scores, 20, 1.0, np.random.default_rng(7))
+    b = power_sample(scores, 20, 1.0, np.random.default_rng(7))
+    c = power_sample(scores, 20, 1.0, np.random.default_rng(8))
+    assert a.tolist() == b.tolist()
+    assert a.tolist() != c.tolist()
+    assert len(set(a.tolist())) == 20
+    assert scores[a].mean() > scores.mean()
+    # a low temperature approaches top-k; zero scores come only after every positive one
+    cold = power_sample(scores, 5, 1e-3, np.random.default_rng(0))
+    assert sorted(cold.tolist()) == list(range(195, 200))
+    z = np.array([0.0, 0.0, 0.3, 0.0])
+    assert power_sample(z, 1, 1.0, np.random.default_rng(1)).tolist() == [2]
+    samples = np.stack([PROBS, PROBS[::-1]])
+    p1 = select("power_bald", 3, np.random.default_rng(3), samples=samples)[0]
+    p2 = select("power_bald", 3, np.random.default_rng(3), samples=samples)[0]
+    assert p1.tolist() == p2.tolist()
+    assert select("power_margin", 2, np.random.default_rng(3), probs=PROBS)[0].tolist() == \
+        select("power_margin", 2, np.random.default_rng(3), probs=PROBS)[0].tolist()
+
+
+def test_random_selection_is_distinct_and_in_range():
+    pos, scores = select("random", 10, np.random.default_rng(0), n_pool=12)
+    assert len(set(pos.tolist())) == 10 and pos.min() >= 0 and pos.max() < 12
+    assert np.isnan(scores).all()
+
+
+def test_typiclust_takes_one_dense_point_per_cluster():
+    rng = np.random.default_rng(0)
+    centres = np.array([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0]])
+    x = np.concatenate([c + rng.normal(0, 1, (50, 2)) for c in centres])
+    pos, typ = typiclust(x, 3, np.random.default_rng(1), neighbors=10)
+    assert sorted((pos // 50).tolist()) == [0, 1, 2]
+    for p in pos:  # the pick is near its blob's centre, not an outlier
+        assert np.linalg.norm(x[p] - centres[p // 50]) < 1.5
+    assert (typ > 0).all()
+
+
+def test_unknown_strategy_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown active learning strategy 'bogus'"):
+        select("bogus", 1, np.random.default_rng(0), probs=PROBS)
+    assert set(STRATEGIES) >= {"random", "margin", "bald", "power_bald", "coreset"}

@@ -1,0 +1,207 @@
+"""Active learning campaigns on tiny data: bookkeeping, oracles, outputs, bad input (exit code 2)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import tiny_params
+
+from training.active import full_data_reference, run_campaign
+from training.al_report import aubc, labels_to_reach, summarize
+from training.cellindex import build_index
+from training.config import SynthConfig
+from training.errors import DataError
+from training.oracle import NO_CLASS, LabelsCsvOracle, ManifestOracle, SimulatedOracle
+from training.splits import make_splits
+from training.train import prepare_data
+
+AL = {"al.initial": 4, "al.query_size": 3, "al.rounds": 2, "al.seeds": 1, "al.min_steps": 2, "al.epochs": 1,
+      "al.batch_size": 8, "al.mc_samples": 3, "al.full_data": False}
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_manifest, tmp_path_factory):
+    p = tiny_params(tmp_path_factory.mktemp("al"), **AL)
+    index = build_index(tiny_manifest, progress=False)
+    table, summary = make_splits(index, p.split)
+    return p, index, prepare_data(table, summary["classes"], p)
+
+
+def _keys(df: pd.DataFrame) -> list[tuple[str, int]]:
+    return list(zip(df["source_file"].astype(str), df["cell_id"].astype(int), strict=True))
+
+
+@pytest.mark.parametrize("strategy", ["margin", "coreset"])
+def test_campaign_bookkeeping(setup, strategy):
+    p, index, data = setup
+    reported = []
+    curve = run_campaign(p, data, strategy, 0, ManifestOracle(index, data.classes), report=reported.append,
+                         progress=False)
+    q = curve.attrs["queries"]
+    assert curve["round"].tolist() == [0, 1, 2] and reported == curve.to_dict("records")
+    assert np.diff(curve["n_labels"]).tolist() == [3, 3]  # grows by exactly the query size
+    assert len(q) == 4 + 2 * 3 and q.groupby("round").size().tolist() == [4, 3, 3]
+    assert len(set(_keys(q))) == len(q)  # never a cell twice
+    assert not set(_keys(q)) & set(_keys(data.split("test")))  # never a test cell
+    assert set(_keys(q)) <= set(_keys(data.split("train")))  # the default pool is the training split
+    assert q.loc[q["round"] > 0, "score"].notna().all()
+    assert curve["balanced_accuracy"].between(0, 1).all() and (curve["nll"] > 0).all()
+
+
+def test_campaign_is_paired_across_strategies_and_reproducible(setup):
+    p, index, data = setup
+    oracle = ManifestOracle(index, data.classes)
+    a = run_campaign(p, data, "random", 3, oracle, progress=False)
+    b = run_campaign(p, data, "entropy", 3, oracle, progress=False)
+    c = run_campaign(p, data, "random", 3, oracle, progress=False)
+    qa, qb, qc = (x.attrs["queries"] for x in (a, b, c))
+    assert _keys(qa[qa["round"] == 0]) == _keys(qb[qb["round"] == 0])  # same initial set
+    assert a.loc[0, "balanced_accuracy"] == b.loc[0, "balanced_accuracy"]  # same round-0 model
+    assert _keys(qa) == _keys(qc)
+    pd.testing.assert_frame_equal(a.drop(columns=[c for c in a if c.startswith("seconds")]),
+                                  c.drop(columns=[c for c in c if c.startswith("seconds")]))
+
+
+def test_campaign_with_a_labels_csv_oracle(setup, tmp_path):
+    p, index, data = setup
+    train = data.split("train").iloc[::2]  # a person labeled every other training cell...
+    flipped = np.where(train["label"] == "bright", "spotty", "bright")  # ...and disagrees with the slide label
+    csv = tmp_path / "labels.csv"
+    pd.DataFrame({"source_file": train["source_file"].astype(str), "cell_id": train["cell_id"],
+                  "label": flipped}).to_csv(csv, index=False)
+    oracle = LabelsCsvOracle(csv, index, data.classes)
+    curve = run_campaign(p, data, "least_confidence", 0, oracle, progress=False)
+    q = curve.attrs["queries"]
+    given = dict(zip(_keys(train), flipped, strict=True))
+    assert set(_keys(q)) <= set(given)
+    assert [given[k] for k in _keys(q)] == q["label"].tolist()
+    assert curve["n_labels"].iloc[-1] == 4 + 2 * 3
+
+
+def test_simulated_oracle_answers_by_true_state(tmp_path):
+    from training.synth import load_truth, synthesize
+
+    cfg = SynthConfig(image_size=16, cells_per_class=12, slides_per_condition=2, timecourse_hours=[0.0],
+                      cells_per_timepoint=4, screen_slides=1, cells_per_screen_slide=40, n_genes=8, n_hits=2,
+                      n_controls=4, seed=1)
+    manifest = synthesize(cfg, tmp_path / "raw", progress=False)
+    truth = load_truth(manifest)
+    classes = ["stimulated", "atg5_ko"]
+    oracle = SimulatedOracle.from_manifest(manifest, classes, {"on": "stimulated", "blocked": "atg5_ko"})
+    answers = oracle.label(truth)
+    expected = truth["state"].map({"on": 0, "blocked": 1}).fillna(NO_CLASS).astype(int).to_numpy()
+    assert (answers == expected).all()
+    assert (answers == NO_CLASS).any() and (answers == 0).any() and (answers == 1).any()
+    # the annotator looks at the cell, not the slide: escaped knockouts are answered by phenotype
+    cells = build_index(manifest, progress=False)
+    assert oracle.available(cells).all()
+    with pytest.raises(DataError, match="no entry"):
+        oracle.label(pd.DataFrame({"source_file": ["nowhere.h5"], "cell_id": [1]}))
+
+
+def test_summary_area_and_labels_to_target():
+    assert aubc(np.array([10, 20, 30]), np.array([0.5, 0.7, 0.9])) == pytest.approx(0.7)
+    assert labels_to_reach(np.array([10, 20, 30]), np.array([0.5, 0.91, 0.99]), 0.9) == 20
+    assert labels_to_reach(np.array([10, 20]), np.array([0.5, 0.6]), 0.9) is None
+    rows = []
+    for s, vals in (("random", [0.5, 0.7, 0.9]), ("margin", [0.5, 0.91, 0.95])):
+        for seed in (0, 1):
+            rows += [{"strategy": s, "seed": seed, "round": r, "n_labels": 10 * (r + 1), "balanced_accuracy": v,
+                      "macro_f1": v, "nll": 1 - v, "seconds_train": 1.0, "seconds_score": 0.1, "seconds_eval": 0.1}
+                     for r, v in enumerate(vals)]
+    ref = pd.DataFrame([{"seed": 0, "n_labels": 100, "balanced_accuracy": 0.95, "macro_f1": 0.95, "nll": 0.1}])
+    summ = summarize(pd.DataFrame(rows), ref)
+    m = summ["strategies"]["margin"]
+    assert summ["target_balanced_accuracy"] == pytest.approx(0.9025)
+    assert m["labels_to_target"] == 20 and summ["strategies"]["random"]["labels_to_target"] is None
+    assert m["labels_to_target_ratio_to_random"] is None and m["labels_to_target_ratio_to_random_at_most"] == 20 / 30
+    assert m["aubc_ratio_to_random"] == pytest.approx(aubc([10, 20, 30], [0.5, 0.91, 0.95]) / 0.7)
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+def _spatial(monkeypatch, *args: str) -> int:
+    from training import cli
+    from training.al_commands import add_commands
+
+    if "al" not in {c.name for c in cli.app.registered_commands}:
+        add_commands(cli.app)
+    monkeypatch.setattr(sys, "argv", ["spatial", *args])
+    try:
+        cli.main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def _params_file(tmp_path, **extra) -> str:
+    import yaml
+
+    p = tiny_params(tmp_path, **{**AL, **extra})
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    return str(path)
+
+
+def test_al_command_writes_every_output(tiny_manifest, tmp_path, monkeypatch):
+    params = _params_file(tmp_path, **{"al.full_data": True, "al.rounds": 1})
+    out = tmp_path / "al"
+    rc = _spatial(monkeypatch, "al", "--params", params, "--manifest", str(tiny_manifest), "--out", str(out),
+                  "--strategy", "random,power_margin", "--seeds", "2", "--metrics", str(tmp_path / "m.json"),
+                  "--no-progress")
+    assert rc == 0
+    curve = pd.read_csv(out / "curve.csv")
+    assert {"strategy", "seed", "round", "n_labels", "balanced_accuracy", "macro_f1", "nll"} <= set(curve.columns)
+    assert len(curve) == 2 * 2 * 2 and set(curve["strategy"]) == {"random", "power_margin"}
+    q = pd.read_parquet(out / "queries.parquet")
+    assert {"strategy", "seed", "round", "source_file", "cell_id", "score"} <= set(q.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    s = summary["strategies"]["power_margin"]
+    assert {"aubc", "aubc_ratio_to_random", "labels_to_target", "labels_to_target_ratio_to_random"} <= set(s)
+    assert summary["full_data"]["seeds"] == 2
+    assert (out / "learning_curve.png").stat().st_size > 0 and (out / "curve_mean.csv").is_file()
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert "power_margin/labels_to_95" in metrics and "full_data_balanced_accuracy" in metrics
+
+
+@pytest.mark.parametrize("case, args, message", [
+    ("strategy", ["--strategy", "bogus"], "unknown active learning strategy 'bogus'"),
+    ("budget", ["--initial", "500"], "exceeds the pool"),
+    ("query0", ["--query-size", "0"], "al.query_size"),
+    ("cell", [], "not in the manifest"),
+    ("class", [], "not configured classes"),
+])
+def test_bad_input_exits_2(tiny_manifest, tmp_path, monkeypatch, capsys, case, args, message):
+    params = _params_file(tmp_path)
+    if case in ("cell", "class"):
+        index = build_index(tiny_manifest, progress=False)
+        row = index.iloc[0]
+        rows = [{"source_file": str(row["source_file"]), "cell_id": int(row["cell_id"]), "label": "bright"}]
+        rows.append({"source_file": str(row["source_file"]), "cell_id": 10**9, "label": "bright"} if case == "cell"
+                    else {"source_file": str(row["source_file"]), "cell_id": int(index.iloc[1]["cell_id"]),
+                          "label": "mitotic"})
+        pd.DataFrame(rows).to_csv(tmp_path / "labels.csv", index=False)
+        args = ["--labels", str(tmp_path / "labels.csv")]
+    out = tmp_path / "out"
+    rc = _spatial(monkeypatch, "al", "--params", params, "--manifest", str(tiny_manifest), "--out", str(out), *args,
+                  "--no-progress")
+    assert rc == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_full_data_reference_uses_the_whole_pool(setup):
+    p, index, data = setup
+    ref = full_data_reference(p, data, 0, ManifestOracle(index, data.classes), progress=False)
+    assert ref["n_labels"] == len(data.split("train")) == ref["n_trained"]
+    assert 0 <= ref["balanced_accuracy"] <= 1
+
+
+def test_campaign_with_semisupervised_rounds(setup):
+    p, index, data = setup
+    p = p.model_copy(update={"al": p.al.model_copy(update={"semisupervised": True, "rounds": 1})})
+    curve = run_campaign(p, data, "entropy", 0, ManifestOracle(index, data.classes), progress=False)
+    assert curve["n_labels"].tolist() == [4, 7] and curve["balanced_accuracy"].between(0, 1).all()

@@ -1,0 +1,191 @@
+"""Semi-supervised objectives: FixMatch masking, the open-set guard, label fraction, no test-label leak, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import tiny_params
+
+from training.active import TensorLoader
+from training.augment import Augmenter
+from training.cellindex import build_index
+from training.config import AugmentConfig, ModelConfig, TrainConfig
+from training.engine import StepContext, fit
+from training.models import build_model
+from training.semisupervised import (
+    HIDDEN,
+    AutoencoderObjective,
+    FixMatchObjective,
+    MixedLoader,
+    NoveltyGuard,
+    keep_label_fraction,
+    make_ssl_objective,
+    pseudo_labels,
+    training_stream,
+    unlabeled_table,
+)
+from training.splits import make_splits
+from training.train import loaders, prepare_data, train_member
+
+TINY = ModelConfig(dims=[8, 16, 16, 32], depths=[1, 1, 1, 1], drop_rate=0.0)
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model(TINY, 1, 2)
+
+
+def _ctx(seed: int = 0) -> StepContext:
+    return StepContext(0, 0, 0, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def _batch(n_l: int = 4, n_u: int = 8) -> dict:
+    g = torch.Generator().manual_seed(1)
+    return {"image": torch.rand(n_l, 1, 32, 32, generator=g), "label": torch.arange(n_l) % 2,
+            "idx": torch.arange(n_l), "u_image": torch.rand(n_u, 1, 32, 32, generator=g), "u_idx": torch.arange(n_u)}
+
+
+def _fixmatch(threshold: float, weight: float = 1.0, **kw) -> FixMatchObjective:
+    return FixMatchObjective(2, Augmenter(AugmentConfig()), threshold=threshold, unlabeled_weight=weight, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_manifest, tmp_path_factory):
+    p = tiny_params(tmp_path_factory.mktemp("ssl"))
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), p.split)
+    return prepare_data(table, summary["classes"], p)
+
+
+def test_pseudo_labels_mask_below_threshold():
+    probs = torch.tensor([[0.96, 0.04], [0.94, 0.06], [0.02, 0.98], [0.5, 0.5]])
+    labels, mask = pseudo_labels(probs, 0.95)
+    assert labels.tolist() == [0, 0, 1, 0]
+    assert mask.tolist() == [True, False, True, False]
+
+
+def test_fixmatch_unlabeled_loss_only_from_confident_cells():
+    model = _model()
+    batch = _batch()
+    masked = {w: _fixmatch(1.0, w, novelty_guard=False).loss(model, batch, _ctx()) for w in (0.0, 1.0)}
+    assert masked[1.0][1]["ssl/mask_rate"] == 0.0 and masked[1.0][1]["ssl/weight"] == 0.0
+    assert masked[0.0][0].item() == pytest.approx(masked[1.0][0].item())  # no confident cell: no unlabeled loss
+    open_ = {w: _fixmatch(1e-6, w, novelty_guard=False).loss(model, batch, _ctx()) for w in (0.0, 1.0)}
+    assert open_[1.0][1]["ssl/mask_rate"] == 1.0
+    assert open_[1.0][0].item() > open_[0.0][0].item()  # every cell pseudo-labeled: the unlabeled loss counts
+    hist = sum(v for k, v in open_[1.0][1].items() if k.startswith("ssl/pl_frac/"))
+    assert hist == pytest.approx(1.0)
+
+
+def test_fixmatch_logs_pseudo_label_accuracy_against_truth():
+    obj = _fixmatch(1e-6, novelty_guard=True, truth=np.array([0, 1, 0, 1, -1, -1, -2, 0]))
+    _, m = obj.loss(_model(), _batch(), _ctx())
+    assert 0.0 <= m["ssl/pl_accuracy"] <= 1.0
+    assert m["ssl/mask_rate_noclass"] == 1.0  # the threshold lets every cell through, including no-class ones
+    assert {"ssl/guard_class", "ssl/guard_noclass", "ssl/pl_accuracy_all"} <= set(m)
+
+
+def test_novelty_guard_downweights_cells_far_from_every_class():
+    g = torch.Generator().manual_seed(0)
+    guard = NoveltyGuard(2, quantile=0.95, momentum=0.0)
+    z = torch.cat([torch.randn(50, 8, generator=g) * 0.3 + 2, torch.randn(50, 8, generator=g) * 0.3 - 2])
+    y = torch.cat([torch.zeros(50, dtype=torch.long), torch.ones(50, dtype=torch.long)])
+    guard.update(z, y)
+    w = guard.weights(torch.stack([torch.full((8,), 2.0), torch.full((8,), -2.0), torch.full((8,), 8.0)]))
+    assert w[0] == pytest.approx(1.0) and w[1] == pytest.approx(1.0)
+    assert w[2] < 1e-3
+
+
+def test_label_fraction_keeps_a_stratified_share_and_hides_the_rest(tiny_data):
+    before = tiny_data.split("train")
+    d = keep_label_fraction(tiny_data, 0.25, seed=0)
+    after = d.split("train")
+    for c in range(len(d.classes)):
+        n = int((before["y"] == c).sum())
+        assert int((after["y"] == c).sum()) == max(1, round(0.25 * n))
+    hidden = d.cells[d.cells[HIDDEN]]
+    assert len(hidden) == len(before) - len(after)
+    assert (hidden["split"] == "unlabeled").all() and (hidden["y"] == -1).all() and hidden["label"].isna().all()
+    for name in ("val", "test", "heldout"):
+        pd.testing.assert_frame_equal(d.split(name).drop(columns=HIDDEN), tiny_data.split(name))
+    assert keep_label_fraction(tiny_data, 1.0, seed=0) is tiny_data
+
+
+def test_semisupervised_training_never_sees_test_labels(tiny_data, tmp_path):
+    p = tiny_params(tmp_path, **{"train.regime": "semisupervised", "ssl.label_fraction": 0.5})
+    d = keep_label_fraction(tiny_data, 0.5, seed=0)
+    train, unl = d.split("train"), unlabeled_table(d)
+    stream = training_stream(loaders(d, p, 0)[0], d, p, seed=0)
+    n_full = len(tiny_data.split("train"))
+    assert isinstance(stream, MixedLoader) and len(stream) == math.ceil(n_full / p.data.batch_size)
+    keys = lambda t: set(zip(t["source_file"].astype(str), t["cell_id"], strict=True))  # noqa: E731
+    seen_l, seen_u = set(), set()
+    for batch in stream:
+        rows = train.iloc[batch["idx"].numpy()]
+        assert (batch["label"].numpy() == rows["y"].to_numpy()).all()
+        seen_l |= keys(rows)
+        assert "u_label" not in batch
+        seen_u |= keys(unl.iloc[batch["u_idx"].numpy()])
+    labeled_elsewhere = keys(d.cells[d.cells["split"].isin(["test", "val", "heldout"])])
+    assert seen_l <= keys(train)
+    assert not (seen_u & labeled_elsewhere) and not (seen_u & keys(train))
+    assert not (keys(unl) & labeled_elsewhere)
+    assert unl["label"].isna().all() and (unl["y"] == -1).all()
+
+
+def test_semisupervised_member_trains_through_the_engine(tiny_data, tmp_path):
+    p = tiny_params(tmp_path, **{"train.regime": "semisupervised", "ssl.label_fraction": 0.5, "ssl.threshold": 0.6,
+                                 "train.epochs": 1, "train.max_steps_per_epoch": 2, "ensemble.members": 1})
+    logged = []
+    model, temperature, novelty, res = train_member(0, tiny_data, p, tmp_path, log_metrics=lambda m, e: logged.append(m),
+                                                   progress=False)
+    assert res.epochs_run == 1 and temperature > 0 and novelty is not None
+    assert {"ssl/mask_rate", "ssl/weight", "ssl/pl_frac/bright", "ssl/pl_frac/spotty"} <= set(logged[0])
+    d = keep_label_fraction(tiny_data, 0.5, p.split.seed)
+    truth = unlabeled_table(d).assign(state="on")  # a hand-made truth table: "on" is no tiny class
+    obj = make_ssl_objective(p, d, 0, truth=truth)
+    assert obj.truth is not None and (obj.truth == -1).all()
+
+
+def _crashing(loader: MixedLoader, at: int) -> MixedLoader:
+    class Crash(MixedLoader):
+        def set_epoch(self, epoch: int) -> None:
+            if epoch == at:
+                raise KeyboardInterrupt
+            super().set_epoch(epoch)
+
+    return Crash(loader.labeled, loader.unlabeled, loader.steps)
+
+
+@pytest.mark.parametrize("method", ["fixmatch", "autoencoder"])
+def test_resume_restores_teacher_and_decoder(tmp_path, method):
+    g = torch.Generator().manual_seed(0)
+    x, y, u = torch.rand(16, 1, 32, 32, generator=g), np.arange(16) % 2, torch.rand(32, 1, 32, 32, generator=g)
+
+    def data():
+        return MixedLoader(TensorLoader(x, y, 8, shuffle=True, seed=1), TensorLoader(u, None, 16, shuffle=True, seed=2), 2)
+
+    def objective():
+        if method == "autoencoder":
+            return AutoencoderObjective(2, Augmenter(AugmentConfig()))
+        return _fixmatch(0.5, distribution_alignment=True)
+
+    cfg = TrainConfig(epochs=2, patience=None, device="cpu", warmup_epochs=0.5)
+    ref_obj = objective()
+    ref = _model()
+    fit(ref, data(), None, cfg, ref_obj, 2, out_dir=tmp_path / "a", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), _crashing(data(), 1), None, cfg, objective(), 2, out_dir=tmp_path / "b", progress=False)
+    res_obj = objective()
+    resumed = _model(seed=5)
+    fit(resumed, data(), None, cfg, res_obj, 2, out_dir=tmp_path / "b", resume=True, progress=False)
+    for a, b in zip(ref.state_dict().values(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    sa, sb = ref_obj.state_dict(), res_obj.state_dict()
+    part = "teacher" if method == "fixmatch" else "decoder"
+    for k, v in sa[part].items():
+        assert torch.equal(v, sb[part][k]), k
+    assert not any("decoder" in k for k in ref.state_dict())  # the decoder never enters the saved model

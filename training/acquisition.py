@@ -1,0 +1,194 @@
+"""Acquisition functions for pool-based active learning: pure NumPy / scikit-learn, no model code.
+
+Inputs are posteriors over the scored pool: ``probs`` (N, K) class probabilities, or ``samples`` (S, N, K)
+(ensemble members or MC-dropout passes) for BALD; ``embeddings`` (N, D) for the core-set. Every score is
+"higher = more informative". :func:`select` returns pool positions and the score each was picked with.
+
+* ``least_confidence``: 1 - max p; ``margin``: 1 - (p1 - p2) (the smallest gap scores highest); ``entropy``.
+* ``bald``: mutual information between the label and the model, H[mean p] - mean H[p] (0 when members agree).
+* ``power_margin`` / ``power_bald``: sample without replacement with probability ~ score^(1/T) (stochastic batch
+  acquisition: top-k of a batch picks near-duplicates; sampling keeps the batch diverse). Gumbel-top-k on
+  log scores, reproducible from the generator.
+* ``coreset``: k-center greedy on embeddings (each pick is the pool point farthest from the labeled set and the
+  points picked so far).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.spatial.distance import cdist
+
+STRATEGIES = (
+    "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "coreset",
+)
+NEEDS_SAMPLES = frozenset({"bald", "power_bald"})
+NEEDS_EMBEDDINGS = frozenset({"coreset"})
+_EPS = 1e-12
+_CHUNK = 8192
+
+
+def check_strategy(name: str) -> str:
+    if name not in STRATEGIES:
+        from training.errors import ConfigError
+
+        raise ConfigError(f"unknown active learning strategy '{name}'; choose one of: {', '.join(STRATEGIES)}")
+    return name
+
+
+def _probs(p: np.ndarray, ndim: int = 2) -> np.ndarray:
+    a = np.asarray(p, dtype=np.float64)
+    if a.ndim != ndim or a.shape[-1] < 1:
+        raise ValueError(f"expected class probabilities with {ndim} dims (..., K), got shape {a.shape}")
+    return a
+
+
+def least_confidence(probs: np.ndarray) -> np.ndarray:
+    return 1.0 - _probs(probs).max(axis=1)
+
+
+def margin(probs: np.ndarray) -> np.ndarray:
+    """1 - (largest - second largest probability): higher = closer call."""
+    p = _probs(probs)
+    if p.shape[1] < 2:
+        return np.zeros(p.shape[0])
+    top2 = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+    return 1.0 - (top2[:, 1] - top2[:, 0])
+
+
+def entropy(probs: np.ndarray) -> np.ndarray:
+    p = _probs(probs)
+    return -(p * np.log(np.clip(p, _EPS, None))).sum(axis=1)
+
+
+def bald(samples: np.ndarray) -> np.ndarray:
+    """Mutual information (nats) from (S, N, K) posterior samples; >= 0, and 0 when all samples agree."""
+    s = _probs(samples, ndim=3)
+    mean = s.mean(axis=0)
+    mi = entropy(mean) - (-(s * np.log(np.clip(s, _EPS, None))).sum(axis=2)).mean(axis=0)
+    return np.clip(mi, 0.0, None)
+
+
+def top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the ``k`` highest scores (ties: the lower position first)."""
+    s = np.asarray(scores, dtype=np.float64)
+    return np.argsort(-s, kind="stable")[:k]
+
+
+def power_sample(scores: np.ndarray, k: int, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    """``k`` positions drawn without replacement with probability ~ score^(1/temperature) (Gumbel-top-k).
+
+    Zero scores get a tiny weight: they are drawn only after every positive score."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    s = np.clip(np.asarray(scores, dtype=np.float64), _EPS, None)
+    keys = np.log(s) / temperature + rng.gumbel(size=s.shape)
+    return np.argsort(-keys, kind="stable")[:k]
+
+
+def k_center_greedy(embeddings: np.ndarray, labeled: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Greedy k-center: ``k`` pool positions and, for each, its distance to the nearest centre when picked.
+
+    Centres start as the ``labeled`` embeddings; with none, the first pick is the pool point nearest the pool mean.
+    """
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must have shape (N, D), got {x.shape}")
+    n = x.shape[0]
+    k = min(k, n)
+    if labeled is not None and len(labeled):
+        lab = np.asarray(labeled, dtype=np.float64)
+        nearest = np.full(n, np.inf)
+        for i in range(0, lab.shape[0], _CHUNK):
+            nearest = np.minimum(nearest, cdist(x, lab[i : i + _CHUNK]).min(axis=1))
+    else:
+        nearest = np.full(n, np.inf)
+    chosen = np.empty(k, dtype=np.int64)
+    dist = np.empty(k)
+    for j in range(k):
+        if np.isinf(nearest).all():
+            pick = int(np.argmin(((x - x.mean(axis=0)) ** 2).sum(axis=1)))
+        else:
+            pick = int(np.argmax(nearest))
+        chosen[j], dist[j] = pick, nearest[pick]
+        nearest = np.minimum(nearest, np.sqrt(((x - x[pick]) ** 2).sum(axis=1)))
+        nearest[pick] = -1.0  # never again
+    return chosen, dist
+
+
+def typicality(embeddings: np.ndarray, neighbors: int = 20) -> np.ndarray:
+    """TypiClust typicality: 1 / mean distance to the ``neighbors`` nearest other points (higher = denser)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    k = min(neighbors, x.shape[0] - 1)
+    if k < 1:
+        return np.ones(x.shape[0])
+    dist, _ = NearestNeighbors(n_neighbors=k + 1).fit(x).kneighbors(x)
+    return 1.0 / (dist[:, 1:].mean(axis=1) + _EPS)
+
+
+def typiclust(embeddings: np.ndarray, n: int, rng: np.random.Generator, neighbors: int = 20
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """Cold start: k-means into ``n`` clusters, the most typical point of each (Hacohen et al., 2022).
+
+    Returns positions and their typicality. Clusters are visited largest first."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    n = min(n, x.shape[0])
+    seed = int(rng.integers(2**31 - 1))
+    km = (KMeans(n, n_init=1, random_state=seed) if n <= 50 or x.shape[0] <= 5000
+          else MiniBatchKMeans(n, n_init=3, random_state=seed, batch_size=4096))
+    clusters = km.fit_predict(x)
+    typ = typicality(x, neighbors)
+    sizes = np.bincount(clusters, minlength=n)
+    chosen: list[int] = []
+    for c in np.argsort(-sizes, kind="stable"):
+        members = np.nonzero(clusters == c)[0]
+        if members.size:
+            chosen.append(int(members[np.argmax(typ[members])]))
+    if len(chosen) < n:  # empty clusters: fill with the most typical points left
+        rest = np.setdiff1d(np.argsort(-typ, kind="stable"), chosen, assume_unique=False)
+        chosen += [int(i) for i in rest[: n - len(chosen)]]
+    pos = np.asarray(chosen[:n], dtype=np.int64)
+    return pos, typ[pos]
+
+
+def scores_for(strategy: str, probs: np.ndarray | None = None, samples: np.ndarray | None = None) -> np.ndarray:
+    """The per-cell score a (non-random, non-coreset) strategy ranks by."""
+    if strategy in NEEDS_SAMPLES:
+        if samples is None:
+            raise ValueError(f"{strategy} needs posterior samples (S, N, K)")
+        return bald(samples)
+    if probs is None:
+        raise ValueError(f"{strategy} needs class probabilities (N, K)")
+    if strategy == "least_confidence":
+        return least_confidence(probs)
+    if strategy in ("margin", "power_margin"):
+        return margin(probs)
+    if strategy == "entropy":
+        return entropy(probs)
+    raise ValueError(f"no score for strategy '{strategy}'")
+
+
+def select(strategy: str, k: int, rng: np.random.Generator, n_pool: int | None = None,
+           probs: np.ndarray | None = None, samples: np.ndarray | None = None,
+           embeddings: np.ndarray | None = None, labeled_embeddings: np.ndarray | None = None,
+           temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """Pick ``k`` distinct pool positions with ``strategy``; returns (positions, their scores).
+
+    ``random`` needs only ``n_pool`` (its scores are NaN)."""
+    check_strategy(strategy)
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if strategy == "random":
+        size = n_pool if n_pool is not None else next(len(a) for a in (probs, embeddings) if a is not None)
+        pos = rng.choice(size, size=min(k, size), replace=False)
+        return pos.astype(np.int64), np.full(len(pos), np.nan)
+    if strategy == "coreset":
+        if embeddings is None:
+            raise ValueError("coreset needs pool embeddings (N, D)")
+        return k_center_greedy(embeddings, labeled_embeddings, k)
+    scores = scores_for(strategy, probs, samples)
+    pos = power_sample(scores, k, temperature, rng) if strategy.startswith("power_") else top_k(scores, k)
+    return pos.astype(np.int64), scores[pos]
