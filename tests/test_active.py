@@ -147,7 +147,7 @@ def _params_file(tmp_path, **extra) -> str:
 
 
 def test_al_command_writes_every_output(tiny_manifest, tmp_path, monkeypatch):
-    params = _params_file(tmp_path, **{"al.full_data": True, "al.rounds": 1})
+    params = _params_file(tmp_path, **{"al.full_data": True, "al.full_data_seeds": None, "al.rounds": 1})
     out = tmp_path / "al"
     rc = _spatial(monkeypatch, "al", "--params", params, "--manifest", str(tiny_manifest), "--out", str(out),
                   "--strategy", "random,power_margin", "--seeds", "2", "--metrics", str(tmp_path / "m.json"),

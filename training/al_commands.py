@@ -103,7 +103,7 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
     with Tracker(p, run_name="al", tags={"stage": "al", "oracle": oracle.kind}) as tr, \
             atomic_path(out, suffix="") as tmp:
         if p.al.full_data:
-            for seed in seeds:
+            for seed in seeds[: p.al.full_data_seeds]:
                 ref = full_data_reference(p, data, seed, oracle, progress)
                 refs.append(ref)
                 tr.log_metrics({f"full_data/{k}": v for k, v in ref.items() if k != "seed"}, step=seed)

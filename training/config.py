@@ -165,7 +165,7 @@ DEFAULT_STATE_CLASSES = {"on": "stimulated", "off": "unstimulated", "blocked": "
 class ALConfig(Section):
     """Simulated pool-based active learning campaigns (``spatial al``)."""
 
-    strategies: list[str] = ["random", "margin", "power_bald"]
+    strategies: list[str] = ["random", "power_bald", "coreset"]
     seeds: int = Field(3, ge=1, description="campaigns per strategy (seeds al.seed, al.seed+1, ...)")
     seed: int = 0
     initial: int = Field(20, ge=1, description="labels in the initial set")
@@ -183,6 +183,7 @@ class ALConfig(Section):
     batch_size: int = Field(32, ge=1)
     semisupervised: bool = Field(False, description="FixMatch on the rest of the pool inside each round")
     full_data: bool = Field(True, description="train on the whole oracle-labeled pool as the reference")
+    full_data_seeds: int | None = Field(1, ge=1, description="seeds of that reference (None: every campaign seed)")
     typicality_neighbors: int = Field(20, ge=1)
     oracle: Literal["auto", "truth", "manifest", "labels"] = Field(
         "auto", description="truth: simulator's truth.parquet beside the manifest; manifest: slide labels; "
