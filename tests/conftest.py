@@ -75,6 +75,15 @@ def tiny_params(tmp: Path, **overrides: object) -> Params:
     return resolve(base, {k: v for k, v in overrides.items()})
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: extra threads only add sync overhead (and a shared CI box turns it into spinning)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_tiny_dataset(tmp_path_factory.mktemp("tiny") / "data")

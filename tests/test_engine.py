@@ -21,14 +21,7 @@ from training.engine import (
 from training.errors import ConfigError, TrainingError
 from training.models import build_model, feature_dim
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only add sync overhead (and a shared CI box turns it into spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"name": "convnext_custom", "dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]}
 

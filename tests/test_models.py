@@ -12,14 +12,7 @@ from training.config import AugmentConfig, ModelConfig
 from training.errors import ModelError
 from training.models import SparcsVGG, build_model, embed, feature_dim, model_names
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models: extra threads only add sync overhead (and a shared CI box turns it into spinning)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = {"dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]}
 BIG = ("base", "large", "xlarge", "xxlarge", "huge", "small")

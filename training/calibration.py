@@ -9,27 +9,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import optimize, special
 
-
-def _check(logits: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    z = np.asarray(logits, dtype=np.float64)
-    y = np.asarray(labels)
-    if z.ndim != 2:
-        raise ValueError(f"logits must have shape (N, K), got {z.shape}")
-    if y.shape != (z.shape[0],):
-        raise ValueError(f"labels must have shape ({z.shape[0]},), got {y.shape}")
-    if y.size:
-        if not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
-        if y.min() < 0 or y.max() >= z.shape[1]:
-            raise ValueError(f"labels must lie in [0, {z.shape[1]}), got range [{y.min()}, {y.max()}]")
-    if not np.all(np.isfinite(z)):
-        raise ValueError("logits contain NaN or infinite values")
-    return z, y.astype(np.int64)
+from training.metrics import check_scores_labels
 
 
 def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
     """Mean negative log-likelihood (nats) of ``labels`` under ``softmax(logits / temperature)``."""
-    z, y = _check(logits, labels)
+    z, y = check_scores_labels(logits, labels, "logits")
     if y.size == 0:
         return float("nan")
     logp = special.log_softmax(z / temperature, axis=1)
@@ -46,7 +31,7 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float,
     lo, hi = bounds
     if not 0 < lo < hi:
         raise ValueError(f"bounds must satisfy 0 < low < high, got {bounds}")
-    z, y = _check(logits, labels)
+    z, y = check_scores_labels(logits, labels, "logits")
     if y.size == 0:
         return 1.0
     rows = np.arange(y.size)

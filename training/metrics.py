@@ -14,11 +14,12 @@ from scipy import stats
 from sklearn import metrics as skm
 
 
-def _probs_labels(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    p = np.asarray(probs, dtype=np.float64)
+def check_scores_labels(scores: np.ndarray, labels: np.ndarray, name: str = "probs") -> tuple[np.ndarray, np.ndarray]:
+    """Validate per-class ``scores`` (N, K) (probabilities or logits) and integer ``labels`` (N,) in [0, K)."""
+    p = np.asarray(scores, dtype=np.float64)
     y = np.asarray(labels)
     if p.ndim != 2 or p.shape[1] == 0:
-        raise ValueError(f"probs must have shape (N, K) with K >= 1, got {p.shape}")
+        raise ValueError(f"{name} must have shape (N, K) with K >= 1, got {p.shape}")
     if y.shape != (p.shape[0],):
         raise ValueError(f"labels must have shape ({p.shape[0]},), got {y.shape}")
     if y.size:
@@ -27,7 +28,7 @@ def _probs_labels(probs: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np
         if y.min() < 0 or y.max() >= p.shape[1]:
             raise ValueError(f"labels must lie in [0, {p.shape[1]}), got range [{y.min()}, {y.max()}]")
     if not np.all(np.isfinite(p)):
-        raise ValueError("probs contain NaN or infinite values")
+        raise ValueError(f"{name} contain NaN or infinite values")
     return p, y.astype(np.int64)
 
 
@@ -38,7 +39,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
     ``macro_f1`` and ``balanced_accuracy`` average over the classes that occur in ``labels`` or predictions
     (resp. in ``labels``). ``confusion_matrix`` is a (K, K) nested list, rows = true, columns = predicted.
     """
-    p, y = _probs_labels(probs, labels)
+    p, y = check_scores_labels(probs, labels)
     k = p.shape[1]
     names = [str(c) for c in class_names]
     if len(names) != k:
@@ -79,7 +80,7 @@ def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) ->
     """
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
-    p, y = _probs_labels(probs, labels)
+    p, y = check_scores_labels(probs, labels)
     conf = p.max(axis=1) if y.size else np.zeros(0)
     correct = (p.argmax(axis=1) == y).astype(np.float64) if y.size else np.zeros(0)
     b = _bin_index(conf, n_bins)
@@ -113,7 +114,7 @@ def ece_from_bins(bins: pd.DataFrame) -> tuple[float, float]:
 def calibration_report(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> dict:
     """``nll`` (mean, nats), ``brier`` (mean over cells of sum_k (p_k - y_k)^2, in [0, 2]),
     ``ece`` and ``mce`` over ``n_bins`` equal-width confidence bins. NLL clips probabilities at 1e-12."""
-    p, y = _probs_labels(probs, labels)
+    p, y = check_scores_labels(probs, labels)
     if y.size == 0:
         return {"n": 0, "nll": float("nan"), "brier": float("nan"), "ece": float("nan"), "mce": float("nan")}
     rows = np.arange(y.size)
