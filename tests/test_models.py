@@ -221,3 +221,26 @@ def test_augment_on_cuda_matches_params() -> None:
     b = aug.standard(x.cpu(), torch.Generator().manual_seed(0))
     assert a.device.type == "cuda"
     torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["convnext_custom", "convnext_atto"])
+def test_convnext_stem_gradient_is_tame_on_masked_cells(name: str) -> None:
+    """Zero background (outside the cell mask) must not blow up the stem LayerNorm's gradient at init."""
+    torch.manual_seed(0)
+    x = torch.zeros(8, 1, 64, 64)
+    x[:, :, 16:48, 16:48] = torch.rand(8, 1, 32, 32)  # a cell in the middle, zeros around it
+    y = torch.randint(0, 2, (8,))
+
+    def stem_bias_grad(model: torch.nn.Module) -> float:
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        return float(model.stem[0].bias.grad.norm())
+
+    model = build_model(ModelConfig(name=name, **TINY), 1, 2)
+    assert model.stem[0].bias.abs().sum() > 0
+    tame = stem_bias_grad(model)
+    assert tame < 100.0
+    # the defect this guards against: timm's zero bias on the same model and input
+    with torch.no_grad():
+        model.stem[0].bias.zero_()
+    model.zero_grad()
+    assert stem_bias_grad(model) > 1000 * tame

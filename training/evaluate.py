@@ -70,7 +70,6 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     views = {
         "": ens.combine(logits),
         "uncalibrated/": ens.combine(logits, temperatures=[1.0] * ens.spec.n_members),
-        "single_member/": ens.combine(logits, members=[0]),
     }
     for v in views.values():
         v["novelty"] = raw["novelty"]
@@ -83,9 +82,7 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     for prefix, v in views.items():
         cal = calibration_report(v["mean_probs"][test_mask], y[test_mask], n_bins)
         metrics.update({f"{prefix}{k}": cal[k] for k in ("nll", "brier", "ece")})
-        if prefix == "single_member/":
-            metrics["single_member/balanced_accuracy"] = classification_report(
-                v["mean_probs"][test_mask], y[test_mask], classes)["balanced_accuracy"]
+    metrics.update(single_member_metrics(ens, logits[test_mask], y[test_mask], n_bins))
     # held-out classes: pooled and per class, for each uncertainty score
     held = cells["split"].to_numpy() == "heldout"
     if held.any():
@@ -116,6 +113,23 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
                    for c in sorted(cells.loc[held, "label"].unique())})
     plot_uncertainty_hist(groups, out_dir / "uncertainty.png", xlabel="epistemic uncertainty (mutual information, nats)")
     return {k: (float(v) if isinstance(v, int | float | np.floating) else v) for k, v in metrics.items()}
+
+
+def single_member_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, float]:
+    """What one calibrated member scores on its own: ``single_member/<metric>`` is the mean over the K members
+    (the usual deep-ensemble baseline), ``single_member_best/<metric>`` the best member for that metric."""
+    per_member = []
+    for k in range(ens.spec.n_members):
+        probs = ens.combine(logits, members=[k])["mean_probs"]
+        cal = calibration_report(probs, y, n_bins)
+        per_member.append({"nll": cal["nll"], "brier": cal["brier"], "ece": cal["ece"],
+                           "balanced_accuracy": classification_report(probs, y, ens.spec.classes)["balanced_accuracy"]})
+    res = {}
+    for key in per_member[0]:
+        values = np.array([m[key] for m in per_member])
+        res[f"single_member/{key}"] = float(values.mean())
+        res[f"single_member_best/{key}"] = float(values.max() if key == "balanced_accuracy" else values.min())
+    return res
 
 
 def _reference(table: pd.DataFrame, path: str, classes: list[str]) -> dict[str, float]:

@@ -108,9 +108,28 @@ def build_model(cfg: ModelConfig, in_chans: int, n_classes: int) -> nn.Module:
         )
     else:
         raise ModelError(f"model.name: unknown model '{name}'; choose one of: {', '.join(model_names())}")
+    if isinstance(model, ConvNeXt):
+        _init_stem_bias(model)
     if cfg.pretrained is not None and cfg.pretrained.strip().lower() not in NO_WEIGHTS:
         load_checkpoint(model, cfg.pretrained)
     return model
+
+
+STEM_BIAS_STD = 0.1
+
+
+def _init_stem_bias(model: ConvNeXt) -> None:
+    """Draw the patchify conv's bias from N(0, 0.1) instead of timm's zeros.
+
+    Single-cell crops are zero outside the cell mask (about half the pixels). With a zero bias every
+    background patch maps to the all-zero vector, the stem LayerNorm then divides by sqrt(eps) and the
+    bias gradient is ~1e8 at init: training plateaus for hundreds of steps and short runs collapse
+    depending on the seed. A small random bias gives background patches a finite, seed-dependent norm.
+    """
+    conv = model.stem[0]
+    if conv.bias is not None:
+        with torch.no_grad():
+            conv.bias.normal_(0.0, STEM_BIAS_STD)
 
 
 def embed(model: nn.Module, x: Tensor) -> Tensor:
