@@ -205,3 +205,22 @@ def test_campaign_with_semisupervised_rounds(setup):
     p = p.model_copy(update={"al": p.al.model_copy(update={"semisupervised": True, "rounds": 1})})
     curve = run_campaign(p, data, "entropy", 0, ManifestOracle(index, data.classes), progress=False)
     assert curve["n_labels"].tolist() == [4, 7] and curve["balanced_accuracy"].between(0, 1).all()
+
+
+def test_al_classes_make_the_campaign_split_for_them(tiny_manifest, tmp_path, monkeypatch):
+    """al.classes other than split.classes: the campaign splits the manifest for its own classes."""
+    params = _params_file(tmp_path, **{"al.rounds": 1, "al.classes": ["bright", "dim", "spotty"]})
+    two_class = tmp_path / "splits.parquet"
+    from training.tables import write_table
+
+    index = build_index(tiny_manifest, progress=False)
+    table, summary = make_splits(index, tiny_params(tmp_path).split)
+    write_table(table, two_class, summary)
+    out = tmp_path / "al"
+    rc = _spatial(monkeypatch, "al", "--params", params, "--manifest", str(tiny_manifest), "--splits", str(two_class),
+                  "--out", str(out), "--strategy", "margin", "--no-progress")
+    assert rc == 0
+    campaign = json.loads((out / "summary.json").read_text())["campaign"]
+    assert campaign["classes"] == ["bright", "dim", "spotty"]
+    q = pd.read_parquet(out / "queries.parquet")
+    assert set(q["label"]) <= {"bright", "dim", "spotty", NO_CLASS} and len(q) == 4 + 3

@@ -23,6 +23,8 @@ TINY = {
     "model": {"dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]},
     "train": {"epochs": 2},
     "ensemble": {"members": 2},
+    "al": {"seeds": 1, "initial": 4, "query_size": 4, "rounds": 1, "epochs": 2, "min_steps": 10, "pool_subsample": 200,
+           "mc_samples": 4},
 }
 
 
@@ -55,7 +57,8 @@ def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
 def test_repro_runs_every_default_stage(dvc_repo):
     root, env = dvc_repo
     for path in ("data/raw/manifest.csv", "data/index/cells.parquet", "data/index/splits.parquet",
-                 "models/ensemble/spec.json", "reports/evaluate/reliability.png", "metrics/evaluate.json"):
+                 "models/ensemble/spec.json", "reports/evaluate/reliability.png", "metrics/evaluate.json",
+                 "models/ssl_fixmatch/spec.json", "reports/al/curve.csv", "reports/al/learning_curve.png"):
         assert (root / path).exists(), path
     split = json.loads((root / "metrics/split.json").read_text())
     assert split["train"] > 0 and split["test"] > 0 and split["unlabeled"] == 120
@@ -66,6 +69,12 @@ def test_repro_runs_every_default_stage(dvc_repo):
     assert "changed" not in status  # everything is up to date
     shown = run(["dvc", "metrics", "show", "--json"], root, env).stdout
     assert "balanced_accuracy" in shown
+    for name in ("ssl_supervised", "ssl_fixmatch", "al"):
+        assert f"metrics/{name}.json" in shown, name
+    ssl_train = json.loads((root / "metrics/ssl_fixmatch_train.json").read_text())
+    assert ssl_train["members"] == 1
+    al = json.loads((root / "metrics/al.json").read_text())
+    assert {k.split("/")[0] for k in al} >= {"random", "power_bald", "coreset"}
     run(["dvc", "plots", "show", "-o", str(root / "plots")], root, env)
     assert (root / "plots" / "index.html").is_file()
 

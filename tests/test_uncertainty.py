@@ -176,3 +176,38 @@ def test_novelty_singleton_class_and_errors():
         GaussianDensity().score(x)
     with pytest.raises(ValueError, match="shape"):
         g.score(np.ones((2, 4)))
+
+
+# -- ensemble vs single member -------------------------------------------------------------------------
+def _ensemble(n_members: int):
+    from training.config import ModelConfig
+    from training.ensemble import Ensemble, EnsembleSpec
+    from training.models import build_model
+
+    cfg = ModelConfig(name="convnext_custom", dims=[8, 8, 8, 8], depths=[1, 1, 1, 1])
+    spec = EnsembleSpec(classes=["a", "b", "c"], channels=["x"], source_channels=["x"], image_size=16,
+                        preprocess={"image_size": 16}, model=cfg.model_dump(), temperatures=[1.0] * n_members,
+                        has_novelty=False)
+    return Ensemble(spec, [build_model(cfg, 1, 3) for _ in range(n_members)])
+
+
+def test_single_member_baseline_is_the_mean_and_best_member():
+    from training.evaluate import single_member_metrics
+    from training.metrics import calibration_report
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 400)
+    logits = rng.normal(0, 1.5, (400, 3, 1, 3))
+    logits[np.arange(400), :, 0, y] += 1.5  # members right on average, each noisy on its own
+    ens = _ensemble(3)
+    res = single_member_metrics(ens, logits, y, n_bins=15)
+    per_member = [calibration_report(ens.combine(logits, members=[k])["mean_probs"], y, 15)["nll"] for k in range(3)]
+    assert res["single_member/nll"] == pytest.approx(np.mean(per_member))
+    assert res["single_member_best/nll"] == pytest.approx(min(per_member))
+    ensemble_nll = calibration_report(ens.combine(logits)["mean_probs"], y, 15)["nll"]
+    assert ensemble_nll < res["single_member/nll"]  # averaging probabilities never loses to the average member
+    # identical members: the ensemble is exactly a single member
+    same = np.repeat(logits[:, :1], 3, axis=1)
+    res_same = single_member_metrics(ens, same, y, n_bins=15)
+    assert res_same["single_member/nll"] == pytest.approx(calibration_report(
+        ens.combine(same)["mean_probs"], y, 15)["nll"])

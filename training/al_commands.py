@@ -64,6 +64,8 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
            progress: bool = True) -> tuple[dict, dict]:
     """Validate, then run every (strategy, seed) campaign and the full-data references; write the outputs
     atomically into ``out`` and log to MLflow (a parent run, a nested run per campaign, one per round in it)."""
+    import logging
+
     import mlflow
     import pandas as pd
 
@@ -80,6 +82,15 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
 
     manifest = manifest or Path(p.index.manifest)
     index = build_index(manifest, progress=False) if manifest.is_file() else None
+    if p.al.classes and p.al.classes != p.split.classes:
+        # a campaign on other classes than the classifier's: split the manifest for those classes
+        if index is None:
+            raise DataError(f"al.classes={p.al.classes} needs the manifest to split; {manifest} not found")
+        p = p.model_copy(update={"split": p.split.model_copy(update={"classes": list(p.al.classes)})})
+        if splits is not None:
+            logging.getLogger(__name__).warning("al.classes differ from split.classes: splitting %s for %s instead "
+                                                "of using %s", manifest, ", ".join(p.al.classes), splits)
+        splits = None
     if splits is not None:
         table, split_summary = read_table(splits)
         if "split" not in table.columns:

@@ -166,6 +166,8 @@ class ALConfig(Section):
     """Simulated pool-based active learning campaigns (``spatial al``)."""
 
     strategies: list[str] = ["random", "power_bald", "coreset"]
+    classes: list[str] = Field(default_factory=list, description="the campaign's classes; [] = split.classes. Other "
+                               "classes make the campaign split the manifest itself with split.* (--splits unused)")
     seeds: int = Field(3, ge=1, description="campaigns per strategy (seeds al.seed, al.seed+1, ...)")
     seed: int = 0
     initial: int = Field(20, ge=1, description="labels in the initial set")
@@ -261,6 +263,7 @@ class ServeConfig(Section):
 
 class Params(Section):
     seed: int = 0
+    profile: str = Field("cpu", description="the profile merged over these values (see ``profiles`` in params.yaml)")
     synth: SynthConfig = SynthConfig()
     index: IndexConfig = IndexConfig()
     split: SplitConfig = SplitConfig()
@@ -327,12 +330,44 @@ def parse_override(item: str) -> tuple[str, Any]:
     return key, value
 
 
+BASE_PROFILES = ("cpu", "default")
+
+
+def apply_profile(tree: dict[str, Any]) -> bool:
+    """Merge ``profiles[profile]`` over ``tree`` (in place; ``profiles`` is removed). The base profile ``cpu``
+    is the file's own values. Returns whether a profile was merged."""
+    profiles = tree.pop("profiles", None) or {}
+    name = tree.get("profile") or "cpu"
+    if not isinstance(profiles, dict):
+        raise ConfigError("profiles: expected a mapping of profile name -> params sections")
+    if name not in profiles:
+        if name in BASE_PROFILES:
+            return False
+        known = ", ".join([*BASE_PROFILES[:1], *profiles]) or "cpu"
+        raise ConfigError(f"profile '{name}' is not defined; known profiles: {known}")
+    _deep_merge(tree, profiles[name] or {}, f"profiles.{name}")
+    return True
+
+
+def _deep_merge(tree: dict[str, Any], patch: dict[str, Any], where: str) -> None:
+    if not isinstance(patch, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(patch).__name__}")
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _deep_merge(tree[key], value, f"{where}.{key}")
+        else:
+            tree[key] = copy.deepcopy(value)
+
+
 def resolve(raw: dict[str, Any] | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Params:
     """Validate ``raw`` (a params dict) after applying dotted ``overrides``."""
     tree = copy.deepcopy(raw or {})
-    items = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or [])
+    items = list(overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides or []))
     for key, value in items:
         set_dotted(tree, key, value)
+    if apply_profile(tree):
+        for key, value in items:  # explicit overrides beat the profile
+            set_dotted(tree, key, value)
     try:
         return Params.model_validate(tree)
     except ValidationError as exc:

@@ -1,0 +1,53 @@
+"""params.yaml: typed validation, dotted overrides and profiles (the GPU profile ships in params.yaml)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from training.config import load_params, resolve
+from training.errors import ConfigError
+
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def test_repo_params_default_to_the_cpu_profile() -> None:
+    p = load_params(PARAMS)
+    assert p.profile == "cpu"
+    assert p.model.name == "convnext_custom" and p.data.image_size == 64
+
+
+def test_gpu_profile_merges_over_the_file() -> None:
+    cpu, gpu = load_params(PARAMS), load_params(PARAMS, ["profile=gpu"])
+    assert gpu.profile == "gpu"
+    assert gpu.data.image_size == 128 and gpu.synth.image_size == 128
+    assert gpu.model.name.startswith("convnext_") and gpu.model.name != "convnext_custom"
+    assert gpu.ensemble.members == 5 and gpu.split.max_per_class >= 100_000
+    # sections the profile does not mention keep the file's values
+    assert gpu.data.channels == cpu.data.channels and gpu.registry == cpu.registry
+    assert gpu.data.augment == cpu.data.augment
+
+
+def test_explicit_overrides_beat_the_profile() -> None:
+    p = load_params(PARAMS, ["ensemble.members=2", "profile=gpu", "data.image_size=96"])
+    assert p.ensemble.members == 2 and p.data.image_size == 96 and p.model.name != "convnext_custom"
+
+
+def test_profile_chosen_in_the_file() -> None:
+    raw = {"profile": "small", "profiles": {"small": {"train": {"epochs": 1}}}, "train": {"epochs": 9, "lr": 0.1}}
+    p = resolve(raw)
+    assert p.train.epochs == 1 and p.train.lr == 0.1
+    assert resolve(raw, ["profile=cpu"]).train.epochs == 9
+
+
+@pytest.mark.parametrize(("raw", "overrides", "needle"), [
+    ({}, ["profile=tpu"], "profile 'tpu' is not defined"),
+    ({"profiles": {"gpu": 3}}, ["profile=gpu"], "profiles.gpu: expected a mapping"),
+    ({"profiles": {"gpu": {"train": {"epochs": -1}}}}, ["profile=gpu"], "train.epochs"),
+    ({}, ["train.nonsense=1"], "train.nonsense"),
+    ({}, ["train.epochs"], "key=value"),
+])
+def test_bad_profiles_and_overrides_name_the_problem(raw: dict, overrides: list[str], needle: str) -> None:
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        resolve(raw, overrides)
