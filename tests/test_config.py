@@ -51,3 +51,13 @@ def test_profile_chosen_in_the_file() -> None:
 def test_bad_profiles_and_overrides_name_the_problem(raw: dict, overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
         resolve(raw, overrides)
+
+
+def test_state_names_on_off_survive_a_yaml11_round_trip() -> None:
+    """`dvc exp run -S` rewrites params.yaml with unquoted on/off keys, which PyYAML reads as booleans."""
+    import yaml
+
+    raw = yaml.safe_load("al:\n  state_classes: {on: stimulated, off: unstimulated, blocked: atg5_ko}\n")
+    assert True in raw["al"]["state_classes"]
+    p = resolve(raw)
+    assert p.al.state_classes == {"on": "stimulated", "off": "unstimulated", "blocked": "atg5_ko"}

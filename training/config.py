@@ -195,6 +195,15 @@ class ALConfig(Section):
         default_factory=lambda: dict(DEFAULT_STATE_CLASSES),
         description="simulated annotator: true state -> class name (other states: 'none of these')")
 
+    @field_validator("state_classes", mode="before")
+    @classmethod
+    def _yaml11_booleans(cls, v: Any) -> Any:
+        """YAML 1.1 readers turn unquoted ``on`` / ``off`` keys into booleans (``dvc exp run -S`` rewrites
+        params.yaml without the quotes): map them back to the state names."""
+        if isinstance(v, dict):
+            return {({True: "on", False: "off"}[k] if isinstance(k, bool) else k): c for k, c in v.items()}
+        return v
+
 
 def _default_space() -> dict[str, dict[str, Any]]:
     return {
