@@ -22,6 +22,7 @@ from training.semisupervised import (
     FixMatchObjective,
     MixedLoader,
     NoveltyGuard,
+    flexible_thresholds,
     keep_label_fraction,
     make_ssl_objective,
     pseudo_labels,
@@ -65,6 +66,27 @@ def test_pseudo_labels_mask_below_threshold():
     labels, mask = pseudo_labels(probs, 0.95)
     assert labels.tolist() == [0, 0, 1, 0]
     assert mask.tolist() == [True, False, True, False]
+
+
+def test_flexible_thresholds_lower_the_bar_for_seldom_predicted_classes():
+    learned = torch.tensor([0.6, 0.2, 0.0])
+    thr = flexible_thresholds(learned, unused=0.2, threshold=0.95)
+    assert thr[0] == pytest.approx(0.95)  # the best-learned class keeps the threshold
+    assert 0.0 == thr[2] < thr[1] < thr[0]
+    # warm-up: while most cells are still unused, every class is normalised by that share
+    early = flexible_thresholds(learned, unused=0.9, threshold=0.95)
+    assert torch.all(early <= thr) and early[0] < 0.95
+
+
+def test_class_thresholds_admit_pseudo_labels_that_a_global_threshold_masks():
+    model, batch = _model(), _batch()
+    plain = _fixmatch(0.999, novelty_guard=False)
+    flex = _fixmatch(0.999, novelty_guard=False, class_thresholds=True)
+    _, m_plain = plain.loss(model, batch, _ctx())
+    _, m_flex = flex.loss(model, batch, _ctx())
+    assert m_plain["ssl/mask_rate"] == 0.0
+    assert m_flex["ssl/mask_rate"] > 0.0  # nothing learned yet: the curriculum starts with low thresholds
+    assert flex.state_dict()["learned"] is not None
 
 
 def test_fixmatch_unlabeled_loss_only_from_confident_cells():
@@ -171,7 +193,7 @@ def test_resume_restores_teacher_and_decoder(tmp_path, method):
     def objective():
         if method == "autoencoder":
             return AutoencoderObjective(2, Augmenter(AugmentConfig()))
-        return _fixmatch(0.5, distribution_alignment=True)
+        return _fixmatch(0.5, distribution_alignment=True, class_thresholds=True)
 
     cfg = TrainConfig(epochs=2, patience=None, device="cpu", warmup_epochs=0.5)
     ref_obj = objective()

@@ -150,6 +150,8 @@ class SSLConfig(Section):
     unlabeled_weight: float = Field(1.0, ge=0, description="weight of the unlabeled loss (lambda_u)")
     ema_decay: float = Field(0.99, ge=0, lt=1, description="EMA teacher that makes the pseudo-labels; 0 = the student")
     distribution_alignment: bool = False
+    class_thresholds: bool = Field(False, description="FlexMatch curriculum: per-class thresholds that start low "
+                                   "for classes the model seldom predicts confidently")
     novelty_guard: bool = True
     guard_quantile: float = Field(0.95, gt=0, lt=1, description="labeled-feature distance quantile beyond which "
                                   "unlabeled cells are down-weighted as novel")

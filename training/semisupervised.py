@@ -168,6 +168,15 @@ def pseudo_labels(probs: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
     return labels, conf >= threshold
 
 
+def flexible_thresholds(learned: Tensor, unused: float, threshold: float) -> Tensor:
+    """FlexMatch's curriculum thresholds: class ``c``'s learning effect ``learned[c]`` (share of unlabeled cells
+    confidently predicted as ``c``) normalised by the best-learned class, or by the share still unused while that
+    is larger (warm-up), then mapped through x / (2 - x): well-learned classes keep ``threshold``, classes the
+    model seldom predicts confidently get a lower bar."""
+    beta = learned / max(float(learned.max()), unused, 1e-12)
+    return threshold * beta / (2.0 - beta)
+
+
 def _features_logits(net: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     z = net.forward_head(net.forward_features(x), pre_logits=True)
     return z, net.get_classifier()(z)
@@ -236,8 +245,11 @@ class FixMatchObjective:
                  ema_decay: float = 0.99, distribution_alignment: bool = False, novelty_guard: bool = True,
                  guard_quantile: float = 0.95, label_smoothing: float = 0.0, class_weights: Tensor | None = None,
                  prior: np.ndarray | None = None, truth: np.ndarray | None = None,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, class_thresholds: bool = False):
         self.n_classes, self.augmenter = n_classes, augmenter
+        self.class_thresholds = class_thresholds
+        self.learned: Tensor | None = None  # EMA of the share of unlabeled cells confidently predicted per class
+        self.unused = 1.0
         self.threshold, self.unlabeled_weight, self.ema_decay = threshold, unlabeled_weight, ema_decay
         self.distribution_alignment, self.label_smoothing, self.class_weights = (
             distribution_alignment, label_smoothing, class_weights)
@@ -310,6 +322,13 @@ class FixMatchObjective:
                 probs = probs * self.prior.to(probs) / self.p_model.clamp_min(1e-6)
                 probs = probs / probs.sum(1, keepdim=True)
             pl, mask = pseudo_labels(probs, self.threshold)
+            if self.class_thresholds:
+                share = torch.bincount(pl[mask], minlength=self.n_classes).float().cpu() / max(nu, 1)
+                unused = 1.0 - float(mask.float().mean())
+                self.learned = share if self.learned is None else 0.99 * self.learned + 0.01 * share
+                self.unused = 0.99 * self.unused + 0.01 * unused
+                thresholds = flexible_thresholds(self.learned, self.unused, self.threshold).to(probs)
+                mask = probs.max(1).values >= thresholds[pl]
             weight = mask.float()
             guard_w = torch.ones(nu, device=xu.device)
             if self.guard is not None:
@@ -354,6 +373,8 @@ class FixMatchObjective:
             "teacher": None if teacher is None else {k: v.detach().cpu().clone() for k, v in teacher.items()},
             "p_model": None if self.p_model is None else self.p_model.cpu(),
             "updates": self.updates,
+            "learned": None if self.learned is None else self.learned.clone(),
+            "unused": self.unused,
             "guard": None if self.guard is None else {k: (v.cpu() if isinstance(v, Tensor) else v)
                                                       for k, v in self.guard.state_dict().items()},
         }
@@ -366,6 +387,8 @@ class FixMatchObjective:
                 self._pending_teacher = d["teacher"]
         self.p_model = d.get("p_model")
         self.updates = int(d.get("updates", 0))
+        self.learned = d.get("learned")
+        self.unused = float(d.get("unused", 1.0))
         if self.guard is not None and d.get("guard") is not None:
             self.guard.load_state_dict(d["guard"])
 
@@ -489,6 +512,7 @@ def fixmatch_from_params(params: Params, n_classes: int, class_names: list[str],
         s.distribution_alignment, s.novelty_guard, s.guard_quantile, params.train.label_smoothing,
         class_weights(y_train, n_classes, params.train.class_weights),
         prior=counts / max(counts.sum(), 1.0), truth=truth, class_names=class_names,
+        class_thresholds=s.class_thresholds,
     )
 
 
