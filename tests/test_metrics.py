@@ -176,3 +176,24 @@ def test_embedding_small_inputs(tmp_path):
     emb = plots.embed_2d(np.random.default_rng(0).normal(size=(10, 1)))
     assert emb.shape == (10, 2) and np.all(emb[:, 1] == 0)
     assert _is_png(tmp_path / "one.png") and _is_png(tmp_path / "d1.png")
+
+
+def test_paired_bootstrap_difference_and_interval():
+    from training.metrics import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 600)
+    noisy = rng.dirichlet([1, 1, 1], 600)
+    sharp = 0.2 * noisy
+    sharp[np.arange(600), y] += 0.8  # right, and confident, on every cell
+    res = paired_bootstrap(sharp, [noisy, noisy], y, n_bins=15, n_boot=300, seed=1)
+    for metric in ("nll", "ece"):  # the point estimate is the plain difference of the two reports
+        expected = calibration_report(sharp, y, 15)[metric] - calibration_report(noisy, y, 15)[metric]
+        assert res[f"{metric}_diff"] == pytest.approx(expected)
+        assert res[f"{metric}_diff_ci_low"] <= res[f"{metric}_diff"] <= res[f"{metric}_diff_ci_high"] < 0
+    same = paired_bootstrap(noisy, [noisy], y, n_boot=100)
+    assert all(v == pytest.approx(0.0) for v in same.values())
+    assert paired_bootstrap(sharp, [noisy], y, n_boot=50, seed=3) == paired_bootstrap(sharp, [noisy], y, n_boot=50,
+                                                                                       seed=3)
+    with pytest.raises(ValueError):
+        paired_bootstrap(sharp, [], y)

@@ -23,6 +23,7 @@ from training.metrics import (
     calibration_report,
     classification_report,
     ood_report,
+    paired_bootstrap,
     reference_agreement,
     reliability_bins,
 )
@@ -117,10 +118,13 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
 
 def single_member_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, float]:
     """What one calibrated member scores on its own: ``single_member/<metric>`` is the mean over the K members
-    (the usual deep-ensemble baseline), ``single_member_best/<metric>`` the best member for that metric."""
-    per_member = []
+    (the usual deep-ensemble baseline), ``single_member_best/<metric>`` the best member for that metric, and
+    ``ensemble_vs_single/{nll,ece}_diff[_ci_low|_ci_high]`` the ensemble minus the mean member with a 95 % paired
+    bootstrap interval over the test cells (an interval below 0: the ensemble is better beyond noise)."""
+    per_member, member_probs = [], []
     for k in range(ens.spec.n_members):
         probs = ens.combine(logits, members=[k])["mean_probs"]
+        member_probs.append(probs)
         cal = calibration_report(probs, y, n_bins)
         per_member.append({"nll": cal["nll"], "brier": cal["brier"], "ece": cal["ece"],
                            "balanced_accuracy": classification_report(probs, y, ens.spec.classes)["balanced_accuracy"]})
@@ -129,6 +133,9 @@ def single_member_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bi
         values = np.array([m[key] for m in per_member])
         res[f"single_member/{key}"] = float(values.mean())
         res[f"single_member_best/{key}"] = float(values.max() if key == "balanced_accuracy" else values.min())
+    if ens.spec.n_members > 1:  # is the ensemble's gain larger than the resampling noise of the test cells?
+        diff = paired_bootstrap(ens.combine(logits)["mean_probs"], member_probs, y, n_bins)
+        res.update({f"ensemble_vs_single/{k}": v for k, v in diff.items()})
     return res
 
 
