@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+log = logging.getLogger(__name__)
 
 ParamsOpt = Annotated[Path | None, typer.Option("--params", help="params YAML (default: ./params.yaml if present)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a param: key=value (repeatable)")]
@@ -64,8 +67,6 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
            progress: bool = True) -> tuple[dict, dict]:
     """Validate, then run every (strategy, seed) campaign and the full-data references; write the outputs
     atomically into ``out`` and log to MLflow (a parent run, a nested run per campaign, one per round in it)."""
-    import logging
-
     import mlflow
     import pandas as pd
 
@@ -88,8 +89,8 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
             raise DataError(f"al.classes={p.al.classes} needs the manifest to split; {manifest} not found")
         p = p.model_copy(update={"split": p.split.model_copy(update={"classes": list(p.al.classes)})})
         if splits is not None:
-            logging.getLogger(__name__).warning("al.classes differ from split.classes: splitting %s for %s instead "
-                                                "of using %s", manifest, ", ".join(p.al.classes), splits)
+            log.warning("al.classes differ from split.classes: splitting %s for %s instead of using %s",
+                        manifest, ", ".join(p.al.classes), splits)
         splits = None
     if splits is not None:
         table, split_summary = read_table(splits)

@@ -354,8 +354,7 @@ def apply_profile(tree: dict[str, Any]) -> bool:
     if name not in profiles:
         if name in BASE_PROFILES:
             return False
-        known = ", ".join([*BASE_PROFILES[:1], *profiles]) or "cpu"
-        raise ConfigError(f"profile '{name}' is not defined; known profiles: {known}")
+        raise ConfigError(f"profile '{name}' is not defined; known profiles: {', '.join(['cpu', *profiles])}")
     _deep_merge(tree, profiles[name] or {}, f"profiles.{name}")
     return True
 

@@ -83,7 +83,8 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     for prefix, v in views.items():
         cal = calibration_report(v["mean_probs"][test_mask], y[test_mask], n_bins)
         metrics.update({f"{prefix}{k}": cal[k] for k in ("nll", "brier", "ece")})
-    metrics.update(single_member_metrics(ens, logits[test_mask], y[test_mask], n_bins))
+    metrics.update(single_member_metrics(ens, logits[test_mask], y[test_mask], n_bins,
+                                         ens_out["mean_probs"][test_mask]))
     # held-out classes: pooled and per class, for each uncertainty score
     held = cells["split"].to_numpy() == "heldout"
     if held.any():
@@ -116,11 +117,13 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     return {k: (float(v) if isinstance(v, int | float | np.floating) else v) for k, v in metrics.items()}
 
 
-def single_member_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, float]:
+def single_member_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bins: int,
+                          ensemble_probs: np.ndarray | None = None) -> dict[str, float]:
     """What one calibrated member scores on its own: ``single_member/<metric>`` is the mean over the K members
     (the usual deep-ensemble baseline), ``single_member_best/<metric>`` the best member for that metric, and
     ``ensemble_vs_single/{nll,ece}_diff[_ci_low|_ci_high]`` the ensemble minus the mean member with a 95 % paired
-    bootstrap interval over the test cells (an interval below 0: the ensemble is better beyond noise)."""
+    bootstrap interval over the test cells (an interval below 0: the ensemble is better beyond noise).
+    ``ensemble_probs`` are the ensemble's probabilities for these cells when the caller has them already."""
     per_member, member_probs = [], []
     for k in range(ens.spec.n_members):
         probs = ens.combine(logits, members=[k])["mean_probs"]
@@ -134,7 +137,9 @@ def single_member_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bi
         res[f"single_member/{key}"] = float(values.mean())
         res[f"single_member_best/{key}"] = float(values.max() if key == "balanced_accuracy" else values.min())
     if ens.spec.n_members > 1:  # is the ensemble's gain larger than the resampling noise of the test cells?
-        diff = paired_bootstrap(ens.combine(logits)["mean_probs"], member_probs, y, n_bins)
+        if ensemble_probs is None:
+            ensemble_probs = ens.combine(logits)["mean_probs"]
+        diff = paired_bootstrap(ensemble_probs, member_probs, y, n_bins)
         res.update({f"ensemble_vs_single/{k}": v for k, v in diff.items()})
     return res
 

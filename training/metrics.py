@@ -118,7 +118,7 @@ def calibration_report(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) 
     if y.size == 0:
         return {"n": 0, "nll": float("nan"), "brier": float("nan"), "ece": float("nan"), "mce": float("nan")}
     rows = np.arange(y.size)
-    nll = float(-np.log(np.clip(p[rows, y], 1e-12, None)).mean())
+    nll = float(_per_cell(p, y, n_bins)[0].mean())
     onehot = np.zeros_like(p)
     onehot[rows, y] = 1.0
     brier = float(((p - onehot) ** 2).sum(axis=1).mean())
