@@ -24,14 +24,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.active import run_campaign
-from training.cellindex import build_index
+from training.active.campaign import run_campaign
+from training.active.oracle import ManifestOracle, make_oracle
 from training.config import Params, load_params
-from training.formats import CellFile, write_h5sc
-from training.oracle import ManifestOracle, make_oracle
-from training.splits import make_splits
-from training.synth import synthesize
-from training.train import prepare_data
+from training.data.cellindex import build_index
+from training.data.splits import make_splits
+from training.data.trainset import prepare_data
+from training.io.formats import CellFile, write_h5sc
+from training.sim.synth import synthesize
 
 CLASSES = ["stimulated", "atg5_ko"]
 FILE_CELLS = 100_000

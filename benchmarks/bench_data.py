@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.cellindex import build_index
-from training.formats import write_h5sc
-from training.loader import CellLoader, Preprocess
+from training.data.cellindex import build_index
+from training.data.loader import CellLoader, Preprocess
+from training.io.formats import write_h5sc
 
 
 def bench_index(root: Path, n_files: int, n_cells: int) -> float:

@@ -2,7 +2,7 @@
 service under concurrent clients (adaptive batching), and a load run (latency, errors, memory).
 
 The script trains its own model with the default params model config (convnext_custom, dims 16,32,64,128, depths
-1,1,2,1, 64x64, LC3B only, 3 members) on data it writes (``training.synth``, or random cells with ``--data random``),
+1,1,2,1, 64x64, LC3B only, 3 members) on data it writes (``training.sim.synth``, or random cells with ``--data random``),
 writes a gzip-compressed scPortrait file of ``--cells`` cells to score, and prints the figures::
 
     .venv/bin/python benchmarks/bench_scoring.py [--cells 16384] [--seconds 60] [--clients 16] [--threads N]
@@ -49,7 +49,7 @@ def write_training_data(root: Path, source: str) -> Path:
 
     if source == "synth":
         from training.config import SynthConfig
-        from training.synth import synthesize
+        from training.sim.synth import synthesize
 
         fields = SynthConfig.model_fields
         extra = {"compression": "gzip"} if "compression" in fields else {}
@@ -57,7 +57,7 @@ def write_training_data(root: Path, source: str) -> Path:
                           cells_per_timepoint=10, screen_slides=1, cells_per_screen_slide=2048, format="h5sc",
                           **extra)
         return synthesize(cfg, root, progress=False)
-    from training.formats import write_h5sc
+    from training.io.formats import write_h5sc
 
     rng = np.random.default_rng(0)
     rows = []
@@ -74,10 +74,11 @@ def write_training_data(root: Path, source: str) -> Path:
 
 
 def train_model(manifest: Path, out: Path) -> Path:
-    from training.cellindex import build_index
     from training.config import resolve
-    from training.splits import make_splits
-    from training.train import prepare_data, train_ensemble
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.regimes.ensemble_training import train_ensemble
 
     params = resolve({}, {
         "split.classes": ["stimulated", "atg5_ko"], "split.max_per_class": None, "split.test_fraction": 0.5,
@@ -94,7 +95,7 @@ def write_score_file(manifest: Path, out: Path, n: int) -> Path:
     """``n`` screen cells (the simulated screen slide, tiled) in a gzip-compressed ``.h5sc``, chunks (1, 1, H, W)."""
     import pandas as pd
 
-    from training.formats import CellFile, write_h5sc
+    from training.io.formats import CellFile, write_h5sc
 
     m = pd.read_csv(manifest, keep_default_na=False)
     screen = manifest.parent / m.loc[m["label"] == "", "path"].iloc[0]
@@ -111,8 +112,8 @@ def write_score_file(manifest: Path, out: Path, n: int) -> Path:
 def pure_forward(model_dir: Path, score_file: Path, batch_size: int, n: int) -> float:
     """Cells/s of ``Ensemble.predict_tensor`` over model-ready tensors already in memory (no I/O, no preprocessing)."""
 
-    from training.ensemble import Ensemble
-    from training.formats import CellFile
+    from training.io.formats import CellFile
+    from training.uncertainty.ensemble import Ensemble
 
     ens = Ensemble.load(model_dir)
     with CellFile(score_file) as f:
@@ -127,7 +128,7 @@ def pure_forward(model_dir: Path, score_file: Path, batch_size: int, n: int) -> 
 
 
 def batch_scoring(model_dir: Path, score_file: Path, out: Path, batch_size: int) -> tuple[float, int]:
-    from serving.batch import score_files
+    from serving.batch.scoring import score_files
     from training.config import ScoreConfig
 
     t = time.perf_counter()
@@ -194,7 +195,7 @@ class Server:
 
 def request_bodies(score_file: Path, per_request: int, n_requests: int, encoding: str) -> list[tuple[bytes, int]]:
     """Pre-encoded ``/score`` bodies of the model's channel (what a client holding the crops would send)."""
-    from training.formats import CellFile
+    from training.io.formats import CellFile
 
     with CellFile(score_file) as f:
         x = f.read(0, min(f.n_cells, per_request * n_requests), f.resolve_channels(["LC3B"]))

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.augment import Augmenter
 from training.config import Params, load_params
+from training.data.augment import Augmenter
 from training.engine import SupervisedObjective, fit, select_device
-from training.models import build_model
+from training.models.factory import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
 

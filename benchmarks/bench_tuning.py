@@ -35,7 +35,7 @@ def manifest_for(p, given: str | None, tmp: Path) -> Path:
     default = ROOT / p.index.manifest
     if default.is_file():
         return default
-    from training.synth import synthesize
+    from training.sim.synth import synthesize
 
     log(f"{default} not found: writing a small simulated screen to {tmp}")
     cfg = p.synth.model_copy(update={"cells_per_class": 400, "screen_slides": 1, "cells_per_screen_slide": 1000,
@@ -59,9 +59,9 @@ def main() -> None:
     import torch
     from mlflow import MlflowClient
 
-    from training.cellindex import build_index
     from training.config import load_params, resolve
-    from training.splits import make_splits
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
     from tuning.sweep import resolve_tracking_uri, run_sweep
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-tuning-"))

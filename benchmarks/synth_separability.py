@@ -1,6 +1,6 @@
 """Is the simulated screen learnable but not trivial? A small plain-torch CNN on the LC3B channel.
 
-Generates the simulated screen (``training.synth``, default parameters unless ``--set`` is given),
+Generates the simulated screen (``training.sim.synth``, default parameters unless ``--set`` is given),
 trains on slides 1-2 of each control condition and tests on slide 3 (slide-wise split), for
 
 * 4 classes: stimulated, unstimulated, atg5_ko, ei24_ko (the timecourse is left out: its 0 h cells
@@ -30,8 +30,8 @@ import torch
 from torch import nn
 
 from training.config import resolve
-from training.formats import CellFile
-from training.synth import load_truth, synthesize
+from training.io.formats import CellFile
+from training.sim.synth import load_truth, synthesize
 
 FIGURE = Path(__file__).parent / "figures" / "synth_montage.png"
 FOUR = ["stimulated", "unstimulated", "atg5_ko", "ei24_ko"]

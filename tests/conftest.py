@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from training.config import Params, resolve
-from training.formats import write_h5sc, write_sparcspy
+from training.io.formats import write_h5sc, write_sparcspy
 
 torch.set_num_threads(2)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -92,9 +92,10 @@ def tiny_manifest(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ensemble(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A trained 2-member ensemble directory (no MLflow)."""
-    from training.cellindex import build_index
-    from training.splits import make_splits
-    from training.train import prepare_data, train_ensemble
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.regimes.ensemble_training import train_ensemble
 
     out = tmp_path_factory.mktemp("ens")
     params = tiny_params(out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.acquisition import (
+from training.active.acquisition import (
     STRATEGIES,
     bald,
     entropy,

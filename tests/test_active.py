@@ -10,14 +10,14 @@ import pandas as pd
 import pytest
 from conftest import tiny_params
 
-from training.active import full_data_reference, run_campaign
-from training.al_report import aubc, labels_to_reach, summarize
-from training.cellindex import build_index
+from training.active.campaign import full_data_reference, run_campaign
+from training.active.oracle import NO_CLASS, LabelsCsvOracle, ManifestOracle, SimulatedOracle
+from training.active.report import aubc, labels_to_reach, summarize
 from training.config import SynthConfig
+from training.data.cellindex import build_index
+from training.data.splits import make_splits
+from training.data.trainset import prepare_data
 from training.errors import DataError
-from training.oracle import NO_CLASS, LabelsCsvOracle, ManifestOracle, SimulatedOracle
-from training.splits import make_splits
-from training.train import prepare_data
 
 AL = {"al.initial": 4, "al.query_size": 3, "al.rounds": 2, "al.seeds": 1, "al.min_steps": 2, "al.epochs": 1,
       "al.batch_size": 8, "al.mc_samples": 3, "al.full_data": False}
@@ -83,7 +83,7 @@ def test_campaign_with_a_labels_csv_oracle(setup, tmp_path):
 
 
 def test_simulated_oracle_answers_by_true_state(tmp_path):
-    from training.synth import load_truth, synthesize
+    from training.sim.synth import load_truth, synthesize
 
     cfg = SynthConfig(image_size=16, cells_per_class=12, slides_per_condition=2, timecourse_hours=[0.0],
                       cells_per_timepoint=4, screen_slides=1, cells_per_screen_slide=40, n_genes=8, n_hits=2,
@@ -124,11 +124,8 @@ def test_summary_area_and_labels_to_target():
 
 # -- the command -----------------------------------------------------------------------------------------------
 def _spatial(monkeypatch, *args: str) -> int:
-    from training import cli
-    from training.al_commands import add_commands
+    import training.cli.main as cli
 
-    if "al" not in {c.name for c in cli.app.registered_commands}:
-        add_commands(cli.app)
     monkeypatch.setattr(sys, "argv", ["spatial", *args])
     try:
         cli.main()
@@ -211,7 +208,7 @@ def test_al_classes_make_the_campaign_split_for_them(tiny_manifest, tmp_path, mo
     """al.classes other than split.classes: the campaign splits the manifest for its own classes."""
     params = _params_file(tmp_path, **{"al.rounds": 1, "al.classes": ["bright", "dim", "spotty"]})
     two_class = tmp_path / "splits.parquet"
-    from training.tables import write_table
+    from training.io.tables import write_table
 
     index = build_index(tiny_manifest, progress=False)
     table, summary = make_splits(index, tiny_params(tmp_path).split)

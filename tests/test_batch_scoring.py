@@ -12,13 +12,13 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-import serving.batch as batch
-from serving.batch import parts_dir, score_files
+import serving.batch.scoring as batch
+from serving.batch.scoring import parts_dir, score_files
 from training.config import ScoreConfig
-from training.ensemble import Ensemble
 from training.errors import DataError
-from training.formats import CellFile
-from training.tables import read_table
+from training.io.formats import CellFile
+from training.io.tables import read_table
+from training.uncertainty.ensemble import Ensemble
 
 FIELDS = ["confidence", "entropy", "aleatoric", "epistemic", "novelty"]
 
@@ -110,7 +110,7 @@ def test_bad_inputs_are_clear_errors(files, tiny_ensemble, tmp_path):
     with pytest.raises(DataError, match="file not found"):
         score_files([tmp_path / "nope.h5"], tiny_ensemble, tmp_path / "b.parquet", progress=False)
     other = tmp_path / "other.h5sc"
-    from training.formats import write_h5sc
+    from training.io.formats import write_h5sc
 
     write_h5sc(other, np.zeros((3, 2, 8, 8), np.float32), np.arange(3), channel_names=["a", "b"])
     with pytest.raises(DataError, match="LC3B"):
@@ -118,7 +118,7 @@ def test_bad_inputs_are_clear_errors(files, tiny_ensemble, tmp_path):
 
 
 def test_cli_score_with_embeddings(files, tiny_ensemble, reference, tmp_path):
-    from serving.commands import add_commands
+    from training.cli.serving import add_commands
 
     app = typer.Typer()
     add_commands(app)

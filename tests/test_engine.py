@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from training.augment import Augmenter
 from training.config import AugmentConfig, ModelConfig, TrainConfig
+from training.data.augment import Augmenter
 from training.engine import (
     SupervisedObjective,
     fit,
@@ -19,7 +19,7 @@ from training.engine import (
     select_device,
 )
 from training.errors import ConfigError, TrainingError
-from training.models import build_model, feature_dim
+from training.models.factory import build_model, feature_dim
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

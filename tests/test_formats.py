@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from training.errors import DataError
-from training.formats import CellFile, contiguous_runs, inspect_file, write_h5sc, write_sparcspy
+from training.io.formats import CellFile, contiguous_runs, inspect_file, write_h5sc, write_sparcspy
 
 
 def _cells(n: int = 12, c: int = 5, size: int = 16, seed: int = 0) -> np.ndarray:

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 import torch
 
-from training.cellindex import build_index
 from training.config import DataConfig, SplitConfig
+from training.data.cellindex import build_index
+from training.data.loader import CellLoader, Preprocess, loader_for
+from training.data.splits import class_table, make_splits
 from training.errors import ConfigError, DataError
-from training.formats import CellFile, write_h5sc
-from training.loader import CellLoader, Preprocess, loader_for
-from training.splits import class_table, make_splits
+from training.io.formats import CellFile, write_h5sc
 
 
 def test_index_rows_ids_labels_and_metadata(tiny_manifest):

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from training import plots
-from training.metrics import (
+import training.evaluation.plots as plots
+from training.evaluation.metrics import (
     calibration_report,
     classification_report,
     ood_report,
@@ -179,7 +179,7 @@ def test_embedding_small_inputs(tmp_path):
 
 
 def test_paired_bootstrap_difference_and_interval():
-    from training.metrics import paired_bootstrap
+    from training.evaluation.metrics import paired_bootstrap
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 600)

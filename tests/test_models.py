@@ -7,10 +7,10 @@ import logging
 import pytest
 import torch
 
-from training.augment import Augmenter
 from training.config import AugmentConfig, ModelConfig
+from training.data.augment import Augmenter
 from training.errors import ModelError
-from training.models import SparcsVGG, build_model, embed, feature_dim, model_names
+from training.models.factory import SparcsVGG, build_model, embed, feature_dim, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -111,7 +111,7 @@ def test_local_checkpoint_loads_and_skips_head(tmp_path, caplog) -> None:
         torch.testing.assert_close(same.state_dict()[k], v)
 
     torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, path)
-    with caplog.at_level(logging.INFO, logger="training.models"):
+    with caplog.at_level(logging.INFO, logger="training.models.factory"):
         other = build_model(ModelConfig(name="convnext_custom", pretrained=str(path), **TINY), 1, 2)
     assert "head.fc.weight" in caplog.text and "stem.0.weight" in caplog.text
     torch.testing.assert_close(other.stages[2].blocks[0].conv_dw.weight, src.stages[2].blocks[0].conv_dw.weight)

@@ -10,27 +10,25 @@ import pytest
 import torch
 from conftest import tiny_params
 
-from training.active import TensorLoader
-from training.augment import Augmenter
-from training.cellindex import build_index
+from training.active.campaign import TensorLoader
 from training.config import AugmentConfig, ModelConfig, TrainConfig
+from training.data.augment import Augmenter
+from training.data.cellindex import build_index
+from training.data.splits import make_splits
+from training.data.trainset import HIDDEN, keep_label_fraction, prepare_data, unlabeled_table
 from training.engine import StepContext, fit
-from training.models import build_model
-from training.semisupervised import (
-    HIDDEN,
+from training.models.factory import build_model
+from training.regimes.ensemble_training import loaders, train_member
+from training.regimes.semisupervised import (
     AutoencoderObjective,
     FixMatchObjective,
     MixedLoader,
     NoveltyGuard,
     flexible_thresholds,
-    keep_label_fraction,
     make_ssl_objective,
     pseudo_labels,
     training_stream,
-    unlabeled_table,
 )
-from training.splits import make_splits
-from training.train import loaders, prepare_data, train_member
 
 TINY = ModelConfig(dims=[8, 16, 16, 32], depths=[1, 1, 1, 1], drop_rate=0.0)
 

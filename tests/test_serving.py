@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from serving.validation import RequestError, check_size, select_channels
-from training.formats import CellFile, write_h5sc
-from training.uncertainty import FIELD_DESCRIPTIONS
+from serving.service.validation import RequestError, check_size, select_channels
+from training.io.formats import CellFile, write_h5sc
+from training.uncertainty.decompose import FIELD_DESCRIPTIONS
 
 FIELDS = ["confidence", "entropy", "aleatoric", "epistemic", "novelty"]
 MAX_CELLS, MAX_MB, FILE_CHUNK = 64, 2, 16
@@ -301,7 +301,7 @@ def test_concurrent_requests_are_batched_and_unchanged(server, screen):
 
 
 def test_http_and_batch_scoring_agree(server, screen, tiny_ensemble, tmp_path):
-    from serving.batch import score_files
+    from serving.batch.scoring import score_files
     from training.config import ScoreConfig
 
     path, images, ids = screen

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from training import synth
+import training.sim.synth as synth
 from training.config import SynthConfig
 from training.errors import ConfigError
-from training.formats import THESIS_CHANNELS, THESIS_KINDS, CellFile
-from training.synth import load_library, load_truth, synthesize
+from training.io.formats import THESIS_CHANNELS, THESIS_KINDS, CellFile
+from training.sim.synth import load_library, load_truth, synthesize
 
 TINY = dict(
     image_size=32, format="both", cells_per_class=40, slides_per_condition=2, timecourse_hours=[0, 14],

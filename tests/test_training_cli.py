@@ -14,10 +14,10 @@ import yaml
 from mlflow import MlflowClient
 from typer.testing import CliRunner
 
-from training.cli import app
-from training.ensemble import Ensemble
+from training.cli.main import app
 from training.errors import ModelError
 from training.tracking import repo_root, resolve_model
+from training.uncertainty.ensemble import Ensemble
 
 runner = CliRunner()
 

@@ -21,9 +21,9 @@ from conftest import tiny_params
 from mlflow import MlflowClient
 from ray import tune
 
-from training.cellindex import build_index
+from training.data.cellindex import build_index
+from training.data.splits import make_splits
 from training.errors import ConfigError
-from training.splits import make_splits
 from tuning.space import decode, grid_points, max_iterations, parse_space, to_param_space
 from tuning.sweep import SweepResult, resolve_storage, resolve_tracking_uri, run_sweep, write_outputs
 from tuning.trainable import TAG_BEST, TAG_COMPLETED, TAG_TRIAL, TrialContext, run_trial
@@ -302,8 +302,8 @@ def test_tune_command_promotes_the_winner_to_champion(sweep_data, tiny_manifest,
     import yaml
     from typer.testing import CliRunner
 
+    from training.cli.tuning import add_commands
     from training.tracking import Tracker, log_ensemble_model, register
-    from tuning.commands import add_commands
 
     space = {"train.lr": {"type": "loguniform", "low": 2e-3, "high": 5e-3}}
     p = sweep_params(tmp_path, space, **{"ensemble.members": 2})

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.calibration import apply_temperature, fit_temperature, temperature_nll
 from training.errors import ModelError
-from training.novelty import GaussianDensity
-from training.uncertainty import FIELD_DESCRIPTIONS, decompose, decompose_logits, entropy, softmax
+from training.uncertainty.calibration import apply_temperature, fit_temperature, temperature_nll
+from training.uncertainty.decompose import FIELD_DESCRIPTIONS, decompose, decompose_logits, entropy, softmax
+from training.uncertainty.novelty import GaussianDensity
 
 
 def _sample_labels(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
@@ -181,8 +181,8 @@ def test_novelty_singleton_class_and_errors():
 # -- ensemble vs single member -------------------------------------------------------------------------
 def _ensemble(n_members: int):
     from training.config import ModelConfig
-    from training.ensemble import Ensemble, EnsembleSpec
-    from training.models import build_model
+    from training.models.factory import build_model
+    from training.uncertainty.ensemble import Ensemble, EnsembleSpec
 
     cfg = ModelConfig(name="convnext_custom", dims=[8, 8, 8, 8], depths=[1, 1, 1, 1])
     spec = EnsembleSpec(classes=["a", "b", "c"], channels=["x"], source_channels=["x"], image_size=16,
@@ -192,8 +192,8 @@ def _ensemble(n_members: int):
 
 
 def test_single_member_baseline_is_the_mean_and_best_member():
-    from training.evaluate import single_member_metrics
-    from training.metrics import calibration_report
+    from training.evaluation.evaluate import single_member_metrics
+    from training.evaluation.metrics import calibration_report
 
     rng = np.random.default_rng(0)
     y = rng.integers(0, 3, 400)

@@ -24,10 +24,10 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from tqdm.auto import tqdm
 
-from training.atomic import atomic_path
-from training.augment import Augmenter
 from training.config import TrainConfig
+from training.data.augment import Augmenter
 from training.errors import ConfigError, TrainingError
+from training.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"

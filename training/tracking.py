@@ -130,7 +130,7 @@ def _pyfunc_class():
         """
 
         def load_context(self, context) -> None:
-            from training.ensemble import Ensemble
+            from training.uncertainty.ensemble import Ensemble
 
             self.ensemble = Ensemble.load(context.artifacts["ensemble"])
 
@@ -159,7 +159,7 @@ def log_ensemble_model(ensemble_dir: str | Path, example: np.ndarray) -> str:
     import mlflow
     from mlflow.models import infer_signature
 
-    from training.ensemble import Ensemble
+    from training.uncertainty.ensemble import Ensemble
 
     ens = Ensemble.load(ensemble_dir)
     if len(example) < 2:

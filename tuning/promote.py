@@ -40,7 +40,7 @@ def campaign_queries(best: dict[str, Any], params: Params) -> pd.DataFrame:
 def active_table(table: pd.DataFrame, queries: pd.DataFrame, pool_splits: list[str]) -> pd.DataFrame:
     """The split table an active-learning winner trains on: the cells its campaign labeled (with the oracle's
     answers) form the training split; the rest of the pool becomes unlabeled; val / test stay as they are."""
-    from training.oracle import cell_keys
+    from training.active.oracle import cell_keys
 
     answered = queries[queries["label"].notna()]
     answers = pd.Series(answered["label"].astype(str).to_numpy(), index=cell_keys(answered))
@@ -68,9 +68,10 @@ def promote(best: dict[str, Any], params: Params, table: pd.DataFrame, classes: 
     run id, ensemble directory and test metrics."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from training.evaluate import evaluate
+    from training.data.trainset import prepare_data
+    from training.evaluation.evaluate import evaluate
+    from training.regimes.ensemble_training import train_ensemble
     from training.tracking import Tracker, log_ensemble_model, register
-    from training.train import prepare_data, train_ensemble
 
     if "overrides" not in best:
         raise ConfigError("best config has no 'overrides' (expected a best.json written by spatial tune)")

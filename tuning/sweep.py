@@ -466,7 +466,7 @@ def write_outputs(result: SweepResult, params: Params, out_dir: str | Path) -> d
     overrides; ``spatial train --params`` takes it) and ``trials.csv`` (one row per trial, failures included)."""
     import yaml
 
-    from training.atomic import atomic_path
+    from training.io.atomic import atomic_path
     from tuning.trainable import trial_params
 
     out = Path(out_dir)

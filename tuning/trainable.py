@@ -213,7 +213,7 @@ class RoundReporter:
 def _trained(params: Params, data, work: Path, resume: bool, reporter: EpochReporter) -> dict[str, Any]:
     """Member 0 of the configuration's ensemble, trained by ``train_member`` exactly as ``spatial train`` would
     (same seed, label fraction, loaders, objective); the novelty model is skipped (not a trial metric)."""
-    from training.train import train_member
+    from training.regimes.ensemble_training import train_member
 
     p = params.model_copy(update={"uncertainty": params.uncertainty.model_copy(update={"novelty": "none"})})
     _, temperature, _, res = train_member(0, data, p, work, resume=resume, log_metrics=reporter, progress=False)
@@ -242,10 +242,10 @@ def _active(params: Params, data, ctx: TrialContext, run: TrialRun | None, repor
     The queried cells (``queries.parquet``) are logged to the trial's run: ``spatial tune --promote`` trains the
     ensemble on them."""
     try:
-        from training.active import run_campaign
-        from training.oracle import make_oracle
+        from training.active.campaign import run_campaign
+        from training.active.oracle import make_oracle
     except ImportError as exc:
-        raise TrainingError(f"train.regime=active needs training/active.py, which cannot be imported: {exc}"
+        raise TrainingError(f"train.regime=active needs training/active/campaign.py, which cannot be imported: {exc}"
                             ) from None
     strategy = params.al.strategies[0] if params.al.strategies else "random"
     oracle = make_oracle(params.al.oracle, data.classes, data.cells, params.al.state_classes, ctx.manifest,
@@ -274,7 +274,7 @@ def run_trial(config: dict[str, Any], table: pd.DataFrame, ctx: TrialContext, re
     ``config``: dotted overrides (a Tune trial config). ``report(metrics, checkpoint_dir)`` is called once per
     epoch (round, for active learning). ``work_dir`` holding a previous attempt's ``trial.json`` + ``last.pt``
     resumes that attempt, in the same MLflow run."""
-    from training.train import prepare_data
+    from training.data.trainset import prepare_data
 
     overrides = decode(config)
     trial_id = trial_id or uuid.uuid4().hex[:8]

@@ -1,0 +1,1 @@
+"""Screen-wide batch scoring: ``scoring.score_files`` (planned chunks, resumable parts, local or Ray)."""

@@ -1,0 +1,112 @@
+"""What the HTTP service and batch scoring share: resolving the served model, the per-cell output layout and the
+per-cell JSON records.
+
+Outputs travel between processes as one float64 array per batch, ``(N, K + 5)``: the K class probabilities, then
+``confidence, entropy, aleatoric, epistemic, novelty`` (``PACKED_FIELDS``); the predicted class is the arg-max of
+the probabilities, exactly as ``training.uncertainty.decompose.decompose`` defines it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydantic_core
+
+from training.config import MlflowConfig
+from training.data.loader import Preprocess
+from training.errors import ModelError
+from training.uncertainty.ensemble import EnsembleSpec
+
+PACKED_FIELDS = ("confidence", "entropy", "aleatoric", "epistemic", "novelty")
+DEFAULT_MODEL_URI = "models:/spatial-phenotype@champion"
+ENV_MODEL = "SPATIAL_MODEL"
+ENV_MODEL_DIR = "SPATIAL_MODEL_DIR"  # set by `spatial serve`: the model resolved once for every worker process
+ENV_MODEL_INFO = "SPATIAL_MODEL_INFO"
+
+
+@dataclass
+class ServedModel:
+    """A resolved ensemble directory, what the registry says about it and its spec (no weights loaded)."""
+
+    path: Path
+    info: dict[str, Any]
+    spec: EnsembleSpec
+    preprocess: Preprocess = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.preprocess = Preprocess(**{**self.spec.preprocess, "channels": tuple(self.spec.channels)})
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, info: dict[str, Any] | None = None) -> ServedModel:
+        spec_file = Path(path) / "spec.json"
+        if not spec_file.is_file():
+            raise ModelError(f"{path}: not an ensemble directory (spec.json missing)")
+        try:
+            spec = EnsembleSpec(**json.loads(spec_file.read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{spec_file}: unreadable ensemble spec ({exc})") from None
+        p = Path(path)
+        return cls(p, info or {"name": p.name, "version": None, "alias": None, "uri": str(p)}, spec)
+
+    @classmethod
+    def resolve(cls, uri: str | None = None, mlflow: MlflowConfig | None = None,
+                cache_dir: str | os.PathLike | None = None) -> ServedModel:
+        """``uri`` (a directory or ``models:/NAME@ALIAS``) through ``training.tracking.resolve_model``; a registry
+        model is downloaded into ``cache_dir`` (default: a new temporary directory)."""
+        from training.tracking import resolve_model
+
+        path, info = resolve_model(uri or DEFAULT_MODEL_URI, mlflow, cache_dir=cache_dir)
+        return cls.open(path, info)
+
+    @classmethod
+    def from_env(cls) -> ServedModel:
+        """The model named by ``$SPATIAL_MODEL_DIR`` (already resolved) or ``$SPATIAL_MODEL`` (+ MLFLOW_TRACKING_URI)."""
+        if os.environ.get(ENV_MODEL_DIR):
+            info = json.loads(os.environ.get(ENV_MODEL_INFO) or "null")
+            return cls.open(os.environ[ENV_MODEL_DIR], info)
+        return cls.resolve(os.environ.get(ENV_MODEL) or DEFAULT_MODEL_URI)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.spec.classes)
+
+    def model_ref(self) -> dict[str, Any]:
+        return {"name": self.info.get("name"), "version": self.info.get("version")}
+
+
+def pack(out: dict[str, np.ndarray]) -> np.ndarray:
+    """``Ensemble.predict_tensor`` output -> ``(N, K + 5)`` float64."""
+    return np.column_stack([out["mean_probs"], *(out[k] for k in PACKED_FIELDS)]).astype(np.float64)
+
+
+def unpack(values: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
+    probs = values[:, :n_classes]
+    out = {"mean_probs": probs, "predicted": probs.argmax(axis=1)}
+    out.update({k: values[:, n_classes + i] for i, k in enumerate(PACKED_FIELDS)})
+    return out
+
+
+def records(values: np.ndarray, classes: Sequence[str], cell_ids: Sequence[int]) -> list[dict[str, Any]]:
+    """Per-cell JSON records: ``cell_id, probabilities {class: p}, predicted_class`` and the uncertainty fields."""
+    k = len(classes)
+    rows = values.tolist()
+    out = []
+    for cid, row in zip(cell_ids, rows, strict=True):
+        probs = row[:k]
+        best = max(range(k), key=probs.__getitem__)
+        rec = {"cell_id": int(cid), "probabilities": dict(zip(classes, probs, strict=True)),
+               "predicted_class": classes[best]}
+        rec.update(zip(PACKED_FIELDS, row[k:], strict=True))
+        out.append(rec)
+    return out
+
+
+def to_json(obj: Any) -> bytes:
+    """Fast JSON (NaN / Inf -> null, e.g. novelty of a model without a novelty model)."""
+    return pydantic_core.to_json(obj, inf_nan_mode="null")

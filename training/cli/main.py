@@ -1,0 +1,45 @@
+"""The ``spatial`` console entry: one typer app; each command module adds its commands to it.
+
+User errors (:class:`training.errors.SpatialError`) exit with code 2 and one line, without a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from training.cli import active, data, serving, train, tuning
+from training.errors import SpatialError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="spatiAL: label-efficient phenotyping of SPARCS single-cell screens.")
+for module in (data, train, active, serving, tuning):
+    module.add_commands(app)
+
+
+def main() -> None:
+    """Console entry point: user errors -> one line on stderr, exit code 2."""
+    try:
+        rc = app(standalone_mode=False)
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
+    except SpatialError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

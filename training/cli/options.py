@@ -1,0 +1,56 @@
+"""Shared pieces of every ``spatial`` command: the ``--params/--set/--progress`` options and small helpers.
+
+Command modules import from here; nothing outside ``training.cli`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.config import Params, load_params
+from training.errors import SpatialError
+
+ParamsOpt = Annotated[Path | None, typer.Option("--params", help="params YAML (default: ./params.yaml if present)")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a param: key=value (repeatable)")]
+ProgressOpt = Annotated[bool, typer.Option("--progress/--no-progress", help="progress bars")]
+ModelOpt = Annotated[str | None, typer.Option(
+    "--model", help="ensemble directory or models:/NAME@ALIAS (default $SPATIAL_MODEL, else "
+    "models:/<registry.model_name>@<registry.alias>)")]
+
+
+def params_for(path: Path | None, overrides: list[str] | None) -> Params:
+    if path is None and Path("params.yaml").is_file():
+        path = Path("params.yaml")
+    return load_params(path, overrides or [])
+
+
+def default_model_uri(p: Params) -> str:
+    return os.environ.get("SPATIAL_MODEL") or f"models:/{p.registry.model_name}@{p.registry.alias}"
+
+
+def write_json(path: str | Path, obj: object) -> None:
+    from training.io.atomic import atomic_path
+
+    with atomic_path(path, suffix=".json") as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def load_split_table(p: Params, splits: Path | None, manifest: Path | None, out_dir: Path) -> tuple:
+    """The split table: from ``--splits`` (a ``spatial split`` output) or built now from ``--manifest``."""
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.io.tables import read_table, write_table
+
+    if manifest is not None:
+        table, summary = make_splits(build_index(manifest, progress=False), p.split)
+        write_table(table, out_dir.parent / f"{out_dir.name}.splits.parquet", summary)
+        return table, summary
+    table, summary = read_table(splits or p.split.out)
+    if "split" not in table.columns:
+        raise SpatialError(f"{splits or p.split.out}: not a split table (no 'split' column); run `spatial split`")
+    return table, summary

@@ -1,0 +1,82 @@
+"""``spatial score`` (screen-wide batch scoring) and ``spatial serve`` (the BentoML HTTP service)."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.cli.options import (
+    ModelOpt,
+    ParamsOpt,
+    ProgressOpt,
+    SetOpt,
+    default_model_uri,
+    params_for,
+    write_json,
+)
+
+
+def add_commands(app: typer.Typer) -> None:
+    """Register ``score`` and ``serve`` on the ``spatial`` typer app."""
+
+    @app.command()
+    def score(
+        files: Annotated[list[Path], typer.Argument(help="single-cell .h5 / .h5sc files")],
+        out: Annotated[Path, typer.Option(help="output Parquet (parts go to <out>.parts/ until done)")],
+        model: ModelOpt = None,
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+        ray_address: Annotated[str | None, typer.Option(
+            "--ray-address", envvar="RAY_ADDRESS", help="run on this Ray cluster (e.g. auto, ray://host:10001)")] = None,
+        embeddings: Annotated[bool, typer.Option("--embeddings", help="add the penultimate features")] = False,
+        keep_parts: Annotated[bool, typer.Option("--keep-parts", help="keep <out>.parts/ after assembly")] = False,
+        metrics: Annotated[Path | None, typer.Option(help="JSON summary of the run")] = None,
+        progress: ProgressOpt = True,
+    ) -> None:
+        """Score every cell of FILES with the ensemble (resumable: rerun the same command to continue)."""
+        from serving.batch.scoring import score_files
+
+        p = params_for(params, set_)
+        result = score_files(files, model or default_model_uri(p), out, p.score, embeddings=embeddings,
+                             ray_address=ray_address or None, mlflow=p.mlflow, progress=progress,
+                             keep_parts=keep_parts)
+        if metrics:
+            write_json(metrics, result)
+        resumed = f", {result['resumed_chunks']} chunk(s) from an earlier run" if result["resumed_chunks"] else ""
+        typer.echo(f"wrote {out}: {result['n_cells']} cells from {result['files']} file(s){resumed}")
+
+    @app.command()
+    def serve(
+        model: ModelOpt = None,
+        host: Annotated[str | None, typer.Option(help="bind address (default serve.host = 127.0.0.1)")] = None,
+        port: Annotated[int | None, typer.Option(help="port (default serve.port)")] = None,
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        """Start the BentoML HTTP service (POST /score, /score_file; GET /metadata, /livez, /readyz, /metrics)."""
+        from serving.model import ENV_MODEL, ENV_MODEL_DIR, ENV_MODEL_INFO, ServedModel
+        from serving.service.api import ENV_SERVE_CONFIG
+
+        p = params_for(params, set_)
+        cfg = p.serve.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+        uri = model or default_model_uri(p)
+        with tempfile.TemporaryDirectory(prefix="spatial-serve-") as cache:
+            served = ServedModel.resolve(uri, p.mlflow, cache_dir=cache)
+            os.environ.update({
+                ENV_MODEL: uri,
+                ENV_MODEL_DIR: str(served.path.resolve()),
+                ENV_MODEL_INFO: json.dumps(served.info),
+                ENV_SERVE_CONFIG: cfg.model_dump_json(),
+            })
+            os.environ.setdefault("BENTOML_DO_NOT_TRACK", "True")
+            import bentoml
+
+            typer.echo(f"serving {served.info.get('name')} (version {served.info.get('version')}, classes "
+                       f"{', '.join(served.classes)}) on http://{cfg.host}:{cfg.port}")
+            bentoml.serve("serving.service.api:SpatialScorer", host=cfg.host, port=cfg.port,
+                          working_dir=str(Path(__file__).resolve().parents[2]), blocking=True)

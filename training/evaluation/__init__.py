@@ -1,0 +1,1 @@
+"""``metrics`` (one implementation of each metric), ``evaluate`` (the test-split report), ``plots``."""

@@ -1,0 +1,466 @@
+"""Read and write SPARCS single-cell image files with h5py (no scPortrait dependency).
+
+Two layouts are supported:
+
+* legacy SPARCSpy ``single_cells.h5``: ``single_cell_data`` float ``(N, C, H, W)`` (masks first, then
+  image channels in [0, 1]), ``single_cell_index`` ``(N, 2)`` = ``[row, cell_id]``, optional
+  ``label_names`` and ``single_cell_index_labelled``. SPARCSpy stores no channel names; ours are read
+  from a ``channel_names`` attribute when present, else the thesis layout is assumed for 5 channels
+  (nucleus mask, cytosol mask, nucleus, membrane, LC3B) and ``ch<i>`` otherwise.
+* scPortrait ``.h5sc`` (AnnData on disk): ``obsm/single_cell_images`` ``(N, C, H, W)``, cell ids in
+  ``obs/scportrait_cell_id`` (older files: ``obs/cell_id``), channel names and the mask /
+  image-channel mapping in ``uns`` under ``single_cell_images/...`` and as dataset attributes.
+
+Cell ids are always the stored ids, never row numbers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from training.errors import DataError
+from training.io.atomic import atomic_path
+
+SPARCSPY_DATA = "single_cell_data"
+SPARCSPY_INDEX = "single_cell_index"
+H5SC_IMAGES = "obsm/single_cell_images"
+H5SC_CELL_IDS = ("obs/scportrait_cell_id", "obs/cell_id")
+UNS_PREFIX = "single_cell_images/"
+THESIS_CHANNELS = ["nucleus_mask", "cytosol_mask", "nucleus", "membrane", "LC3B"]
+THESIS_KINDS = ["mask", "mask", "image_channel", "image_channel", "image_channel"]
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return [_decode(v) for v in value.tolist()]
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _read_string_array(node: h5py.Dataset) -> list[str]:
+    return [v.decode() if isinstance(v, bytes) else str(v) for v in node[()].tolist()]
+
+
+@dataclass(frozen=True)
+class CellFileInfo:
+    path: str
+    format: str
+    n_cells: int
+    channel_names: list[str]
+    channel_kinds: list[str]
+    height: int
+    width: int
+    dtype: str
+    chunks: tuple[int, ...] | None
+    compression: str | None
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def image_channels(self) -> list[int]:
+        return [i for i, k in enumerate(self.channel_kinds) if k != "mask"]
+
+
+class CellFile:
+    """An open single-cell file. Opening validates the layout; pixels are read only by ``read``.
+
+    h5py handles must not cross process boundaries: open one per worker process.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = str(path)
+        p = Path(path)
+        if not p.exists():
+            raise DataError(f"{self.path}: file not found")
+        if not p.is_file():
+            raise DataError(f"{self.path}: not a file")
+        try:
+            self._h5 = h5py.File(p, "r")
+        except OSError as exc:
+            raise DataError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+        try:
+            self._open_layout()
+        except DataError:
+            self._h5.close()
+            raise
+        except (OSError, KeyError, ValueError, TypeError) as exc:
+            self._h5.close()
+            raise DataError(f"{self.path}: damaged or unreadable HDF5 structure ({exc})") from None
+
+    # -- layout ------------------------------------------------------------------------------------
+    def _open_layout(self) -> None:
+        h5 = self._h5
+        if SPARCSPY_DATA in h5:
+            self.format = "sparcspy"
+            self._images_name = SPARCSPY_DATA
+            self._ids_name = SPARCSPY_INDEX
+            if SPARCSPY_INDEX not in h5:
+                raise DataError(f"{self.path}: dataset '{SPARCSPY_INDEX}' missing (expected (N, 2) [row, cell_id])")
+        elif H5SC_IMAGES in h5:
+            self.format = "h5sc"
+            self._images_name = H5SC_IMAGES
+            self._ids_name = next((n for n in H5SC_CELL_IDS if n in h5), None)
+            if self._ids_name is None:
+                raise DataError(f"{self.path}: dataset 'obs/scportrait_cell_id' missing (expected the cell ids)")
+        else:
+            raise DataError(
+                f"{self.path}: no single-cell images found (expected dataset '{SPARCSPY_DATA}' for SPARCSpy "
+                f"or '{H5SC_IMAGES}' for scPortrait .h5sc)"
+            )
+        ds = h5[self._images_name]
+        if not isinstance(ds, h5py.Dataset):
+            raise DataError(f"{self.path}: '{self._images_name}' is not a dataset")
+        if ds.ndim != 4:
+            raise DataError(
+                f"{self.path}: dataset '{self._images_name}' has shape {ds.shape}; expected rank 4 (N, C, H, W)"
+            )
+        if ds.dtype.kind != "f":
+            raise DataError(
+                f"{self.path}: dataset '{self._images_name}' has dtype {ds.dtype}; expected float16/float32 in [0, 1]"
+            )
+        self._images = ds
+        n, c, h, w = ds.shape
+        ids = h5[self._ids_name]
+        if self.format == "sparcspy" and (ids.ndim != 2 or ids.shape[1] != 2):
+            raise DataError(f"{self.path}: dataset '{SPARCSPY_INDEX}' has shape {ids.shape}; expected (N, 2)")
+        if self.format == "h5sc" and ids.ndim != 1:
+            raise DataError(f"{self.path}: dataset '{self._ids_name}' has shape {ids.shape}; expected (N,)")
+        if ids.shape[0] != n:
+            raise DataError(
+                f"{self.path}: dataset '{self._ids_name}' has {ids.shape[0]} rows but '{self._images_name}' has {n}"
+            )
+        names, kinds = self._channel_metadata(c)
+        self.info = CellFileInfo(
+            path=self.path,
+            format=self.format,
+            n_cells=n,
+            channel_names=names,
+            channel_kinds=kinds,
+            height=h,
+            width=w,
+            dtype=str(ds.dtype),
+            chunks=tuple(ds.chunks) if ds.chunks else None,
+            compression=ds.compression,
+        )
+
+    def _channel_metadata(self, c: int) -> tuple[list[str], list[str]]:
+        attrs = self._images.attrs
+        names = _decode(attrs.get("channel_names")) if "channel_names" in attrs else None
+        kinds = _decode(attrs.get("channel_mapping")) if "channel_mapping" in attrs else None
+        if self.format == "h5sc":
+            uns = self._h5.get("uns")
+            if names is None and uns is not None and f"{UNS_PREFIX}channel_names" in uns:
+                names = _read_string_array(uns[f"{UNS_PREFIX}channel_names"])
+            if kinds is None and uns is not None and f"{UNS_PREFIX}channel_mapping" in uns:
+                kinds = _read_string_array(uns[f"{UNS_PREFIX}channel_mapping"])
+        if names is None:
+            names = list(THESIS_CHANNELS) if c == len(THESIS_CHANNELS) else [f"ch{i}" for i in range(c)]
+        if kinds is None:
+            kinds = list(THESIS_KINDS) if c == len(THESIS_KINDS) else ["image_channel"] * c
+        names, kinds = [str(x) for x in names], [str(x) for x in kinds]
+        if len(names) != c:
+            raise DataError(f"{self.path}: {len(names)} channel names for {c} channels in '{self._images_name}'")
+        if len(kinds) != c:
+            raise DataError(f"{self.path}: channel_mapping has {len(kinds)} entries for {c} channels")
+        return names, kinds
+
+    # -- index -------------------------------------------------------------------------------------
+    @property
+    def n_cells(self) -> int:
+        return self.info.n_cells
+
+    def cell_ids(self) -> np.ndarray:
+        """The stored cell ids as int64 (reads only the index dataset)."""
+        ids = self._h5[self._ids_name]
+        raw = ids[:, 1] if self.format == "sparcspy" else ids[()]
+        if raw.dtype.kind not in "iuf":
+            try:
+                raw = np.asarray([int(v.decode() if isinstance(v, bytes) else v) for v in raw])
+            except ValueError:
+                raise DataError(f"{self.path}: cell ids in '{self._ids_name}' are not integers") from None
+        return np.asarray(raw).astype(np.int64)
+
+    def obs_table(self) -> pd.DataFrame:
+        """Per-cell annotation columns stored beside the images (legacy labelled index or h5sc ``obs``)."""
+        h5 = self._h5
+        cols: dict[str, Any] = {}
+        if self.format == "sparcspy" and "single_cell_index_labelled" in h5:
+            table = h5["single_cell_index_labelled"][()]
+            names = _decode(h5["label_names"][()]) if "label_names" in h5 else None
+            table = np.asarray(_decode(table), dtype=object)
+            if table.ndim == 2:
+                names = names or [f"label_{i}" for i in range(table.shape[1])]
+                for j, name in enumerate(names[: table.shape[1]]):
+                    cols[str(name)] = table[:, j]
+        elif self.format == "h5sc" and "obs" in h5:
+            obs = h5["obs"]
+            index_key = obs.attrs.get("_index", "_index")
+            for key, node in obs.items():
+                if key in (index_key, "scportrait_cell_id", "cell_id") or not isinstance(node, h5py.Dataset):
+                    continue
+                if node.shape == (self.n_cells,):
+                    values = node[()]
+                    cols[key] = _decode(values) if values.dtype.kind in "OS" else values
+        return pd.DataFrame(cols)
+
+    # -- pixels ------------------------------------------------------------------------------------
+    def resolve_channels(self, spec: Sequence[str | int] | None) -> list[int]:
+        """Channel indices for names or indices; empty/None selects the image (non-mask) channels."""
+        names = self.info.channel_names
+        if not spec:
+            return self.info.image_channels or list(range(len(names)))
+        out = []
+        for item in spec:
+            if isinstance(item, str) and not item.lstrip("-").isdigit():
+                if item not in names:
+                    raise DataError(f"{self.path}: no channel named '{item}' (channels: {', '.join(names)})")
+                out.append(names.index(item))
+            else:
+                i = int(item)
+                if not 0 <= i < len(names):
+                    raise DataError(f"{self.path}: channel index {i} out of range 0..{len(names) - 1}")
+                out.append(i)
+        return out
+
+    def read(self, start: int, stop: int, channels: Sequence[int] | None = None, check: bool = True) -> np.ndarray:
+        """Rows ``start:stop`` as float32 ``(n, c, H, W)``; one contiguous read per channel."""
+        if not 0 <= start <= stop <= self.n_cells:
+            raise DataError(f"{self.path}: rows {start}:{stop} outside 0..{self.n_cells}")
+        chans = list(range(self.info.n_channels)) if channels is None else list(channels)
+        out = np.empty((stop - start, len(chans), self.info.height, self.info.width), dtype=np.float32)
+        try:
+            for j, c in enumerate(chans):
+                out[:, j] = self._images[start:stop, c]
+        except OSError as exc:
+            raise DataError(f"{self.path}: cannot read rows {start}:{stop} of '{self._images_name}' ({exc})") from None
+        if check and not np.isfinite(out).all():
+            bad = start + int(np.nonzero(~np.isfinite(out).reshape(len(out), -1).all(axis=1))[0][0])
+            raise DataError(f"{self.path}: '{self._images_name}' row {bad} holds NaN or Inf pixels")
+        return out
+
+    def read_rows(self, rows: np.ndarray, channels: Sequence[int] | None = None, max_gap: int = 8) -> np.ndarray:
+        """Arbitrary rows in the order given, read as contiguous runs (never h5py fancy indexing); rows up to
+        ``max_gap`` apart share one read, which is cheaper than a second HDF5 call."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0:
+            c = self.info.n_channels if channels is None else len(channels)
+            return np.empty((0, c, self.info.height, self.info.width), np.float32)
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo == len(rows) and (np.diff(rows) == 1).all():  # already one contiguous run: no gather copy
+            return self.read(lo, hi, channels)
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        out = np.empty((len(rows), *self.read(0, 0, channels).shape[1:]), np.float32)
+        for a, b in contiguous_runs(sorted_rows, max_gap):
+            lo, hi = int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1
+            block = self.read(lo, hi, channels)
+            out[order[a:b]] = block[sorted_rows[a:b] - lo]
+        return out
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> CellFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def contiguous_runs(sorted_rows: np.ndarray, max_gap: int = 1) -> list[tuple[int, int]]:
+    """Split sorted row numbers into ``(a, b)`` position ranges whose rows are at most ``max_gap`` apart.
+
+    Duplicated rows stay in one run. With ``max_gap > 1`` a run may span a few unused rows, which is
+    still far cheaper than a separate HDF5 read.
+    """
+    if len(sorted_rows) == 0:
+        return []
+    breaks = np.nonzero(np.diff(sorted_rows) > max_gap)[0] + 1
+    edges = np.concatenate([[0], breaks, [len(sorted_rows)]])
+    return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def open_cells(path: str | os.PathLike) -> CellFile:
+    return CellFile(path)
+
+
+# -- writers ---------------------------------------------------------------------------------------
+def _check_images(images: np.ndarray, cell_ids: np.ndarray, names: Sequence[str], kinds: Sequence[str]) -> None:
+    if images.ndim != 4:
+        raise DataError(f"images have shape {images.shape}; expected (N, C, H, W)")
+    if len(cell_ids) != len(images):
+        raise DataError(f"{len(cell_ids)} cell ids for {len(images)} images")
+    if len(np.unique(cell_ids)) != len(cell_ids):
+        raise DataError("cell ids are not unique")
+    if len(names) != images.shape[1] or len(kinds) != images.shape[1]:
+        raise DataError(f"{len(names)} channel names / {len(kinds)} kinds for {images.shape[1]} channels")
+
+
+def _default_names(c: int, names: Sequence[str] | None, kinds: Sequence[str] | None) -> tuple[list[str], list[str]]:
+    if names is None:
+        names = THESIS_CHANNELS if c == len(THESIS_CHANNELS) else [f"ch{i}" for i in range(c)]
+    if kinds is None:
+        kinds = THESIS_KINDS if c == len(THESIS_KINDS) and list(names) == THESIS_CHANNELS else ["image_channel"] * c
+    return list(names), list(kinds)
+
+
+def _create_images(group: h5py.Group, name: str, images: np.ndarray, compression: str | None) -> h5py.Dataset:
+    n, c, h, w = images.shape
+    return group.create_dataset(
+        name,
+        data=images.astype(np.float16, copy=False),
+        chunks=(1, 1, h, w) if n else None,
+        compression=compression,
+    )
+
+
+def write_sparcspy(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    cell_ids: np.ndarray,
+    channel_names: Sequence[str] | None = None,
+    channel_kinds: Sequence[str] | None = None,
+    labels: pd.DataFrame | None = None,
+    compression: str | None = "gzip",
+) -> Path:
+    """Write a legacy SPARCSpy ``single_cells.h5`` atomically (float16, ``(1,1,H,W)`` chunks)."""
+    names, kinds = _default_names(images.shape[1], channel_names, channel_kinds)
+    cell_ids = np.asarray(cell_ids, dtype=np.int64)
+    _check_images(images, cell_ids, names, kinds)
+    with atomic_path(path, suffix=".h5") as tmp, h5py.File(tmp, "w") as h5:
+        ds = _create_images(h5, SPARCSPY_DATA, images, compression)
+        ds.attrs["channel_names"] = np.array(names, dtype="S")
+        ds.attrs["channel_mapping"] = np.array(kinds, dtype="S")
+        h5.create_dataset(SPARCSPY_INDEX, data=np.stack([np.arange(len(cell_ids)), cell_ids], axis=1))
+        if labels is not None and len(labels.columns):
+            h5.create_dataset("label_names", data=np.array(list(labels.columns), dtype="S"))
+            h5.create_dataset("single_cell_index_labelled", data=labels.astype(str).to_numpy().astype("S"))
+    return Path(path)
+
+
+def _write_anndata_frame(group: h5py.Group, index: Sequence[str], columns: dict[str, np.ndarray]) -> None:
+    str_dtype = h5py.string_dtype()
+    group.attrs.update({"encoding-type": "dataframe", "encoding-version": "0.2.0", "_index": "_index"})
+    group.attrs["column-order"] = np.array(list(columns), dtype=object) if columns else np.array([], dtype="S")
+    idx = group.create_dataset("_index", data=np.array(list(index), dtype=object), dtype=str_dtype)
+    idx.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+    for name, values in columns.items():
+        values = np.asarray(values)
+        if values.dtype.kind in "OUS":
+            ds = group.create_dataset(name, data=values.astype(str).astype(object), dtype=str_dtype)
+            ds.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        else:
+            ds = group.create_dataset(name, data=values)
+            ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+
+
+def write_h5sc(
+    path: str | os.PathLike,
+    images: np.ndarray,
+    cell_ids: np.ndarray,
+    channel_names: Sequence[str] | None = None,
+    channel_kinds: Sequence[str] | None = None,
+    obs: pd.DataFrame | None = None,
+    compression: str | None = "gzip",
+) -> Path:
+    """Write a scPortrait-style ``.h5sc`` (AnnData on disk) atomically."""
+    names, kinds = _default_names(images.shape[1], channel_names, channel_kinds)
+    cell_ids = np.asarray(cell_ids, dtype=np.int64)
+    _check_images(images, cell_ids, names, kinds)
+    n = len(cell_ids)
+    str_dtype = h5py.string_dtype()
+    with atomic_path(path, suffix=".h5sc") as tmp, h5py.File(tmp, "w") as h5:
+        h5.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
+        columns = {"scportrait_cell_id": cell_ids}
+        if obs is not None:
+            columns.update({c: obs[c].to_numpy() for c in obs.columns})
+        _write_anndata_frame(h5.create_group("obs"), [str(i) for i in range(n)], columns)
+        _write_anndata_frame(h5.create_group("var"), names, {"channel_mapping": np.array(kinds, dtype=object)})
+        obsm = h5.create_group("obsm")
+        obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        ds = _create_images(obsm, "single_cell_images", images, compression)
+        ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
+        ds.attrs["channel_names"] = np.array(names, dtype=object)
+        ds.attrs["channel_mapping"] = np.array(kinds, dtype=object)
+        ds.attrs["n_masks"] = kinds.count("mask")
+        ds.attrs["n_image_channels"] = len(kinds) - kinds.count("mask")
+        uns = h5.create_group("uns")
+        uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        uns.create_group(UNS_PREFIX.rstrip("/")).attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+        for key, values in (("channel_names", names), ("channel_mapping", kinds)):
+            d = uns.create_dataset(f"{UNS_PREFIX}{key}", data=np.array(values, dtype=object), dtype=str_dtype)
+            d.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
+        for key, value in (("n_masks", kinds.count("mask")), ("n_image_channels", len(kinds) - kinds.count("mask"))):
+            d = uns.create_dataset(f"{UNS_PREFIX}{key}", data=value)
+            d.attrs.update({"encoding-type": "numeric-scalar", "encoding-version": "0.2.0"})
+        for group in ("layers", "obsp", "varm", "varp"):
+            g = h5.create_group(group)
+            g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
+    return Path(path)
+
+
+def write_cells(path: str | os.PathLike, images: np.ndarray, cell_ids: np.ndarray, fmt: str, **kwargs: Any) -> Path:
+    """Write ``fmt`` = ``sparcspy`` or ``h5sc``."""
+    if fmt == "sparcspy":
+        kwargs.pop("obs", None)
+        return write_sparcspy(path, images, cell_ids, **kwargs)
+    if fmt == "h5sc":
+        kwargs.pop("labels", None)
+        return write_h5sc(path, images, cell_ids, **kwargs)
+    raise DataError(f"unknown single-cell format '{fmt}' (expected 'sparcspy' or 'h5sc')")
+
+
+# -- inspection ------------------------------------------------------------------------------------
+def inspect_file(path: str | os.PathLike, max_cells: int = 20_000, block: int = 1_000) -> dict[str, Any]:
+    """Summary of one file; pixel checks scan up to ``max_cells`` cells in contiguous blocks spread
+    over the file (all cells when the file is smaller)."""
+    with CellFile(path) as f:
+        info = f.info
+        ids = f.cell_ids()
+        warnings: list[str] = []
+        n = info.n_cells
+        if n and len(np.unique(ids)) != n:
+            warnings.append(f"duplicated cell ids: {n - len(np.unique(ids))} repeats")
+        starts = range(0, n, block) if n <= max_cells else np.linspace(0, n - block, max_cells // block).astype(int)
+        nonfinite = outside = scanned = 0
+        for s in starts:
+            e = min(int(s) + block, n)
+            x = f.read(int(s), e, check=False)
+            finite = np.isfinite(x)
+            nonfinite += int((~finite).sum())
+            outside += int(((x < 0) | (x > 1))[finite].sum())
+            scanned += e - int(s)
+        if nonfinite:
+            warnings.append(f"NaN/Inf present: {nonfinite} pixel values in {scanned} scanned cells")
+        if outside:
+            warnings.append(f"values outside [0, 1]: {outside} pixel values in {scanned} scanned cells")
+        return {
+            "path": info.path,
+            "format": info.format,
+            "n_cells": n,
+            "n_channels": info.n_channels,
+            "height": info.height,
+            "width": info.width,
+            "dtype": info.dtype,
+            "channel_names": info.channel_names,
+            "channel_mapping": info.channel_kinds,
+            "cell_id_min": int(ids.min()) if n else None,
+            "cell_id_max": int(ids.max()) if n else None,
+            "chunks": list(info.chunks) if info.chunks else None,
+            "compression": info.compression,
+            "scanned_cells": scanned,
+            "warnings": warnings,
+        }

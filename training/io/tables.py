@@ -1,0 +1,40 @@
+"""Parquet tables that carry the params that made them (in the schema metadata)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from training.errors import DataError
+from training.io.atomic import atomic_path
+
+META_KEY = b"spatial"
+
+
+def write_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict[str, Any] | None = None) -> Path:
+    """Write ``df`` atomically as Parquet with ``meta`` (JSON) in the schema metadata."""
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    if meta is not None:
+        table = table.replace_schema_metadata({**(table.schema.metadata or {}), META_KEY: json.dumps(meta)})
+    with atomic_path(path, suffix=".parquet") as tmp:
+        pq.write_table(table, tmp)
+    return Path(path)
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a table written by ``write_table``; returns ``(df, meta)``."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: table not found")
+    try:
+        table = pq.read_table(p, columns=columns)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataError(f"{p}: not a readable Parquet table ({exc})") from None
+    raw = (table.schema.metadata or {}).get(META_KEY)
+    return table.to_pandas(), (json.loads(raw) if raw else {})

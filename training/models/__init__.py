@@ -1,0 +1,1 @@
+"""Classifier architectures: ``factory.build_model`` (timm ConvNeXt variants, the SPARCS VGG baseline)."""

@@ -1,0 +1,117 @@
+"""Train a deep ensemble with the one engine: the regime decides the objective and the batches, nothing else.
+
+``train_ensemble`` runs K members (different seeds, optionally bootstrap resamples of the training cells),
+fits a temperature per member on the validation split and a feature-density novelty model per member on the
+training cells, and saves an :class:`~training.uncertainty.ensemble.Ensemble` directory. MLflow gets one parent run with
+a nested run per member (per-epoch metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from training.config import Params
+from training.data.loader import CellLoader, Preprocess, loader_for
+from training.data.trainset import TrainData, keep_label_fraction
+from training.engine import fit, predict, seed_everything, select_device
+from training.errors import DataError
+from training.models.factory import build_model
+from training.regimes.objectives import make_objective
+from training.regimes.semisupervised import training_stream
+from training.uncertainty.calibration import fit_temperature
+from training.uncertainty.ensemble import Ensemble, EnsembleSpec
+from training.uncertainty.novelty import GaussianDensity
+
+log = logging.getLogger(__name__)
+
+
+def member_seed(params: Params, k: int) -> int:
+    return params.train.seed + 1000 * k
+
+
+def loaders(data: TrainData, params: Params, seed: int, train_rows: pd.DataFrame | None = None
+            ) -> tuple[CellLoader, CellLoader]:
+    train = data.split("train") if train_rows is None else train_rows
+    val = data.split("val")
+    if val.empty:
+        raise DataError("the split has no validation cells (split.val_fraction is 0?)")
+    return (
+        loader_for(train, params.data, data.channels, shuffle=True, seed=seed, drop_last=len(train) > params.data.batch_size),
+        loader_for(val, params.data, data.channels, shuffle=False, seed=seed),
+    )
+
+
+def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume: bool = False,
+                 log_metrics=None, progress: bool = True):
+    """Train member ``k``; returns the model, its validation temperature and its novelty model."""
+    seed = member_seed(params, k)
+    seed_everything(seed)
+    data = keep_label_fraction(data, params.ssl.label_fraction, params.split.seed)
+    train_rows = data.split("train")
+    if params.ensemble.bootstrap:
+        rng = np.random.default_rng(seed)
+        train_rows = train_rows.iloc[rng.integers(0, len(train_rows), len(train_rows))].reset_index(drop=True)
+    train_loader, val_loader = loaders(data, params, seed, train_rows)
+    train_loader = training_stream(train_loader, data, params, seed)
+    model = build_model(params.model, len(data.channels), len(data.classes))
+    objective = make_objective(params, data, seed)
+    result = fit(model, train_loader, val_loader, params.train.model_copy(update={"seed": seed}), objective,
+                 n_classes=len(data.classes), out_dir=out_dir / f"member_{k}", resume=resume,
+                 log_metrics=log_metrics, progress=progress)
+    device = select_device(params.train.device)
+    val = predict(model, val_loader, device=device, with_features=False)
+    temperature = (
+        fit_temperature(val["logits"], val["label"]) if params.uncertainty.temperature_scaling else 1.0
+    )
+    novelty = None
+    if params.uncertainty.novelty == "mahalanobis":
+        plain = loader_for(data.split("train"), params.data, data.channels, shuffle=False, seed=seed)
+        tr = predict(model, plain, device=device, with_features=True)
+        novelty = GaussianDensity().fit(tr["features"], tr["label"])
+    return model.cpu(), float(temperature), novelty, result
+
+
+def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: bool = False,
+                   progress: bool = True, tracker=None) -> Ensemble:
+    """Train ``ensemble.members`` members and save the ensemble to ``out``."""
+    out = Path(out)
+    work = out.parent / f".{out.name}.work"
+    members, temps, novelty, results = [], [], [], []
+    n = params.ensemble.members if params.ensemble.posterior == "ensemble" else 1
+    for k in range(n):
+        ctx = tracker.member(k) if tracker else None
+        log_fn = ctx.log_metrics if ctx else None
+        try:
+            model, t, nov, res = train_member(k, data, params, work, resume, log_fn, progress)
+        finally:
+            if ctx:
+                ctx.close()
+        members.append(model)
+        temps.append(t)
+        results.append(res)
+        if nov is not None:
+            novelty.append(nov)
+        log.info("member %d: best epoch %d, val loss %.4f, temperature %.3f", k, res.best_epoch, res.best_val_loss, t)
+    spec = EnsembleSpec(
+        classes=data.classes,
+        channels=data.channels,
+        source_channels=data.source_channels,
+        image_size=data.image_size,
+        preprocess={k: v for k, v in vars(Preprocess.from_config(params.data)).items() if k != "channels"}
+        | {"image_size": data.image_size},
+        model=params.model.model_dump(),
+        temperatures=temps,
+        posterior=params.ensemble.posterior,
+        mc_samples=params.ensemble.mc_samples,
+        has_novelty=bool(novelty),
+        info={"regime": params.train.regime, "best_epochs": [r.best_epoch for r in results],
+              "best_val_loss": [float(r.best_val_loss) for r in results],
+              "mlflow_run_id": tracker.run_id if tracker else None},
+    )
+    ens = Ensemble(spec, members, novelty)
+    ens.save(out)
+    return ens

@@ -1,0 +1,213 @@
+"""The deep-ensemble artifact and its predictor.
+
+An ensemble is a directory that carries everything scoring needs, so the same numbers come out of
+``spatial score``, the MLflow model and the HTTP service::
+
+    spec.json        classes, channels (names), input size and preprocessing, model config, per-member
+                     temperature, posterior (ensemble or MC dropout), source channel layout
+    member_<k>.pt    state dict of member k
+    novelty_<k>.npz  class-conditional Gaussian on member k's penultimate features (novelty score)
+
+Per-cell outputs (see ``training.uncertainty.decompose.FIELD_DESCRIPTIONS``): mean class probabilities over members
+(each member temperature-scaled first), predicted class, confidence, total entropy, aleatoric (mean member
+entropy), epistemic (mutual information) and novelty (mean over members of the Mahalanobis distance to the
+nearest training class).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from training.config import ModelConfig
+from training.data.loader import Preprocess
+from training.errors import DataError, ModelError
+from training.models.factory import build_model
+from training.uncertainty.decompose import decompose, softmax
+from training.uncertainty.novelty import GaussianDensity
+
+SPEC_VERSION = 1
+OUTPUT_FIELDS = ("predicted_class", "confidence", "entropy", "aleatoric", "epistemic", "novelty")
+
+
+@dataclass
+class EnsembleSpec:
+    classes: list[str]
+    channels: list[str]
+    source_channels: list[str]
+    image_size: int
+    preprocess: dict[str, Any]
+    model: dict[str, Any]
+    temperatures: list[float]
+    posterior: str = "ensemble"
+    mc_samples: int = 10
+    has_novelty: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+    version: int = SPEC_VERSION
+
+    @property
+    def n_members(self) -> int:
+        return len(self.temperatures)
+
+
+class Ensemble:
+    """K trained members + temperatures + novelty models; scores preprocessed or raw cell images."""
+
+    def __init__(self, spec: EnsembleSpec, members: Sequence[torch.nn.Module],
+                 novelty: Sequence[GaussianDensity] | None = None, device: str | torch.device = "cpu"):
+        self.spec = spec
+        self.device = torch.device(device)
+        self.members = [m.to(self.device).eval() for m in members]
+        self.novelty = list(novelty or [])
+        self.preprocess = Preprocess(**{**spec.preprocess, "channels": tuple(spec.channels)})
+
+    # -- persistence ---------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        from training.io.atomic import atomic_path
+
+        with atomic_path(path, suffix="") as tmp:
+            tmp.mkdir()
+            (tmp / "spec.json").write_text(json.dumps(asdict(self.spec), indent=2))
+            for k, m in enumerate(self.members):
+                torch.save({n: t.detach().cpu() for n, t in m.state_dict().items()}, tmp / f"member_{k}.pt")
+            for k, nov in enumerate(self.novelty):
+                np.savez(tmp / f"novelty_{k}.npz", **{n: np.asarray(v) for n, v in nov.to_dict().items()})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Ensemble:
+        p = Path(path)
+        spec_file = p / "spec.json"
+        if not spec_file.is_file():
+            raise ModelError(f"{p}: not an ensemble directory (spec.json missing)")
+        try:
+            spec = EnsembleSpec(**json.loads(spec_file.read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{spec_file}: unreadable ensemble spec ({exc})") from None
+        members, novelty = [], []
+        for k in range(spec.n_members):
+            model = build_model(ModelConfig(**spec.model), len(spec.channels), len(spec.classes))
+            try:
+                model.load_state_dict(torch.load(p / f"member_{k}.pt", map_location="cpu", weights_only=True))
+            except (OSError, RuntimeError) as exc:
+                raise ModelError(f"{p}: cannot load member {k} ({exc})") from None
+            members.append(model)
+            if spec.has_novelty:
+                with np.load(p / f"novelty_{k}.npz") as z:
+                    novelty.append(GaussianDensity.from_dict({n: z[n] for n in z.files}))
+        return cls(spec, members, novelty, device)
+
+    # -- scoring ---------------------------------------------------------------------------------------
+    def select_channels(self, images: np.ndarray) -> np.ndarray:
+        """Accept the model's channels, or the full stored stack (masks + channels) and select by name."""
+        c = images.shape[1]
+        if c == len(self.spec.channels):
+            return images
+        if c == len(self.spec.source_channels):
+            idx = [self.spec.source_channels.index(name) for name in self.spec.channels]
+            return images[:, idx]
+        raise DataError(
+            f"images have {c} channels; expected {len(self.spec.channels)} ({', '.join(self.spec.channels)}) or the "
+            f"full stack of {len(self.spec.source_channels)} ({', '.join(self.spec.source_channels)})"
+        )
+
+    @torch.no_grad()
+    def raw_outputs(self, x: torch.Tensor, with_features: bool = False) -> dict[str, np.ndarray]:
+        """Model-ready inputs ``(N, C, S, S)`` -> member ``logits`` ``(N, M, S, K)`` (S = MC-dropout samples, else 1),
+        ``novelty`` ``(N,)`` and optionally mean penultimate ``features`` ``(N, D)``. Cells come first so batches
+        concatenate along axis 0."""
+        x = x.to(self.device, non_blocking=True)
+        use_amp = self.device.type == "cuda"
+        samples = self.spec.mc_samples if self.spec.posterior == "mc_dropout" else 1
+        logits, novelty, feats = [], [], []
+        for k, model in enumerate(self.members):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
+                fmap = model.forward_features(x)
+                f = model.forward_head(fmap, pre_logits=True)
+                if samples > 1:
+                    _dropout_train(model, True)
+                    lg = torch.stack([model.forward_head(fmap) for _ in range(samples)], dim=1)
+                    _dropout_train(model, False)
+                else:
+                    lg = model.forward_head(fmap)[:, None]
+            logits.append(lg.float().cpu().numpy())
+            f = f.float().cpu().numpy()
+            if self.novelty:
+                novelty.append(self.novelty[k].score(f))
+            if with_features:
+                feats.append(f)
+        out = {
+            "logits": np.stack(logits, axis=1),
+            "novelty": np.mean(novelty, axis=0) if novelty else np.full(len(x), np.nan),
+        }
+        if with_features:
+            out["features"] = np.mean(feats, axis=0)
+        return out
+
+    def combine(self, logits: np.ndarray, temperatures: Sequence[float] | None = None,
+                members: Sequence[int] | None = None) -> dict[str, np.ndarray]:
+        """Member logits ``(N, M, S, K)`` -> probabilities and uncertainty (``decompose``), each member divided by its
+        temperature first. ``temperatures=[1, ...]`` gives the uncalibrated view, ``members=[0]`` a single member."""
+        temps = np.asarray(self.spec.temperatures if temperatures is None else temperatures, dtype=np.float64)
+        sel = list(range(logits.shape[1])) if members is None else list(members)
+        z = logits[:, sel].astype(np.float64) / temps[sel][None, :, None, None]
+        probs = softmax(z, axis=-1)
+        n, m, s, k = probs.shape
+        return decompose(probs.transpose(1, 2, 0, 3).reshape(m * s, n, k))
+
+    def predict_tensor(self, x: torch.Tensor, with_features: bool = False) -> dict[str, np.ndarray]:
+        """Model-ready inputs -> per-cell probabilities and uncertainty fields (+ novelty)."""
+        raw = self.raw_outputs(x, with_features)
+        return {**self.combine(raw.pop("logits")), **raw}
+
+    def predict_images(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Raw pixels ``(N, C, H, W)`` in [0, 1] (model channels or the full stack) -> per-cell outputs."""
+        if images.ndim != 4:
+            raise DataError(f"images have shape {images.shape}; expected (N, C, H, W)")
+        images = self.select_channels(images)
+        parts = [self.predict_tensor(self.preprocess(images[s : s + batch_size]))
+                 for s in range(0, len(images), batch_size)]
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}
+
+    def predict_batches(self, batches: Iterable[dict[str, torch.Tensor]], total: int | None = None,
+                        progress: bool = False, with_features: bool = False, raw: bool = False
+                        ) -> dict[str, np.ndarray]:
+        """Scores every batch of a ``CellLoader``; outputs are ordered by the batches' ``idx``.
+        ``raw=True`` returns member logits (see ``raw_outputs``) instead of combined fields."""
+        parts, idx = [], []
+        fn = self.raw_outputs if raw else self.predict_tensor
+        for batch in tqdm(batches, total=total, desc="score", unit="batch", disable=not progress):
+            parts.append(fn(batch["image"], with_features))
+            idx.append(batch["idx"].numpy())
+        if not parts:
+            return {}
+        order = np.argsort(np.concatenate(idx), kind="stable")
+        return {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+
+    def to_frame(self, out: dict[str, np.ndarray], cells: pd.DataFrame | None = None) -> pd.DataFrame:
+        """Per-cell table: ``source_file, cell_id`` (when given), ``prob_<class>...`` and the uncertainty fields."""
+        df = pd.DataFrame(index=range(len(out["mean_probs"])))
+        if cells is not None:
+            df["source_file"] = cells["source_file"].astype(str).to_numpy()
+            df["cell_id"] = cells["cell_id"].to_numpy(np.int64)
+        for j, name in enumerate(self.spec.classes):
+            df[f"prob_{name}"] = out["mean_probs"][:, j].astype(np.float32)
+        df["predicted_class"] = np.asarray(self.spec.classes)[out["predicted"]]
+        for name in OUTPUT_FIELDS[1:]:
+            df[name] = out[name].astype(np.float32)
+        return df
+
+
+def _dropout_train(model: torch.nn.Module, on: bool) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.train(on)
