@@ -102,8 +102,13 @@ def test_fixmatch_unlabeled_loss_only_from_confident_cells():
 
 def test_fixmatch_logs_pseudo_label_accuracy_against_truth():
     obj = _fixmatch(1e-6, novelty_guard=True, truth=np.array([0, 1, 0, 1, -1, -1, -2, 0]))
-    _, m = obj.loss(_model(), _batch(), _ctx())
-    assert 0.0 <= m["ssl/pl_accuracy"] <= 1.0
+    model = _model()
+    with torch.no_grad():  # a teacher that calls every cell class 0
+        model.get_classifier().bias.copy_(torch.tensor([100.0, -100.0]))
+    _, m = obj.loss(model, _batch(), _ctx())
+    # cells with a class truth: 0, 1, 2, 3, 7; truth 0 (what the teacher says) at 0, 2, 7
+    assert m["ssl/pl_accuracy"] == pytest.approx(3 / 5) and m["ssl/pl_accuracy_all"] == pytest.approx(3 / 5)
+    assert m["ssl/pl_frac/0"] == 1.0 and m["ssl/pl_frac/1"] == 0.0
     assert m["ssl/mask_rate_noclass"] == 1.0  # the threshold lets every cell through, including no-class ones
     assert {"ssl/guard_class", "ssl/guard_noclass", "ssl/pl_accuracy_all"} <= set(m)
 
@@ -190,7 +195,7 @@ def test_resume_restores_teacher_and_decoder(tmp_path, method):
 
     def objective():
         if method == "autoencoder":
-            return AutoencoderObjective(2, Augmenter(AugmentConfig()))
+            return AutoencoderObjective(2, Augmenter(AugmentConfig()), in_channels=1, image_size=32)
         return _fixmatch(0.5, distribution_alignment=True, class_thresholds=True)
 
     cfg = TrainConfig(epochs=2, patience=None, device="cpu", warmup_epochs=0.5)
@@ -209,3 +214,50 @@ def test_resume_restores_teacher_and_decoder(tmp_path, method):
     for k, v in sa[part].items():
         assert torch.equal(v, sb[part][k]), k
     assert not any("decoder" in k for k in ref.state_dict())  # the decoder never enters the saved model
+
+
+def _mixed(n_u: int = 32) -> MixedLoader:
+    g = torch.Generator().manual_seed(0)
+    x, y, u = torch.rand(16, 1, 32, 32, generator=g), np.arange(16) % 2, torch.rand(n_u, 1, 32, 32, generator=g)
+    return MixedLoader(TensorLoader(x, y, 8, shuffle=True, seed=1), TensorLoader(u, None, 16, shuffle=True, seed=2), 3)
+
+
+def test_fixmatch_really_trains_on_the_unlabeled_cells_through_an_ema_teacher():
+    cfg = TrainConfig(epochs=1, patience=None, device="cpu", warmup_epochs=0)
+    models, objs = {}, {}
+    for w in (0.0, 1.0):
+        objs[w], models[w] = _fixmatch(1e-6, w, novelty_guard=False, ema_decay=0.99), _model()
+        fit(models[w], _mixed(), None, cfg, objs[w], 2, progress=False)
+    # same seed, same labeled batches: only the pseudo-labeled unlabeled loss can make the weights differ
+    assert any(not torch.equal(a, b) for a, b in zip(models[0.0].state_dict().values(),
+                                                    models[1.0].state_dict().values(), strict=True))
+    obj, student = objs[1.0], models[1.0]
+    assert obj.updates == 3  # one EMA update per optimizer step
+    # decay min(0.99, (1+t)/(10+t)) < 1: the teacher moved away from the initial weights, but lags the student
+    init = _model().state_dict()
+    teacher = obj.teacher.state_dict()
+    assert any(not torch.equal(teacher[k], init[k]) for k in init)
+    assert any(not torch.equal(teacher[k], v) for k, v in student.state_dict().items())
+    # decay 0: the teacher is the student itself
+    same = _fixmatch(1e-6, 1.0, novelty_guard=False, ema_decay=0.0)
+    m = _model()
+    fit(m, _mixed(), None, cfg, same, 2, progress=False)
+    for k, v in m.state_dict().items():
+        assert torch.equal(same.teacher.state_dict()[k], v), k
+
+
+def test_autoencoder_decoder_is_a_parameter_group_of_the_engine_optimizer(tmp_path):
+    cfg = TrainConfig(epochs=2, patience=None, device="cpu", warmup_epochs=1, grad_clip=1.0)
+    obj = AutoencoderObjective(2, Augmenter(AugmentConfig()), in_channels=1, image_size=32)
+    before = None
+    model = _model()
+    obj.param_groups(model)
+    before = {k: v.clone() for k, v in obj.decoder.state_dict().items()}
+    fit(model, _mixed(), None, cfg, obj, 2, out_dir=tmp_path, progress=False)
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)
+    groups = saved["optimizer"]["param_groups"]
+    n_decoder = len(list(obj.decoder.parameters()))
+    assert len(groups) == 3 and len(groups[2]["params"]) == n_decoder and groups[2]["weight_decay"] == 0.0
+    # the decoder follows the model's schedule: same learning rate in every group (cosine, after warm-up)
+    assert groups[2]["lr"] == groups[0]["lr"] < cfg.lr
+    assert any(not torch.equal(before[k], v) for k, v in obj.decoder.state_dict().items())  # it was trained

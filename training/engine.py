@@ -21,12 +21,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy, MulticlassRecall
 from tqdm.auto import tqdm
 
 from training.config import TrainConfig
 from training.data.augment import Augmenter
 from training.errors import ConfigError, TrainingError
+from training.evaluation.metrics import balanced_accuracy
 from training.io.atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,14 @@ class Objective(Protocol):
     def state_dict(self) -> dict: ...
 
     def load_state_dict(self, d: dict) -> None: ...
+
+    # Optional: ``param_groups(model) -> list[dict]``: extra trainable modules of the objective (the autoencoder's
+    # decoder) as optimizer parameter groups; they get the engine's warm-up, cosine schedule and gradient clipping.
+
+
+EpochEnd = Callable[[int, dict[str, float], "Path | None"], None]
+"""End-of-epoch hook: ``(epoch, metrics, checkpoint)``, called after the epoch's checkpoint is saved (``None``
+without ``out_dir``)."""
 
 
 class SupervisedObjective:
@@ -162,12 +170,14 @@ def _steps_per_epoch(train_data: Iterable, explicit: int | None, cap: int | None
     return steps
 
 
-def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on weights with >= 2 dims only (not on norms and biases)."""
+def _optimizer(model: nn.Module, cfg: TrainConfig, extra: list[dict] | None = None) -> torch.optim.Optimizer:
+    """Weight decay on weights with >= 2 dims only (not on norms and biases); ``extra`` groups (an objective's own
+    modules) as given."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        *(extra or []),
     ]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
@@ -216,9 +226,8 @@ def evaluate(model: nn.Module, data: Iterable, n_classes: int, device: torch.dev
     """Validation metrics over labeled cells: val_loss (plain cross-entropy), val_accuracy, val_balanced_accuracy."""
     was_training = model.training
     model.eval()
-    acc = MulticlassAccuracy(n_classes, average="micro").to(device)
-    bacc = MulticlassRecall(n_classes, average="macro").to(device)
     total, count = torch.zeros((), device=device, dtype=torch.float64), 0
+    labels, preds = [], []
     for batch in data:
         batch = _to_device(batch, device, amp and device.type == "cuda")
         keep = batch["label"] >= 0
@@ -229,15 +238,16 @@ def evaluate(model: nn.Module, data: Iterable, n_classes: int, device: torch.dev
         y = batch["label"][keep]
         total += F.cross_entropy(logits, y, reduction="sum").double()
         count += len(y)
-        acc.update(logits, y)
-        bacc.update(logits, y)
+        labels.append(y.cpu())
+        preds.append(logits.argmax(1).cpu())
     model.train(was_training)
     if count == 0:
         raise TrainingError("validation data has no labeled cells")
+    y_all, pred_all = torch.cat(labels).numpy(), torch.cat(preds).numpy()
     return {
         "val_loss": float(total) / count,
-        "val_accuracy": float(acc.compute()),
-        "val_balanced_accuracy": float(bacc.compute()),
+        "val_accuracy": float((y_all == pred_all).mean()),
+        "val_balanced_accuracy": balanced_accuracy(y_all, pred_all),
     }
 
 
@@ -256,10 +266,12 @@ def fit(
     log_metrics: Callable[[dict[str, float], int], None] | None = None,
     progress: bool = True,
     steps_per_epoch: int | None = None,
+    on_epoch_end: EpochEnd | None = None,
 ) -> FitResult:
     """Train ``model`` in place for ``cfg.epochs`` epochs (fewer with early stopping).
 
-    Checkpoints ``out_dir/last.pt`` after every epoch; ``resume`` continues from it (bit-identical on CPU).
+    Checkpoints ``out_dir/last.pt`` after every epoch, then calls ``on_epoch_end(epoch, metrics, checkpoint)``;
+    ``resume`` continues from the checkpoint (bit-identical on CPU).
     With early stopping on (``cfg.patience``) the best-validation-loss weights are restored at the end;
     with ``val_data=None`` there is no validation and no early stopping.
     """
@@ -270,7 +282,10 @@ def fit(
         model.to(memory_format=torch.channels_last)
     steps = _steps_per_epoch(train_data, steps_per_epoch, cfg.max_steps_per_epoch)
     total = steps * cfg.epochs
-    optimizer = _optimizer(model, cfg)
+    if not resume:
+        seed_everything(cfg.seed)  # before an objective builds its own modules (param_groups)
+    extra_groups = objective.param_groups(model) if hasattr(objective, "param_groups") else None
+    optimizer = _optimizer(model, cfg, extra_groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(round(cfg.warmup_epochs * steps), total))
     gen = torch.Generator()
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
@@ -290,7 +305,6 @@ def fit(
         _set_rng_state(saved["rng"], gen)
         log.info("resumed from %s at epoch %d", ckpt, st["epoch"])
     else:
-        seed_everything(cfg.seed)
         gen.manual_seed(int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0]))
 
     while st["epoch"] < cfg.epochs and not st["stopped_early"]:
@@ -313,7 +327,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if cfg.grad_clip:
-                sums["grad_norm"] += float(nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+                trained = [*model.parameters(), *(p for g in extra_groups or [] for p in g["params"])]
+                sums["grad_norm"] += float(nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
             optimizer.step()
             scheduler.step()
             objective.on_step_end(model)
@@ -352,6 +367,8 @@ def fit(
                     "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
                     "state": st, "rng": _rng_state(gen), "config": cfg.model_dump(mode="json"),
                 }, tmp)
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, dict(metrics), ckpt)
         if progress:
             tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"epoch": epoch, **metrics}.items()))
 
@@ -379,45 +396,56 @@ def _head_only_dropout(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
+def forward(model: nn.Module, x: Tensor, mc_dropout: int = 0, with_features: bool = True, amp: bool = True
+            ) -> tuple[Tensor, Tensor | None]:
+    """One batch through a model in eval mode: float32 logits (B, K), or (S, B, K) with ``mc_dropout=S`` passes with
+    only Dropout switched to train mode, and penultimate ``features`` (B, D; dropout off) or None.
+
+    The one inference step: :func:`predict`, the ensemble's scoring and active-learning pool scoring all use it.
+    With MC dropout the body runs once and the head S times when all active dropout is in the head."""
+    use_amp = amp and x.device.type == "cuda"
+    if use_amp:
+        x = x.contiguous(memory_format=torch.channels_last)
+    feats = None
+    with _autocast(x.device, use_amp):
+        f = model.forward_features(x)
+        if with_features:
+            feats = model.forward_head(f, pre_logits=True).float()
+        if not mc_dropout:
+            return model.forward_head(f).float(), feats
+        dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+        head_only = _head_only_dropout(model)
+        for m in dropouts:
+            m.train()
+        try:
+            samples = [(model.forward_head(f) if head_only else model(x)).float() for _ in range(mc_dropout)]
+        finally:
+            for m in dropouts:
+                m.eval()
+    return torch.stack(samples), feats
+
+
+@torch.no_grad()
 def predict(
     model: nn.Module, data: Iterable[dict], device: torch.device | str | None = None, mc_dropout: int = 0,
     with_features: bool = True, amp: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Logits (N, K) — or (S, N, K) with ``mc_dropout=S`` passes with only Dropout in train mode — plus
-    penultimate ``features`` (N, D, dropout off), ``idx`` and ``label`` (N,).
-
-    With MC dropout the body runs once per batch and the head S times when all active dropout is in the head.
-    """
+    """Logits (N, K) — or (S, N, K) with ``mc_dropout=S`` (see :func:`forward`) — plus penultimate ``features``
+    (N, D, dropout off), ``idx`` and ``label`` (N,) over every batch of ``data``."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    use_amp = amp and device.type == "cuda"
     was_training = model.training
-    dropouts = [m for m in model.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
-    head_only = _head_only_dropout(model)
     out: dict[str, list] = defaultdict(list)
     seen = 0
     model.eval()
     try:
         for batch in data:
             x = batch["image"].to(device, non_blocking=True)
-            if use_amp:
-                x = x.contiguous(memory_format=torch.channels_last)
             b = len(x)
-            with _autocast(device, use_amp):
-                f = model.forward_features(x)
-                if with_features:
-                    out["features"].append(model.forward_head(f, pre_logits=True).float().cpu())
-                if mc_dropout:
-                    for m in dropouts:
-                        m.train()
-                    samples = [
-                        (model.forward_head(f) if head_only else model(x)).float().cpu() for _ in range(mc_dropout)
-                    ]
-                    for m in dropouts:
-                        m.eval()
-                    out["logits"].append(torch.stack(samples))
-                else:
-                    out["logits"].append(model.forward_head(f).float().cpu())
+            logits, feats = forward(model, x, mc_dropout, with_features, amp)
+            out["logits"].append(logits.cpu())
+            if with_features:
+                out["features"].append(feats.cpu())
             idx = batch.get("idx")
             out["idx"].append(idx.cpu() if idx is not None else torch.arange(seen, seen + b))
             label = batch.get("label")

@@ -39,12 +39,37 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
 
 
+# The MLflow 3 UI opens an experiment by its kind: untagged experiments with no runs yet are shown in the GenAI
+# view (traces, token usage). This tag (read by mlflow/server/js: ExperimentKind.CUSTOM_MODEL_DEVELOPMENT) makes the
+# runs table the first thing a user sees.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def ensure_experiment(client, name: str) -> str:
+    """The id of experiment ``name`` (created if missing), tagged as model training (:data:`EXPERIMENT_KIND`)."""
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except MlflowException:  # created meanwhile by another process (parallel trials)
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
+
+
 def configure(cfg: MlflowConfig) -> str:
     import mlflow
+    from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(cfg.experiment)
+    mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(uri), cfg.experiment))
     return uri
 
 

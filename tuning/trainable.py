@@ -97,8 +97,9 @@ class TrialRun:
             self.client.update_run(run_id, status="RUNNING")
             self.run_id = run_id
             return
-        exp = self.client.get_experiment_by_name(ctx.experiment)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(ctx.experiment)
+        from training.tracking import ensure_experiment
+
+        exp_id = ensure_experiment(self.client, ctx.experiment)
         tags = {MLFLOW_RUN_NAME: f"trial-{trial_id}", TAG_SWEEP: ctx.sweep, TAG_ROLE: "trial", TAG_TRIAL: trial_id,
                 "regime": regime, "stage": "tune", "spatial.overrides": json.dumps(overrides, sort_keys=True),
                 **ctx.tags}

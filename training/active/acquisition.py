@@ -18,6 +18,9 @@ from __future__ import annotations
 import numpy as np
 from scipy.spatial.distance import cdist
 
+from training.uncertainty.decompose import decompose
+from training.uncertainty.decompose import entropy as _entropy
+
 STRATEGIES = (
     "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "coreset",
 )
@@ -56,16 +59,14 @@ def margin(probs: np.ndarray) -> np.ndarray:
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:
-    p = _probs(probs)
-    return -(p * np.log(np.clip(p, _EPS, None))).sum(axis=1)
+    """Predictive entropy (nats) of (N, K) probabilities (:func:`training.uncertainty.decompose.entropy`)."""
+    return _entropy(_probs(probs), axis=1)
 
 
 def bald(samples: np.ndarray) -> np.ndarray:
-    """Mutual information (nats) from (S, N, K) posterior samples; >= 0, and 0 when all samples agree."""
-    s = _probs(samples, ndim=3)
-    mean = s.mean(axis=0)
-    mi = entropy(mean) - (-(s * np.log(np.clip(s, _EPS, None))).sum(axis=2)).mean(axis=0)
-    return np.clip(mi, 0.0, None)
+    """Mutual information (nats) from (S, N, K) posterior samples; >= 0, and 0 when all samples agree: the
+    epistemic part of :func:`training.uncertainty.decompose.decompose`."""
+    return decompose(_probs(samples, ndim=3))["epistemic"]
 
 
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:

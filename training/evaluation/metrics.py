@@ -32,6 +32,18 @@ def check_scores_labels(scores: np.ndarray, labels: np.ndarray, name: str = "pro
     return p, y.astype(np.int64)
 
 
+def balanced_accuracy(labels: np.ndarray, predicted: np.ndarray) -> float:
+    """Mean recall over the classes that occur in ``labels`` (scikit-learn's definition); NaN without cells.
+
+    The one balanced accuracy of the project: validation (engine), evaluation, active learning and tuning."""
+    y, pred = np.asarray(labels), np.asarray(predicted)
+    if not y.size:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return float(skm.balanced_accuracy_score(y, pred))
+
+
 def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str]) -> dict:
     """Accuracy, balanced accuracy, macro F1 and per-class precision/recall/F1/support of ``argmax(probs)``.
 
@@ -52,7 +64,7 @@ def classification_report(probs: np.ndarray, labels: np.ndarray, class_names: Se
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             out["accuracy"] = float(skm.accuracy_score(y, pred))
-            out["balanced_accuracy"] = float(skm.balanced_accuracy_score(y, pred))
+            out["balanced_accuracy"] = balanced_accuracy(y, pred)
             out["macro_f1"] = float(skm.f1_score(y, pred, average="macro", zero_division=0))
             prec, rec, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=idx, zero_division=0)
     else:

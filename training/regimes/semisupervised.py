@@ -28,7 +28,6 @@ state is / is not one of the classes). Ratios are per-step means.
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -38,6 +37,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from training.config import Params
@@ -224,34 +224,35 @@ class FixMatchObjective:
                                      dtype=torch.float32)
         self.truth = None if truth is None else torch.as_tensor(np.asarray(truth), dtype=torch.long)
         self.class_names = class_names or [str(i) for i in range(n_classes)]
-        self.teacher: nn.Module | None = None
+        self.ema: ModelEmaV3 | None = None
         self._pending_teacher: dict | None = None
         self.p_model: Tensor | None = None
         self.updates = 0
         self._running: dict[str, list[float]] = {}
         self._epoch = -1
 
-    # -- teacher -------------------------------------------------------------------------------------
+    # -- teacher ----------------------------------------------------------------------------------------
+    @property
+    def teacher(self) -> nn.Module | None:
+        return None if self.ema is None else self.ema.module
+
     def _teacher(self, model: nn.Module) -> nn.Module:
-        if self.teacher is None:
-            self.teacher = copy.deepcopy(model).eval()
-            for p in self.teacher.parameters():
-                p.requires_grad_(False)
+        if self.ema is None:
+            self.ema = ModelEmaV3(model, decay=self.ema_decay, exclude_buffers=True)
+            self.ema.requires_grad_(False)
             if self._pending_teacher is not None:
-                self.teacher.load_state_dict(self._pending_teacher)
+                self.ema.module.load_state_dict(self._pending_teacher)
                 self._pending_teacher = None
-        return self.teacher
+        return self.ema.module
 
     @torch.no_grad()
     def on_step_end(self, model: nn.Module) -> None:
-        if self.teacher is None:
+        """timm's model EMA, with the decay warmed up as min(ema_decay, (1+t)/(10+t)): track the student early."""
+        if self.ema is None:
             return
         self.updates += 1
-        d = min(self.ema_decay, (1 + self.updates) / (10 + self.updates))  # warm-up: track the student early
-        for t, s in zip(self.teacher.parameters(), model.parameters(), strict=True):
-            t.mul_(d).add_(s.detach(), alpha=1 - d)
-        for t, s in zip(self.teacher.buffers(), model.buffers(), strict=True):
-            t.copy_(s)
+        self.ema.decay = min(self.ema_decay, (1 + self.updates) / (10 + self.updates))
+        self.ema.update(model)
 
     # -- loss ----------------------------------------------------------------------------------------
     def _ratio(self, name: str, num: float, den: float) -> float:
@@ -347,8 +348,8 @@ class FixMatchObjective:
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("teacher") is not None:
-            if self.teacher is not None:
-                self.teacher.load_state_dict(d["teacher"])
+            if self.ema is not None:
+                self.ema.module.load_state_dict(d["teacher"])
             else:
                 self._pending_teacher = d["teacher"]
         self.p_model = d.get("p_model")
@@ -382,27 +383,33 @@ class ConvDecoder(nn.Module):
 
 class AutoencoderObjective:
     """Classification loss on labeled cells + ``recon_weight`` x MSE reconstruction of every cell (labeled and
-    unlabeled) by a decoder on the model's feature map. The decoder is not part of the saved model: it has its
-    own optimizer, stepped in ``on_step_end``, and lives in this objective's state."""
+    unlabeled) by a decoder on the model's feature map. The decoder is not part of the saved model: it is an extra
+    parameter group of the engine's optimizer (:meth:`param_groups`: same warm-up, cosine schedule and gradient
+    clipping as the model, no weight decay) and its weights live in this objective's state."""
 
-    def __init__(self, n_classes: int, augmenter: Augmenter, recon_weight: float = 1.0, lr: float = 2e-3,
-                 label_smoothing: float = 0.0, class_weights: Tensor | None = None):
-        self.n_classes, self.augmenter, self.recon_weight, self.lr = n_classes, augmenter, recon_weight, lr
+    def __init__(self, n_classes: int, augmenter: Augmenter, in_channels: int, image_size: int,
+                 recon_weight: float = 1.0, label_smoothing: float = 0.0, class_weights: Tensor | None = None):
+        self.n_classes, self.augmenter, self.recon_weight = n_classes, augmenter, recon_weight
+        self.in_channels, self.image_size = in_channels, image_size
         self.label_smoothing, self.class_weights = label_smoothing, class_weights
         self.decoder: ConvDecoder | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self._pending: dict | None = None
 
-    def _decoder(self, fmap: Tensor, x: Tensor) -> ConvDecoder:
+    @torch.no_grad()
+    def _build(self, model: nn.Module) -> ConvDecoder:
         if self.decoder is None:
-            factor = x.shape[-1] // max(1, fmap.shape[-1])
-            self.decoder = ConvDecoder(fmap.shape[1], x.shape[1], factor).to(fmap.device)
-            self.optimizer = torch.optim.AdamW(self.decoder.parameters(), lr=self.lr, weight_decay=0.0)
-            if self._pending is not None:
-                self.decoder.load_state_dict(self._pending["decoder"])
-                self.optimizer.load_state_dict(self._pending["optimizer"])
-                self._pending = None
+            device = next(model.parameters()).device
+            was_training = model.training
+            model.eval()
+            fmap = model.forward_features(torch.zeros(1, self.in_channels, self.image_size, self.image_size,
+                                                      device=device))
+            model.train(was_training)
+            factor = self.image_size // max(1, fmap.shape[-1])
+            self.decoder = ConvDecoder(fmap.shape[1], self.in_channels, factor).to(device)
         return self.decoder
+
+    def param_groups(self, model: nn.Module) -> list[dict]:
+        """The decoder's parameters as one optimizer group (built for ``model``'s feature map)."""
+        return [{"params": list(self._build(model).parameters()), "weight_decay": 0.0}]
 
     def loss(self, model: nn.Module, batch: dict, step: StepContext) -> tuple[Tensor, dict[str, float]]:
         g = step.generator
@@ -418,7 +425,8 @@ class AutoencoderObjective:
         x_all = torch.cat(parts)
         fmap = model.forward_features(x_all)
         logits = model.forward_head(fmap[: len(y)]).float()
-        recon = self._decoder(fmap, x_all)(fmap, tuple(x_all.shape[-2:])).float()
+        decoder = self._build(model)
+        recon = decoder(fmap, tuple(x_all.shape[-2:])).float()
         cw = None if self.class_weights is None else self.class_weights.to(logits.device)
         loss_x = F.cross_entropy(logits, y, weight=cw, label_smoothing=self.label_smoothing)
         loss_r = F.mse_loss(recon, x_all.float())
@@ -426,24 +434,18 @@ class AutoencoderObjective:
         return loss, {"train_accuracy": (logits.argmax(1) == y).float().mean().item(), "ssl/recon_mse": loss_r.item()}
 
     def on_step_end(self, model: nn.Module) -> None:
-        if self.optimizer is not None:
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
+        pass
 
     def state_dict(self) -> dict:
         if self.decoder is None:
-            return {} if self._pending is None else self._pending
-        return {"decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()},
-                "optimizer": self.optimizer.state_dict()}
+            return {}
+        return {"decoder": {k: v.detach().cpu().clone() for k, v in self.decoder.state_dict().items()}}
 
     def load_state_dict(self, d: dict) -> None:
-        if not d:
-            return
-        if self.decoder is not None:
+        """Decoder weights (the engine builds the decoder before it loads a checkpoint; its optimizer state is in
+        the engine's)."""
+        if d and self.decoder is not None:
             self.decoder.load_state_dict(d["decoder"])
-            self.optimizer.load_state_dict(d["optimizer"])
-        else:
-            self._pending = d
 
 
 # -- factory ----------------------------------------------------------------------------------------------------
@@ -487,8 +489,9 @@ def make_ssl_objective(params: Params, data, seed: int, truth: pd.DataFrame | No
     k = len(data.classes)
     y = data.split("train")["y"].to_numpy()
     if params.ssl.method == "autoencoder":
-        return AutoencoderObjective(k, Augmenter(params.data.augment), params.ssl.recon_weight, params.train.lr,
-                                    params.train.label_smoothing, class_weights(y, k, params.train.class_weights))
+        return AutoencoderObjective(k, Augmenter(params.data.augment), len(data.channels), data.image_size,
+                                    params.ssl.recon_weight, params.train.label_smoothing,
+                                    class_weights(y, k, params.train.class_weights))
     if truth is None and params.ssl.truth:
         truth = read_truth(params.ssl.truth)
     codes = None

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from training.config import ModelConfig
 from training.data.loader import Preprocess
+from training.engine import forward
 from training.errors import DataError, ModelError
 from training.models.factory import build_model
 from training.uncertainty.decompose import decompose, softmax
@@ -126,21 +127,13 @@ class Ensemble:
         ``novelty`` ``(N,)`` and optionally mean penultimate ``features`` ``(N, D)``. Cells come first so batches
         concatenate along axis 0."""
         x = x.to(self.device, non_blocking=True)
-        use_amp = self.device.type == "cuda"
-        samples = self.spec.mc_samples if self.spec.posterior == "mc_dropout" else 1
+        samples = self.spec.mc_samples if self.spec.posterior == "mc_dropout" else 0
         logits, novelty, feats = [], [], []
         for k, model in enumerate(self.members):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=use_amp):
-                fmap = model.forward_features(x)
-                f = model.forward_head(fmap, pre_logits=True)
-                if samples > 1:
-                    _dropout_train(model, True)
-                    lg = torch.stack([model.forward_head(fmap) for _ in range(samples)], dim=1)
-                    _dropout_train(model, False)
-                else:
-                    lg = model.forward_head(fmap)[:, None]
-            logits.append(lg.float().cpu().numpy())
-            f = f.float().cpu().numpy()
+            lg, f = forward(model, x, mc_dropout=samples, with_features=True)
+            lg = lg.transpose(0, 1) if samples else lg[:, None]  # (N, S, K)
+            logits.append(lg.cpu().numpy())
+            f = f.cpu().numpy()
             if self.novelty:
                 novelty.append(self.novelty[k].score(f))
             if with_features:
@@ -206,8 +199,3 @@ class Ensemble:
             df[name] = out[name].astype(np.float32)
         return df
 
-
-def _dropout_train(model: torch.nn.Module, on: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.train(on)
