@@ -221,3 +221,26 @@ def test_al_classes_make_the_campaign_split_for_them(tiny_manifest, tmp_path, mo
     assert campaign["classes"] == ["bright", "dim", "spotty"]
     q = pd.read_parquet(out / "queries.parquet")
     assert set(q["label"]) <= {"bright", "dim", "spotty", NO_CLASS} and len(q) == 4 + 3
+
+
+def test_semisupervised_rounds_honour_ssl_method(setup):
+    """al.semisupervised trains each round with the regime's objective: FixMatch or the autoencoder (ssl.method)."""
+    import torch
+
+    from training.active.campaign import train_models
+
+    p, _, _ = setup
+    g = torch.Generator().manual_seed(0)
+    x, y, u = torch.rand(12, 1, 32, 32, generator=g), np.arange(12) % 2, torch.rand(24, 1, 32, 32, generator=g)
+    p = p.model_copy(update={"al": p.al.model_copy(update={"min_steps": 3, "epochs": 1, "batch_size": 4})})
+
+    def weights(method: str | None) -> list[torch.Tensor]:
+        q = p if method is None else p.model_copy(update={"ssl": p.ssl.model_copy(update={
+            "method": method, "threshold": 1e-6})})
+        (model,) = train_models(x, y, q, seed=0, n_classes=2, unlabeled=None if method is None else u)
+        return [t.clone() for t in model.state_dict().values()]
+
+    sup, fix, ae = weights(None), weights("fixmatch"), weights("autoencoder")
+    assert weights("autoencoder")[0].equal(ae[0])  # same seed, same result
+    differs = lambda a, b: any(not s.equal(t) for s, t in zip(a, b, strict=True))  # noqa: E731
+    assert differs(sup, fix) and differs(sup, ae) and differs(fix, ae)

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from training.config import AugmentConfig, ModelConfig, TrainConfig
@@ -290,3 +291,19 @@ def test_mc_dropout_in_the_body() -> None:
     assert out["logits"].std(0).max() > 1e-4
     np.testing.assert_allclose(out["features"], model.eval().forward_head(model.forward_features(x), True).detach(),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_validation_balanced_accuracy_is_the_one_metric():
+    """engine.evaluate scores with training.evaluation.metrics.balanced_accuracy: mean recall over present classes."""
+    from training.engine import evaluate as engine_eval
+
+    class Always(nn.Module):  # predicts class 0 for every cell
+        def forward(self, x):
+            return torch.tensor([[5.0, 0.0, 0.0]]).repeat(len(x), 1)
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 2])
+    batches = [{"image": torch.zeros(3, 1, 4, 4), "label": labels[:3]},
+               {"image": torch.zeros(3, 1, 4, 4), "label": labels[3:]}]
+    m = engine_eval(Always(), batches, 3, torch.device("cpu"))
+    assert m["val_balanced_accuracy"] == pytest.approx(1 / 3)  # recall 1, 0, 0
+    assert m["val_accuracy"] == pytest.approx(3 / 6)

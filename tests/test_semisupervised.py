@@ -19,13 +19,13 @@ from training.data.trainset import HIDDEN, keep_label_fraction, prepare_data, un
 from training.engine import StepContext, fit
 from training.models.factory import build_model
 from training.regimes.ensemble_training import loaders, train_member
+from training.regimes.objectives import make_objective
 from training.regimes.semisupervised import (
     AutoencoderObjective,
     FixMatchObjective,
     MixedLoader,
     NoveltyGuard,
     flexible_thresholds,
-    make_ssl_objective,
     pseudo_labels,
     training_stream,
 )
@@ -171,7 +171,7 @@ def test_semisupervised_member_trains_through_the_engine(tiny_data, tmp_path):
     assert {"ssl/mask_rate", "ssl/weight", "ssl/pl_frac/bright", "ssl/pl_frac/spotty"} <= set(logged[0])
     d = keep_label_fraction(tiny_data, 0.5, p.split.seed)
     truth = unlabeled_table(d).assign(state="on")  # a hand-made truth table: "on" is no tiny class
-    obj = make_ssl_objective(p, d, 0, truth=truth)
+    obj = make_objective(p, d, 0, truth=truth)
     assert obj.truth is not None and (obj.truth == -1).all()
 
 

@@ -34,12 +34,13 @@ from tqdm.auto import tqdm
 from training.active.acquisition import NEEDS_EMBEDDINGS, NEEDS_SAMPLES, STRATEGIES, check_strategy, select, typiclust
 from training.active.oracle import NO_CLASS
 from training.config import Params
-from training.data.augment import Augmenter
 from training.data.loader import loader_for
-from training.engine import SupervisedObjective, fit, predict, seed_everything
+from training.data.streams import training_stream
+from training.engine import fit, predict, seed_everything
 from training.errors import ConfigError, DataError, TrainingError
 from training.evaluation.metrics import calibration_report, classification_report
 from training.models.factory import build_model
+from training.regimes.objectives import build_objective
 
 log = logging.getLogger(__name__)
 CURVE_COLUMNS = ["strategy", "seed", "round", "n_labels", "n_trained", "balanced_accuracy", "macro_f1", "nll",
@@ -157,34 +158,33 @@ def train_models(images: torch.Tensor, labels: np.ndarray, params: Params, seed:
                  unlabeled: torch.Tensor | None = None) -> list[nn.Module]:
     """``al.members`` models trained from scratch on the labeled cells (``labels`` >= 0) with the round recipe:
     ``al.epochs`` epochs of ``al.batch_size``, at least ``al.min_steps`` steps, standard augmentation, no early
-    stopping; with ``unlabeled`` images, FixMatch on them."""
-    from training.data.trainset import class_weights
-    from training.regimes.semisupervised import MixedLoader, fixmatch_from_params
-
+    stopping. With ``unlabeled`` images, the semi-supervised regime (``ssl.method``: FixMatch or the autoencoder) on
+    them. Objective and stream come from the same builders as ``spatial train``."""
     al = params.al
     use = labels >= 0
     x, y = images[torch.as_tensor(use)], labels[use]
     if len(y) == 0:
         raise TrainingError("no labeled cell of a configured class to train on (the oracle answered 'none of "
                             "these' for every query)")
+    semi = unlabeled is not None and len(unlabeled) > 0
+    p = params.model_copy(update={"train": params.train.model_copy(
+        update={"regime": "semisupervised" if semi else "supervised"})})
     b = min(al.batch_size, len(y))
     steps = max(math.ceil(len(y) / b), math.ceil(al.min_steps / al.epochs))
+    size = images.shape[-1]
     models = []
     for m in range(al.members):
         s = seed + 7919 * m
-        cfg = params.train.model_copy(update={"seed": s, "epochs": al.epochs, "patience": None,
-                                             "max_steps_per_epoch": None})
+        cfg = p.train.model_copy(update={"seed": s, "epochs": al.epochs, "patience": None,
+                                        "max_steps_per_epoch": None})
         seed_everything(s)
         model = build_model(params.model, images.shape[1], n_classes)
-        loader = TensorLoader(x, y, b, shuffle=True, seed=s, steps=steps)
-        if unlabeled is not None and len(unlabeled):
-            objective = fixmatch_from_params(params, n_classes, [str(i) for i in range(n_classes)], y)
+        u_loader = None
+        if semi:
             ub = min(params.ssl.unlabeled_ratio * b, len(unlabeled))
-            loader = MixedLoader(loader, TensorLoader(unlabeled, None, ub, shuffle=True, seed=s + 1, steps=steps),
-                                 steps)
-        else:
-            objective = SupervisedObjective(n_classes, Augmenter(params.data.augment), params.train.label_smoothing,
-                                            class_weights(y, n_classes, params.train.class_weights))
+            u_loader = TensorLoader(unlabeled, None, ub, shuffle=True, seed=s + 1, steps=steps)
+        loader = training_stream(TensorLoader(x, y, b, shuffle=True, seed=s, steps=steps), steps, u_loader)
+        objective = build_objective(p, y, n_classes, images.shape[1], size)
         fit(model, loader, None, cfg, objective, n_classes, progress=False, steps_per_epoch=steps)
         models.append(model.eval())
     return models

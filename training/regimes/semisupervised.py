@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,88 +42,37 @@ from torch import Tensor, nn
 from training.config import Params
 from training.data.augment import Augmenter
 from training.data.loader import loader_for
-from training.data.trainset import HIDDEN, class_weights, unlabeled_table
+from training.data.streams import MixedLoader, RepeatLoader
+from training.data.streams import training_stream as stream
+from training.data.trainset import HIDDEN, unlabeled_table
 from training.engine import StepContext
 from training.errors import ConfigError, TrainingError
 
+__all__ = ["MixedLoader", "RepeatLoader", "training_stream"]
 log = logging.getLogger(__name__)
+NO_UNLABELED = ("semi-supervised training needs unlabeled cells: the split has none (no screen files in the manifest, "
+                "split.unlabeled_max=0?) and ssl.label_fraction=1 hides no labels")
 UNKNOWN = -2  # truth code: no truth for this cell (NO_CLASS = -1: its state is none of the classes)
 
 
-def _cycle(loader, base: int) -> Iterator[dict]:
-    """Endless batches: pass ``p`` over ``loader`` is shuffled as epoch ``base + p``."""
-    p = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(base + p)
-        n = 0
-        for batch in loader:
-            n += 1
-            yield batch
-        if n == 0:
-            raise TrainingError("a training loader yielded no batches")
-        p += 1
-
-
-class RepeatLoader:
-    """``steps`` batches per epoch from ``loader``, cycled (a small labeled set gets the full step budget)."""
-
-    def __init__(self, loader, steps: int):
-        self.loader, self.steps, self.epoch = loader, steps, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[dict]:
-        it = _cycle(self.loader, self.epoch * 10_007)
-        for _ in range(self.steps):
-            yield next(it)
-
-
-class MixedLoader:
-    """Labeled batches (``image``, ``label``, ``idx``) zipped with unlabeled ones (``u_image``, ``u_idx``; row
-    positions in :func:`unlabeled_table`); both cycled, ``steps`` per epoch."""
-
-    def __init__(self, labeled, unlabeled, steps: int):
-        self.labeled, self.unlabeled, self.steps, self.epoch = labeled, unlabeled, steps, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.steps
-
-    def __iter__(self) -> Iterator[dict]:
-        lab = _cycle(self.labeled, self.epoch * 10_007)
-        unl = _cycle(self.unlabeled, self.epoch * 10_007)
-        for _ in range(self.steps):
-            batch = dict(next(lab))
-            u = next(unl)
-            batch["u_image"], batch["u_idx"] = u["image"], u["idx"]
-            yield batch
-
-
 def training_stream(train_loader, data, params: Params, seed: int):
-    """The engine's training data for the regime: as given (supervised, all labels), repeated to the full-data
-    step budget (supervised with ``ssl.label_fraction`` < 1), or zipped with the unlabeled cells."""
+    """The engine's training data for ``data`` (``TrainData``) and the regime: the labeled loader as given
+    (supervised, all labels), repeated to the full-data step budget (``ssl.label_fraction`` < 1), or zipped with a
+    loader over the unlabeled cells (semi-supervised) — through :func:`training.data.streams.training_stream`."""
     b = params.data.batch_size
     n_full = int((data.cells["split"] == "train").sum())
     if HIDDEN in data.cells:
         n_full += int(data.cells[HIDDEN].fillna(False).astype(bool).sum())
     steps = max(len(train_loader), math.ceil(n_full / b))
     if params.train.regime != "semisupervised":
-        return train_loader if steps == len(train_loader) else RepeatLoader(train_loader, steps)
+        return stream(train_loader, steps)
     unl = unlabeled_table(data)
     if unl.empty:
-        raise TrainingError("semi-supervised training needs unlabeled cells: the split has none (no screen files "
-                            "in the manifest, split.unlabeled_max=0?) and ssl.label_fraction=1 hides no labels")
+        raise TrainingError(NO_UNLABELED)
     ub = params.ssl.unlabeled_ratio * b
     u_loader = loader_for(unl, params.data, data.channels, shuffle=True, seed=seed + 1,
                           batch_size=min(ub, len(unl)), drop_last=True)
-    return MixedLoader(train_loader, u_loader, steps)
+    return stream(train_loader, steps, u_loader)
 
 
 # -- FixMatch -----------------------------------------------------------------------------------------------
@@ -467,37 +415,3 @@ def truth_codes(cells: pd.DataFrame, truth: pd.DataFrame, classes: list[str], st
     s = truth_classes(truth, classes, state_classes)
     pos = s.index.get_indexer(cell_keys(cells))
     return np.where(pos >= 0, s.to_numpy()[np.maximum(pos, 0)], UNKNOWN).astype(np.int64)
-
-
-def fixmatch_from_params(params: Params, n_classes: int, class_names: list[str], y_train: np.ndarray,
-                         truth: np.ndarray | None = None) -> FixMatchObjective:
-    s = params.ssl
-    counts = np.bincount(y_train[y_train >= 0], minlength=n_classes).astype(np.float64)
-    return FixMatchObjective(
-        n_classes, Augmenter(params.data.augment), s.threshold, s.unlabeled_weight, s.ema_decay,
-        s.distribution_alignment, s.novelty_guard, s.guard_quantile, params.train.label_smoothing,
-        class_weights(y_train, n_classes, params.train.class_weights),
-        prior=counts / max(counts.sum(), 1.0), truth=truth, class_names=class_names,
-        class_thresholds=s.class_thresholds,
-    )
-
-
-def make_ssl_objective(params: Params, data, seed: int, truth: pd.DataFrame | None = None):
-    """The ``ssl.method`` objective for ``data`` (``TrainData``). ``truth`` (or ``ssl.truth``) is a simulator
-    truth table used only to log pseudo-label accuracy on the unlabeled cells."""
-    del seed  # the engine's generator drives every random draw
-    k = len(data.classes)
-    y = data.split("train")["y"].to_numpy()
-    if params.ssl.method == "autoencoder":
-        return AutoencoderObjective(k, Augmenter(params.data.augment), len(data.channels), data.image_size,
-                                    params.ssl.recon_weight, params.train.label_smoothing,
-                                    class_weights(y, k, params.train.class_weights))
-    if truth is None and params.ssl.truth:
-        truth = read_truth(params.ssl.truth)
-    codes = None
-    if truth is not None:
-        codes = truth_codes(unlabeled_table(data), truth, data.classes, params.al.state_classes)
-        if (codes == UNKNOWN).all():
-            log.warning("the truth table names none of the unlabeled cells: no pseudo-label accuracy")
-            codes = None
-    return fixmatch_from_params(params, k, data.classes, y, codes)
