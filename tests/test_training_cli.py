@@ -78,6 +78,9 @@ def test_mlflow_run_layout_and_champion(trained):
     assert "test_balanced_accuracy" in run.data.metrics and "test_heldout_density_auroc" in run.data.metrics
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["member-0", "member-1"]
+    # the MLflow 3 UI opens a model-training experiment on its runs table, not the GenAI view
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+
     history = client.get_metric_history(children[0].info.run_id, "val_loss")
     assert len(history) == 3  # one point per epoch
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluate")}
@@ -90,6 +93,11 @@ def test_mlflow_run_layout_and_champion(trained):
     out = loaded.predict(x)
     direct = Ensemble.load(trained / "ens").to_frame(Ensemble.load(trained / "ens").predict_images(x))
     np.testing.assert_allclose(out["prob_bright"], direct["prob_bright"], atol=1e-5)
+
+
+def test_work_folder_removed_after_a_successful_train(trained):
+    assert (trained / "ens" / "spec.json").is_file()
+    assert not (trained / ".ens.work").exists()
 
 
 def test_alias_moves_only_to_a_better_version(trained):

@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from training.config import Params
@@ -68,10 +67,7 @@ def promote(best: dict[str, Any], params: Params, table: pd.DataFrame, classes: 
     run id, ensemble directory and test metrics."""
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    from training.data.trainset import prepare_data
-    from training.evaluation.evaluate import evaluate
-    from training.regimes.ensemble_training import train_ensemble
-    from training.tracking import Tracker, log_ensemble_model, register
+    from training.workflow import train_evaluate_register
 
     if "overrides" not in best:
         raise ConfigError("best config has no 'overrides' (expected a best.json written by spatial tune)")
@@ -80,20 +76,12 @@ def promote(best: dict[str, Any], params: Params, table: pd.DataFrame, classes: 
         table = active_table(table, campaign_queries(best, p), p.al.pool)
     out = Path(out)
     eval_dir = Path(eval_dir) if eval_dir is not None else out.parent / f"{out.name}.evaluate"
-    data = prepare_data(table, classes, p)
     tags = {"stage": "tune-promote", "regime": regime, TAG_SWEEP: str(best.get("sweep", "")),
             "spatial.source_trial": str(best.get("trial_id", "")),
             "spatial.source_run": str(best.get("mlflow_run_id", ""))}
     if best.get("parent_run_id"):
         tags[MLFLOW_PARENT_RUN_ID] = best["parent_run_id"]
-    with Tracker(p, run_name=f"promote-{best.get('sweep', 'sweep')}", tags=tags) as tr:
-        ens = train_ensemble(data, p, out, progress=progress, tracker=tr)
-        metrics = evaluate(ens, table, p, eval_dir, progress=progress)
-        tr.log_metrics({f"test_{k}".replace("/", "_"): v for k, v in metrics.items()})
-        tr.log_artifacts(eval_dir, "evaluate")
-        s = ens.spec.image_size
-        example = np.random.default_rng(0).random((2, len(ens.spec.channels), s, s), dtype=np.float32)
-        uri = log_ensemble_model(out, example)
-        result = register(uri, tr.run_id, p.registry)
-    return result | {"model_uri": uri, "run_id": tr.run_id, "ensemble": str(out), "evaluate": str(eval_dir),
-                     "test_balanced_accuracy": metrics.get("balanced_accuracy"), "overrides": best["overrides"]}
+    result = train_evaluate_register(table, classes, p, out, eval_dir, run_name=f"promote-{best.get('sweep', 'sweep')}",
+                                     tags=tags, progress=progress)
+    result.pop("metrics")
+    return result | {"overrides": best["overrides"]}

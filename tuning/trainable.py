@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from training.config import Params, resolve
-from training.errors import ConfigError, TrainingError
+from training.errors import ConfigError
 from tuning.space import REGIME_KEY, REGIMES, decode
 
 log = logging.getLogger(__name__)
@@ -129,59 +129,40 @@ class TrialRun:
         self.client.set_terminated(self.run_id, status)
 
 
-def _saved_epoch(ckpt: Path) -> int:
-    """The last epoch in the engine's ``last.pt`` (-1 if none yet)."""
-    if not ckpt.is_file():
-        return -1
-    import torch
-
-    state = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True)
-    return int(state["state"]["epoch"]) - 1
-
-
 class EpochReporter:
-    """The engine's ``log_metrics``. Each epoch goes to MLflow and to Tune together with the checkpoint written
-    for that epoch, so a resumed trial continues right after its last reported epoch and logs no epoch twice.
-    The engine may call this before it saves the epoch's checkpoint: that epoch then waits for the next call
-    (or :meth:`flush`)."""
+    """The engine's end-of-epoch hook (called after the epoch's checkpoint is saved): the epoch goes to MLflow at
+    once and to Tune with a copy of that checkpoint. Each Tune report waits for the next epoch (or :meth:`flush`),
+    so that the last one comes after the trial's MLflow run is closed: a scheduler stop there loses nothing. An
+    epoch that ran again after a retry is logged again (MLflow keeps both values at that step)."""
 
-    def __init__(self, work: Path, run: TrialRun | None, report: Report | None, extra: dict[str, Any]):
-        from training.engine import CHECKPOINT
+    def __init__(self, run: TrialRun | None, report: Report | None, extra: dict[str, Any]):
+        self.run, self.report, self.extra = run, report, extra
+        self.pending: tuple[dict[str, Any], tempfile.TemporaryDirectory | None] | None = None
 
-        self.work, self.rel, self.run, self.report, self.extra = work, Path(MEMBER) / CHECKPOINT, run, report, extra
-        self.pending: list[tuple[int, dict[str, Any]]] = []
-        self.logged = -1
-
-    def __call__(self, metrics: dict[str, float], epoch: int) -> None:
-        self.pending.append((epoch, dict(metrics)))
-        self.flush(_saved_epoch(self.work / self.rel))
-
-    def log_pending(self) -> None:
-        """Log every waiting epoch to MLflow (before the run is closed; their Tune reports follow in flush)."""
-        for epoch, metrics in self.pending:
-            self._log(epoch, metrics)
-
-    def _log(self, epoch: int, metrics: dict[str, Any]) -> None:
-        if self.run is not None and epoch > self.logged:
+    def __call__(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
+        if self.run is not None:
             self.run.log_metrics(metrics, epoch)
-        self.logged = max(self.logged, epoch)
+        result = {**metrics, "epoch": epoch, **self.extra}
+        copy = None
+        if self.report is not None and checkpoint is not None:
+            copy = tempfile.TemporaryDirectory(prefix="spatial-ckpt-")
+            rel = Path(MEMBER) / checkpoint.name
+            (Path(copy.name) / rel).parent.mkdir(parents=True)
+            shutil.copy2(checkpoint, Path(copy.name) / rel)
+            (Path(copy.name) / TRIAL_STATE).write_text(json.dumps({"epoch": epoch, **self.extra}))
+        self.flush()
+        self.pending = (result, copy)
 
-    def flush(self, saved: int | None = None) -> None:
-        saved = _saved_epoch(self.work / self.rel) if saved is None else saved
-        while self.pending and self.pending[0][0] <= saved:
-            epoch, metrics = self.pending.pop(0)
-            self._log(epoch, metrics)
-            if self.report is None:
-                continue
-            result = {**metrics, "epoch": epoch, **self.extra}
-            if epoch != saved:
-                self.report(result, None)
-                continue
-            with tempfile.TemporaryDirectory(prefix="spatial-ckpt-") as tmp:
-                (Path(tmp) / self.rel).parent.mkdir(parents=True)
-                shutil.copy2(self.work / self.rel, Path(tmp) / self.rel)
-                (Path(tmp) / TRIAL_STATE).write_text(json.dumps({"epoch": epoch, **self.extra}))
-                self.report(result, Path(tmp))
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        (result, copy), self.pending = self.pending, None
+        try:
+            if self.report is not None:
+                self.report(result, Path(copy.name) if copy is not None else None)
+        finally:
+            if copy is not None:
+                copy.cleanup()
 
 
 class RoundReporter:
@@ -217,7 +198,7 @@ def _trained(params: Params, data, work: Path, resume: bool, reporter: EpochRepo
     from training.regimes.ensemble_training import train_member
 
     p = params.model_copy(update={"uncertainty": params.uncertainty.model_copy(update={"novelty": "none"})})
-    _, temperature, _, res = train_member(0, data, p, work, resume=resume, log_metrics=reporter, progress=False)
+    _, temperature, _, res = train_member(0, data, p, work, resume=resume, progress=False, on_epoch_end=reporter)
     held = next((h for h in res.history if h["epoch"] == res.weights_epoch), res.history[-1] if res.history else {})
     final = {f"final_{k}": v for k, v in held.items() if k.startswith("val_")}
     final.update(best_epoch=res.best_epoch, best_val_loss=res.best_val_loss, epochs_run=res.epochs_run,
@@ -242,12 +223,9 @@ def _active(params: Params, data, ctx: TrialContext, run: TrialRun | None, repor
 
     The queried cells (``queries.parquet``) are logged to the trial's run: ``spatial tune --promote`` trains the
     ensemble on them."""
-    try:
-        from training.active.campaign import run_campaign
-        from training.active.oracle import make_oracle
-    except ImportError as exc:
-        raise TrainingError(f"train.regime=active needs training/active/campaign.py, which cannot be imported: {exc}"
-                            ) from None
+    from training.active.campaign import run_campaign
+    from training.active.oracle import make_oracle
+
     strategy = params.al.strategies[0] if params.al.strategies else "random"
     oracle = make_oracle(params.al.oracle, data.classes, data.cells, params.al.state_classes, ctx.manifest,
                          params.al.labels_csv)
@@ -295,11 +273,9 @@ def run_trial(config: dict[str, Any], table: pd.DataFrame, ctx: TrialContext, re
         if regime == "active":
             final, reporter = _active(params, data, ctx, run, report, extra, progress)
         else:
-            reporter = EpochReporter(work, run, report, extra)
+            reporter = EpochReporter(run, report, extra)
             final = _trained(params, data, work, resume=previous is not None, reporter=reporter)
         final["trial_seconds"] = time.perf_counter() - t0
-        if isinstance(reporter, EpochReporter):
-            reporter.log_pending()
         if run is not None:
             run.finish(final)
         reporter.flush()  # the last report comes after MLflow is closed: a scheduler stop ends the trial there

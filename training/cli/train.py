@@ -1,11 +1,10 @@
-"""``spatial train | evaluate | register``: the classifier, its evaluation and the registry."""
+"""``spatial train | evaluate | register``: the steps of :mod:`training.workflow` (one DVC stage each)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
 
 from training.cli.options import ParamsOpt, ProgressOpt, SetOpt, load_split_table, params_for, write_json
@@ -21,18 +20,15 @@ def add_commands(app: typer.Typer) -> None:
               resume: Annotated[bool, typer.Option(help="continue members from their last checkpoints")] = False,
               progress: ProgressOpt = True) -> None:
         """Train the configured regime as a deep ensemble; logs to MLflow (parent run + a run per member)."""
+        from training import workflow
         from training.data.trainset import prepare_data
-        from training.regimes.ensemble_training import train_ensemble
         from training.tracking import Tracker
 
         p = params_for(params, set_)
         table, summary = load_split_table(p, splits, manifest, out)
         data = prepare_data(table, summary.get("classes") or p.split.classes, p)
         with Tracker(p, run_name=f"ensemble-{p.model.name}", tags={"stage": "train", "regime": p.train.regime}) as tr:
-            ens = train_ensemble(data, p, out, resume=resume, progress=progress, tracker=tr)
-            tr.log_metrics({"val_loss_best_mean": float(np.mean(ens.spec.info["best_val_loss"]))})
-            result = {"members": ens.spec.n_members, "classes": ens.spec.classes, "mlflow_run_id": tr.run_id,
-                      "temperatures": ens.spec.temperatures, "best_val_loss": ens.spec.info["best_val_loss"]}
+            ens, result = workflow.train(data, p, out, tr, resume=resume, progress=progress)
         if metrics:
             write_json(metrics, result)
         typer.echo(f"wrote {out} ({ens.spec.n_members} members, classes {', '.join(ens.spec.classes)})")
@@ -47,18 +43,15 @@ def add_commands(app: typer.Typer) -> None:
                  metrics: Annotated[Path | None, typer.Option(help="flat metrics JSON (DVC)")] = None,
                  progress: ProgressOpt = True) -> None:
         """Test-split metrics, calibration, held-out-class detection, plots and per-cell predictions."""
-        from training.evaluation.evaluate import evaluate as run_eval
+        from training import workflow
         from training.tracking import Tracker
         from training.uncertainty.ensemble import Ensemble
 
         p = params_for(params, set_)
         ens = Ensemble.load(model)
         table, _ = load_split_table(p, splits, manifest, out)
-        result = run_eval(ens, table, p, out, progress=progress)
-        run_id = ens.spec.info.get("mlflow_run_id")
-        with Tracker(p, run_name="evaluate", run_id=run_id) as tr:
-            tr.log_metrics({f"test_{k}".replace("/", "_"): v for k, v in result.items()})
-            tr.log_artifacts(out, "evaluate")
+        with Tracker(p, run_name="evaluate", run_id=ens.spec.info.get("mlflow_run_id")) as tr:
+            result = workflow.evaluate(ens, table, p, out, tr, progress=progress)
         if metrics:
             write_json(metrics, result)
         typer.echo(f"balanced accuracy {result['balanced_accuracy']:.3f}, NLL {result['nll']:.3f}, ECE {result['ece']:.3f}"
@@ -70,17 +63,14 @@ def add_commands(app: typer.Typer) -> None:
                  model: Annotated[Path, typer.Option(help="ensemble directory")] = Path("models/ensemble"),
                  out: Annotated[Path | None, typer.Option(help="JSON with the registered version")] = None) -> None:
         """Log the ensemble as one MLflow model, register it and move the alias if it beats the holder."""
-        from training.tracking import Tracker, log_ensemble_model
-        from training.tracking import register as do_register
+        from training import workflow
+        from training.tracking import Tracker
         from training.uncertainty.ensemble import Ensemble
 
         p = params_for(params, set_)
         ens = Ensemble.load(model)
-        s = ens.spec.image_size
-        example = np.random.default_rng(0).random((2, len(ens.spec.channels), s, s), dtype=np.float32)
         with Tracker(p, run_name="register", run_id=ens.spec.info.get("mlflow_run_id")) as tr:
-            uri = log_ensemble_model(model, example)
-            result = do_register(uri, tr.run_id, p.registry) | {"model_uri": uri, "run_id": tr.run_id}
+            result = workflow.register(model, p, tr)
         if out:
             write_json(out, result)
         moved = "moved to it" if result["alias_moved"] else f"stays on version {result['alias_version']}"

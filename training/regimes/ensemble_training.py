@@ -3,12 +3,14 @@
 ``train_ensemble`` runs K members (different seeds, optionally bootstrap resamples of the training cells),
 fits a temperature per member on the validation split and a feature-density novelty model per member on the
 training cells, and saves an :class:`~training.uncertainty.ensemble.Ensemble` directory. MLflow gets one parent run with
-a nested run per member (per-epoch metrics).
+a nested run per member (per-epoch metrics). Member checkpoints go to a work folder beside ``out``
+(``.<name>.work``, what ``--resume`` continues from); it is removed once the ensemble is saved.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +48,9 @@ def loaders(data: TrainData, params: Params, seed: int, train_rows: pd.DataFrame
 
 
 def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume: bool = False,
-                 log_metrics=None, progress: bool = True):
-    """Train member ``k``; returns the model, its validation temperature and its novelty model."""
+                 log_metrics=None, progress: bool = True, on_epoch_end=None):
+    """Train member ``k`` (checkpoints in ``out_dir/member_<k>``); returns the model, its validation temperature,
+    its novelty model and the engine's result. ``log_metrics`` / ``on_epoch_end`` go to :func:`training.engine.fit`."""
     seed = member_seed(params, k)
     seed_everything(seed)
     data = keep_label_fraction(data, params.ssl.label_fraction, params.split.seed)
@@ -61,7 +64,7 @@ def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume:
     objective = make_objective(params, data, seed)
     result = fit(model, train_loader, val_loader, params.train.model_copy(update={"seed": seed}), objective,
                  n_classes=len(data.classes), out_dir=out_dir / f"member_{k}", resume=resume,
-                 log_metrics=log_metrics, progress=progress)
+                 log_metrics=log_metrics, progress=progress, on_epoch_end=on_epoch_end)
     device = select_device(params.train.device)
     val = predict(model, val_loader, device=device, with_features=False)
     temperature = (
@@ -114,4 +117,5 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
     )
     ens = Ensemble(spec, members, novelty)
     ens.save(out)
+    shutil.rmtree(work, ignore_errors=True)  # member checkpoints: only needed to resume an unfinished run
     return ens
