@@ -164,7 +164,7 @@ def test_loader_many_files_and_missing_channel(tmp_path):
         rows.append({"source_file": str(tmp_path / f"f{i}.h5sc"), "row": np.arange(5)})
     table = pd.DataFrame(rows).explode("row").reset_index(drop=True)
     table["row"] = table["row"].astype(int)
-    loader = loader_for(table, DataConfig(channels=["LC3B"], batch_size=7), None, shuffle=False, seed=0, cache=False)
+    loader = loader_for(table, DataConfig(channels=["LC3B"], image_size=None, batch_size=7), None, shuffle=False, seed=0, cache=False)
     out = torch.cat([b["image"] for b in loader])
     assert out.shape == (60, 1, 8, 8)
     np.testing.assert_allclose(out[:, 0, 0, 0].numpy(), np.repeat(np.arange(12) / 20, 5), atol=1e-3)

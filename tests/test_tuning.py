@@ -102,6 +102,25 @@ def test_space_is_validated_against_the_config(tmp_path: Path):
             parse_space(space, p)
 
 
+def test_default_space_sweeps_the_regimes_and_refuses_ssl_without_unlabeled_cells(sweep_data, tmp_path: Path):
+    from training.config import TuneConfig
+
+    space = TuneConfig().space
+    assert space["train.regime"] == {"type": "grid", "values": ["supervised", "semisupervised", "active"]}
+    table, classes = sweep_data
+    labeled_only = table[table["split"].astype(str) != "unlabeled"]
+    p = sweep_params(tmp_path, space)
+    with pytest.raises(ConfigError, match="semi-supervised trials but the split has no unlabeled cells"):
+        run_sweep(p, labeled_only, classes, progress=False)  # refused before Ray starts: no trial ever runs
+    assert not (tmp_path / "ray").exists()
+    # a hidden label fraction gives FixMatch its unlabeled cells; a supervised-only space needs none
+    from tuning.sweep import check_unlabeled
+
+    check_unlabeled(parse_space(space, p), tiny_params(tmp_path, **{"ssl.label_fraction": 0.5}), labeled_only)
+    sup = {"train.regime": {"type": "grid", "values": ["supervised", "active"]}}
+    check_unlabeled(parse_space(sup, p), p, labeled_only)
+
+
 def test_cluster_needs_a_tracking_server_and_shared_storage(tmp_path: Path):
     p = tiny_params(tmp_path)
     with pytest.raises(ConfigError, match="mlflow server"):

@@ -281,6 +281,33 @@ def _pick_best(trials: pd.DataFrame, metric: str, mode: str) -> pd.Series | None
     return ok.loc[ok[metric].idxmax() if mode == "max" else ok[metric].idxmin()]
 
 
+def _regimes(specs: dict[str, dict[str, Any]], params: Params) -> set[str]:
+    """The training regimes the sweep's trials will use (``active`` trials train semi-supervised with
+    ``al.semisupervised``)."""
+    dim = specs.get(REGIME_KEY)
+    named = set(dim["values"]) if dim and "values" in dim else {params.train.regime}
+    if "active" in named:
+        named.discard("active")
+        semi = specs.get("al.semisupervised", {}).get("values", [params.al.semisupervised])
+        named |= {"semisupervised" if s else "supervised" for s in semi}
+    return named
+
+
+def check_unlabeled(specs: dict[str, dict[str, Any]], params: Params, table: pd.DataFrame) -> None:
+    """Refuse, once and before any trial starts, a sweep with semi-supervised trials on a split without unlabeled
+    cells (every such trial would fail on each retry)."""
+    if "semisupervised" not in _regimes(specs, params):
+        return
+    fractions = specs.get("ssl.label_fraction", {})
+    hides = params.ssl.label_fraction < 1 or fractions.get("type") in ("uniform", "loguniform") or any(
+        v < 1 for v in fractions.get("values", []))
+    if hides or ("split" in table and (table["split"].astype(str) == "unlabeled").any()):
+        return
+    raise ConfigError("tune.space has semi-supervised trials but the split has no unlabeled cells (no screen files "
+                      "in the manifest, split.unlabeled_max=0?) and ssl.label_fraction=1 hides no labels: add screen "
+                      "files, set ssl.label_fraction < 1, or drop semisupervised from tune.space.train.regime")
+
+
 def run_sweep(params: Params, table: pd.DataFrame, classes: list[str], *, name: str | None = None,
               resume: bool = False, num_samples: int | None = None, address: str | None = None,
               storage_path: str | None = None, cpus_per_trial: float | None = None,
@@ -299,6 +326,7 @@ def run_sweep(params: Params, table: pd.DataFrame, classes: list[str], *, name: 
         params = resolve(params.model_dump(mode="json"), updates)
     cfg = params.tune
     specs = parse_space(cfg.space, params)
+    check_unlabeled(specs, params, table)
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     cluster = bool(address)
     uri = resolve_tracking_uri(params, cluster)
