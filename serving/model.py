@@ -24,8 +24,8 @@ from training.errors import ModelError
 from training.uncertainty.ensemble import EnsembleSpec
 
 PACKED_FIELDS = ("confidence", "entropy", "aleatoric", "epistemic", "novelty")
-DEFAULT_MODEL_URI = "models:/spatial-phenotype@champion"
 ENV_MODEL = "SPATIAL_MODEL"
+ENV_PARAMS = "SPATIAL_PARAMS"  # params file the service reads under `bentoml serve` (default ./params.yaml)
 ENV_MODEL_DIR = "SPATIAL_MODEL_DIR"  # set by `spatial serve`: the model resolved once for every worker process
 ENV_MODEL_INFO = "SPATIAL_MODEL_INFO"
 
@@ -59,18 +59,23 @@ class ServedModel:
                 cache_dir: str | os.PathLike | None = None) -> ServedModel:
         """``uri`` (a directory or ``models:/NAME@ALIAS``) through ``training.tracking.resolve_model``; a registry
         model is downloaded into ``cache_dir`` (default: a new temporary directory)."""
-        from training.tracking import resolve_model
+        from training.tracking import default_model_uri, resolve_model
 
-        path, info = resolve_model(uri or DEFAULT_MODEL_URI, mlflow, cache_dir=cache_dir)
+        path, info = resolve_model(uri or default_model_uri(), mlflow, cache_dir=cache_dir)
         return cls.open(path, info)
 
     @classmethod
     def from_env(cls) -> ServedModel:
-        """The model named by ``$SPATIAL_MODEL_DIR`` (already resolved) or ``$SPATIAL_MODEL`` (+ MLFLOW_TRACKING_URI)."""
+        """The model named by ``$SPATIAL_MODEL_DIR`` (already resolved by ``spatial serve``), else ``$SPATIAL_MODEL``,
+        else the registry alias of the params (``$SPATIAL_PARAMS`` or ``./params.yaml``: ``registry.*`` and the
+        ``mlflow.*`` tracking URI), which is what a plain ``bentoml serve`` gets."""
         if os.environ.get(ENV_MODEL_DIR):
             info = json.loads(os.environ.get(ENV_MODEL_INFO) or "null")
             return cls.open(os.environ[ENV_MODEL_DIR], info)
-        return cls.resolve(os.environ.get(ENV_MODEL) or DEFAULT_MODEL_URI)
+        from training.tracking import default_model_uri
+
+        params = service_params()
+        return cls.resolve(default_model_uri(params.registry), params.mlflow)
 
     @property
     def classes(self) -> list[str]:
@@ -80,16 +85,18 @@ class ServedModel:
         return {"name": self.info.get("name"), "version": self.info.get("version")}
 
 
+def service_params():
+    """The params a service started without ``spatial serve`` reads: ``$SPATIAL_PARAMS``, else ``./params.yaml``
+    if present, else the defaults."""
+    from training.config import load_params
+
+    path = os.environ.get(ENV_PARAMS) or ("params.yaml" if Path("params.yaml").is_file() else None)
+    return load_params(path)
+
+
 def pack(out: dict[str, np.ndarray]) -> np.ndarray:
     """``Ensemble.predict_tensor`` output -> ``(N, K + 5)`` float64."""
     return np.column_stack([out["mean_probs"], *(out[k] for k in PACKED_FIELDS)]).astype(np.float64)
-
-
-def unpack(values: np.ndarray, n_classes: int) -> dict[str, np.ndarray]:
-    probs = values[:, :n_classes]
-    out = {"mean_probs": probs, "predicted": probs.argmax(axis=1)}
-    out.update({k: values[:, n_classes + i] for i, k in enumerate(PACKED_FIELDS)})
-    return out
 
 
 def records(values: np.ndarray, classes: Sequence[str], cell_ids: Sequence[int]) -> list[dict[str, Any]]:

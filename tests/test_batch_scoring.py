@@ -183,3 +183,113 @@ def test_scores_the_registered_champion(files, tiny_ensemble, reference, tmp_pat
     assert meta["model"]["name"] == "tiny-score" and meta["model"]["version"] == 1
     assert meta["model"]["alias"] == "champion"
     assert_same_scores(df, reference[reference["source_file"] == str(files[0].resolve())])
+
+
+# -- channel names across the two formats -----------------------------------------------------------------------------
+SCPORTRAIT_CHANNELS = ["nucleus", "cytosol", "hoechst", "wga", "lc3b"]  # what scPortrait writes for the thesis stack
+SCPORTRAIT_KINDS = ["mask", "mask", "image_channel", "image_channel", "image_channel"]
+
+
+@pytest.fixture(scope="module")
+def sparcspy_model(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-member model trained on the SPARCSpy (.h5) files only: its channel is SPARCSpy's 'LC3B'."""
+    from conftest import make_cells, tiny_params
+
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.io.formats import write_sparcspy
+    from training.regimes.ensemble_training import train_ensemble
+
+    out = tmp_path_factory.mktemp("sparcspy")
+    rng, rows = np.random.default_rng(1), []
+    for kind in ("bright", "spotty"):
+        for slide in range(2):
+            name = f"{kind}_{slide}.h5"
+            write_sparcspy(out / name, make_cells(rng, kind, 40), np.arange(40) + 1000 * slide)
+            rows.append({"path": name, "label": kind, "group": f"{kind}_{slide}", "condition": kind})
+    pd.DataFrame(rows).to_csv(out / "manifest.csv", index=False)
+    p = tiny_params(out, **{"ensemble.members": 1, "train.epochs": 1, "split.test_fraction": 0.5,
+                            "split.val_fraction": 0.3})
+    table, summary = make_splits(build_index(out / "manifest.csv", progress=False), p.split)
+    ens = train_ensemble(prepare_data(table, summary["classes"], p), p, out / "model", progress=False)
+    assert ens.spec.channels == ["LC3B"] and ens.spec.source_channels[-1] == "LC3B"
+    return out / "model"
+
+
+def _scportrait_copy(source: Path, dest: Path, with_anndata: bool) -> Path:
+    """The same cells as an .h5sc with scPortrait's own (lowercase) channel names."""
+    with CellFile(source) as cf:
+        images, ids = cf.read(0, cf.n_cells), cf.cell_ids()
+    if not with_anndata:
+        from training.io.formats import write_h5sc
+
+        return write_h5sc(dest, images, ids, SCPORTRAIT_CHANNELS, SCPORTRAIT_KINDS)
+    anndata = pytest.importorskip("anndata")
+    adata = anndata.AnnData(obs=pd.DataFrame({"scportrait_cell_id": ids}, index=[str(i) for i in ids]),
+                            obsm={"single_cell_images": images.astype(np.float16)},
+                            uns={"single_cell_images/channel_names": np.array(SCPORTRAIT_CHANNELS),
+                                 "single_cell_images/channel_mapping": np.array(SCPORTRAIT_KINDS)})
+    adata.write_h5ad(dest)
+    return dest
+
+
+@pytest.mark.parametrize("with_anndata", [False, True], ids=["spatial-writer", "anndata-writer"])
+def test_model_trained_on_sparcspy_scores_an_h5sc_with_scportrait_channel_names(
+        files, sparcspy_model, tmp_path, with_anndata):
+    sparcspy = files[1]  # spotty_s1.h5
+    h5sc = _scportrait_copy(sparcspy, tmp_path / "spotty_s1.h5sc", with_anndata)
+    want = score_files([sparcspy], sparcspy_model, tmp_path / "want.parquet", progress=False)
+    got = score_files([h5sc], sparcspy_model, tmp_path / "got.parquet", progress=False)  # LC3B matches lc3b
+    assert want["n_cells"] == got["n_cells"] == 60
+    a, b = pd.read_parquet(tmp_path / "want.parquet"), pd.read_parquet(tmp_path / "got.parquet")
+    assert (a["cell_id"].to_numpy() == b["cell_id"].to_numpy()).all()
+    np.testing.assert_allclose(b["prob_spotty"], a["prob_spotty"], rtol=1e-4, atol=1e-5)
+
+
+def test_channel_map_option_names_the_file_channel(files, sparcspy_model, tmp_path):
+    from training.cli.serving import add_commands
+    from training.io.formats import write_h5sc
+
+    with CellFile(files[1]) as cf:
+        images, ids = cf.read(0, cf.n_cells), cf.cell_ids()
+    renamed = write_h5sc(tmp_path / "renamed.h5sc", images, ids,
+                         ["nuc_mask", "cyto_mask", "dna", "wga", "lc3b_reporter"], SCPORTRAIT_KINDS)
+    with pytest.raises(DataError, match=r"no channel named 'LC3B'.*--channel-map"):
+        score_files([renamed], sparcspy_model, tmp_path / "x.parquet", progress=False)
+    app = typer.Typer()
+    add_commands(app)
+    out = tmp_path / "mapped.parquet"
+    res = CliRunner().invoke(app, ["score", str(renamed), "--model", str(sparcspy_model), "--out", str(out),
+                                   "--channel-map", "lc3b=lc3b_reporter", "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    want = score_files([files[1]], sparcspy_model, tmp_path / "want.parquet", progress=False)
+    assert want["n_cells"] == len(pd.read_parquet(out)) == 60
+    np.testing.assert_allclose(pd.read_parquet(out)["prob_spotty"], pd.read_parquet(tmp_path / "want.parquet")[
+        "prob_spotty"], rtol=1e-4, atol=1e-5)
+    # two channels equal ignoring case: the user has to say which one
+    twice = write_h5sc(tmp_path / "twice.h5sc", images[:, :2], ids, ["LC3b", "lc3B"], ["image_channel"] * 2)
+    with pytest.raises(DataError, match="matches several channels"):
+        score_files([twice], sparcspy_model, tmp_path / "y.parquet", progress=False)
+
+
+def test_service_default_model_comes_from_the_registry_params(tmp_path, monkeypatch, tiny_ensemble):
+    """Under a plain `bentoml serve` (no spatial serve, no $SPATIAL_MODEL) the model is registry.* of params.yaml,
+    looked up in mlflow.* of the same file."""
+    import yaml
+
+    from serving.model import ServedModel
+    from training.errors import ModelError
+
+    monkeypatch.delenv("SPATIAL_MODEL", raising=False)
+    monkeypatch.delenv("SPATIAL_MODEL_DIR", raising=False)
+    monkeypatch.delenv("SPATIAL_PARAMS", raising=False)
+    monkeypatch.chdir(tmp_path)
+    db = tmp_path / "reg.db"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "registry": {"model_name": "screen-classifier", "alias": "prod"},
+        "mlflow": {"tracking_uri": f"sqlite:///{db}"}}))
+    with pytest.raises(ModelError, match=r"models:/screen-classifier@prod.*reg\.db"):
+        ServedModel.from_env()
+    monkeypatch.setenv("SPATIAL_MODEL", str(tiny_ensemble))  # an explicit model still wins
+    assert ServedModel.from_env().path == tiny_ensemble

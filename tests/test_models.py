@@ -1,4 +1,4 @@
-"""Model factory: every name builds, embeddings work for all models, checkpoints load safely, augmentations."""
+"""Model factory: every name builds, penultimate features work for all models, checkpoints load safely, augmentations."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from training.config import AugmentConfig, ModelConfig
 from training.data.augment import Augmenter
 from training.errors import ModelError
-from training.models.factory import SparcsVGG, build_model, embed, feature_dim, model_names
+from training.models.factory import SparcsVGG, build_model, feature_dim, model_names
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -28,6 +28,11 @@ def _check_shapes(name: str, in_chans: int, size: int = 64) -> None:
         x = torch.zeros(3, in_chans, size, size)
         assert model(x).shape == (3, 5)
         assert embed(model, x).shape == (3, feature_dim(model))
+
+
+def embed(model, x):
+    """Penultimate features, as the engine takes them (forward_head with pre_logits)."""
+    return model.forward_head(model.forward_features(x), pre_logits=True)
 
 
 @pytest.mark.parametrize("in_chans", [1, 3])

@@ -76,6 +76,8 @@ class AugmentConfig(Section):
 class DataConfig(Section):
     channels: list[str | int] = Field(default_factory=lambda: ["LC3B"],
                                       description="names or indices; empty = image channels")
+    channel_map: dict[str, str] = Field(default_factory=dict, description="model channel name -> file channel "
+                                        "name (names also match ignoring case: LC3B = lc3b)")
     image_size: int | None = Field(64, ge=8, description="model input size; None = as stored")
     resize: Literal["resize", "crop"] = Field("resize", description="how stored crops reach image_size")
     normalize: Literal["none", "per_cell", "fixed"] = "none"

@@ -236,6 +236,15 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig) -> dict[str, Any]
     }
 
 
+ENV_MODEL = "SPATIAL_MODEL"
+
+
+def default_model_uri(registry: RegistryConfig | None = None) -> str:
+    """``$SPATIAL_MODEL``, else ``models:/<registry.model_name>@<registry.alias>`` (the registry params)."""
+    r = registry or RegistryConfig()
+    return os.environ.get(ENV_MODEL) or f"models:/{r.model_name}@{r.alias}"
+
+
 def resolve_model(uri: str | os.PathLike, mlflow_cfg: MlflowConfig | None = None,
                   cache_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """A local ensemble directory for ``uri`` (a directory, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``)

@@ -84,8 +84,8 @@ def model_identity(model: ServedModel) -> dict[str, Any]:
     return {"name": model.info.get("name"), "version": model.info.get("version"), "spec_sha256": digest}
 
 
-def make_plan(files: Sequence[str | os.PathLike], chunk_size: int, model: ServedModel, embeddings: bool = False
-              ) -> tuple[Plan, dict[str, np.ndarray]]:
+def make_plan(files: Sequence[str | os.PathLike], chunk_size: int, model: ServedModel, embeddings: bool = False,
+              channel_map: dict[str, str] | None = None) -> tuple[Plan, dict[str, np.ndarray]]:
     """Chunks over every file's rows, and each file's cell ids (from the index datasets only, never pixels)."""
     if not files:
         raise DataError("no input files given")
@@ -97,10 +97,10 @@ def make_plan(files: Sequence[str | os.PathLike], chunk_size: int, model: Served
             raise DataError(f"{f}: listed twice")
         seen.add(path)
         with CellFile(path) as cf:
-            missing = [c for c in model.spec.channels if c not in cf.info.channel_names]
-            if missing:
-                raise DataError(f"{path}: no channel(s) {', '.join(missing)} that the model needs "
-                                f"(file channels: {', '.join(cf.info.channel_names)})")
+            try:
+                cf.resolve_channels(model.spec.channels, channel_map)
+            except DataError as exc:
+                raise DataError(f"{exc}; the model needs {', '.join(model.spec.channels)}") from None
             ids[path] = cf.cell_ids()
             n = cf.n_cells
         st = os.stat(path)
@@ -144,14 +144,15 @@ def part_done(parts: Path, chunk: Chunk) -> bool:
 
 # -- one chunk -------------------------------------------------------------------------------------------------------
 def score_chunk(ensemble, chunk: Chunk, cell_ids: np.ndarray, batch_size: int = 256, num_workers: int = 0,
-                embeddings: bool = False, batches_done=None) -> pd.DataFrame:
+                embeddings: bool = False, batches_done=None, channel_map: dict[str, str] | None = None
+                ) -> pd.DataFrame:
     """Score rows ``chunk.start:chunk.stop`` of one file -> the per-cell table of ``Ensemble.to_frame``."""
     from training.data.loader import CellLoader
 
     table = pd.DataFrame({"source_file": chunk.source_file, "row": np.arange(chunk.start, chunk.stop, dtype=np.int64),
                           "cell_id": np.asarray(cell_ids, dtype=np.int64)})
     loader = CellLoader(table, ensemble.preprocess, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        cache=False)
+                        cache=False, channel_map=channel_map or None)
     out = ensemble.predict_batches(_count(loader, batches_done), with_features=embeddings)
     df = ensemble.to_frame(out, table)
     if embeddings:
@@ -176,22 +177,24 @@ def write_part(df: pd.DataFrame, parts: Path, chunk: Chunk, meta: dict[str, Any]
 # -- the whole run ---------------------------------------------------------------------------------------------------
 def score_files(files: Sequence[str | os.PathLike], model: str | os.PathLike | ServedModel, out: str | os.PathLike,
                 cfg: ScoreConfig | None = None, embeddings: bool = False, ray_address: str | None = None,
-                mlflow: MlflowConfig | None = None, progress: bool = True, keep_parts: bool = False
-                ) -> dict[str, Any]:
+                mlflow: MlflowConfig | None = None, progress: bool = True, keep_parts: bool = False,
+                channel_map: dict[str, str] | None = None) -> dict[str, Any]:
     """Score every cell of ``files`` into the Parquet ``out`` (resumable; see the module docstring). ``model`` is an
-    ensemble directory, ``models:/NAME@ALIAS`` (downloaded for the run, removed after) or a ``ServedModel``."""
+    ensemble directory, ``models:/NAME@ALIAS`` (downloaded for the run, removed after) or a ``ServedModel``.
+    ``channel_map``: model channel name -> file channel name (names also match ignoring case)."""
     cfg = cfg or ScoreConfig()
+    channel_map = dict(channel_map or {})
     if isinstance(model, ServedModel):
-        return _score(files, model, out, cfg, embeddings, ray_address, mlflow, progress, keep_parts)
+        return _score(files, model, out, cfg, embeddings, ray_address, mlflow, progress, keep_parts, channel_map)
     with tempfile.TemporaryDirectory(prefix="spatial-model-") as cache:
         served = ServedModel.resolve(os.fspath(model), mlflow, cache_dir=cache)
-        return _score(files, served, out, cfg, embeddings, ray_address, mlflow, progress, keep_parts)
+        return _score(files, served, out, cfg, embeddings, ray_address, mlflow, progress, keep_parts, channel_map)
 
 
 def _score(files: Sequence[str | os.PathLike], served: ServedModel, out: str | os.PathLike, cfg: ScoreConfig,
-           embeddings: bool, ray_address: str | None, mlflow: MlflowConfig | None, progress: bool, keep_parts: bool
-           ) -> dict[str, Any]:
-    plan, ids = make_plan(files, cfg.chunk_size, served, embeddings)
+           embeddings: bool, ray_address: str | None, mlflow: MlflowConfig | None, progress: bool, keep_parts: bool,
+           channel_map: dict[str, str]) -> dict[str, Any]:
+    plan, ids = make_plan(files, cfg.chunk_size, served, embeddings, channel_map)
     parts = parts_dir(out)
     _check_or_write_plan(plan, parts)
     todo = [c for c in plan.chunks if not part_done(parts, c)]
@@ -200,9 +203,9 @@ def _score(files: Sequence[str | os.PathLike], served: ServedModel, out: str | o
                dynamic_ncols=True)
     try:
         if todo and ray_address:
-            _run_ray(todo, served, cfg, parts, embeddings, ray_address, mlflow, bar)
+            _run_ray(todo, served, cfg, parts, embeddings, ray_address, mlflow, bar, channel_map)
         elif todo:
-            _run_local(todo, ids, served, cfg, parts, embeddings, bar)
+            _run_local(todo, ids, served, cfg, parts, embeddings, bar, channel_map)
     finally:
         bar.close()
     missing = [c.index for c in plan.chunks if not part_done(parts, c)]
@@ -219,7 +222,7 @@ def _score(files: Sequence[str | os.PathLike], served: ServedModel, out: str | o
 
 
 def _run_local(todo: list[Chunk], ids: dict[str, np.ndarray], served: ServedModel, cfg: ScoreConfig, parts: Path,
-               embeddings: bool, bar) -> None:
+               embeddings: bool, bar, channel_map: dict[str, str] | None = None) -> None:
     import torch
 
     from training.engine import select_device
@@ -230,7 +233,7 @@ def _run_local(todo: list[Chunk], ids: dict[str, np.ndarray], served: ServedMode
     ens = Ensemble.load(served.path, device=select_device(cfg.device))
     for chunk in todo:
         df = score_chunk(ens, chunk, ids[chunk.source_file][chunk.start:chunk.stop], cfg.batch_size,
-                         cfg.num_workers, embeddings, batches_done=bar.update)
+                         cfg.num_workers, embeddings, batches_done=bar.update, channel_map=channel_map)
         write_part(df, parts, chunk)
 
 
@@ -265,7 +268,7 @@ class ChunkScorer:
     """Ray Data actor: loads the ensemble once, then scores chunk descriptors and writes their parts."""
 
     def __init__(self, model_dir: str, model_uri: str, mlflow_uri: str | None, parts: str, batch_size: int,
-                 num_workers: int, embeddings: bool):
+                 num_workers: int, embeddings: bool, channel_map: dict[str, str] | None = None):
         from training.engine import select_device
         from training.uncertainty.ensemble import Ensemble
 
@@ -274,7 +277,7 @@ class ChunkScorer:
             path = ServedModel.resolve(model_uri, MlflowConfig(tracking_uri=mlflow_uri)).path
         self.ensemble = Ensemble.load(path, device=select_device("auto"))
         self.parts, self.batch_size, self.num_workers = Path(parts), batch_size, num_workers
-        self.embeddings = embeddings
+        self.embeddings, self.channel_map = embeddings, channel_map
         self._ids: dict[str, np.ndarray] = {}
         import ray
 
@@ -294,7 +297,7 @@ class ChunkScorer:
             chunk = Chunk(int(batch["index"][i]), str(batch["source_file"][i]), int(batch["start"][i]),
                           int(batch["stop"][i]))
             df = score_chunk(self.ensemble, chunk, self._cell_ids(chunk.source_file)[chunk.start:chunk.stop],
-                             self.batch_size, self.num_workers, self.embeddings)
+                             self.batch_size, self.num_workers, self.embeddings, channel_map=self.channel_map)
             write_part(df, self.parts, chunk, {"ray_node": self.node})
             indices.append(chunk.index)
             counts.append(chunk.n)
@@ -302,7 +305,7 @@ class ChunkScorer:
 
 
 def _run_ray(todo: list[Chunk], served: ServedModel, cfg: ScoreConfig, parts: Path, embeddings: bool,
-             address: str, mlflow: MlflowConfig | None, bar) -> None:
+             address: str, mlflow: MlflowConfig | None, bar, channel_map: dict[str, str] | None = None) -> None:
     import ray
     import ray.data
 
@@ -331,6 +334,7 @@ def _run_ray(todo: list[Chunk], served: ServedModel, cfg: ScoreConfig, parts: Pa
                 "model_dir": str(served.path.resolve()), "model_uri": str(served.info.get("uri") or served.path),
                 "mlflow_uri": tracking_uri(mlflow or MlflowConfig()), "parts": str(parts.resolve()),
                 "batch_size": cfg.batch_size, "num_workers": cfg.num_workers, "embeddings": embeddings,
+                "channel_map": channel_map,
             },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=actors, max_tasks_in_flight_per_actor=2),

@@ -6,7 +6,6 @@ Command modules import from here; nothing outside ``training.cli`` does.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -30,7 +29,9 @@ def params_for(path: Path | None, overrides: list[str] | None) -> Params:
 
 
 def default_model_uri(p: Params) -> str:
-    return os.environ.get("SPATIAL_MODEL") or f"models:/{p.registry.model_name}@{p.registry.alias}"
+    from training.tracking import default_model_uri as from_registry
+
+    return from_registry(p.registry)
 
 
 def write_json(path: str | Path, obj: object) -> None:

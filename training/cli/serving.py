@@ -21,6 +21,19 @@ from training.cli.options import (
 )
 
 
+def parse_map(items: list[str] | None) -> dict[str, str]:
+    """``["LC3B=lc3b", ...]`` -> ``{"LC3B": "lc3b"}``; a malformed item is a ConfigError naming it."""
+    from training.errors import ConfigError
+
+    out = {}
+    for item in items or []:
+        model_name, sep, file_name = item.partition("=")
+        if not sep or not model_name.strip() or not file_name.strip():
+            raise ConfigError(f"--channel-map expects MODEL=FILE (e.g. LC3B=lc3b), got '{item}'")
+        out[model_name.strip()] = file_name.strip()
+    return out
+
+
 def add_commands(app: typer.Typer) -> None:
     """Register ``score`` and ``serve`` on the ``spatial`` typer app."""
 
@@ -36,6 +49,8 @@ def add_commands(app: typer.Typer) -> None:
         embeddings: Annotated[bool, typer.Option("--embeddings", help="add the penultimate features")] = False,
         keep_parts: Annotated[bool, typer.Option("--keep-parts", help="keep <out>.parts/ after assembly")] = False,
         metrics: Annotated[Path | None, typer.Option(help="JSON summary of the run")] = None,
+        channel_map: Annotated[list[str] | None, typer.Option(
+            "--channel-map", help="MODEL=FILE channel name (repeatable), e.g. LC3B=lc3b; over data.channel_map")] = None,
         progress: ProgressOpt = True,
     ) -> None:
         """Score every cell of FILES with the ensemble (resumable: rerun the same command to continue)."""
@@ -44,7 +59,7 @@ def add_commands(app: typer.Typer) -> None:
         p = params_for(params, set_)
         result = score_files(files, model or default_model_uri(p), out, p.score, embeddings=embeddings,
                              ray_address=ray_address or None, mlflow=p.mlflow, progress=progress,
-                             keep_parts=keep_parts)
+                             keep_parts=keep_parts, channel_map={**p.data.channel_map, **parse_map(channel_map)})
         if metrics:
             write_json(metrics, result)
         resumed = f", {result['resumed_chunks']} chunk(s) from an earlier run" if result["resumed_chunks"] else ""

@@ -93,14 +93,14 @@ def make_blocks(table: pd.DataFrame, block_size: int) -> list[_Block]:
 class _FileCache:
     """One open handle per file per process, and the resolved channel indices per file."""
 
-    def __init__(self, channels: Sequence[str | int]):
-        self.channels = channels
+    def __init__(self, channels: Sequence[str | int], channel_map: dict[str, str] | None = None):
+        self.channels, self.channel_map = channels, channel_map
         self.files: dict[str, tuple[CellFile, list[int]]] = {}
 
     def get(self, path: str) -> tuple[CellFile, list[int]]:
         if path not in self.files:
             f = CellFile(path)
-            self.files[path] = (f, f.resolve_channels(self.channels))
+            self.files[path] = (f, f.resolve_channels(self.channels, self.channel_map))
         return self.files[path]
 
     def read(self, block: _Block) -> np.ndarray:
@@ -119,8 +119,10 @@ class CellStream(IterableDataset):
     """Yields preprocessed batches from blocks; shuffling (block order + a buffer) is seeded by ``seed + epoch``."""
 
     def __init__(self, table: pd.DataFrame, preprocess: Preprocess, batch_size: int, shuffle: bool = False,
-                 seed: int = 0, block_size: int = 256, buffer_blocks: int = 8, drop_last: bool = False):
+                 seed: int = 0, block_size: int = 256, buffer_blocks: int = 8, drop_last: bool = False,
+                 channel_map: dict[str, str] | None = None):
         self.blocks = make_blocks(table, block_size)
+        self.channel_map = channel_map
         self.preprocess, self.batch_size, self.shuffle = preprocess, batch_size, shuffle
         self.seed, self.buffer_blocks, self.drop_last = seed, buffer_blocks, drop_last
         self.epoch = 0
@@ -137,7 +139,7 @@ class CellStream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        files = _FileCache(self.preprocess.channels)
+        files = _FileCache(self.preprocess.channels, self.channel_map)
         pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         try:
             blocks = self._my_blocks(rng)
@@ -182,13 +184,14 @@ class CellLoader:
     cache_max_bytes: int = 4 * 2**30
     drop_last: bool = False
     progress: bool = False
+    channel_map: dict[str, str] | None = None  # model channel name -> file channel name (see formats.match_channel)
     epoch: int = field(default=0, init=False)
     _images: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.table = self.table.reset_index(drop=True)
         self._stream = CellStream(self.table, self.preprocess, self.batch_size, self.shuffle, self.seed,
-                                  drop_last=self.drop_last)
+                                  drop_last=self.drop_last, channel_map=self.channel_map)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -253,4 +256,5 @@ def loader_for(table: pd.DataFrame, cfg: DataConfig, channel_names: Sequence[str
         cache=cfg.cache if cache is None else cache,
         drop_last=drop_last,
         progress=progress,
+        channel_map=cfg.channel_map or None,
     )

@@ -44,7 +44,7 @@ def prepare_data(splits: pd.DataFrame, classes: list[str], params: Params) -> Tr
     if train.empty:
         raise DataError("the split has no training cells")
     with CellFile(str(train["source_file"].iloc[0])) as f:
-        chans = f.resolve_channels(params.data.channels)
+        chans = f.resolve_channels(params.data.channels, params.data.channel_map)
         names = [f.info.channel_names[c] for c in chans]
         source_channels = list(f.info.channel_names)
         stored = max(f.info.height, f.info.width)

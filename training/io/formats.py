@@ -17,7 +17,7 @@ Cell ids are always the stored ids, never row numbers.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,26 @@ def _decode(value: Any) -> Any:
 
 def _read_string_array(node: h5py.Dataset) -> list[str]:
     return [v.decode() if isinstance(v, bytes) else str(v) for v in node[()].tolist()]
+
+
+def match_channel(name: str, names: Sequence[str], channel_map: Mapping[str, str] | None = None,
+                  where: str = "file") -> int:
+    """Index of channel ``name`` in a file's ``names``. ``channel_map`` (model name -> file name, keys matched
+    case-insensitively) renames first; then an exact match, else the one name equal ignoring case (SPARCSpy
+    writes ``LC3B``, scPortrait ``lc3b``). Unknown or ambiguous names are a :class:`DataError` naming ``where``."""
+    mapped = {k.casefold(): v for k, v in (channel_map or {}).items()}
+    target = mapped.get(name.casefold(), name)
+    if target in names:
+        return list(names).index(target)
+    hits = [i for i, n in enumerate(names) if n.casefold() == target.casefold()]
+    if len(hits) == 1:
+        return hits[0]
+    shown = f"'{name}'" + (f" (mapped to '{target}')" if target != name else "")
+    if hits:
+        raise DataError(f"{where}: channel {shown} matches several channels ignoring case "
+                        f"({', '.join(names[i] for i in hits)}); name one with data.channel_map / --channel-map")
+    raise DataError(f"{where}: no channel named {shown} (channels: {', '.join(names)}); map names with "
+                    f"data.channel_map or --channel-map MODEL=FILE")
 
 
 @dataclass(frozen=True)
@@ -217,17 +237,17 @@ class CellFile:
         return pd.DataFrame(cols)
 
     # -- pixels ------------------------------------------------------------------------------------
-    def resolve_channels(self, spec: Sequence[str | int] | None) -> list[int]:
-        """Channel indices for names or indices; empty/None selects the image (non-mask) channels."""
+    def resolve_channels(self, spec: Sequence[str | int] | None,
+                         channel_map: Mapping[str, str] | None = None) -> list[int]:
+        """Channel indices for names or indices; empty/None selects the image (non-mask) channels. Names are
+        matched by :func:`match_channel` (``channel_map`` first, then exact, then case-insensitive)."""
         names = self.info.channel_names
         if not spec:
             return self.info.image_channels or list(range(len(names)))
         out = []
         for item in spec:
             if isinstance(item, str) and not item.lstrip("-").isdigit():
-                if item not in names:
-                    raise DataError(f"{self.path}: no channel named '{item}' (channels: {', '.join(names)})")
-                out.append(names.index(item))
+                out.append(match_channel(item, names, channel_map, where=str(self.path)))
             else:
                 i = int(item)
                 if not 0 <= i < len(names):
@@ -291,10 +311,6 @@ def contiguous_runs(sorted_rows: np.ndarray, max_gap: int = 1) -> list[tuple[int
     breaks = np.nonzero(np.diff(sorted_rows) > max_gap)[0] + 1
     edges = np.concatenate([[0], breaks, [len(sorted_rows)]])
     return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:], strict=True)]
-
-
-def open_cells(path: str | os.PathLike) -> CellFile:
-    return CellFile(path)
 
 
 # -- writers ---------------------------------------------------------------------------------------

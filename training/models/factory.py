@@ -132,13 +132,8 @@ def _init_stem_bias(model: ConvNeXt) -> None:
             conv.bias.normal_(0.0, STEM_BIAS_STD)
 
 
-def embed(model: nn.Module, x: Tensor) -> Tensor:
-    """Penultimate features (B, D) of any model built here."""
-    return model.forward_head(model.forward_features(x), pre_logits=True)
-
-
 def feature_dim(model: nn.Module) -> int:
-    """D of :func:`embed`'s output."""
+    """D of the penultimate features ``model.forward_head(model.forward_features(x), pre_logits=True)``."""
     return int(getattr(model, "head_hidden_size", None) or model.num_features)
 
 
