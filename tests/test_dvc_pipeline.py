@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+pytestmark = pytest.mark.slow  # a full `dvc repro` (minutes): deselect with `pytest -m "not slow"`
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
