@@ -24,7 +24,7 @@ lint: install
 	$(BIN)/ruff check .
 
 bench: install
-	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --check || exit 1; done
 
 clean:
 	rm -rf data models reports metrics mlflow.db mlartifacts

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from floors import Floors, add_args
 
 from training.active.campaign import run_campaign
 from training.active.oracle import ManifestOracle, make_oracle
@@ -130,6 +131,7 @@ def main() -> None:
     ap.add_argument("--skip-default", action="store_true")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     params = load_params(args.params if Path(args.params).is_file() else None, args.sets)
@@ -141,6 +143,7 @@ def main() -> None:
         if not manifest.is_file():
             print(f"{manifest} missing: simulating the default screen into {tmp}")
             manifest = synthesize(params.synth, tmp / "raw", progress=False)
+        floors = Floors(args)
         results: dict = {"params": {k: v for k, v in params.al.model_dump().items() if k != "state_classes"},
                          "torch_threads": args.threads}
         if not args.skip_default:
@@ -156,11 +159,16 @@ def main() -> None:
                 r = pool_size(p, manifest, work, n, base, args.strategy)
                 results["pool_size"].append(r)
                 print(json.dumps(r, indent=1))
+            if len(sizes) > 1:  # a round scores a fixed subsample: the pool size may cost bookkeeping, not model work
+                small, large = results["pool_size"][0], results["pool_size"][-1]
+                floors.ratio(f"round speed, pool {large['pool']:,} / pool {small['pool']:,}",
+                             small["seconds_per_round"] / large["seconds_per_round"], 0.5)
         if args.out:
             args.out.parent.mkdir(parents=True, exist_ok=True)
             args.out.write_text(json.dumps(results, indent=2) + "\n")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    floors.finish()
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import h5py
 import numpy as np
 import pandas as pd
 import torch
+from floors import Floors, add_args
 
 from training.data.cellindex import build_index
 from training.data.loader import CellLoader, Preprocess
@@ -72,6 +73,7 @@ def main() -> None:
     ap.add_argument("--cells", type=int, default=8000)
     ap.add_argument("--index-files", type=int, default=40)
     ap.add_argument("--index-cells", type=int, default=100_000)
+    add_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -108,6 +110,7 @@ def main() -> None:
                     pass
             return run
 
+        floors = Floors(args)
         r_raw = rate(n, raw)
         r_thesis = rate(n, thesis)
         print(f"raw h5py contiguous LC3B reads: {r_raw:,.0f} cells/s (ceiling)")
@@ -116,7 +119,13 @@ def main() -> None:
             r = rate(n, loader(workers))
             print(f"CellLoader shuffled, {workers} worker(s): {r:,.0f} cells/s = {r / r_raw:.2f}x raw, "
                   f"{r / r_thesis:.1f}x thesis pattern")
+            if workers == 0:
+                floors.ratio("loader (0 workers) / raw h5py", r / r_raw, 0.6)
+                floors.ratio("loader (0 workers) / thesis pattern", r / r_thesis, 3.0)
+            if workers == 2:
+                floors.ratio("loader (2 workers) / raw h5py", r / r_raw, 1.2, two_core=False)
         print(f"(cores: {os.cpu_count()})")
+    floors.finish()
 
 
 if __name__ == "__main__":

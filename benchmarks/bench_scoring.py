@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from floors import Floors, add_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -289,6 +290,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="PyTorch threads (in-process and server runner)")
     ap.add_argument("--data", choices=["synth", "random"], default="synth")
     ap.add_argument("--workdir", type=Path, default=None, help="keep data / model here (default: a temp dir)")
+    add_args(ap)
     args = ap.parse_args()
 
     import torch
@@ -323,6 +325,8 @@ def main() -> None:
         f"(before {fwd1:.0f}, after {fwd2:.0f})")
     log(f"in-process batch scoring from gzip HDF5 ({n} cells):  {inproc:8.0f} cells/s  = {inproc / fwd:.2f}x pure loop "
         "(target >= 0.8)")
+    floors = Floors(args)
+    floors.ratio("batch scoring / pure forward loop", inproc / fwd, 0.8)
 
     server = Server(model_dir, work, args.threads)
     try:
@@ -333,6 +337,8 @@ def main() -> None:
             rate, errs = http_throughput(server.url, bodies, args.clients)
             log(f"HTTP /score, {args.clients} clients x {args.per_request} cells, {enc:4s} bodies:  {rate:8.0f} cells/s "
                 f"= {rate / inproc:.2f}x in-process (target >= 0.7), errors {errs}")
+            # the server's front and runner processes share the cores with the clients: only on bigger machines
+            floors.ratio(f"HTTP /score ({enc}) / in-process", rate / inproc, 0.7, two_core=False)
         bodies = request_bodies(score_file, args.per_request, n_req, "json")
         res = load_run(server, bodies, args.clients, args.seconds)
         log(f"load run {args.seconds:.0f}s, {args.clients} clients, JSON: {res['requests']} requests, {res['errors']} errors "
@@ -341,6 +347,7 @@ def main() -> None:
     finally:
         server.stop()
     log(f"load average at the end {os.getloadavg()[0]:.1f}")
+    floors.finish()
 
 
 if __name__ == "__main__":

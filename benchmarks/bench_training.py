@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from floors import Floors, add_args
 
 from training.config import Params, load_params
 from training.data.augment import Augmenter
@@ -91,6 +92,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None, help="default: the profile's data.batch_size")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--cells-per-class", type=int, default=100_000, help="GPU profile epoch size (per class)")
+    add_args(ap)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -104,6 +106,7 @@ def main() -> None:
     print(f"{'profile':<28}{'batch':>6}{'bare cells/s':>14}{'engine cells/s':>16}{'engine/bare':>13}")
     rows = [("cpu default (custom 64px)", base), ("sparcs_vgg (64px)", vgg), ("gpu profile (nano 128px)", gpu)]
     results = {}
+    floors = Floors(args)
     for name, p in rows:
         bs = args.batch_size or (min(p.data.batch_size, 32) if on_cpu else p.data.batch_size)
         steps = max(2, args.steps // (4 if on_cpu and p is not base else 1))
@@ -112,6 +115,7 @@ def main() -> None:
         eng = engine_loop(p, batches, amp=False)
         results[name] = eng
         print(f"{name:<28}{bs:>6}{bare:>14.1f}{eng:>16.1f}{eng / bare:>12.2f}x")
+        floors.ratio(f"engine / bare loop, {name}", eng / bare, 0.5)  # the engine also augments
     train_cells = 2 * args.cells_per_class * 0.85
     if device.type == "cuda":
         batches = make_batches(gpu, args.steps, gpu.data.batch_size, channels)
@@ -122,6 +126,7 @@ def main() -> None:
     else:
         print(f"no CUDA device: bf16 + channels_last not measured; the GPU profile on this CPU would take "
               f"{train_cells / results['gpu profile (nano 128px)'] / 3600:.1f} h per epoch of {train_cells:,.0f} cells")
+    floors.finish()
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from floors import Floors, add_args
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
@@ -52,6 +54,7 @@ def main() -> None:
     ap.add_argument("--gpus-per-trial", default="1,0.5,0.25", help="GPU settings to run when CUDA is available")
     ap.add_argument("--set", action="append", default=[], dest="overrides", help="params override key=value")
     ap.add_argument("--json", default=None, help="write the figures here")
+    add_args(ap)
     args = ap.parse_args()
 
     import pandas as pd
@@ -87,6 +90,7 @@ def main() -> None:
         settings += [(f"gpu{g}", args.cpus_per_trial, float(g)) for g in args.gpus_per_trial.split(",")]
     uri = resolve_tracking_uri(p, cluster=False)
     rows = []
+    floors = Floors(args)
     try:
         for name, cpus, gpus in settings:
             t = time.perf_counter()
@@ -107,6 +111,9 @@ def main() -> None:
                    "best": round(res.best["value"], 4) if res.best else None}
             rows.append(row)
             log(json.dumps(row))
+            # Tune's overhead: trial seconds over wall seconds x concurrent slots (1 = no time lost to scheduling)
+            if secs and row["concurrent"]:
+                floors.ratio(f"parallel efficiency, {name}", sum(secs) / (wall * row["concurrent"]), 0.5)
     finally:
         ray.shutdown()
     log("\n" + pd.DataFrame(rows).to_string(index=False))
@@ -114,6 +121,7 @@ def main() -> None:
         Path(args.json).write_text(json.dumps({"ray_start_s": ray_start, "runs": rows, "device":
                                                torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
                                                "cpus": resources.get("CPU", 0)}, indent=2))
+    floors.finish()
 
 
 if __name__ == "__main__":
