@@ -4,12 +4,14 @@
 - ``sim/``         the simulated SPARCS screen (the embedded default data) and its truth
 - ``data/``        cell index, group splits, the training-data table, streaming loader, augmentation
 - ``models/``      timm ConvNeXt factory and the SPARCS VGG baseline
-- ``engine.py``    the one training loop (fit / predict); regimes plug in objectives and streams
-- ``regimes/``     supervised and semi-supervised objectives, ensemble training
+- ``engine.py``    the one training loop (``fit``, with an end-of-epoch hook) and the one inference step
+                   (``forward`` / ``predict``, one MC-dropout handling); regimes plug in objectives and streams
+- ``regimes/``     the one objective builder (supervised, FixMatch, autoencoder), ensemble training
 - ``uncertainty/`` the ensemble artifact, aleatoric / epistemic decomposition, calibration, novelty
 - ``evaluation/``  metrics, the evaluate step, plots
 - ``active/``      acquisition functions, simulated campaigns, oracles, campaign reports
-- ``tracking.py``  MLflow runs, model logging and the registry alias
+- ``tracking.py``  MLflow runs (experiment tagged as model training), model logging and the registry alias
+- ``workflow.py``  train -> evaluate -> register, step by step (CLI) or as one (``spatial tune --promote``)
 - ``cli/``         the ``spatial`` command (thin shells over the above)
 - ``config.py`` / ``errors.py``  the typed params and the user-facing error types
 """
