@@ -244,3 +244,34 @@ def test_semisupervised_rounds_honour_ssl_method(setup):
     assert weights("autoencoder")[0].equal(ae[0])  # same seed, same result
     differs = lambda a, b: any(not s.equal(t) for s, t in zip(a, b, strict=True))  # noqa: E731
     assert differs(sup, fix) and differs(sup, ae) and differs(fix, ae)
+
+
+def test_round_metrics_are_the_one_balanced_accuracy_on_a_known_posterior(setup):
+    """A round's test metrics come from the engine's inference step and evaluation.metrics: a model that calls
+    every cell 'a' has balanced accuracy 1/2 on two classes, accuracy 4/6 and a known NLL."""
+    import math
+
+    import torch
+    from torch import nn
+
+    from training.active.campaign import test_metrics
+
+    class Always(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+        def forward_features(self, x):
+            return x.flatten(1)[:, :2]
+
+        def forward_head(self, f, pre_logits: bool = False):
+            return f if pre_logits else torch.tensor([[5.0, 0.0]]).expand(len(f), 2) + 0 * self.w
+
+        def forward(self, x):
+            return self.forward_head(self.forward_features(x))
+
+    p, _, _ = setup
+    y = np.array([0, 0, 0, 0, 1, 1])
+    m = test_metrics([Always()], torch.rand(6, 1, 4, 4), y, ["a", "b"], p)
+    assert m["balanced_accuracy"] == pytest.approx(0.5) and m["accuracy"] == pytest.approx(4 / 6)
+    assert m["nll"] == pytest.approx(math.log1p(math.exp(-5)) + 5 * 2 / 6, rel=1e-4)

@@ -157,6 +157,7 @@ def test_trial_reports_every_epoch_and_resumes_from_its_checkpoint(sweep_data, t
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     ctx = TrialContext(raw=p.model_dump(mode="json"), classes=classes, tracking_uri=uri, experiment="trials")
     saved: list[tuple[int, Path | None]] = []
+    bacc: dict[int, list[float]] = {}
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         keep = None
@@ -164,7 +165,7 @@ def test_trial_reports_every_epoch_and_resumes_from_its_checkpoint(sweep_data, t
             keep = tmp_path / f"ckpt{len(saved)}-epoch{metrics['epoch']}"
             shutil.copytree(checkpoint_dir, keep)
         saved.append((metrics["epoch"], keep))
-        assert 0 <= metrics["val_balanced_accuracy"] <= 1
+        bacc.setdefault(metrics["epoch"], []).append(metrics["val_balanced_accuracy"])
 
     full = run_trial({"train.lr": 3e-3}, table, ctx, report=report, trial_id="t0")
     assert [e for e, _ in saved] == [0, 1] and all(c is not None for _, c in saved)
@@ -183,8 +184,11 @@ def test_trial_reports_every_epoch_and_resumes_from_its_checkpoint(sweep_data, t
     run = client.get_run(full["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags[TAG_COMPLETED] == "true"
     assert float(run.data.params["train.lr"]) == 3e-3
-    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_balanced_accuracy")]
-    assert sorted(steps) == [0, 1, 1]  # epoch 1 ran in both calls, epoch 0 once
+    history = client.get_metric_history(run.info.run_id, "val_balanced_accuracy")
+    assert sorted(m.step for m in history) == [0, 1, 1]  # epoch 1 ran in both calls, epoch 0 once
+    # what Tune got is what MLflow got, and the resumed epoch 1 scored exactly as the first attempt's
+    assert sorted((m.step, m.value) for m in history) == sorted((e, v) for e, vs in bacc.items() for v in vs)
+    assert len(set(bacc[1])) == 1
 
 
 # -- local Ray --------------------------------------------------------------------------------------------------
