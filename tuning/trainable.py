@@ -130,19 +130,19 @@ class TrialRun:
 
 
 class EpochReporter:
-    """The engine's end-of-epoch hook (called after the epoch's checkpoint is saved): the epoch goes to MLflow at
-    once and to Tune with a copy of that checkpoint. Each Tune report waits for the next epoch (or :meth:`flush`),
-    so that the last one comes after the trial's MLflow run is closed: a scheduler stop there loses nothing. An
-    epoch that ran again after a retry is logged again (MLflow keeps both values at that step)."""
+    """The engine's end-of-epoch hook (called after the epoch's checkpoint is saved): each epoch goes to MLflow and
+    to Tune together, with a copy of that epoch's checkpoint. The newest epoch waits for the next one (or
+    :meth:`flush`): :meth:`log_pending` logs it to MLflow before the trial's run is closed and its Tune report comes
+    after, so a scheduler stop there loses nothing. A failed report (a retried trial) leaves the later epochs
+    unlogged, so the retry from the last checkpoint logs no epoch twice; a trial resumed from an older checkpoint
+    after its run had gone further logs the epochs it runs again (MLflow keeps both values at that step)."""
 
     def __init__(self, run: TrialRun | None, report: Report | None, extra: dict[str, Any]):
         self.run, self.report, self.extra = run, report, extra
-        self.pending: tuple[dict[str, Any], tempfile.TemporaryDirectory | None] | None = None
+        self.pending: tuple[int, dict[str, Any], tempfile.TemporaryDirectory | None] | None = None
+        self.logged = -1
 
     def __call__(self, epoch: int, metrics: dict[str, float], checkpoint: Path | None) -> None:
-        if self.run is not None:
-            self.run.log_metrics(metrics, epoch)
-        result = {**metrics, "epoch": epoch, **self.extra}
         copy = None
         if self.report is not None and checkpoint is not None:
             copy = tempfile.TemporaryDirectory(prefix="spatial-ckpt-")
@@ -151,15 +151,26 @@ class EpochReporter:
             shutil.copy2(checkpoint, Path(copy.name) / rel)
             (Path(copy.name) / TRIAL_STATE).write_text(json.dumps({"epoch": epoch, **self.extra}))
         self.flush()
-        self.pending = (result, copy)
+        self.pending = (epoch, dict(metrics), copy)
+
+    def log_pending(self) -> None:
+        """Log the waiting epoch to MLflow (before the run is closed; its Tune report follows in :meth:`flush`)."""
+        if self.pending is not None:
+            self._log(*self.pending[:2])
+
+    def _log(self, epoch: int, metrics: dict[str, Any]) -> None:
+        if self.run is not None and epoch != self.logged:
+            self.run.log_metrics(metrics, epoch)
+        self.logged = epoch
 
     def flush(self) -> None:
         if self.pending is None:
             return
-        (result, copy), self.pending = self.pending, None
+        (epoch, metrics, copy), self.pending = self.pending, None
         try:
+            self._log(epoch, metrics)
             if self.report is not None:
-                self.report(result, Path(copy.name) if copy is not None else None)
+                self.report({**metrics, "epoch": epoch, **self.extra}, Path(copy.name) if copy is not None else None)
         finally:
             if copy is not None:
                 copy.cleanup()
@@ -276,6 +287,8 @@ def run_trial(config: dict[str, Any], table: pd.DataFrame, ctx: TrialContext, re
             reporter = EpochReporter(run, report, extra)
             final = _trained(params, data, work, resume=previous is not None, reporter=reporter)
         final["trial_seconds"] = time.perf_counter() - t0
+        if isinstance(reporter, EpochReporter):
+            reporter.log_pending()
         if run is not None:
             run.finish(final)
         reporter.flush()  # the last report comes after MLflow is closed: a scheduler stop ends the trial there
