@@ -49,6 +49,7 @@ def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
             "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     run(["git", "init", "-q"], root, env)
     run(["dvc", "init", "-q"], root, env)
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # __pycache__ never changes a folder dependency
     run(["git", "add", "-A"], root, env)
     run(["git", "commit", "-qm", "init"], root, env)
     run(["dvc", "repro"], root, env)
