@@ -41,25 +41,24 @@ def locate(queries: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict]]:
     return out, layouts
 
 
-def to_png(rgb: np.ndarray, px: int) -> bytes:
-    img = Image.fromarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8))
-    if img.size != (px, px):
+def to_png(pixels: np.ndarray, px: int) -> bytes:
+    """``(H, W)`` grey or ``(H, W, 3)`` colour in [0, 1] -> PNG, shrunk to at most ``px`` (never enlarged: the browser
+    scales it up, which is cheaper than encoding more pixels)."""
+    img = Image.fromarray((np.clip(pixels, 0, 1) * 255).astype(np.uint8))
+    if max(img.size) > px:
         img = img.resize((px, px), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
-    img.save(buf, format="PNG", optimize=False, compress_level=1)
+    img.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
 def render(stack: np.ndarray, image_channels: list[int], channel: str, contrast: float, px: int) -> bytes:
     """``stack`` (C, H, W) in [0, 1] -> PNG: ``composite`` (image channels coloured) or one channel (grey)."""
     if channel == "composite":
-        x = stack[image_channels] * contrast
+        x = np.clip(stack[image_channels] * contrast, 0, 1)
         colours = PALETTE[np.arange(len(image_channels)) % len(PALETTE)]
-        rgb = 1 - np.prod(1 - np.clip(x, 0, 1)[..., None] * colours[:, None, None, :], axis=0)  # screen blend
-    else:
-        c = image_channels[int(channel)]
-        rgb = np.repeat(np.clip(stack[c] * contrast, 0, 1)[..., None], 3, axis=2)
-    return to_png(rgb, px)
+        return to_png(1 - np.prod(1 - x[..., None] * colours[:, None, None, :], axis=0), px)  # screen blend
+    return to_png(stack[image_channels[int(channel)]] * contrast, px)
 
 
 class Thumbnails:
