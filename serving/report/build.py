@@ -116,13 +116,14 @@ def model_section(root: Path, p: Params) -> str | None:
         m = json.loads(mfile.read_text())
         main = pd.DataFrame([(k, m[k]) for k in MODEL_METRICS if k in m], columns=["metric", "test split"])
         parts.append(table(main, "model-metrics"))
-        held = {k: v for k, v in m.items() if k.startswith("heldout") and isinstance(v, int | float)}
+        held = [(k.split("/")[0], k.split("/")[1], v) for k, v in m.items()
+                if k.startswith("heldout") and k.count("/") == 2 and k.endswith("/auroc")]
         if held:
-            rows = pd.DataFrame([(k.split("/")[0], k.split("/", 1)[1] if "/" in k else k, v) for k, v in held.items()],
-                                columns=["held-out cells", "metric", "value"])
-            parts.append("<h3>Held-out-class detection</h3><p>How well each uncertainty score separates cells of "
-                         "classes the model never saw from test cells (AUROC 0.5 = chance).</p>"
-                         + table(rows, "heldout-metrics"))
+            auroc = pd.DataFrame(held, columns=["held-out cells", "score", "auroc"]).pivot(
+                index="held-out cells", columns="score", values="auroc").reset_index()
+            parts.append("<h3>Held-out-class detection</h3><p>AUROC of each uncertainty score for telling cells of "
+                         "classes the model never saw from test cells (0.5 = chance).</p>"
+                         + table(auroc, "heldout-metrics"))
     figs = [(n, c) for n, c in (("confusion.png", "confusion matrix (test split)"),
                                 ("reliability.png", "reliability diagram before / after temperature scaling"),
                                 ("embedding.png", "embedding map (penultimate features, PCA)"),
