@@ -259,6 +259,11 @@ def test_queries_with_cells_not_in_the_files_are_refused(tmp_path, ens, tiny_man
                            "--labels", str(tmp_path / "bad.csv")], capture_output=True, text=True, cwd=tmp_path,
                           env=env)
     assert proc.returncode == 2 and "bad.csv: unknown column(s) who" in proc.stderr
+    (tmp_path / "zebra.csv").write_text("source_file,cell_id,label,annotator,time\nf.h5,1,zebra,ann,t\n")
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
+                           "--labels", str(tmp_path / "zebra.csv"), "--set", "split.classes=[bright,spotty]"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "zebra.csv: label(s) zebra are not configured classes" in proc.stderr
     proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
                            "--host", "0.0.0.0", "--labels", str(tmp_path / "l.csv")], capture_output=True, text=True,
                           cwd=tmp_path, env=env)

@@ -37,7 +37,12 @@ class LabelStore:
         self.path = Path(path)
         self.classes = list(classes)
         self.lock = FileLock(f"{self.path}.lock", timeout=LOCK_TIMEOUT_S)
-        read_history(self.path)  # a damaged file is an error before anyone labels
+        h = read_history(self.path)  # a damaged file is an error before anyone labels
+        bad = sorted({lab for lab in h["label"] if lab not in (UNSURE, UNDO) and lab not in self.classes
+                      and not lab.startswith(NEW_PREFIX)})
+        if bad:
+            raise DataError(f"{self.path}: label(s) {', '.join(bad)} are not configured classes "
+                            f"({', '.join(self.classes)}); set split.classes or fix the file")
 
     def check_label(self, label: str) -> str:
         label = str(label).strip()
