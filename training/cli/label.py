@@ -95,7 +95,6 @@ def add_commands(app: typer.Typer) -> None:
         root: Annotated[Path, typer.Option(help="project folder the inputs are read from")] = Path("."),
         params: ParamsOpt = None,
         set_: SetOpt = None,
-        progress: ProgressOpt = True,
     ) -> None:
         """One self-contained HTML report of the model, the label-efficiency studies and the screen."""
         from serving.report.build import build_report
