@@ -29,8 +29,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 KEYS = {"on": "1", "partial": "1", "blocked": "2", "off": "2", "debris": "u", "doublet": "u", "novel": "n"}
 
 
-def spatial(*args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=ROOT, capture_output=True, text=True,
+def spatial(project: Path, *args: str) -> str:
+    proc = subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=project, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:
         raise SystemExit(f"spatial {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
@@ -49,23 +49,27 @@ def main() -> None:
     ap.add_argument("--model", default="models/ensemble")
     ap.add_argument("--labels", type=Path, default=None)
     ap.add_argument("--figures", type=Path, default=None)
+    ap.add_argument("--root", type=Path, default=ROOT, help="the project (dvc repo) to work in")
     a = ap.parse_args()
+    project = a.root.resolve()
+    figures = a.figures.resolve() if a.figures else None
+    os.chdir(project)
     tmp = Path(tempfile.mkdtemp(prefix="label-round-"))
     labels = (a.labels or tmp / "labels.csv").resolve()
     queries = tmp / "queries.parquet"
     t = time.perf_counter()
-    print(spatial("query", "--model", a.model, "--strategy", a.strategy, "--n", str(a.n), "--out", str(queries),
+    print(spatial(project, "query", "--model", a.model, "--strategy", a.strategy, "--n", str(a.n), "--out", str(queries),
                   "--labels", str(labels), "--metrics", str(tmp / "query.json"), "--no-progress"))
     print(f"spatial query: {time.perf_counter() - t:.1f} s wall")
     q = pd.read_parquet(queries)
-    truth = load_truth(ROOT / "data/raw/manifest.csv")
+    truth = load_truth(project / "data/raw/manifest.csv")
     truth["key"] = [os.path.abspath(f) for f in truth["source_file"].astype(str)]
     q["key"] = [os.path.abspath(f) for f in q["source_file"]]
     states = q.merge(truth[["key", "cell_id", "state"]], on=["key", "cell_id"], how="left")["state"]
     print("true states of the queried cells:", states.value_counts().to_dict())
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(queries), "--labels",
-                             str(labels), "--port", str(port)], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                             str(labels), "--port", str(port)], cwd=project, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_http(f"http://127.0.0.1:{port}/api/session", proc)
@@ -85,24 +89,24 @@ def main() -> None:
             page.select_option("#sort", "uncertainty")
             page.wait_for_function("Array.from(document.images).filter((im) => im.getBoundingClientRect().top < "
                                    "innerHeight).every((im) => im.complete && im.naturalWidth > 0)")
-            if a.figures:
-                page.screenshot(path=str(a.figures / "labeling_page.png"))
+            if figures:
+                page.screenshot(path=str(figures / "labeling_page.png"))
             print("second look:", page.locator("#review").text_content()[:300])
             browser.close()
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    print(spatial("split", "--out", str(tmp / "splits.parquet"), "--metrics", str(tmp / "split.json"),
+    print(spatial(project, "split", "--out", str(tmp / "splits.parquet"), "--metrics", str(tmp / "split.json"),
                   "--set", f"label.labels={labels}"))
     summary = json.loads((tmp / "split.json").read_text())
     print("split with the labels:", summary)
-    print(spatial("report", "--out", str(ROOT / "reports/screen/index.html")))
-    if a.figures:
+    print(spatial(project, "report", "--out", str(project / "reports/screen/index.html")))
+    if figures:
         with sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
             page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto((ROOT / "reports/screen/index.html").as_uri())
-            page.screenshot(path=str(a.figures / "screen_report.png"), full_page=True)
+            page.goto((project / "reports/screen/index.html").as_uri())
+            page.screenshot(path=str(figures / "screen_report.png"), full_page=True)
             browser.close()
     print(f"outputs in {tmp}")
 
