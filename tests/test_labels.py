@@ -268,3 +268,14 @@ def test_queries_with_cells_not_in_the_files_are_refused(tmp_path, ens, tiny_man
                            "--host", "0.0.0.0", "--labels", str(tmp_path / "l.csv")], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "not a loopback address" in proc.stderr
+
+
+def test_a_labeling_history_is_an_al_oracle(tmp_path):
+    """`spatial al --labels labels.csv` reads the page's history: latest label per cell, unsure / new left out."""
+    from training.active.oracle import read_labels_csv
+
+    path = write_labels(tmp_path / "labels.csv", [("f.h5", 1, "a", "ann", "t1"), ("f.h5", 1, "b", "bob", "t2"),
+                                                   ("f.h5", 2, "unsure", "ann", "t3"), ("f.h5", 3, "new:x", "ann", "t4"),
+                                                   ("f.h5", 4, "a", "ann", "t5"), ("f.h5", 4, "undo", "ann", "t6")])
+    table = read_labels_csv(path)
+    assert table[["cell_id", "label"]].values.tolist() == [[1, "b"]]
