@@ -3,4 +3,6 @@
 - ``model.py``  the served model: resolved once from a directory or ``models:/NAME@ALIAS``, packing of outputs
 - ``service/``  the BentoML HTTP service (``api``), request validation, uploads, response schemas
 - ``batch/``    screen-wide batch scoring, resumable, local or on Ray Data
+- ``labeling/`` the labeling page (``spatial label``): Starlette app, labels history store, thumbnails
+- ``report/``   the self-contained HTML screen report (``spatial report``)
 """

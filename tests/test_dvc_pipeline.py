@@ -40,6 +40,8 @@ def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("dvcrepo")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     shutil.copytree(REPO / "training", root / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "serving", root / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "labels.csv", root / "labels.csv")  # header only: no cell labels yet
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
@@ -60,7 +62,8 @@ def test_repro_runs_every_default_stage(dvc_repo):
     root, env = dvc_repo
     for path in ("data/raw/manifest.csv", "data/index/cells.parquet", "data/index/splits.parquet",
                  "models/ensemble/spec.json", "reports/evaluate/reliability.png", "metrics/evaluate.json",
-                 "models/ssl_fixmatch/spec.json", "reports/al/curve.csv", "reports/al/learning_curve.png"):
+                 "models/ssl_fixmatch/spec.json", "reports/al/curve.csv", "reports/al/learning_curve.png",
+                 "reports/screen/index.html"):
         assert (root / path).exists(), path
     split = json.loads((root / "metrics/split.json").read_text())
     assert split["train"] > 0 and split["test"] > 0 and split["unlabeled"] == 120
@@ -90,6 +93,24 @@ def test_data_stages_rerun_only_downstream_of_a_param_change(dvc_repo):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = run(["dvc", "status"], root, env).stdout
     assert "split" in out and "synth" not in out.split("split")[0]
+
+
+def test_labels_csv_is_a_dependency_of_split_and_the_studies(dvc_repo):
+    """A labeling session (rows appended to labels.csv) makes `dvc repro` rerun split and what follows."""
+    import pandas as pd
+
+    root, env = dvc_repo
+    cells = pd.read_parquet(root / "data/index/cells.parquet")
+    screen = cells[cells["label"].isna()].iloc[0]
+    before = (root / "labels.csv").read_text()
+    try:
+        with open(root / "labels.csv", "a") as f:
+            f.write(f"{screen['source_file']},{int(screen['cell_id'])},stimulated,ann,2026-01-01T00:00:00Z\n")
+        out = run(["dvc", "status"], root, env).stdout
+        changed = [line.strip().rstrip(":") for line in out.splitlines() if line and not line.startswith(("\t", " "))]
+        assert {"split", "ssl", "al"} <= set(changed) and "synth" not in changed and "index" not in changed
+    finally:
+        (root / "labels.csv").write_text(before)
 
 
 def test_exp_run_temp_logs_to_the_repo_root_store(dvc_repo):

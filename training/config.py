@@ -276,6 +276,33 @@ class ServeConfig(Section):
     torch_threads: int | None = Field(None, ge=1, description="model runner's PyTorch threads; None = all cores")
 
 
+class LabelConfig(Section):
+    """A person in the loop (``spatial query | label``): labels given in the browser join training."""
+
+    labels: str = Field("labels.csv", description="the labels history (source_file,cell_id,label,annotator,time); "
+                        "absent or empty = no cell labels")
+    strategy: str = Field("power_bald", description="acquisition function of spatial query (as al.strategies; "
+                          "power_bald was the best in the al study)")
+    n: int = Field(96, ge=1, description="cells per query")
+    exclude_test: bool = Field(True, description="never query cells of the fixed test split (split.out)")
+    host: str = Field("127.0.0.1", description="spatial label: loopback unless allow_remote")
+    port: int = Field(8000, ge=1, le=65535)
+    allow_remote: bool = Field(False, description="accept requests from other hosts (else 403)")
+    thumbnail_px: int = Field(96, ge=16, le=512, description="thumbnail edge in pixels")
+    thumbnail_cache: int = Field(4096, ge=0, description="thumbnails kept in memory")
+    confident: float = Field(0.9, gt=0, le=1, description="ensemble confidence above which a label that says "
+                             "otherwise is listed for a second look")
+
+
+class ReportConfig(Section):
+    """The screen report (``spatial report``)."""
+
+    out: str = "reports/screen/index.html"
+    gallery_cells: int = Field(8, ge=1, description="cells per gallery row")
+    thumbnail_px: int = Field(72, ge=16, le=512)
+    timecourse_class: str | None = Field(None, description="class plotted over the timecourse; None = the first")
+
+
 class Params(Section):
     seed: int = 0
     profile: str = Field("cpu", description="the profile merged over these values (see ``profiles`` in params.yaml)")
@@ -295,6 +322,8 @@ class Params(Section):
     tune: TuneConfig = TuneConfig()
     score: ScoreConfig = ScoreConfig()
     serve: ServeConfig = ServeConfig()
+    label: LabelConfig = LabelConfig()
+    report: ReportConfig = ReportConfig()
 
     @field_validator("seed")
     @classmethod

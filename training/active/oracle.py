@@ -147,9 +147,21 @@ class LabelsCsvOracle:
 
 
 def read_labels_csv(path: Path) -> pd.DataFrame:
-    """Validate the columns, cell ids and duplicates of a labels CSV."""
+    """Validate the columns, cell ids and duplicates of a labels CSV. A ``spatial label`` history
+    (``source_file,cell_id,label,annotator,time``) is replayed first: the latest label per cell, without ``unsure``
+    and ``new:<name>`` answers."""
     if not path.is_file():
         raise DataError(f"{path}: labels CSV not found")
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = f.readline().strip().split(",")
+    if "annotator" in header:
+        from training.data.labels import NEW_PREFIX, UNSURE, current_labels
+
+        cur = current_labels(path)
+        cur = cur[(cur["label"] != UNSURE) & ~cur["label"].str.startswith(NEW_PREFIX)]
+        if cur.empty:
+            raise DataError(f"{path}: no labels")
+        return cur[list(LABEL_COLUMNS)].reset_index(drop=True)
     try:
         table = pd.read_csv(path, dtype={"source_file": str, "label": str}, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -101,7 +101,9 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
         if "split" not in table.columns:
             raise DataError(f"{splits}: not a split table (no 'split' column); run `spatial split`")
     elif index is not None:
-        table, split_summary = make_splits(index, p.split)
+        from training.data.labels import current_labels
+
+        table, split_summary = make_splits(index, p.split, current_labels(p.label.labels), p.label.labels)
     else:
         raise DataError(f"{manifest}: manifest not found (give --manifest or --splits)")
     classes = split_summary.get("classes") or p.split.classes or labels_in(table)

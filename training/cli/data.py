@@ -69,7 +69,9 @@ def add_commands(app: typer.Typer) -> None:
 
         p = params_for(params, set_)
         idx, _ = read_table(index_path or p.index.out)
-        table, summary = make_splits(idx, p.split)
+        from training.data.labels import current_labels
+
+        table, summary = make_splits(idx, p.split, current_labels(p.label.labels), p.label.labels)
         out = out or Path(p.split.out)
         write_table(table, out, summary)
         if metrics:

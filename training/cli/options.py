@@ -48,7 +48,10 @@ def load_split_table(p: Params, splits: Path | None, manifest: Path | None, out_
     from training.io.tables import read_table, write_table
 
     if manifest is not None:
-        table, summary = make_splits(build_index(manifest, progress=False), p.split)
+        from training.data.labels import current_labels
+
+        table, summary = make_splits(build_index(manifest, progress=False), p.split,
+                                     current_labels(p.label.labels), p.label.labels)
         write_table(table, out_dir.parent / f"{out_dir.name}.splits.parquet", summary)
         return table, summary
     table, summary = read_table(splits or p.split.out)

@@ -11,6 +11,11 @@ Every row of the output carries ``split`` in:
 
 Test groups are drawn per class (``test_fraction`` of that class's groups, at least one), unless
 ``split.test_groups`` fixes them. Each split is undersampled to the same number of cells per class.
+
+Cell labels a person gave (``labels.csv``, see :mod:`training.data.labels`) join first: test groups are still drawn
+from the slide labels (the same test split with or without them), person-labeled cells of other slides are never
+undersampled away and go to ``train`` (or ``heldout`` when their label is not a training class).
+``label_source`` says where each row's label came from (``slide`` or ``cell``).
 """
 
 from __future__ import annotations
@@ -50,9 +55,28 @@ def choose_test_groups(labeled: pd.DataFrame, classes: list[str], fraction: floa
     return test
 
 
-def make_splits(index: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, dict]:
-    """Assign a split to the cells kept; returns the table and a summary (classes, groups, counts)."""
+def make_splits(index: pd.DataFrame, cfg: SplitConfig, cell_labels: pd.DataFrame | None = None,
+                labels_path: str = "labels.csv") -> tuple[pd.DataFrame, dict]:
+    """Assign a split to the cells kept; returns the table and a summary (classes, groups, counts).
+
+    ``cell_labels``: current labels a person gave (``training.data.labels.current_labels``); they win over slide
+    labels outside the test slides."""
+    from training.data.labels import apply_cell_labels
+
     rng = np.random.default_rng(cfg.seed)
+    slide_labels = labels_in(index)
+    test_classes = [c for c in (list(cfg.classes) or slide_labels) if c in slide_labels]
+    slide_in_classes = index[index["label"].notna() & index["label"].isin(test_classes)]
+    if cfg.test_groups:
+        test_groups = set(cfg.test_groups)
+        missing = test_groups - set(index["group"].astype(str))
+        if missing:
+            raise ConfigError(f"split.test_groups: unknown group(s) {', '.join(sorted(missing))}")
+    else:
+        test_groups = choose_test_groups(slide_in_classes, test_classes, cfg.test_fraction, rng)
+    person = np.zeros(len(index), dtype=bool)
+    if cell_labels is not None and not cell_labels.empty:
+        index, person = apply_cell_labels(index, cell_labels, test_groups, labels_path, set(cfg.classes))
     available = labels_in(index)
     classes = list(cfg.classes) or available
     unknown = [c for c in classes if c not in available]
@@ -60,15 +84,10 @@ def make_splits(index: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, di
         raise ConfigError(
             f"split.classes: {', '.join(unknown)} not in the manifest's labels ({', '.join(available) or 'none'})"
         )
+    by_person = index[person]
+    index = index[~person]
     labeled = index[index["label"].notna()]
     in_classes = labeled[labeled["label"].isin(classes)]
-    if cfg.test_groups:
-        test_groups = set(cfg.test_groups)
-        missing = test_groups - set(index["group"].astype(str))
-        if missing:
-            raise ConfigError(f"split.test_groups: unknown group(s) {', '.join(sorted(missing))}")
-    else:
-        test_groups = choose_test_groups(in_classes, classes, cfg.test_fraction, rng)
     is_test = in_classes["group"].astype(str).isin(test_groups)
     test = _balance(in_classes[is_test], rng, cfg.max_per_class)
     pool = _balance(in_classes[~is_test], rng, cfg.max_per_class)
@@ -77,11 +96,13 @@ def make_splits(index: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, di
         for _, grp in pool.groupby("label", observed=True)
     ]
     val_index = pd.concat(val_parts).index if val_parts else pool.index[:0]
+    person_train = by_person["label"].isin(classes).to_numpy()
     parts = {
-        "train": pool.drop(val_index),
+        "train": pd.concat([pool.drop(val_index), by_person[person_train]]),
         "val": pool.loc[val_index],
         "test": test,
-        "heldout": _balance(labeled[~labeled["label"].isin(classes)], rng, cfg.max_per_class),
+        "heldout": pd.concat([_balance(labeled[~labeled["label"].isin(classes)], rng, cfg.max_per_class),
+                              by_person[~person_train]]),
         "unlabeled": index[index["label"].isna()],
     }
     if cfg.unlabeled_max is not None and len(parts["unlabeled"]) > cfg.unlabeled_max:
@@ -89,16 +110,19 @@ def make_splits(index: pd.DataFrame, cfg: SplitConfig) -> tuple[pd.DataFrame, di
         parts["unlabeled"] = u.loc[np.sort(rng.choice(u.index.to_numpy(), cfg.unlabeled_max, replace=False))]
     for name in ("train", "test"):
         present = set(parts[name]["label"].dropna())
-        empty = [c for c in classes if c not in present]
+        empty = [c for c in (classes if name == "train" else test_classes) if c not in present]
         if empty:
             raise DataError(f"class(es) {', '.join(empty)} have no cells in the {name} split after group-wise splitting")
-    out = pd.concat([p.assign(split=name) for name, p in parts.items()], ignore_index=True)
+    from_person = set(by_person.index)
+    out = pd.concat([p.assign(split=name, label_source=np.where(p.index.isin(from_person), "cell", "slide"))
+                     for name, p in parts.items()], ignore_index=True)
     out["split"] = pd.Categorical(out["split"], categories=list(SPLITS))
     counts = {
         name: {str(k): int(v) for k, v in p["label"].fillna("<unlabeled>").value_counts().sort_index().items()}
         for name, p in parts.items()
     }
-    summary = {"classes": classes, "test_groups": sorted(test_groups), "counts": counts, "params": cfg.model_dump()}
+    summary = {"classes": classes, "test_groups": sorted(test_groups), "counts": counts, "params": cfg.model_dump(),
+               "cell_labels": int(person.sum())}
     return out, summary
 
 

@@ -1,0 +1,229 @@
+"""The labeling web app: one static page (``static/index.html``, vanilla JS) and a small JSON API.
+
+``GET /`` the page; ``GET /api/session`` classes, channels, keys, progress; ``GET /api/cells`` the queried cells
+with the model's outputs and their current labels; ``GET /thumb/{i}/{channel}?contrast=`` a PNG of query position
+``i`` (``composite`` or an image-channel position); ``POST /api/label`` ``{i, label, annotator}``; ``POST /api/undo``
+``{i, annotator}``; ``GET /api/review`` cells for a second look (annotators disagree, or the ensemble is confident
+and the label says otherwise). Cells are only ever named by their query position. Requests from other hosts than
+loopback get 403 unless ``allow_remote``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.base import BaseHTTPMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from serving.labeling.store import LabelStore
+from serving.labeling.thumbs import Thumbnails, locate
+from training.data.labels import NEW_PREFIX, UNDO, UNSURE, abs_keys
+from training.errors import DataError, SpatialError
+
+STATIC = Path(__file__).parent / "static"
+REQUIRED = ("source_file", "cell_id")
+MODEL_FIELDS = ("predicted_class", "confidence", "entropy", "aleatoric", "epistemic", "novelty", "score")
+
+
+def read_queries(path: str | os.PathLike) -> pd.DataFrame:
+    """A ``spatial query`` output (or any table with ``source_file, cell_id``), in query order."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: queries file not found")
+    try:
+        q = pd.read_parquet(p) if p.suffix == ".parquet" else pd.read_csv(p)
+    except Exception as exc:  # pyarrow / pandas raise many kinds
+        raise DataError(f"{p}: not a readable queries table ({exc})") from None
+    missing = [c for c in REQUIRED if c not in q.columns]
+    if missing:
+        raise DataError(f"{p}: missing column(s) {', '.join(missing)}")
+    if q.empty:
+        raise DataError(f"{p}: no cells to label")
+    if "query_rank" in q.columns:
+        q = q.sort_values("query_rank", kind="stable")
+    q = q.reset_index(drop=True)
+    q["source_file"] = q["source_file"].astype(str)
+    if q.duplicated(["source_file", "cell_id"]).any():
+        raise DataError(f"{p}: a cell is queried twice")
+    return q
+
+
+def _is_loopback(host: str | None) -> bool:
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class LoopbackOnly(BaseHTTPMiddleware):
+    async def dispatch(self, request: Request, call_next):
+        if not _is_loopback(request.client.host if request.client else None):
+            return PlainTextResponse("labeling is served to this machine only (start with --allow-remote)", 403)
+        return await call_next(request)
+
+
+class Session:
+    """The queried cells, their thumbnails and the labels store of one ``spatial label`` run."""
+
+    def __init__(self, queries: pd.DataFrame, labels: str | os.PathLike, classes: list[str], px: int = 96,
+                 cache: int = 4096, confident: float = 0.9, annotator: str = ""):
+        self.cells, layouts = locate(queries)
+        self.thumbs = Thumbnails(self.cells, layouts, px, cache)
+        model = [c[len("prob_"):] for c in self.cells.columns if c.startswith("prob_")]
+        predicted = [str(c) for c in self.cells.get("predicted_class", pd.Series(dtype=str)).dropna().unique()]
+        self.classes = list(dict.fromkeys([*classes, *model, *predicted]))
+        self.store = LabelStore(labels, self.classes)
+        self.confident, self.annotator = confident, annotator
+        self.keys = abs_keys(self.cells["source_file"], self.cells["cell_id"])
+
+    def position(self, labels: pd.DataFrame) -> np.ndarray:
+        return self.keys.get_indexer(abs_keys(labels["source_file"], labels["cell_id"])) if len(labels) else \
+            np.zeros(0, np.int64)
+
+    def current(self) -> dict[int, dict]:
+        cur = self.store.current()
+        pos = self.position(cur)
+        return {int(p): {"label": r.label, "annotator": r.annotator, "time": r.time}
+                for p, r in zip(pos, cur.itertuples(), strict=True) if p >= 0}
+
+    def progress(self, current: dict | None = None) -> dict:
+        current = self.current() if current is None else current
+        return {"labeled": len(current), "queried": len(self.cells)}
+
+    def review(self) -> list[dict]:
+        per = self.store.per_annotator()
+        pos = self.position(per)
+        per = per.assign(i=pos)[pos >= 0]
+        per = per[per["label"] != UNSURE]
+        out: dict[int, list[str]] = {}
+        for i, grp in per.groupby("i"):
+            if grp["label"].nunique() > 1:
+                out.setdefault(int(i), []).append(
+                    "annotators disagree: " + ", ".join(f"{a}={lab}" for a, lab in zip(grp["annotator"], grp["label"],
+                                                                                     strict=True)))
+        if "predicted_class" in self.cells and "confidence" in self.cells:
+            for i, cur in self.current().items():
+                pred, conf = self.cells["predicted_class"].iat[i], float(self.cells["confidence"].iat[i])
+                if cur["label"] not in (UNSURE, pred) and conf >= self.confident:
+                    out.setdefault(i, []).append(f"model says {pred} with confidence {conf:.3f}, label {cur['label']}")
+        return [{"i": i, "reasons": r} for i, r in sorted(out.items())]
+
+
+def _cell_json(cells: pd.DataFrame, i: int) -> dict:
+    row = cells.iloc[i]
+    d = {"i": i, "source_file": os.path.basename(str(row["source_file"])), "cell_id": int(row["cell_id"])}
+    for f in MODEL_FIELDS:
+        if f in cells.columns and pd.notna(row[f]):
+            d[f] = row[f] if isinstance(row[f], str) else float(row[f])
+    return d
+
+
+def create_app(session: Session, allow_remote: bool = False) -> Starlette:
+    cells_json = [_cell_json(session.cells, i) for i in range(len(session.cells))]
+
+    def error(status: int, msg: str) -> JSONResponse:
+        return JSONResponse({"error": msg}, status_code=status)
+
+    async def page(request: Request) -> Response:
+        return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
+
+    async def meta(request: Request) -> Response:
+        return JSONResponse({"classes": session.classes, "unsure": UNSURE, "new_prefix": NEW_PREFIX,
+                             "channels": session.thumbs.channels(0), "progress": session.progress(),
+                             "annotator": session.annotator, "confident": session.confident})
+
+    def cells(request: Request) -> Response:
+        cur = session.current()
+        return JSONResponse({"cells": [{**c, **({"label": cur[c["i"]]["label"], "labeled_by":
+                                                  cur[c["i"]]["annotator"]} if c["i"] in cur else {})}
+                                       for c in cells_json], "progress": session.progress(cur)})
+
+    def thumb(request: Request) -> Response:
+        i, channel = request.path_params["i"], request.path_params["channel"]
+        try:
+            contrast = float(request.query_params.get("contrast", "1"))
+        except ValueError:
+            return error(400, "contrast must be a number")
+        if not 0.1 <= contrast <= 20:
+            return error(400, "contrast must be between 0.1 and 20")
+        try:
+            data = session.thumbs.png(i, channel, round(contrast, 2))
+        except IndexError:
+            return error(404, f"cell {i} is not in the queries (0..{len(session.cells) - 1})")
+        except ValueError as exc:
+            return error(400, str(exc))
+        return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
+
+    async def body(request: Request) -> dict:
+        try:
+            d = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise DataError("request body is not JSON") from None
+        if not isinstance(d, dict) or not isinstance(d.get("i"), int) or isinstance(d.get("i"), bool):
+            raise DataError("request needs an integer 'i' (the cell's query position)")
+        if not 0 <= d["i"] < len(session.cells):
+            raise LookupError(f"cell {d['i']} is not in the queries (0..{len(session.cells) - 1})")
+        return d
+
+    def write(i: int, label: str, annotator: str) -> dict:
+        session.store.append([{"source_file": session.cells["source_file"].iat[i],
+                               "cell_id": int(session.cells["cell_id"].iat[i]), "label": label,
+                               "annotator": annotator}])
+        cur = session.current()
+        return {"i": i, "label": cur.get(i, {}).get("label"), "progress": session.progress(cur)}
+
+    async def label(request: Request) -> Response:
+        try:
+            d = await body(request)
+            lab = str(d.get("label", ""))
+            if lab == UNDO:
+                raise DataError("use /api/undo to take a label back")
+            return JSONResponse(write(d["i"], lab, str(d.get("annotator", ""))))
+        except LookupError as exc:
+            return error(404, str(exc))
+        except SpatialError as exc:
+            return error(400, str(exc))
+
+    async def undo(request: Request) -> Response:
+        try:
+            d = await body(request)
+            return JSONResponse(write(d["i"], UNDO, str(d.get("annotator", ""))))
+        except LookupError as exc:
+            return error(404, str(exc))
+        except SpatialError as exc:
+            return error(400, str(exc))
+
+    def review(request: Request) -> Response:
+        return JSONResponse({"cells": session.review()})
+
+    routes = [Route("/", page), Route("/api/session", meta), Route("/api/cells", cells),
+              Route("/thumb/{i:int}/{channel:str}", thumb), Route("/api/label", label, methods=["POST"]),
+              Route("/api/undo", undo, methods=["POST"]), Route("/api/review", review)]
+    middleware = [] if allow_remote else [Middleware(LoopbackOnly)]
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        yield
+        session.thumbs.close()
+
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, max_body_size=64 * 1024)
+    app.state.session = session
+    return app
+
+
+def serve(app: Starlette, host: str, port: int, allow_remote: bool = False) -> None:
+    """Run ``app`` with uvicorn (blocking)."""
+    import uvicorn
+
+    if not allow_remote and not _is_loopback(host):
+        raise DataError(f"--host {host} is not a loopback address; pass --allow-remote to serve other machines")
+    uvicorn.run(app, host=host, port=port, log_level="warning")

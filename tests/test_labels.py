@@ -1,0 +1,281 @@
+"""Labels a person gives: the history file (replay, undo, concurrent writers), the join with slide labels in the
+split, ``spatial query`` on the real pool, and the labeling API's bad-input answers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from training.config import SplitConfig
+from training.data.labels import COLUMNS, current_labels, read_history, replay
+from training.data.splits import make_splits
+from training.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def hist(rows: list[tuple]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=list(COLUMNS)).astype({"cell_id": np.int64})
+
+
+def write_labels(path: Path, rows: list[tuple]) -> Path:
+    hist(rows).to_csv(path, index=False)
+    return path
+
+
+# -- history ------------------------------------------------------------------------------------------------------
+def test_replay_latest_wins_and_undo_pops_the_annotators_own_label():
+    h = hist([("f", 1, "a", "ann", "t1"), ("f", 1, "b", "bob", "t2"), ("f", 2, "a", "ann", "t3"),
+              ("f", 1, "undo", "bob", "t4"), ("f", 2, "b", "ann", "t5"), ("f", 3, "a", "ann", "t6"),
+              ("f", 3, "undo", "ann", "t7"), ("f", 2, "undo", "bob", "t8")])  # bob has no label on 2: no-op
+    cur = replay(h).set_index("cell_id")["label"].to_dict()
+    assert cur == {1: "a", 2: "b"}  # 1: bob's b undone -> ann's a; 2: latest b; 3: undone entirely
+    per = replay(h, by_annotator=True)
+    assert sorted(zip(per["cell_id"], per["annotator"], per["label"], strict=True)) == [
+        (1, "ann", "a"), (2, "ann", "b")]
+
+
+def test_history_file_errors_name_the_file_and_field(tmp_path):
+    assert read_history(tmp_path / "absent.csv").empty
+    (tmp_path / "header.csv").write_text(",".join(COLUMNS) + "\n")
+    assert current_labels(tmp_path / "header.csv").empty
+    bad = tmp_path / "bad.csv"
+    bad.write_text("source_file,cell_id,label,annotator,time,comment\nf,1,a,x,t,hi\n")
+    with pytest.raises(DataError, match=r"bad.csv: unknown column\(s\) comment"):
+        read_history(bad)
+    bad.write_text("source_file,cell_id,label,annotator,time\nf,1.5,a,x,t\n")
+    with pytest.raises(DataError, match="line 2: cell_id '1.5' is not an integer"):
+        read_history(bad)
+
+
+# -- the join -----------------------------------------------------------------------------------------------------
+def toy_index() -> pd.DataFrame:
+    """Two slides each of classes a and b (10 cells each) and a 10-cell screen slide."""
+    rows = []
+    for g, lab in (("a1", "a"), ("a2", "a"), ("b1", "b"), ("b2", "b"), ("scr", None)):
+        for k in range(10):
+            rows.append({"source_file": f"/d/{g}.h5", "row": k, "cell_id": 100 + k, "label": lab, "group": g})
+    idx = pd.DataFrame(rows)
+    idx["label"] = idx["label"].astype("string")
+    return idx
+
+
+CFG = SplitConfig(classes=["a", "b"], max_per_class=None, val_fraction=0.2, test_fraction=0.5, unlabeled_max=None)
+
+
+def test_cell_labels_win_outside_the_fixed_test_split():
+    idx = toy_index()
+    base, summary = make_splits(idx, CFG)
+    same, _ = make_splits(idx, CFG, hist([]))
+    pd.testing.assert_frame_equal(base, same)
+    test_groups = set(summary["test_groups"])
+    train_a = sorted({"a1", "a2"} - test_groups)[0]
+    test_a = sorted({"a1", "a2"} & test_groups)[0]
+    labels = hist([("/d/scr.h5", 101, "b", "ann", "t"), ("/d/scr.h5", 102, "a", "ann", "t"),
+                   ("/d/scr.h5", 103, "unsure", "ann", "t"), ("/d/scr.h5", 104, "new:vacuolated", "ann", "t"),
+                   (f"/d/{train_a}.h5", 105, "b", "ann", "t"),     # a slide-labeled cell the person calls b
+                   (f"/d/{test_a}.h5", 106, "b", "ann", "t")])     # test slide: ignored, test stays fixed
+    out, s = make_splits(idx, CFG, labels)
+    assert s["test_groups"] == summary["test_groups"]
+    key = out.set_index(["source_file", "cell_id"])
+    assert key.loc[("/d/scr.h5", 101), ["split", "label", "label_source"]].tolist() == ["train", "b", "cell"]
+    assert key.loc[("/d/scr.h5", 102), ["split", "label"]].tolist() == ["train", "a"]
+    assert key.loc[("/d/scr.h5", 103), "split"] == "unlabeled"
+    assert key.loc[("/d/scr.h5", 104), ["split", "label"]].tolist() == ["heldout", "vacuolated"]
+    assert key.loc[(f"/d/{train_a}.h5", 105), ["split", "label", "label_source"]].tolist() == ["train", "b", "cell"]
+    assert key.loc[(f"/d/{test_a}.h5", 106), ["split", "label"]].tolist() == ["test", "a"]
+    pd.testing.assert_frame_equal(out[out["split"] == "test"].reset_index(drop=True),
+                                  base[base["split"] == "test"].reset_index(drop=True).assign(
+                                      label_source="slide").astype({"label_source": out["label_source"].dtype}),
+                                  check_dtype=False)
+    # a new phenotype becomes a class once it is in split.classes (trained, no test cells: it has no slide)
+    cfg3 = CFG.model_copy(update={"classes": ["a", "b", "vacuolated"]})
+    out3, _ = make_splits(idx, cfg3, labels)
+    assert out3.set_index(["source_file", "cell_id"]).loc[("/d/scr.h5", 104), "split"] == "train"
+
+
+def test_labels_of_unknown_cells_or_classes_are_errors():
+    idx = toy_index()
+    with pytest.raises(DataError, match=r"labels.csv: 1 labeled cell\(s\) are not in the manifest's files"):
+        make_splits(idx, CFG, hist([("/d/scr.h5", 999, "a", "ann", "t")]))
+    with pytest.raises(DataError, match=r"label\(s\) zebra are not configured classes"):
+        make_splits(idx, CFG, hist([("/d/scr.h5", 101, "zebra", "ann", "t")]))
+
+
+def test_split_cli_reads_labels_csv(tmp_path, tiny_manifest):
+    """`spatial split` joins label.labels: a screen cell labeled 'bright' trains."""
+    from training.data.cellindex import build_index
+    from training.io.tables import read_table, write_table
+
+    idx = build_index(tiny_manifest, progress=False)
+    write_table(idx, tmp_path / "cells.parquet")
+    screen = str(idx.loc[idx["label"].isna(), "source_file"].iloc[0])
+    cid = int(idx.loc[idx["label"].isna(), "cell_id"].iloc[0])
+    write_labels(tmp_path / "labels.csv", [(screen, cid, "bright", "ann", "2026-01-01T00:00:00Z")])
+    args = ["split", "--index", str(tmp_path / "cells.parquet"), "--out", str(tmp_path / "splits.parquet"),
+            "--set", "split.classes=[bright,spotty]", "--set", f"label.labels={tmp_path / 'labels.csv'}"]
+    proc = subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    table, summary = read_table(tmp_path / "splits.parquet")
+    row = table[(table["source_file"].astype(str) == screen) & (table["cell_id"] == cid)]
+    assert row[["split", "label", "label_source"]].values.tolist() == [["train", "bright", "cell"]]
+    assert summary["cell_labels"] == 1
+
+
+# -- the store ----------------------------------------------------------------------------------------------------
+def test_two_writers_at_once_lose_nothing(tmp_path):
+    from serving.labeling.store import LabelStore
+
+    path = tmp_path / "labels.csv"
+    stores = [LabelStore(path, ["a", "b"]), LabelStore(path, ["a", "b"])]
+
+    def work(k: int) -> None:
+        for j in range(40):
+            stores[k].append([{"source_file": "/d/f.h5", "cell_id": 1000 * k + j, "label": "ab"[k], "annotator":
+                               f"ann{k}"}])
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    h = read_history(path)
+    assert len(h) == 80 and sorted(h["cell_id"]) == sorted([j for j in range(40)] + [1000 + j for j in range(40)])
+    assert path.read_text().count("source_file") == 1
+    with pytest.raises(DataError, match="label 'c' is not one of a, b"):
+        stores[0].append([{"source_file": "/d/f.h5", "cell_id": 1, "label": "c", "annotator": "x"}])
+    assert len(read_history(path)) == 80
+
+
+# -- spatial query ------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ens(tiny_ensemble):
+    from training.uncertainty.ensemble import Ensemble
+
+    return Ensemble.load(tiny_ensemble)
+
+
+def test_query_skips_labeled_and_test_cells_and_is_reproducible(ens, tiny_manifest, one_thread):
+    from training.active.acquisition import bald
+    from training.active.query import member_probs, run_query
+    from training.data.cellindex import build_index
+
+    idx = build_index(tiny_manifest, progress=False)
+    screen = idx[idx["label"].isna()]
+    labeled = hist([(f, int(c), "bright", "ann", "t") for f, c in zip(screen["source_file"].astype(str)[:30],
+                                                                      screen["cell_id"][:30], strict=True)])
+    exclude = idx[idx["group"] == "bright_s0"]
+    a = run_query(ens, idx, "bald", 12, labeled=labeled, exclude=exclude, pool_subsample=150, seed=3)
+    b = run_query(ens, idx, "bald", 12, labeled=labeled, exclude=exclude, pool_subsample=150, seed=3)
+    pd.testing.assert_frame_equal(a.queries, b.queries)
+    assert a.pool == len(idx) - 30 - len(exclude) and a.scored == 150
+    q = a.queries
+    keys = set(zip(q["source_file"], q["cell_id"], strict=True))
+    assert not keys & set(zip(labeled["source_file"], labeled["cell_id"], strict=True))
+    assert not keys & set(zip(exclude["source_file"].astype(str), exclude["cell_id"], strict=True))
+    assert {"strategy", "seed", "round", "source_file", "cell_id", "score", "label", "predicted_class",
+            "confidence", "epistemic", "novelty", "prob_bright"} <= set(q.columns)
+    assert (np.diff(q["score"].to_numpy()) <= 1e-12).all()  # top-k: in score order
+    # the score is BALD on the members' probabilities of exactly these cells, and equals the ensemble's epistemic part
+    from training.data.loader import CellLoader
+
+    cells = q[["source_file", "row", "cell_id"]]
+    raw = ens.predict_batches(CellLoader(cells, ens.preprocess, batch_size=64), raw=True)
+    np.testing.assert_allclose(q["score"], bald(member_probs(ens, raw["logits"])), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(q["score"], q["epistemic"], rtol=1e-4, atol=1e-6)
+
+
+def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):
+    args = ["query", "--model", str(tiny_ensemble), "--manifest", str(tiny_manifest), "--strategy", "margin",
+            "--n", "7", "--out", str(tmp_path / "q.parquet"), "--labels", str(tmp_path / "none.csv"),
+            "--set", "al.pool_subsample=100", "--no-progress"]
+    proc = subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    q = pd.read_parquet(tmp_path / "q.parquet")
+    assert len(q) == 7 and (q["strategy"] == "margin").all() and q["query_rank"].tolist() == list(range(7))
+    proc = subprocess.run([sys.executable, "-m", "training.cli", *args[:-1], "--strategy", "oracle"],
+                          capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 2 and "unknown active learning strategy 'oracle'" in proc.stderr
+
+
+# -- the labeling API: bad input ----------------------------------------------------------------------------------
+def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_manifest):
+    from starlette.testclient import TestClient
+
+    from serving.labeling.app import Session, create_app, read_queries
+    from training.active.query import run_query
+    from training.data.cellindex import build_index
+
+    q = run_query(ens, build_index(tiny_manifest, progress=False), "margin", 5, pool_subsample=60).queries
+    q.to_parquet(tmp_path / "q.parquet")
+    labels = tmp_path / "labels.csv"
+    session = Session(read_queries(tmp_path / "q.parquet"), labels, ["bright", "spotty"])
+    app = create_app(session)
+    with TestClient(app, client=("127.0.0.1", 5000)) as c:
+        assert c.post("/api/label", json={"i": 0, "label": "bright", "annotator": "ann"}).status_code == 200
+        before = labels.read_bytes()
+        assert c.post("/api/label", json={"i": 5, "label": "bright", "annotator": "ann"}).status_code == 404
+        assert c.post("/api/label", json={"i": 0, "label": "zebra", "annotator": "ann"}).status_code == 400
+        assert c.post("/api/label", json={"i": 0, "label": "bright", "annotator": ""}).status_code == 400
+        assert c.post("/api/label", content=b"not json").status_code == 400
+        assert c.post("/api/label", json={"i": "../../etc/passwd", "label": "bright", "annotator": "a"}
+                      ).status_code == 400
+        assert c.get("/thumb/5/composite").status_code == 404
+        assert c.get("/thumb/0/9").status_code == 400
+        assert c.get("/thumb/0/composite?contrast=abc").status_code == 400
+        assert c.get("/thumb/0/composite").headers["content-type"] == "image/png"
+        assert labels.read_bytes() == before
+    with TestClient(app, client=("10.1.2.3", 5000)) as c:
+        r = c.post("/api/label", json={"i": 1, "label": "bright", "annotator": "ann"})
+        assert r.status_code == 403 and "this machine only" in r.text
+        assert c.get("/").status_code == 403
+    assert labels.read_bytes() == before
+    with TestClient(create_app(session, allow_remote=True), client=("10.1.2.3", 5000)) as c:
+        assert c.get("/api/session").status_code == 200
+
+
+def test_queries_with_cells_not_in_the_files_are_refused(tmp_path, ens, tiny_manifest):
+    from training.active.query import run_query
+    from training.data.cellindex import build_index
+
+    q = run_query(ens, build_index(tiny_manifest, progress=False), "random", 3, pool_subsample=60).queries
+    q.loc[1, "cell_id"] = 987654321
+    q.to_parquet(tmp_path / "q.parquet")
+    (tmp_path / "bad.csv").write_text("source_file,cell_id,label,who\n")
+    env = {"PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q.parquet"),
+                           "--labels", str(tmp_path / "l.csv")], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "1 cell(s) are not in" in proc.stderr and "Traceback" not in proc.stderr
+    q.drop(index=1).to_parquet(tmp_path / "q2.parquet")
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
+                           "--labels", str(tmp_path / "bad.csv")], capture_output=True, text=True, cwd=tmp_path,
+                          env=env)
+    assert proc.returncode == 2 and "bad.csv: unknown column(s) who" in proc.stderr
+    (tmp_path / "zebra.csv").write_text("source_file,cell_id,label,annotator,time\nf.h5,1,zebra,ann,t\n")
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
+                           "--labels", str(tmp_path / "zebra.csv"), "--set", "split.classes=[bright,spotty]"],
+                          capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "zebra.csv: label(s) zebra are not configured classes" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
+                           "--host", "0.0.0.0", "--labels", str(tmp_path / "l.csv")], capture_output=True, text=True,
+                          cwd=tmp_path, env=env)
+    assert proc.returncode == 2 and "not a loopback address" in proc.stderr
+
+
+def test_a_labeling_history_is_an_al_oracle(tmp_path):
+    """`spatial al --labels labels.csv` reads the page's history: latest label per cell, unsure / new left out."""
+    from training.active.oracle import read_labels_csv
+
+    path = write_labels(tmp_path / "labels.csv", [("f.h5", 1, "a", "ann", "t1"), ("f.h5", 1, "b", "bob", "t2"),
+                                                   ("f.h5", 2, "unsure", "ann", "t3"), ("f.h5", 3, "new:x", "ann", "t4"),
+                                                   ("f.h5", 4, "a", "ann", "t5"), ("f.h5", 4, "undo", "ann", "t6")])
+    table = read_labels_csv(path)
+    assert table[["cell_id", "label"]].values.tolist() == [[1, "b"]]

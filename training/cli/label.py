@@ -1,0 +1,105 @@
+"""``spatial query | label | report``: a person in the loop (ask, label in the browser) and the screen report."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.cli.options import ModelOpt, ParamsOpt, ProgressOpt, SetOpt, default_model_uri, params_for, write_json
+
+
+def add_commands(app: typer.Typer) -> None:
+    """Register ``query``, ``label`` and ``report`` on the ``spatial`` typer app."""
+
+    @app.command()
+    def query(
+        out: Annotated[Path, typer.Option(help="queries Parquet (the cells to label, in query order)")],
+        model: ModelOpt = None,
+        manifest: Annotated[Path | None, typer.Option(help="manifest CSV (default index.manifest)")] = None,
+        strategy: Annotated[str | None, typer.Option(help="acquisition function (default label.strategy)")] = None,
+        n: Annotated[int | None, typer.Option(help="cells to query (default label.n)")] = None,
+        labels: Annotated[Path | None, typer.Option(help="labels history; its cells are never queried again "
+                                                    "(default label.labels)")] = None,
+        splits: Annotated[Path | None, typer.Option(help="split table whose test cells are never queried "
+                                                    "(default split.out when present; label.exclude_test)")] = None,
+        round_: Annotated[int, typer.Option("--round", help="round number recorded in the output")] = 0,
+        metrics: Annotated[Path | None, typer.Option(help="JSON summary (pool, scored, cells/s)")] = None,
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+        progress: ProgressOpt = True,
+    ) -> None:
+        """Pick the cells a person should label next: acquisition on the unlabeled pool with the current model."""
+        from training.active.query import run_query
+        from training.data.cellindex import build_index
+        from training.data.labels import current_labels
+        from training.engine import select_device
+        from training.io.tables import read_table, write_table
+        from training.tracking import resolve_model
+        from training.uncertainty.ensemble import Ensemble
+
+        p = params_for(params, set_)
+        labels = labels or Path(p.label.labels)
+        index = build_index(manifest or p.index.manifest, progress=False)
+        exclude = None
+        split_path = splits or Path(p.split.out)
+        if p.label.exclude_test and split_path.is_file():
+            table, _ = read_table(split_path)
+            exclude = table[table["split"] == "test"]
+        elif splits is not None:
+            raise typer.BadParameter(f"{splits}: not found")
+        with tempfile.TemporaryDirectory(prefix="spatial-query-") as cache:
+            path, info = resolve_model(model or default_model_uri(p), p.mlflow, cache_dir=cache)
+            ens = Ensemble.load(path, device=select_device(p.score.device))
+            res = run_query(ens, index, strategy or p.label.strategy, n or p.label.n,
+                            labeled=current_labels(labels), exclude=exclude, pool_subsample=p.al.pool_subsample,
+                            seed=p.al.seed, round_=round_, temperature=p.al.power_temperature,
+                            batch_size=p.score.batch_size, num_workers=p.score.num_workers, progress=progress)
+        summary = {"pool": res.pool, "scored": res.scored, "queried": len(res.queries),
+                   "cells_per_s": res.scored / max(res.seconds_score, 1e-9), "strategy": strategy or p.label.strategy,
+                   "model": {k: info.get(k) for k in ("name", "version", "alias", "uri")}}
+        write_table(res.queries, out, summary)
+        if metrics:
+            write_json(metrics, summary)
+        typer.echo(f"wrote {out}: {len(res.queries)} cells from a pool of {res.pool} ({res.scored} scored, "
+                   f"{summary['cells_per_s']:.0f} cells/s)")
+
+    @app.command()
+    def label(
+        queries: Annotated[Path, typer.Option(help="queries Parquet / CSV (source_file, cell_id, ...)")],
+        labels: Annotated[Path | None, typer.Option(help="labels history to append to (default label.labels)")] = None,
+        host: Annotated[str | None, typer.Option(help="bind address (default label.host = 127.0.0.1)")] = None,
+        port: Annotated[int | None, typer.Option(help="port (default label.port)")] = None,
+        annotator: Annotated[str, typer.Option(help="default annotator name shown on the page")] = "",
+        allow_remote: Annotated[bool, typer.Option("--allow-remote", help="serve other machines too")] = False,
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        """Serve the labeling page for the queried cells (keyboard: digits = classes, u unsure, n new, z undo)."""
+        from serving.labeling.app import Session, create_app, read_queries, serve
+
+        p = params_for(params, set_)
+        cfg = p.label
+        remote = allow_remote or cfg.allow_remote
+        session = Session(read_queries(queries), labels or cfg.labels, list(p.split.classes), cfg.thumbnail_px,
+                          cfg.thumbnail_cache, cfg.confident, annotator)
+        h, prt = host or cfg.host, port or cfg.port
+        typer.echo(f"labeling {len(session.cells)} cells -> {labels or cfg.labels} on http://{h}:{prt}/", err=True)
+        serve(create_app(session, remote), h, prt, remote)
+
+    @app.command()
+    def report(
+        out: Annotated[Path | None, typer.Option(help="HTML file (default report.out)")] = None,
+        root: Annotated[Path, typer.Option(help="project folder the inputs are read from")] = Path("."),
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        """One self-contained HTML report of the model, the label-efficiency studies and the screen."""
+        from serving.report.build import build_report
+
+        p = params_for(params, set_)
+        out = out or Path(p.report.out)
+        sections = build_report(root, out, p)
+        typer.echo(f"wrote {out}: sections {', '.join(sections) or 'none (no inputs found)'}")
