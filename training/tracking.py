@@ -199,6 +199,7 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig) -> dict[str, Any]
     )
     if better:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
+    packaged = package_version(cfg, int(mv.version), run_id) if better and cfg.package else None
     return {
         "model_name": cfg.model_name,
         "version": int(mv.version),
@@ -208,7 +209,27 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig) -> dict[str, Any]
         "metric": cfg.metric,
         "value": new_value,
         "previous_value": current,
+        "bento_model": packaged,
     }
+
+
+def promotion_metrics(run_id: str | None) -> dict[str, float]:
+    """The metrics of the run a model was promoted on (the active tracking URI)."""
+    from mlflow import MlflowClient
+
+    return dict(MlflowClient().get_run(run_id).data.metrics) if run_id else {}
+
+
+def package_version(cfg: RegistryConfig, version: int, run_id: str) -> str:
+    """Save registry version ``version`` into the BentoML model store (``serving.bento.store``); returns its tag."""
+    import mlflow
+
+    from serving.bento.store import save_model
+
+    with tempfile.TemporaryDirectory(prefix="spatial-package-") as tmp:
+        path, info = resolve_model(f"models:/{cfg.model_name}/{version}", MlflowConfig(
+            tracking_uri=mlflow.get_tracking_uri()), cache_dir=tmp)
+        return save_model(path, {**info, "alias": cfg.alias, "run_id": run_id}, promotion_metrics(run_id))[0]
 
 
 def resolve_model(uri: str | os.PathLike, mlflow_cfg: MlflowConfig | None = None,
