@@ -289,8 +289,14 @@ class SpatialScorer:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over the route's limit gets 413 before the service reads it (by its
-    Content-Length), or as soon as a chunked body passes the limit."""
+    """ASGI middleware in front of the routes that take a body:
+
+    * a body over the route's limit gets 413 before the service reads it (by its Content-Length), or as soon as a
+      chunked body passes the limit;
+    * a ``multipart/*`` body is run through a second, callback-free multipart parser chunk by chunk as it streams
+      to the service; a malformed one (or a Content-Type without a usable boundary) gets 400 (BentoML would answer
+      the parser's error with 500).
+    """
 
     def __init__(self, app: Any, limits: dict[str, int], default: int) -> None:
         self.app, self.limits, self.default = app, limits, default
@@ -298,9 +304,11 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        limit = self.limits.get(scope.get("path", ""), self.default)
+        path = scope.get("path", "")
+        limit = self.limits.get(path, self.default)
         headers = dict(scope.get("headers") or [])
-        problem = multipart_problem(headers.get(b"content-type", b"").decode("latin-1"))
+        ctype = headers.get(b"content-type", b"").decode("latin-1")
+        problem = multipart_problem(ctype)
         if problem:
             return await _send(send, 400, _field_error("content-type", problem,
                                                        "multipart/form-data; boundary=<1-70 characters>", "multipart"))
@@ -311,26 +319,46 @@ class BodyLimit:
             except ValueError:
                 return await _send(send, 400, _field_error("content-length", "not an integer", "a byte count"))
             if size > limit:
-                return await _send(send, 413, _too_big(size, limit, scope.get("path", "")))
-        state = {"received": 0, "exceeded": False, "sent": False}
+                return await _send(send, 413, _too_big(size, limit, path))
+        parser = _multipart_checker(ctype)
+        state: dict[str, Any] = {"received": 0, "error": None, "sent": False}
 
-        async def counting_receive() -> dict:
+        async def checked_receive() -> dict:
             message = await receive()
-            if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                if state["received"] > limit:
-                    state["exceeded"] = True
-                    return {"type": "http.disconnect"}
-            return message
+            if message["type"] != "http.request" or state["error"] is not None:
+                return message
+            body = message.get("body", b"")
+            state["received"] += len(body)
+            if state["received"] > limit:
+                state["error"] = (413, _too_big(state["received"], limit, path))
+            elif parser is not None:
+                try:
+                    parser.write(body)
+                    if not message.get("more_body", False):
+                        parser.finalize()
+                except Exception as exc:  # python-multipart's parse errors
+                    state["error"] = (400, _field_error("body", f"malformed multipart body ({exc})",
+                                                        "a multipart/form-data body with a 'file' part", "multipart"))
+            return {"type": "http.disconnect"} if state["error"] is not None else message
 
         async def guarded_send(message: dict) -> None:
-            if not state["exceeded"]:
+            if state["error"] is None:
                 return await send(message)
             if not state["sent"] and message["type"] == "http.response.start":
                 state["sent"] = True
-                await _send(send, 413, _too_big(state["received"], limit, scope.get("path", "")))
+                await _send(send, *state["error"])
 
-        await self.app(scope, counting_receive, guarded_send)
+        await self.app(scope, checked_receive, guarded_send)
+
+
+def _multipart_checker(content_type: str) -> Any:
+    """A python-multipart parser without callbacks for a multipart Content-Type, else None."""
+    if not content_type.lower().lstrip().startswith("multipart/"):
+        return None
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    return MultipartParser(params[b"boundary"], callbacks={})
 
 
 def multipart_problem(content_type: str) -> str | None:
