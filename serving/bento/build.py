@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -74,6 +73,7 @@ def build_bento(model_tag: str, repo: str | os.PathLike, bentofile: str = "bento
                 constraints: str = ".ci/constraints.txt") -> dict[str, Any]:
     """Build the Bento for ``model_tag``; returns its tag, size in bytes, build seconds and the requirement count."""
     import bentoml
+    from bentoml._internal.bento.build_config import BentoEnvSchema
 
     repo = Path(repo).resolve()
     cfg = yaml.safe_load((repo / bentofile).read_text())
@@ -81,15 +81,12 @@ def build_bento(model_tag: str, repo: str | os.PathLike, bentofile: str = "bento
     reqs = locked_requirements(roots, read_constraints(repo / constraints))
     labels = {**(cfg.get("labels") or {}), "model": model_tag.replace(":", "_")}
     t = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="spatial-bento-") as tmp:
-        req_file = Path(tmp) / "requirements.txt"
-        req_file.write_text("\n".join(reqs) + "\n")
-        bento = bentoml.bentos.build(
-            cfg["service"], name=cfg.get("name"), labels=labels, description=cfg.get("description"),
-            include=cfg.get("include"), exclude=cfg.get("exclude"), envs=cfg.get("envs"), docker=cfg.get("docker"),
-            python={"requirements_txt": str(req_file), "lock_packages": False}, models=[model_tag],
-            build_ctx=str(repo), args={BENTO_ARG: model_tag},
-        )
+    bento = bentoml.bentos.build(
+        cfg["service"], name=cfg.get("name"), labels=labels, description=cfg.get("description"),
+        include=cfg.get("include"), exclude=cfg.get("exclude"), envs=[BentoEnvSchema(**e) for e in cfg.get("envs") or []], docker=cfg.get("docker"),
+        python={"packages": reqs, "lock_packages": False}, models=[model_tag], build_ctx=str(repo),
+        args={BENTO_ARG: model_tag},
+    )
     seconds = time.perf_counter() - t
     size = sum(f.stat().st_size for f in Path(bento.path).rglob("*") if f.is_file())
     return {"bento": str(bento.tag), "model": model_tag, "bytes": size, "build_s": round(seconds, 2),
