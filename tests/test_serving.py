@@ -352,7 +352,8 @@ def test_bentoml_build_makes_a_bento(tmp_path):
     meta = bento.read_text()
     assert "entry_service: spatial" in meta and "spatial_ensemble" in meta
     src = bento.parent / "src"
-    assert (src / "serving" / "service.py").is_file() and (src / "training" / "ensemble.py").is_file()
+    assert (src / "serving" / "service" / "api.py").is_file() and (src / "serving" / "bento" / "store.py").is_file()
+    assert (src / "training" / "uncertainty" / "ensemble.py").is_file()
     assert not (src / "tests").exists()
 
 
