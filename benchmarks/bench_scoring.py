@@ -10,6 +10,13 @@ writes a gzip-compressed scPortrait file of ``--cells`` cells to score, and prin
 Targets: batch scoring >= 0.8x the pure loop; HTTP >= 0.7x in-process batch scoring; the load run has no errors
 and flat memory.
 
+``--hostile`` adds the issue-14 figures: the server's peak RSS while it answers hostile uploads (a few-KB file
+claiming 2x10^8 cells, the ``--cells`` file stored as one gzip chunk, 2048-pixel crops, external links into a
+server-side file) against the peak of the valid ``--cells`` upload measured in the same run, with their status
+codes, and the number of retry warnings the load run left in the server log. ``--check`` exits 1 unless: the
+throughput ratios meet their targets, the load run had no errors, every hostile upload got its 4xx, and the largest
+hostile peak stays under the valid upload's (or 64 MB).
+
 ``--threads`` sets PyTorch's threads in this process and in the service's model runner alike. On a machine other
 jobs share, two OpenMP threads on two busy cores collapse (3-4x slower than one); ``--threads 1`` gives stable
 figures there.
@@ -280,6 +287,71 @@ def load_run(server: Server, bodies: list[tuple[bytes, int]], clients: int, seco
             "rss_start_mb": rss_start, "rss_end_mb": server.rss_mb()}
 
 
+def write_hostile_files(d: Path, score_file: Path) -> dict[str, Path]:
+    """Uploads an attacker would send; each must be refused from its metadata, before any pixel is read."""
+    import h5py
+
+    d.mkdir(parents=True, exist_ok=True)
+    files = {}
+    files["claims 2e8 cells (8 KB)"] = d / "claims.h5sc"
+    with h5py.File(files["claims 2e8 cells (8 KB)"], "w") as h5:
+        h5.create_dataset("obsm/single_cell_images", shape=(2 * 10**8, 5, 32, 32), dtype="f2", chunks=(1, 1, 32, 32))
+        h5.create_dataset("obs/scportrait_cell_id", shape=(2 * 10**8,), dtype="i8", chunks=(65536,))
+    files["one gzip chunk"] = d / "one_chunk.h5sc"
+    with h5py.File(score_file, "r") as src, h5py.File(files["one gzip chunk"], "w") as h5:
+        data = src["obsm/single_cell_images"][()]
+        ds = h5.create_dataset("obsm/single_cell_images", data=data, chunks=data.shape, compression="gzip")
+        ds.attrs.update(dict(src["obsm/single_cell_images"].attrs))
+        h5.create_dataset("obs/scportrait_cell_id", data=np.arange(len(data)))
+    files["2048-pixel crops"] = d / "wide.h5sc"
+    with h5py.File(files["2048-pixel crops"], "w") as h5:
+        h5.create_dataset("obsm/single_cell_images", shape=(64, 5, 2048, 2048), dtype="f2", chunks=(1, 1, 2048, 2048),
+                          compression="gzip", fillvalue=0)
+        h5.create_dataset("obs/scportrait_cell_id", data=np.arange(64))
+    files["external links"] = d / "links.h5sc"
+    with h5py.File(files["external links"], "w") as h5:
+        h5["obsm/single_cell_images"] = h5py.ExternalLink(str(score_file), "obsm/single_cell_images")
+        h5["obs/scportrait_cell_id"] = h5py.ExternalLink(str(score_file), "obs/scportrait_cell_id")
+    return files
+
+
+def upload_peak(server: Server, path: Path) -> tuple[int, float, float]:
+    """POST ``path`` to /score_file; (status, peak server RSS above the level before, seconds)."""
+    import httpx
+
+    base, peak, done = server.rss_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], server.rss_mb())
+            time.sleep(0.02)
+
+    th = threading.Thread(target=sample)
+    th.start()
+    t = time.perf_counter()
+    try:
+        with open(path, "rb") as fh:
+            r = httpx.post(server.url + "/score_file", files={"file": (path.name, fh)}, timeout=600)
+            r.read()
+    finally:
+        done.set()
+        th.join()
+    return r.status_code, max(peak[0] - base, 0.0), time.perf_counter() - t
+
+
+def hostile_run(server: Server, work: Path, score_file: Path) -> dict[str, dict[str, float]]:
+    status, legit_mb, legit_s = upload_peak(server, score_file)
+    log(f"valid upload ({score_file.stat().st_size / 2**20:.1f} MB, all cells scored): HTTP {status}, peak RSS "
+        f"+{legit_mb:.0f} MB, {legit_s:.1f}s")
+    out = {"valid": {"status": status, "peak_mb": legit_mb}}
+    for name, path in write_hostile_files(work / "hostile", score_file).items():
+        status, mb, secs = upload_peak(server, path)
+        out[name] = {"status": status, "peak_mb": mb}
+        log(f"hostile upload {name:>24s} ({path.stat().st_size / 2**10:7.0f} KB): HTTP {status}, peak RSS +{mb:.0f} MB"
+            f" = {mb / max(legit_mb, 1):.2f}x the valid upload's, {secs:.2f}s")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=16384, help="cells in the gzip HDF5 file scored end to end")
@@ -291,6 +363,8 @@ def main() -> None:
     ap.add_argument("--data", choices=["synth", "random"], default="synth")
     ap.add_argument("--workdir", type=Path, default=None, help="keep data / model here (default: a temp dir)")
     add_args(ap)
+    ap.add_argument("--hostile", action="store_true", help="also the hostile uploads (peak server RSS)")
+    ap.add_argument("--skip-throughput", action="store_true", help="only the server: load run (+ --hostile)")
     args = ap.parse_args()
 
     import torch
@@ -314,25 +388,27 @@ def main() -> None:
         write_score_file(manifest, score_file, args.cells)
     log(f"setup (data {args.data}, 3-member ensemble, {args.cells}-cell gzip file): {time.perf_counter() - t:.0f}s")
 
-    # the machine may be shared: the pure loop is measured before and after batch scoring, the ratio uses the mean
-    fwd1 = pure_forward(model_dir, score_file, args.batch_size, min(args.cells, 8192))
-    out = work / "scores.parquet"
-    out.unlink(missing_ok=True)
-    inproc, n = batch_scoring(model_dir, score_file, out, args.batch_size)
-    fwd2 = pure_forward(model_dir, score_file, args.batch_size, min(args.cells, 8192))
-    fwd = (fwd1 + fwd2) / 2
-    log(f"pure forward loop (in memory, predict_tensor, batch {args.batch_size}): {fwd:8.0f} cells/s "
-        f"(before {fwd1:.0f}, after {fwd2:.0f})")
-    log(f"in-process batch scoring from gzip HDF5 ({n} cells):  {inproc:8.0f} cells/s  = {inproc / fwd:.2f}x pure loop "
-        "(target >= 0.8)")
     floors = Floors(args)
-    floors.ratio("batch scoring / pure forward loop", inproc / fwd, 0.8)
+    inproc = 0.0
+    if not args.skip_throughput:
+        # the machine may be shared: the pure loop is measured before and after batch scoring, the ratio uses the mean
+        fwd1 = pure_forward(model_dir, score_file, args.batch_size, min(args.cells, 8192))
+        out = work / "scores.parquet"
+        out.unlink(missing_ok=True)
+        inproc, n = batch_scoring(model_dir, score_file, out, args.batch_size)
+        fwd2 = pure_forward(model_dir, score_file, args.batch_size, min(args.cells, 8192))
+        fwd = (fwd1 + fwd2) / 2
+        log(f"pure forward loop (in memory, predict_tensor, batch {args.batch_size}): {fwd:8.0f} cells/s "
+            f"(before {fwd1:.0f}, after {fwd2:.0f})")
+        log(f"in-process batch scoring from gzip HDF5 ({n} cells):  {inproc:8.0f} cells/s  = {inproc / fwd:.2f}x pure "
+            "loop (target >= 0.8)")
+        floors.ratio("batch scoring / pure forward loop", inproc / fwd, 0.8)
 
     server = Server(model_dir, work, args.threads)
     try:
         server.wait()
         n_req = max(args.clients * 4, 4096 // args.per_request)
-        for enc in ("json", "b64"):
+        for enc in ("json", "b64") if not args.skip_throughput else ():
             bodies = request_bodies(score_file, args.per_request, n_req, enc)
             rate, errs = http_throughput(server.url, bodies, args.clients)
             log(f"HTTP /score, {args.clients} clients x {args.per_request} cells, {enc:4s} bodies:  {rate:8.0f} cells/s "
@@ -344,6 +420,18 @@ def main() -> None:
         log(f"load run {args.seconds:.0f}s, {args.clients} clients, JSON: {res['requests']} requests, {res['errors']} errors "
             f"{res['error_kinds'] or ''}, {res['cells_per_s']:.0f} cells/s, p50 {res['p50_ms']:.0f} ms, "
             f"p99 {res['p99_ms']:.0f} ms, server RSS {res['rss_start_mb']:.0f} -> {res['rss_end_mb']:.0f} MB")
+        retries = sum("runner call(s) dropped" in line for line in Path(server.log.name).read_text().splitlines())
+        log(f"retry warnings in the server log after the load run: {retries}")
+        if res["errors"]:
+            floors.failed.append(f"{res['errors']} errors in the load run")
+        if args.hostile:
+            hostile = hostile_run(server, work, score_file)
+            legit = hostile.pop("valid")
+            worst = max(v["peak_mb"] for v in hostile.values())
+            if any(not 400 <= v["status"] < 500 for v in hostile.values()):
+                floors.failed.append("a hostile upload did not get a 4xx")
+            if worst > max(legit["peak_mb"], 64):
+                floors.failed.append(f"a hostile upload peaked at +{worst:.0f} MB, over the valid upload's")
     finally:
         server.stop()
     log(f"load average at the end {os.getloadavg()[0]:.1f}")

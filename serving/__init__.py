@@ -1,7 +1,8 @@
 """spatiAL serving: using a trained ensemble on screens.
 
 - ``model.py``  the served model: resolved once from a directory or ``models:/NAME@ALIAS``, packing of outputs
-- ``service/``  the BentoML HTTP service (``api``), request validation, uploads, response schemas
+- ``service/``  the BentoML HTTP service (``api``), request validation, uploads, response schemas, OpenAPI document
+- ``bento/``    the champion in the BentoML model store and the self-contained Bento (``spatial package``)
 - ``batch/``    screen-wide batch scoring, resumable, local or on Ray Data
 - ``labeling/`` the labeling page (``spatial label``): Starlette app, labels history store, thumbnails
 - ``report/``   the self-contained HTML screen report (``spatial report``)

@@ -66,15 +66,22 @@ class ServedModel:
 
     @classmethod
     def from_env(cls) -> ServedModel:
-        """The model named by ``$SPATIAL_MODEL_DIR`` (already resolved by ``spatial serve``), else ``$SPATIAL_MODEL``,
-        else the registry alias of the params (``$SPATIAL_PARAMS`` or ``./params.yaml``: ``registry.*`` and the
-        ``mlflow.*`` tracking URI), which is what a plain ``bentoml serve`` gets."""
+        """The model to serve, first found of: ``$SPATIAL_MODEL_DIR`` (resolved once by ``spatial serve``),
+        ``$SPATIAL_MODEL`` (a directory or registry URI: the explicit option), the model packaged in the Bento being
+        served (``serving.bento``), else the registry alias of the params (``$SPATIAL_PARAMS`` or ``./params.yaml``:
+        ``registry.*`` and the ``mlflow.*`` tracking URI)."""
         if os.environ.get(ENV_MODEL_DIR):
             info = json.loads(os.environ.get(ENV_MODEL_INFO) or "null")
             return cls.open(os.environ[ENV_MODEL_DIR], info)
+        from serving.bento.store import packaged_model
         from training.tracking import default_model_uri
 
         params = service_params()
+        if os.environ.get(ENV_MODEL):
+            return cls.resolve(os.environ[ENV_MODEL], params.mlflow)
+        packaged = packaged_model()
+        if packaged is not None:
+            return cls.open(*packaged)
         return cls.resolve(default_model_uri(params.registry), params.mlflow)
 
     @property
@@ -83,6 +90,16 @@ class ServedModel:
 
     def model_ref(self) -> dict[str, Any]:
         return {"name": self.info.get("name"), "version": self.info.get("version")}
+
+    def public_info(self) -> dict[str, Any]:
+        """What a client may know about the model: name, version, alias, run id, source, and its URI when it is a
+        registry URI (a local path is reduced to its last component: server paths are not a client's business)."""
+        uri = self.info.get("uri")
+        if uri is not None and not str(uri).startswith("models:/"):
+            uri = Path(str(uri)).name
+        source = self.info.get("source") or ("registry" if self.info.get("version") is not None else "directory")
+        return {"name": self.info.get("name"), "version": self.info.get("version"), "alias": self.info.get("alias"),
+                "uri": uri, "run_id": self.info.get("run_id"), "source": source}
 
 
 def service_params():

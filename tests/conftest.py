@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,9 @@ import torch
 
 from training.config import Params, resolve
 from training.io.formats import write_h5sc, write_sparcspy
+
+# `spatial register` saves a new champion into the BentoML model store: never the user's ~/bentoml from tests
+os.environ.setdefault("BENTOML_HOME", tempfile.mkdtemp(prefix="spatial-tests-bentoml-"))
 
 torch.set_num_threads(2)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

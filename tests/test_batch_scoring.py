@@ -93,15 +93,35 @@ def test_a_crashed_run_resumes_without_missing_or_duplicated_cells(files, tiny_e
     assert_same_scores(df, reference)
 
 
-def test_parts_of_another_run_are_not_mixed_in(files, tiny_ensemble, tmp_path, monkeypatch):
+def test_parts_of_another_run_are_not_mixed_in(files, tiny_ensemble, reference, tmp_path, monkeypatch):
+    """Parts of a run with other inputs are discarded (the rerun starts over), never assembled with new ones."""
     out = tmp_path / "scores.parquet"
-    monkeypatch.setattr(batch, "assemble", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
-    with pytest.raises(RuntimeError):
-        score_files(files[:1], tiny_ensemble, out, ScoreConfig(chunk_size=40), progress=False)
-    with pytest.raises(DataError, match="chunk_size"):
-        score_files(files[:1], tiny_ensemble, out, ScoreConfig(chunk_size=30), progress=False)
-    with pytest.raises(DataError, match="files"):
-        score_files(files, tiny_ensemble, out, ScoreConfig(chunk_size=40), progress=False)
+    with monkeypatch.context() as m:
+        m.setattr(batch, "assemble", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("stop")))
+        with pytest.raises(RuntimeError):
+            score_files(files[:1], tiny_ensemble, out, ScoreConfig(chunk_size=40), progress=False)
+    assert len(list(batch.parts_dir(out).glob("part-*.parquet"))) == 2
+    result = score_files(files, tiny_ensemble, out, ScoreConfig(chunk_size=30), progress=False)
+    assert result["resumed_chunks"] == 0 and set(result["discarded_run"]) == {"files", "chunk_size"}
+    df, _ = read_table(out)
+    assert len(df) == 140
+    assert_same_scores(df, reference)
+
+
+def test_duplicated_cell_ids_are_refused(files, tiny_ensemble, tmp_path):
+    import h5py
+
+    dup = tmp_path / "dup.h5sc"
+    dup.write_bytes(Path(files[0]).read_bytes())
+    key = "obs/scportrait_cell_id" if Path(files[0]).suffix == ".h5sc" else None
+    with h5py.File(dup, "a") as h5:
+        if key is None:
+            h5["single_cell_index"][1, 1] = h5["single_cell_index"][0, 1]
+        else:
+            h5[key][1] = h5[key][0]
+    with pytest.raises(DataError, match="1 duplicated cell id"):
+        score_files([dup], tiny_ensemble, tmp_path / "d.parquet", progress=False)
+    assert not (tmp_path / "d.parquet").exists()
 
 
 def test_bad_inputs_are_clear_errors(files, tiny_ensemble, tmp_path):

@@ -39,8 +39,11 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
 def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("dvcrepo")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "training", root / "training", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(REPO / "serving", root / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("training", "serving"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    (root / ".ci").mkdir()
+    for name in ("bentofile.yaml", ".ci/constraints.txt"):  # the `package` stage builds the Bento from them
+        shutil.copy(REPO / name, root / name)
     shutil.copy(REPO / "labels.csv", root / "labels.csv")  # header only: no cell labels yet
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in TINY.items():
@@ -69,6 +72,8 @@ def test_repro_runs_every_default_stage(dvc_repo):
     assert split["train"] > 0 and split["test"] > 0 and split["unlabeled"] == 120
     reg = json.loads((root / "metrics/register.json").read_text())
     assert reg["alias"] == "champion" and reg["alias_moved"] and reg["version"] == 1
+    package = json.loads((root / "metrics/package.json").read_text())
+    assert package["model"] == reg["bento_model"] and package["bento"].startswith("spatial:")
     assert (root / "mlflow.db").is_file()  # the default tracking store at the repo root
     status = run(["dvc", "status"], root, env).stdout
     assert "changed" not in status  # everything is up to date

@@ -19,13 +19,14 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, settings
 
 from serving.service.validation import RequestError, check_size, select_channels
 from training.io.formats import CellFile, write_h5sc
 from training.uncertainty.decompose import FIELD_DESCRIPTIONS
 
 FIELDS = ["confidence", "entropy", "aleatoric", "epistemic", "novelty"]
-MAX_CELLS, MAX_MB, FILE_CHUNK = 64, 2, 16
+MAX_CELLS, MAX_MB, FILE_CHUNK, MAX_CHUNK_MB = 64, 2, 16, 0.25
 
 
 def free_port() -> int:
@@ -45,7 +46,8 @@ def server(tiny_ensemble, tmp_path_factory):
     proc = subprocess.Popen(
         [sys.executable, "-m", "training.cli", "serve", "--model", str(tiny_ensemble), "--port", str(port),
          "--set", f"serve.max_cells_per_request={MAX_CELLS}", "--set", f"serve.max_request_mb={MAX_MB}",
-         "--set", f"serve.file_chunk_cells={FILE_CHUNK}", "--set", "serve.max_latency_ms=20000"],
+         "--set", f"serve.file_chunk_cells={FILE_CHUNK}", "--set", "serve.max_latency_ms=20000",
+         "--set", f"serve.max_chunk_mb={MAX_CHUNK_MB}"],
         cwd=tmp, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=120)
@@ -151,6 +153,7 @@ def test_metadata_and_bentoml_endpoints(server):
     assert meta["image_size"] == 32
     assert meta["fields"] == FIELD_DESCRIPTIONS
     assert meta["input"]["max_cells_per_request"] == MAX_CELLS
+    assert meta["limits"]["max_chunk_mb"] == MAX_CHUNK_MB and meta["limits"]["max_upload_cells"] == 1_000_000
     assert server.get("/livez").status_code == 200 and server.get("/readyz").status_code == 200
     assert "bentoml_service_request" in server.get("/metrics").text
     paths = server.get("/docs.json").json()["paths"]
@@ -226,6 +229,7 @@ def bad_files(tmp_path_factory, screen):
     (d / "empty.h5").write_bytes(b"")
     np.save(d / "rank2.npy", np.zeros((4, 32)))
     np.save(d / "strings.npy", np.array([["a"]]))
+    np.save(d / "int.npy", np.zeros((4, 1, 32, 32), np.int64))
     return d
 
 
@@ -236,7 +240,8 @@ def bad_files(tmp_path_factory, screen):
     ("junk.h5", 415, "no HDF5 or NPY signature"),
     ("empty.h5", 422, "the upload is empty"),
     ("rank2.npy", 422, "expected (N, C, H, W) or (N, H, W)"),
-    ("strings.npy", 422, "expected numbers"),
+    ("strings.npy", 422, "expected float16, float32 or float64"),
+    ("int.npy", 422, ".npy of dtype int64; expected float16, float32 or float64"),
 ])
 def test_bad_uploads_get_a_4xx_naming_the_file(server, screen, bad_files, name, status, text):
     with open(bad_files / name, "rb") as fh:
@@ -347,5 +352,134 @@ def test_bentoml_build_makes_a_bento(tmp_path):
     meta = bento.read_text()
     assert "entry_service: spatial" in meta and "spatial_ensemble" in meta
     src = bento.parent / "src"
-    assert (src / "serving" / "service" / "api.py").is_file() and (src / "training" / "uncertainty" / "ensemble.py").is_file()
+    assert (src / "serving" / "service" / "api.py").is_file() and (src / "serving" / "bento" / "store.py").is_file()
+    assert (src / "training" / "uncertainty" / "ensemble.py").is_file()
     assert not (src / "tests").exists()
+
+
+# -- hostile input (issue 14): nothing leaks, one bad request fails no other, memory bounded by the limits -----------
+def post_file(client, path: Path) -> httpx.Response:
+    with open(path, "rb") as fh:
+        return client.post("/score_file", files={"file": (path.name, fh)})
+
+
+def test_uploads_cannot_read_other_server_files(server, screen, tmp_path):
+    from tests import hostile
+
+    path, images, ids = screen  # `path` is a file on the server's disk
+    for file, what in ((hostile.external_storage(tmp_path, images), "external raw storage"),
+                       (hostile.external_link(tmp_path, path), "external link"),
+                       (hostile.virtual_dataset(tmp_path, path), "virtual dataset")):
+        r = post_file(server, file)
+        assert r.status_code == 422 and what in r.text and "self-contained" in r.text, r.text
+        assert "cells" not in r.json() and "root:x" not in r.text
+        assert '"cell_id"' not in r.text and str(ids[5]) not in r.json()["error"].split("'")[0]
+    assert_good(server, screen)
+
+
+def test_upload_limits_come_from_metadata(server, screen, tmp_path):
+    from tests import hostile
+
+    _, images, ids = screen
+    r = post_file(server, hostile.claims_many_cells(tmp_path))  # 8 KB claiming 2e8 cells
+    assert r.status_code == 413 and "200000000 cells" in r.text and "serve.max_upload_cells" in r.text, r.text
+    r = post_file(server, hostile.one_big_chunk(tmp_path, images[:40]))
+    assert r.status_code == 413 and "serve.max_chunk_mb" in r.text, r.text
+    side = np.zeros((1, 1, 520, 520), np.float32).tolist()
+    r = server.post("/score", json={"images": side})
+    assert r.status_code == 413 and "serve.max_image_side" in r.text, r.text
+    r = post_file(server, hostile.duplicated_ids(tmp_path, images[:20], ids[:20]))
+    assert r.status_code == 422 and "duplicated cell id" in r.text, r.text
+    assert_good(server, screen)
+
+
+def test_a_poisoned_request_fails_alone(server, screen):
+    """8 valid clients and one sending 1e30 pixels, concurrently: every valid request gets 200 and its numbers."""
+    _, images, ids = screen
+    poison = images[:4, 4:5].copy()
+    poison[2, 0, 5, 5] = 1e30
+    want = table(score(server, images[:5], cell_ids=ids[:5].tolist()).json()["cells"])
+
+    def valid(_: int) -> httpx.Response:
+        return score(server, images[:5], cell_ids=ids[:5].tolist())
+
+    with ThreadPoolExecutor(9) as pool:
+        bad = [pool.submit(score, server, poison) for _ in range(5)]
+        good = list(pool.map(valid, range(40)))
+    assert all(f.result().status_code == 400 and "1e+30" in f.result().text and "position [2]" in f.result().text
+               for f in bad)
+    assert [r.status_code for r in good] == [200] * 40
+    for r in good:
+        pd.testing.assert_frame_equal(table(r.json()["cells"]), want, rtol=1e-5)
+    r = score(server, np.full((1, 1, 32, 32), -0.5))
+    assert r.status_code == 400 and "expected finite values in [0, 1]" in r.text
+
+
+@pytest.mark.parametrize("route", ["/score", "/score_file"])
+@pytest.mark.parametrize("ctype", ["multipart/form-data", "multipart/form-data; boundary=", "multipart/form-data; x=1"])
+def test_multipart_without_a_boundary_is_a_400(server, screen, route, ctype):
+    r = server.post(route, content=b"--x\r\n\r\n", headers={"content-type": ctype})
+    assert r.status_code == 400 and r.json()["detail"][0]["loc"] == ["content-type"], r.text
+    assert_good(server, screen)
+
+
+def test_metadata_shows_no_server_paths(server, tiny_ensemble):
+    text = server.get("/metadata").text
+    assert str(tiny_ensemble.parent) not in text and "/tmp" not in text
+    assert server.get("/metadata").json()["model"]["uri"] == "ensemble"
+
+
+def test_openapi_document_matches_the_service(server, screen):
+    doc = server.get("/docs.json").json()
+    score_op = doc["paths"]["/score"]["post"]
+    assert {"400", "413", "422", "500", "503"} <= set(score_op["responses"])
+    assert {"413", "415", "422"} <= set(doc["paths"]["/score_file"]["post"]["responses"])
+    error = doc["components"]["schemas"]["ErrorResponse"]
+    assert error["properties"]["detail"]["type"] == "array"
+    images = score_op["requestBody"]["content"]["application/json"]["schema"]
+    images = doc["components"]["schemas"][images["$ref"].rsplit("/", 1)[1]] if "$ref" in images else images
+    assert {"b64", "dtype", "shape"} <= set(images["properties"]["images"]["anyOf"][1]["properties"])
+    assert "Metadata" in doc["paths"]["/metadata"]["get"]["responses"]["200"]["content"]["application/json"][
+        "schema"]["$ref"]
+    import bentoml  # a client generated from /docs.json
+
+    _, imgs, ids = screen
+    with bentoml.SyncHTTPClient(str(server.base_url), timeout=120) as client:
+        out = client.score(images=imgs[:3, 4:5].tolist(), cell_ids=ids[:3].tolist())
+    cells = out["cells"] if isinstance(out, dict) else out.cells
+    got = [c["cell_id"] if isinstance(c, dict) else c.cell_id for c in cells]
+    assert got == ids[:3].tolist()
+
+
+FUZZ_EXAMPLES = 50  # per operation: bounded, and derandomized so every run sends the same requests
+
+
+def test_openapi_fuzz(server, screen):
+    """schemathesis on /docs.json against the real server, every operation: no 5xx, only documented status codes,
+    only documented bodies (all 4xx included). Prints the number of requests sent."""
+    import schemathesis
+    from hypothesis import given
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
+
+    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{server.port}/docs.json")
+    counts = {"requests": 0, "5xx": 0}
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/score", "/score_file", "/metadata"}
+    runs = [(op, GenerationMode.POSITIVE) for op in operations]  # schema-valid requests ...
+    runs += [(op, GenerationMode.NEGATIVE) for op in operations if op.method.upper() == "POST"]  # ... and invalid ones
+    for op, mode in runs:
+        @given(case=op.as_strategy(generation_mode=mode))
+        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case) -> None:
+            response = case.call_and_validate(checks=[not_a_server_error, status_code_conformance,
+                                                      response_schema_conformance], timeout=120)
+            counts["requests"] += 1
+            counts["5xx"] += response.status_code >= 500
+
+        fuzz()
+    print(f"schemathesis: {counts['requests']} requests over {len(operations)} operations, {counts['5xx']} 5xx")
+    assert counts["5xx"] == 0 and counts["requests"] >= 3 * FUZZ_EXAMPLES
+    assert_good(server, screen)

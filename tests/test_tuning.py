@@ -353,6 +353,10 @@ def test_tune_command_promotes_the_winner_to_champion(sweep_data, tiny_manifest,
     run = client.get_run(promoted["run_id"])
     assert run.data.tags["mlflow.parentRunId"] == json.loads((tmp_path / "out" / "best.json").read_text())["parent_run_id"]
     assert (tmp_path / "tuned" / "spec.json").is_file()
+    import bentoml  # the promoted champion is in the BentoML model store, as `spatial register` leaves it
+
+    stored = bentoml.models.get(promoted["bento_model"]).info.metadata
+    assert stored["mlflow_version"] == 2 and stored["mlflow_run_id"] == promoted["run_id"]
 
 
 # -- a 2-node Ray cluster with an MLflow tracking server ------------------------------------------------------------

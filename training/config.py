@@ -143,6 +143,8 @@ class RegistryConfig(Section):
     alias: str = "champion"
     metric: str = Field("test_balanced_accuracy", description="MLflow run metric that decides the alias")
     greater_is_better: bool = True
+    package: bool = Field(True, description="when the alias moves, save the new holder into the BentoML model store "
+                          "(serving.bento.store; `spatial package` builds the Bento)")
 
 
 class SSLConfig(Section):
@@ -268,6 +270,12 @@ class ServeConfig(Section):
                                 "gets 503 (load shedding); screening clients prefer waiting")
     resize: bool = Field(True, description="resize square crops of another size to the model's input (else 422)")
     file_chunk_cells: int = Field(512, ge=1, description="cells read, scored and streamed at once by /score_file")
+    max_upload_cells: int = Field(1_000_000, ge=1, description="most cells in one uploaded file (from its metadata)")
+    max_image_side: int = Field(512, ge=8, description="largest image side in a request or upload")
+    max_channels: int = Field(16, ge=1, description="most channels of a request or upload")
+    max_decoded_mb: float = Field(65536.0, gt=0, description="largest decoded image dataset of an upload")
+    max_chunk_mb: float = Field(64.0, gt=0, description="largest decoded HDF5 storage chunk of an upload (h5py "
+                                "decodes whole chunks, so this bounds the memory of one read)")
     threads: int = Field(16, ge=1, description="requests the front service handles at once")
     timeout_s: int = Field(3600, ge=1, description="request timeout (large uploads stream for long)")
     cpus: float | None = Field(None, gt=0, description="CPUs reserved for the model runner; None = BentoML default")

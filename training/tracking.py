@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -202,8 +203,11 @@ def log_ensemble_model(ensemble_dir: str | Path, example: np.ndarray) -> str:
     return info.model_uri
 
 
-def register(model_uri: str, run_id: str, cfg: RegistryConfig) -> dict[str, Any]:
-    """Register ``model_uri``; move ``cfg.alias`` to the new version if its run's ``cfg.metric`` beats the holder's."""
+def register(model_uri: str, run_id: str, cfg: RegistryConfig,
+             package: Callable[[RegistryConfig, int, str], str] | None = None) -> dict[str, Any]:
+    """Register ``model_uri``; move ``cfg.alias`` to the new version if its run's ``cfg.metric`` beats the holder's.
+    ``package(cfg, version, run_id)`` (the CLI passes ``serving.bento.package.package_version``) then saves the new
+    champion into the BentoML model store when ``registry.package`` is on."""
     import mlflow
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
@@ -224,6 +228,7 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig) -> dict[str, Any]
     )
     if better:
         client.set_registered_model_alias(cfg.model_name, cfg.alias, mv.version)
+    packaged = package(cfg, int(mv.version), run_id) if better and cfg.package and package else None
     return {
         "model_name": cfg.model_name,
         "version": int(mv.version),
@@ -233,6 +238,7 @@ def register(model_uri: str, run_id: str, cfg: RegistryConfig) -> dict[str, Any]
         "metric": cfg.metric,
         "value": new_value,
         "previous_value": current,
+        "bento_model": packaged,
     }
 
 
@@ -243,8 +249,6 @@ def default_model_uri(registry: RegistryConfig | None = None) -> str:
     """``$SPATIAL_MODEL``, else ``models:/<registry.model_name>@<registry.alias>`` (the registry params)."""
     r = registry or RegistryConfig()
     return os.environ.get(ENV_MODEL) or f"models:/{r.model_name}@{r.alias}"
-
-
 def resolve_model(uri: str | os.PathLike, mlflow_cfg: MlflowConfig | None = None,
                   cache_dir: str | Path | None = None) -> tuple[Path, dict[str, Any]]:
     """A local ensemble directory for ``uri`` (a directory, or ``models:/NAME@ALIAS`` / ``models:/NAME/VERSION``)

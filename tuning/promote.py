@@ -11,6 +11,7 @@ import pandas as pd
 
 from training.config import Params
 from training.errors import ConfigError
+from training.workflow import Packager
 from tuning.trainable import TAG_SWEEP, trial_params
 
 
@@ -59,7 +60,7 @@ def active_table(table: pd.DataFrame, queries: pd.DataFrame, pool_splits: list[s
 
 
 def promote(best: dict[str, Any], params: Params, table: pd.DataFrame, classes: list[str], out: str | Path,
-            eval_dir: str | Path | None = None, progress: bool = False) -> dict[str, Any]:
+            eval_dir: str | Path | None = None, progress: bool = False, package: Packager | None = None) -> dict[str, Any]:
     """Train, evaluate, log and register the configuration in ``best`` (a sweep's ``best.json``).
 
     An active-learning winner is trained on the cells its campaign labeled (:func:`active_table`).
@@ -82,6 +83,6 @@ def promote(best: dict[str, Any], params: Params, table: pd.DataFrame, classes: 
     if best.get("parent_run_id"):
         tags[MLFLOW_PARENT_RUN_ID] = best["parent_run_id"]
     result = train_evaluate_register(table, classes, p, out, eval_dir, run_name=f"promote-{best.get('sweep', 'sweep')}",
-                                     tags=tags, progress=progress)
+                                     tags=tags, progress=progress, package=package)
     result.pop("metrics")
     return result | {"overrides": best["overrides"]}

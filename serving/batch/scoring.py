@@ -5,7 +5,9 @@ The work is a list of chunks (``score.chunk_size`` consecutive rows of one file)
 streaming ``CellLoader`` (``shuffle=False, cache=False``) over its ``(source_file, row, cell_id)`` table, scored, and
 written atomically as ``<out>.parts/part-<chunk>.parquet``. ``plan.json`` in that directory records the inputs, the
 model and the chunking; a rerun with the same inputs skips the chunks already written, so a run killed at any point
-continues where it stopped and the result holds every cell exactly once. The final Parquet is assembled from the
+continues where it stopped and the result holds every cell exactly once. Parts of a run with other inputs (a file
+fixed after a failed run, another model or chunk size) are never mixed in: they are discarded and the run starts
+over, so the command that failed is also the command that recovers. The final Parquet is assembled from the
 parts (streamed, one part at a time) under a temporary name and renamed into place; the parts are then removed.
 
 On Ray (``ray_address``), the pending chunks become a ``ray.data`` dataset of chunk descriptors; ``map_batches``
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +37,7 @@ from training.config import MlflowConfig, ScoreConfig
 from training.errors import DataError
 from training.io.formats import CellFile
 
+log = logging.getLogger(__name__)
 PLAN_VERSION = 1
 PLAN_FILE = "plan.json"
 ACTOR_START_TIMEOUT_S = 600  # Ray: a pool that cannot start (too few CPUs / GPUs) fails instead of waiting forever
@@ -101,7 +105,7 @@ def make_plan(files: Sequence[str | os.PathLike], chunk_size: int, model: Served
                 cf.resolve_channels(model.spec.channels, channel_map)
             except DataError as exc:
                 raise DataError(f"{exc}; the model needs {', '.join(model.spec.channels)}") from None
-            ids[path] = cf.cell_ids()
+            ids[path] = cf.check_unique_ids()
             n = cf.n_cells
         st = os.stat(path)
         entries.append({"path": path, "n_cells": n, "size": st.st_size, "mtime_ns": st.st_mtime_ns})
@@ -111,23 +115,31 @@ def make_plan(files: Sequence[str | os.PathLike], chunk_size: int, model: Served
     return plan, ids
 
 
-def _check_or_write_plan(plan: Plan, parts: Path) -> None:
+def _check_or_write_plan(plan: Plan, parts: Path) -> list[str]:
+    """Continue the parts in ``parts`` if they belong to this plan; else discard them (returns what changed)."""
     key = plan.key()
     plan_file = parts / PLAN_FILE
+    changed: list[str] = []
     if plan_file.is_file():
-        old = json.loads(plan_file.read_text())
-        if old != key:
-            changed = [k for k in key if old.get(k) != key[k]]
-            raise DataError(
-                f"{parts}: holds parts of a run with other inputs (changed: {', '.join(changed)}); "
-                "rerun with the same files, model and score.chunk_size, or delete the directory to start over"
-            )
-        return
+        try:
+            old = json.loads(plan_file.read_text())
+        except (json.JSONDecodeError, OSError):
+            old = {}
+        if old == key:
+            return changed
+        changed = [k for k in key if old.get(k) != key[k]]
+    if parts.is_dir() and any(parts.iterdir()):
+        stale = len(list(parts.glob("part-*.parquet")))
+        log.warning("%s: discarding %d part(s) of an earlier run with other inputs (changed: %s); starting over",
+                    parts, stale, ", ".join(changed) or "no plan")
+        shutil.rmtree(parts)
+        changed = changed or ["plan"]
     from training.io.atomic import atomic_path
 
     parts.mkdir(parents=True, exist_ok=True)
     with atomic_path(plan_file, suffix=".json") as tmp:
         tmp.write_text(json.dumps(key, indent=2))
+    return changed
 
 
 def part_done(parts: Path, chunk: Chunk) -> bool:
@@ -196,7 +208,7 @@ def _score(files: Sequence[str | os.PathLike], served: ServedModel, out: str | o
            channel_map: dict[str, str]) -> dict[str, Any]:
     plan, ids = make_plan(files, cfg.chunk_size, served, embeddings, channel_map)
     parts = parts_dir(out)
-    _check_or_write_plan(plan, parts)
+    discarded = _check_or_write_plan(plan, parts)
     todo = [c for c in plan.chunks if not part_done(parts, c)]
     done_cells = plan.n_cells - sum(c.n for c in todo)
     bar = tqdm(total=plan.n_cells, initial=done_cells, desc="score", unit="cell", disable=not progress,
@@ -218,7 +230,7 @@ def _score(files: Sequence[str | os.PathLike], served: ServedModel, out: str | o
     if not keep_parts:
         shutil.rmtree(parts, ignore_errors=True)
     return {"out": str(out), "n_cells": plan.n_cells, "chunks": len(plan.chunks), "resumed_chunks":
-            len(plan.chunks) - len(todo), "files": len(plan.files)}
+            len(plan.chunks) - len(todo), "files": len(plan.files), "discarded_run": discarded}
 
 
 def _run_local(todo: list[Chunk], ids: dict[str, np.ndarray], served: ServedModel, cfg: ScoreConfig, parts: Path,

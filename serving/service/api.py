@@ -23,6 +23,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,30 +34,36 @@ import numpy as np
 import torch
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from serving.model import ServedModel, pack, records, to_json
+from serving.service.openapi import patch_spec
 from serving.service.schemas import ScoreResponse
-from serving.service.uploads import open_upload
+from serving.service.uploads import open_upload, upload_limits
 from serving.service.validation import (
     MIN_SIDE,
     RequestError,
     ScoreRequest,
     check_count,
+    check_dims,
     check_size,
     error_body,
     select_channels,
 )
 from training.config import ServeConfig, load_params
 from training.errors import SpatialError
+from training.io.pixels import PIXEL_RANGE
 from training.uncertainty.decompose import FIELD_DESCRIPTIONS
 
 log = logging.getLogger(__name__)
 ENV_SERVE_CONFIG = "SPATIAL_SERVE_CONFIG"
 RUNNER_ATTEMPTS = 4
+RETRY_LOG_EVERY_S = 60.0
 ENV_PARAMS = "SPATIAL_PARAMS"
 MB = 2**20
+LIMIT_KEYS = ("max_cells_per_request", "max_request_mb", "max_upload_mb", "max_upload_cells", "max_image_side",
+              "max_channels", "max_decoded_mb", "max_chunk_mb", "file_chunk_cells")
 
 
 def serve_config() -> ServeConfig:
@@ -87,6 +95,25 @@ def _dropped_connection(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and "Session is closed" in str(exc))
 
 
+class RetryLog:
+    """Dropped runner calls are expected under load (bentoml#5540): the first is logged, then at most one line per
+    ``every_s`` seconds with the count since (instead of one warning per retry)."""
+
+    def __init__(self, every_s: float = RETRY_LOG_EVERY_S) -> None:
+        self.every_s, self.count, self.last = every_s, 0, -float("inf")
+        self.lock = threading.Lock()
+
+    def dropped(self, exc: BaseException) -> None:
+        with self.lock:
+            self.count += 1
+            now = time.monotonic()
+            if now - self.last < self.every_s:
+                return
+            count, self.count, self.last = self.count, 0, now
+        log.warning("%d runner call(s) dropped by a closing connection and retried (last: %s: %s)", count,
+                    type(exc).__name__, exc)
+
+
 def json_response(obj: Any, status: int = 200) -> Response:
     return Response(to_json(obj), status_code=status, media_type="application/json")
 
@@ -112,13 +139,28 @@ class EnsembleRunner:
                  max_latency_ms=SERVE.max_latency_ms)
     def infer(self, images: np.ndarray) -> np.ndarray:
         """Model-ready float32 ``(N, C, S, S)`` -> ``(N, K + 5)``: probabilities, confidence, entropy, aleatoric,
-        epistemic, novelty."""
+        epistemic, novelty.
+
+        The batch merges several clients' requests. Should the model fail on it, each cell is scored alone and a
+        cell that still fails gets a row of NaN probabilities, so only the request holding it fails
+        (``SpatialScorer._infer``); validated input never gets here, this is the second line of defence.
+        """
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-        return pack(self.ensemble.predict_tensor(x))
+        try:
+            return pack(self.ensemble.predict_tensor(x))
+        except Exception:
+            log.exception("a batch of %d cells failed; scoring its cells one by one", len(x))
+        rows = []
+        for i in range(len(x)):
+            try:
+                rows.append(pack(self.ensemble.predict_tensor(x[i:i + 1])))
+            except Exception:
+                rows.append(np.full((1, len(self.ensemble.spec.classes) + 5), np.nan))
+        return np.concatenate(rows)
 
 
 async def _metadata_endpoint(request: Request) -> Response:
-    return JSONResponse(bentoml.get_current_service().metadata())
+    return Response(to_json(bentoml.get_current_service().metadata()), media_type="application/json")
 
 
 _extra_routes = Starlette(routes=[Route("/metadata", _metadata_endpoint, methods=["GET"])])
@@ -134,6 +176,9 @@ class SpatialScorer:
     def __init__(self) -> None:
         self.cfg = SERVE
         self.model = ServedModel.from_env()
+        self.limits = upload_limits(SERVE.max_upload_cells, SERVE.max_image_side, SERVE.max_channels,
+                                    SERVE.max_decoded_mb, SERVE.max_chunk_mb)
+        self.retry_log = RetryLog()
 
     # -- helpers -----------------------------------------------------------------------------------------------------
     def _infer(self, pixels: np.ndarray) -> np.ndarray:
@@ -146,13 +191,17 @@ class SpatialScorer:
         x = self.model.preprocess(pixels).numpy()
         for attempt in range(1, RUNNER_ATTEMPTS + 1):
             try:
-                return np.asarray(self.runner.infer(x))
+                values = np.asarray(self.runner.infer(x))
+                break
             except Exception as exc:
                 if attempt == RUNNER_ATTEMPTS or not _dropped_connection(exc):
                     raise
-                log.warning("runner call dropped (%s: %s); retrying (%d/%d)", type(exc).__name__, exc, attempt,
-                            RUNNER_ATTEMPTS - 1)
-        raise AssertionError("unreachable")
+                self.retry_log.dropped(exc)
+        failed = np.flatnonzero(np.isnan(values[:, :len(self.model.classes)]).any(axis=1))
+        if len(failed):
+            raise RequestError("images", f"the model failed on the cell(s) at position {failed[:5].tolist()}",
+                               status=500, kind="model_error")
+        return values
 
     def _head(self) -> dict[str, Any]:
         return {"model": self.model.model_ref(), "classes": self.model.classes}
@@ -160,7 +209,7 @@ class SpatialScorer:
     def metadata(self) -> dict[str, Any]:
         spec, cfg = self.model.spec, self.cfg
         return {
-            "model": {k: self.model.info.get(k) for k in ("name", "version", "alias", "uri")},
+            "model": self.model.public_info(),
             "classes": spec.classes,
             "channels": spec.channels,
             "source_channels": spec.source_channels,
@@ -171,15 +220,19 @@ class SpatialScorer:
                 "images": f"(N, C, H, W) with C = {len(spec.channels)} ({', '.join(spec.channels)}) or the full stack "
                           f"of {len(spec.source_channels)} ({', '.join(spec.source_channels)})"
                           + ("; (N, H, W) is accepted for this one-channel model" if len(spec.channels) == 1 else ""),
-                "pixels": "finite values, normalised to [0, 1] as stored in SPARCS single-cell files",
+                "pixels": f"{PIXEL_RANGE} (normalised as stored in SPARCS single-cell files); a cell with any other "
+                          "value is refused",
                 "image_size": (f"square crops of any side >= {MIN_SIDE} are resized to {spec.image_size}x"
                                f"{spec.image_size} ({spec.preprocess.get('resize', 'resize')})" if cfg.resize
                                else f"exactly {spec.image_size}x{spec.image_size}"),
                 "max_cells_per_request": cfg.max_cells_per_request,
                 "max_request_mb": cfg.max_request_mb,
                 "max_upload_mb": cfg.max_upload_mb,
-                "file_types": [".h5 (SPARCSpy)", ".h5sc (scPortrait)", ".npy"],
+                "file_types": [".h5 (SPARCSpy)", ".h5sc (scPortrait)", ".npy (float)"],
+                "hdf5": "self-contained files only: external raw storage, external links and virtual datasets are "
+                        "refused",
             },
+            "limits": {k: getattr(cfg, k) for k in LIMIT_KEYS},
             "fields": FIELD_DESCRIPTIONS,
         }
 
@@ -189,12 +242,16 @@ class SpatialScorer:
         """Score cell images given in the request body (see ``/metadata`` for the expected input)."""
         try:
             check_count(len(images), self.cfg.max_cells_per_request)
+            check_dims(images.shape, self.cfg.max_image_side, self.cfg.max_channels)
             pixels = select_channels(images, self.model.spec.channels, self.model.spec.source_channels)
             check_size(pixels, self.model.spec.image_size, self.cfg.resize)
         except RequestError as exc:
             return error_response(exc)
         ids = cell_ids if cell_ids is not None else range(len(pixels))
-        values = self._infer(pixels)
+        try:
+            values = self._infer(pixels)
+        except RequestError as exc:
+            return error_response(exc)
         return json_response({**self._head(), "cells": records(values, self.model.classes, ids)})
 
     @bentoml.api(route="/score_file", output_spec=ScoreResponse)
@@ -203,7 +260,7 @@ class SpatialScorer:
         response is streamed chunk by chunk (``serve.file_chunk_cells``)."""
         chunk = self.cfg.file_chunk_cells
         try:
-            upload = open_upload(file, self.model.spec, self.cfg.resize)
+            upload = open_upload(file, self.model.spec, self.cfg.resize, self.limits)
         except RequestError as exc:
             return error_response(exc)
         try:  # the first chunk is scored before anything is sent, so its problems still get a 4xx
@@ -232,8 +289,14 @@ class SpatialScorer:
 
 
 class BodyLimit:
-    """ASGI middleware: a request body over the route's limit gets 413 before the service reads it (by its
-    Content-Length), or as soon as a chunked body passes the limit."""
+    """ASGI middleware in front of the routes that take a body:
+
+    * a body over the route's limit gets 413 before the service reads it (by its Content-Length), or as soon as a
+      chunked body passes the limit;
+    * a ``multipart/*`` body is run through a second, callback-free multipart parser chunk by chunk as it streams
+      to the service; a malformed one (or a Content-Type without a usable boundary) gets 400 (BentoML would answer
+      the parser's error with 500).
+    """
 
     def __init__(self, app: Any, limits: dict[str, int], default: int) -> None:
         self.app, self.limits, self.default = app, limits, default
@@ -241,45 +304,85 @@ class BodyLimit:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
             return await self.app(scope, receive, send)
-        limit = self.limits.get(scope.get("path", ""), self.default)
+        path = scope.get("path", "")
+        limit = self.limits.get(path, self.default)
         headers = dict(scope.get("headers") or [])
+        ctype = headers.get(b"content-type", b"").decode("latin-1")
+        problem = multipart_problem(ctype)
+        if problem:
+            return await _send(send, 400, _field_error("content-type", problem,
+                                                       "multipart/form-data; boundary=<1-70 characters>", "multipart"))
         length = headers.get(b"content-length")
         if length is not None:
             try:
                 size = int(length)
             except ValueError:
-                return await _send(send, 400, _limit_error("content-length", "not an integer", "a byte count"))
+                return await _send(send, 400, _field_error("content-length", "not an integer", "a byte count"))
             if size > limit:
-                return await _send(send, 413, _too_big(size, limit, scope.get("path", "")))
-        state = {"received": 0, "exceeded": False, "sent": False}
+                return await _send(send, 413, _too_big(size, limit, path))
+        parser = _multipart_checker(ctype)
+        state: dict[str, Any] = {"received": 0, "error": None, "sent": False}
 
-        async def counting_receive() -> dict:
+        async def checked_receive() -> dict:
             message = await receive()
-            if message["type"] == "http.request":
-                state["received"] += len(message.get("body", b""))
-                if state["received"] > limit:
-                    state["exceeded"] = True
-                    return {"type": "http.disconnect"}
-            return message
+            if message["type"] != "http.request" or state["error"] is not None:
+                return message
+            body = message.get("body", b"")
+            state["received"] += len(body)
+            if state["received"] > limit:
+                state["error"] = (413, _too_big(state["received"], limit, path))
+            elif parser is not None:
+                try:
+                    parser.write(body)
+                    if not message.get("more_body", False):
+                        parser.finalize()
+                except Exception as exc:  # python-multipart's parse errors
+                    state["error"] = (400, _field_error("body", f"malformed multipart body ({exc})",
+                                                        "a multipart/form-data body with a 'file' part", "multipart"))
+            return {"type": "http.disconnect"} if state["error"] is not None else message
 
         async def guarded_send(message: dict) -> None:
-            if not state["exceeded"]:
+            if state["error"] is None:
                 return await send(message)
             if not state["sent"] and message["type"] == "http.response.start":
                 state["sent"] = True
-                await _send(send, 413, _too_big(state["received"], limit, scope.get("path", "")))
+                await _send(send, *state["error"])
 
-        await self.app(scope, counting_receive, guarded_send)
+        await self.app(scope, checked_receive, guarded_send)
 
 
-def _limit_error(loc: str, what: str, expected: str) -> dict[str, Any]:
+def _multipart_checker(content_type: str) -> Any:
+    """A python-multipart parser without callbacks for a multipart Content-Type, else None."""
+    if not content_type.lower().lstrip().startswith("multipart/"):
+        return None
+    from python_multipart.multipart import MultipartParser, parse_options_header
+
+    _, params = parse_options_header(content_type)
+    return MultipartParser(params[b"boundary"], callbacks={})
+
+
+def multipart_problem(content_type: str) -> str | None:
+    """What is wrong with a ``multipart/*`` Content-Type (no / an empty / an over-long boundary), else None; the
+    multipart parser would otherwise fail with a 500."""
+    if not content_type.lower().lstrip().startswith("multipart/"):
+        return None
+    params = dict(p.strip().split("=", 1) for p in content_type.split(";")[1:] if "=" in p)
+    boundary = {k.strip().lower(): v.strip().strip('"') for k, v in params.items()}.get("boundary", "")
+    if not boundary:
+        return "a multipart Content-Type without a boundary"
+    if len(boundary) > 70:
+        return f"a multipart boundary of {len(boundary)} characters"
+    return None
+
+
+def _field_error(loc: str, what: str, expected: str, kind: str = "body_size") -> dict[str, Any]:
     return error_body(f"{loc}: {what}; expected {expected}", [{"loc": [loc], "msg": f"{what}; expected {expected}",
-                                                               "type": "body_size"}])
+                                                               "type": kind}])
 
 
 def _too_big(size: int, limit: int, path: str) -> dict[str, Any]:
     key = "serve.max_upload_mb" if path == "/score_file" else "serve.max_request_mb"
-    return _limit_error("body", f"{size / MB:.1f} MB", f"at most {limit / MB:g} MB ({key})")
+    return _field_error("body", f"{size / MB:.1f} MB", f"at most {limit / MB:g} MB ({key})")
 
 
 async def _send(send: Any, status: int, body: dict[str, Any]) -> None:
@@ -289,10 +392,33 @@ async def _send(send: Any, status: int, body: dict[str, Any]) -> None:
     await send({"type": "http.response.body", "body": payload})
 
 
+def openapi_document() -> dict[str, Any]:
+    """BentoML's OpenAPI document of this service, corrected (``serving.service.openapi``)."""
+    return patch_spec(SpatialScorer.openapi_spec.asdict(), ScoreRequest.model_json_schema()["properties"]["images"])
+
+
+class OpenAPIDocs:
+    """ASGI middleware: ``GET /docs.json`` answers the corrected document (built once per worker)."""
+
+    def __init__(self, app: Any) -> None:
+        self.app, self.body = app, None
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("path") != "/docs.json" or scope.get("method") not in ("GET", "HEAD"):
+            return await self.app(scope, receive, send)
+        if self.body is None:
+            self.body = json.dumps(openapi_document()).encode()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(self.body)).encode())]})
+        await send({"type": "http.response.body", "body": self.body if scope["method"] == "GET" else b""})
+
+
 SpatialScorer.add_asgi_middleware(
     BodyLimit,
     limits={"/score": int(SERVE.max_request_mb * MB), "/score_file": int(SERVE.max_upload_mb * MB)},
     default=int(SERVE.max_request_mb * MB),
 )
+SpatialScorer.add_asgi_middleware(OpenAPIDocs)
 
-__all__ = ["EnsembleRunner", "SpatialScorer", "serve_config"]
+__all__ = ["EnsembleRunner", "SpatialScorer", "openapi_document", "serve_config"]

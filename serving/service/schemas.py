@@ -38,5 +38,7 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
-    error: str
-    detail: list[ErrorDetail]
+    """Every 4xx / 5xx body: one line, and the offending fields."""
+
+    error: str = Field(description="one line: the field and what was expected")
+    detail: list[ErrorDetail] = Field(default_factory=list, description="one entry per offending field")

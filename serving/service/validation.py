@@ -1,6 +1,9 @@
 """Request validation for the HTTP service: pydantic request models (shape-free checks) and the checks against
 the served model (channels, image size, limits).
 
+Pixel values are checked by ``training.io.pixels`` (finite, in [0, 1]), the same check batch scoring and training
+apply to stored files, so every cell that reaches the model (and so every adaptive batch) is one the model accepts.
+
 Every rejected request gets a 4xx JSON body of one shape, the one BentoML uses for pydantic errors::
 
     {"error": "<one line>", "detail": [{"loc": ["images"], "msg": "...", "type": "..."}]}
@@ -16,10 +19,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+
+from training.io.pixels import PIXEL_RANGE, bad_cells, describe_cell
 
 MIN_SIDE = 8
 IMAGES_EXPECTED = (
@@ -59,7 +65,7 @@ class B64Tensor(BaseModel):
         except (binascii.Error, ValueError):
             raise ValueError("images.b64: not valid base64") from None
         dtype = np.dtype(self.dtype).newbyteorder("<")
-        expected = int(np.prod(self.shape)) * dtype.itemsize
+        expected = math.prod(self.shape) * dtype.itemsize
         if len(raw) != expected:
             raise ValueError(
                 f"images.b64: {len(raw)} bytes decoded, expected {expected} for shape {self.shape} and dtype {self.dtype}"
@@ -89,10 +95,10 @@ def to_image_array(value: Any) -> np.ndarray:
     if arr.shape[0] == 0:
         raise ValueError("an empty batch; expected at least one cell")
     arr = arr.astype(np.float32, copy=False)
-    finite = np.isfinite(arr.reshape(len(arr), -1)).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ValueError(f"NaN or Inf pixels in cell(s) at position {bad[:5].tolist()}; expected finite values in [0, 1]")
+    bad = bad_cells(arr)
+    if len(bad):
+        raise ValueError(f"{describe_cell(arr[bad[0]])} in cell(s) at position {bad[:5].tolist()}; expected "
+                         f"{PIXEL_RANGE}")
     return arr
 
 
@@ -135,6 +141,18 @@ def check_count(n: int, max_cells: int, loc: str = "images") -> None:
     if n > max_cells:
         raise RequestError(loc, f"{n} cells in one request; expected at most {max_cells} (serve.max_cells_per_request)"
                            "; split the batch or upload a file to /score_file", status=413, kind="too_many_cells")
+
+
+def check_dims(shape: tuple[int, ...], max_side: int, max_channels: int, loc: str = "images") -> None:
+    """Image side and channel count within the service's limits (``serve.max_image_side`` / ``max_channels``)."""
+    h, w = shape[-2:]
+    c = shape[1] if len(shape) == 4 else 1
+    if max(h, w) > max_side:
+        raise RequestError(loc, f"images of {h}x{w} pixels; expected at most {max_side} a side (serve.max_image_side)",
+                           status=413, kind="image_size")
+    if c > max_channels:
+        raise RequestError(loc, f"{c} channels; expected at most {max_channels} (serve.max_channels)", status=413,
+                           kind="channels")
 
 
 def select_channels(images: np.ndarray, channels: list[str], source_channels: list[str],

@@ -51,11 +51,18 @@ def add_commands(app: typer.Typer) -> None:
         metrics: Annotated[Path | None, typer.Option(help="JSON summary of the run")] = None,
         channel_map: Annotated[list[str] | None, typer.Option(
             "--channel-map", help="MODEL=FILE channel name (repeatable), e.g. LC3B=lc3b; over data.channel_map")] = None,
+        allow_external_hdf5: Annotated[bool, typer.Option(
+            "--allow-external-hdf5", help="trust FILES to read other files (HDF5 external storage, external links, "
+            "virtual datasets); refused by default")] = False,
         progress: ProgressOpt = True,
     ) -> None:
-        """Score every cell of FILES with the ensemble (resumable: rerun the same command to continue)."""
+        """Score every cell of FILES with the ensemble (resumable: rerun the same command to continue, also after
+        fixing an input that made a run fail)."""
         from serving.batch.scoring import score_files
+        from training.io.hdf5 import ENV_ALLOW_EXTERNAL
 
+        if allow_external_hdf5:
+            os.environ[ENV_ALLOW_EXTERNAL] = "1"  # inherited by loader workers and local Ray workers
         p = params_for(params, set_)
         result = score_files(files, model or default_model_uri(p), out, p.score, embeddings=embeddings,
                              ray_address=ray_address or None, mlflow=p.mlflow, progress=progress,
@@ -63,6 +70,8 @@ def add_commands(app: typer.Typer) -> None:
         if metrics:
             write_json(metrics, result)
         resumed = f", {result['resumed_chunks']} chunk(s) from an earlier run" if result["resumed_chunks"] else ""
+        if result["discarded_run"]:
+            resumed += f" (parts of an earlier run with other {', '.join(result['discarded_run'])} were discarded)"
         typer.echo(f"wrote {out}: {result['n_cells']} cells from {result['files']} file(s){resumed}")
 
     @app.command()

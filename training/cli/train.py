@@ -63,6 +63,7 @@ def add_commands(app: typer.Typer) -> None:
                  model: Annotated[Path, typer.Option(help="ensemble directory")] = Path("models/ensemble"),
                  out: Annotated[Path | None, typer.Option(help="JSON with the registered version")] = None) -> None:
         """Log the ensemble as one MLflow model, register it and move the alias if it beats the holder."""
+        from serving.bento.package import package_version
         from training import workflow
         from training.tracking import Tracker
         from training.uncertainty.ensemble import Ensemble
@@ -70,7 +71,7 @@ def add_commands(app: typer.Typer) -> None:
         p = params_for(params, set_)
         ens = Ensemble.load(model)
         with Tracker(p, run_name="register", run_id=ens.spec.info.get("mlflow_run_id")) as tr:
-            result = workflow.register(model, p, tr)
+            result = workflow.register(model, p, tr, package=package_version)
         if out:
             write_json(out, result)
         moved = "moved to it" if result["alias_moved"] else f"stays on version {result['alias_version']}"

@@ -79,9 +79,11 @@ def tune_command(
                    f"-> {written['best_params']}")
         winner = b
     if promote:
+        from serving.bento.package import package_version
         from tuning.promote import promote as do_promote
 
-        res = do_promote(winner, p, table, classes, model_out or Path(p.tune.promote_out), progress=progress)
+        res = do_promote(winner, p, table, classes, model_out or Path(p.tune.promote_out), progress=progress,
+                         package=package_version)
         write_json(out_dir / "promote.json", res)
         moved = "moved to it" if res["alias_moved"] else f"stays on version {res['alias_version']}"
         typer.echo(f"registered {res['model_name']} version {res['version']} (test balanced accuracy "

@@ -28,6 +28,8 @@ import pandas as pd
 
 from training.errors import DataError
 from training.io.atomic import atomic_path
+from training.io.hdf5 import ReadLimits, open_hdf5
+from training.io.pixels import PIXEL_RANGE, bad_cells, describe_cell
 
 SPARCSPY_DATA = "single_cell_data"
 SPARCSPY_INDEX = "single_cell_index"
@@ -97,20 +99,20 @@ class CellFileInfo:
 class CellFile:
     """An open single-cell file. Opening validates the layout; pixels are read only by ``read``.
 
+    The file is opened with ``training.io.hdf5.open_hdf5`` (no external storage, links or virtual datasets unless
+    ``allow_external``); ``limits`` are checked from the metadata before anything is read.
     h5py handles must not cross process boundaries: open one per worker process.
     """
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, allow_external: bool | None = None, limits: ReadLimits | None = None):
         self.path = str(path)
+        self.limits = limits
         p = Path(path)
         if not p.exists():
             raise DataError(f"{self.path}: file not found")
         if not p.is_file():
             raise DataError(f"{self.path}: not a file")
-        try:
-            self._h5 = h5py.File(p, "r")
-        except OSError as exc:
-            raise DataError(f"{self.path}: not a readable HDF5 file ({exc})") from None
+        self._h5 = open_hdf5(p, allow_external)
         try:
             self._open_layout()
         except DataError:
@@ -154,6 +156,11 @@ class CellFile:
         self._images = ds
         n, c, h, w = ds.shape
         ids = h5[self._ids_name]
+        if not isinstance(ids, h5py.Dataset):
+            raise DataError(f"{self.path}: '{self._ids_name}' is not a dataset")
+        if self.limits is not None:
+            self.limits.check_images(ds, self.path)
+            self.limits.check_chunks(ids, self.path)
         if self.format == "sparcspy" and (ids.ndim != 2 or ids.shape[1] != 2):
             raise DataError(f"{self.path}: dataset '{SPARCSPY_INDEX}' has shape {ids.shape}; expected (N, 2)")
         if self.format == "h5sc" and ids.ndim != 1:
@@ -183,9 +190,9 @@ class CellFile:
         if self.format == "h5sc":
             uns = self._h5.get("uns")
             if names is None and uns is not None and f"{UNS_PREFIX}channel_names" in uns:
-                names = _read_string_array(uns[f"{UNS_PREFIX}channel_names"])
+                names = self._read_names(uns[f"{UNS_PREFIX}channel_names"], c)
             if kinds is None and uns is not None and f"{UNS_PREFIX}channel_mapping" in uns:
-                kinds = _read_string_array(uns[f"{UNS_PREFIX}channel_mapping"])
+                kinds = self._read_names(uns[f"{UNS_PREFIX}channel_mapping"], c)
         if names is None:
             names = list(THESIS_CHANNELS) if c == len(THESIS_CHANNELS) else [f"ch{i}" for i in range(c)]
         if kinds is None:
@@ -197,21 +204,45 @@ class CellFile:
             raise DataError(f"{self.path}: channel_mapping has {len(kinds)} entries for {c} channels")
         return names, kinds
 
+    def _read_names(self, node: Any, c: int) -> list[str]:
+        """A per-channel string array, its size checked before it is read."""
+        if not isinstance(node, h5py.Dataset) or node.size != c:
+            raise DataError(f"{self.path}: '{node.name.lstrip('/')}' does not hold one entry per channel ({c})")
+        return _read_string_array(node)
+
     # -- index -------------------------------------------------------------------------------------
     @property
     def n_cells(self) -> int:
         return self.info.n_cells
 
-    def cell_ids(self) -> np.ndarray:
-        """The stored cell ids as int64 (reads only the index dataset)."""
+    def cell_ids(self, start: int = 0, stop: int | None = None, block: int = 65_536) -> np.ndarray:
+        """The stored cell ids of rows ``start:stop`` as int64 (reads only the index dataset, ``block`` rows at a
+        time into one preallocated array)."""
         ids = self._h5[self._ids_name]
-        raw = ids[:, 1] if self.format == "sparcspy" else ids[()]
-        if raw.dtype.kind not in "iuf":
-            try:
-                raw = np.asarray([int(v.decode() if isinstance(v, bytes) else v) for v in raw])
-            except ValueError:
-                raise DataError(f"{self.path}: cell ids in '{self._ids_name}' are not integers") from None
-        return np.asarray(raw).astype(np.int64)
+        stop = self.n_cells if stop is None else stop
+        out = np.empty(max(stop - start, 0), np.int64)
+        for s in range(start, stop, block):
+            e = min(s + block, stop)
+            raw = ids[s:e, 1] if self.format == "sparcspy" else ids[s:e]
+            if raw.dtype.kind not in "iuf":
+                try:
+                    raw = np.asarray([int(v.decode() if isinstance(v, bytes) else v) for v in raw], dtype=np.int64)
+                except (ValueError, TypeError):
+                    raise DataError(f"{self.path}: cell ids in '{self._ids_name}' are not integers") from None
+            elif raw.dtype.kind == "f" and not (np.isfinite(raw).all() and (raw == np.round(raw)).all()):
+                raise DataError(f"{self.path}: cell ids in '{self._ids_name}' are not integers")
+            out[s - start:e - start] = raw
+        return out
+
+    def check_unique_ids(self) -> np.ndarray:
+        """All cell ids, refused (``DataError``) when one repeats: a cell is addressed by (file, cell id)."""
+        ids = self.cell_ids()
+        uniq, counts = np.unique(ids, return_counts=True)
+        if len(uniq) != len(ids):
+            dup = uniq[counts > 1]
+            raise DataError(f"{self.path}: {len(ids) - len(uniq)} duplicated cell id(s) in '{self._ids_name}' "
+                            f"(e.g. {', '.join(map(str, dup[:5].tolist()))}); expected one distinct id per cell")
+        return ids
 
     def obs_table(self) -> pd.DataFrame:
         """Per-cell annotation columns stored beside the images (legacy labelled index or h5sc ``obs``)."""
@@ -266,9 +297,11 @@ class CellFile:
                 out[:, j] = self._images[start:stop, c]
         except OSError as exc:
             raise DataError(f"{self.path}: cannot read rows {start}:{stop} of '{self._images_name}' ({exc})") from None
-        if check and not np.isfinite(out).all():
-            bad = start + int(np.nonzero(~np.isfinite(out).reshape(len(out), -1).all(axis=1))[0][0])
-            raise DataError(f"{self.path}: '{self._images_name}' row {bad} holds NaN or Inf pixels")
+        if check:
+            bad = bad_cells(out)
+            if len(bad):
+                raise DataError(f"{self.path}: '{self._images_name}' row {start + int(bad[0])} holds "
+                                f"{describe_cell(out[bad[0]])}; expected {PIXEL_RANGE}")
         return out
 
     def read_rows(self, rows: np.ndarray, channels: Sequence[int] | None = None, max_gap: int = 8) -> np.ndarray:

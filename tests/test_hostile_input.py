@@ -1,0 +1,176 @@
+"""Issue 14 without a server: the safe HDF5 opening, the read limits, the shared pixel check, duplicated ids and a
+failed `spatial score` recovered by the same command (the HTTP cases are in test_serving.py)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests import hostile
+from training.errors import DataError
+from training.io.formats import CellFile
+from training.io.hdf5 import ENV_ALLOW_EXTERNAL, LimitExceeded, ReadLimits
+from training.io.pixels import bad_cells, describe_cell
+
+
+@pytest.fixture(scope="module")
+def screen(tiny_manifest):
+    path = tiny_manifest.parent / "screen_s0.h5sc"
+    with CellFile(path) as f:
+        return path, f.read(0, f.n_cells), f.cell_ids()
+
+
+@pytest.fixture
+def no_env_trust(monkeypatch):
+    monkeypatch.delenv(ENV_ALLOW_EXTERNAL, raising=False)
+
+
+# -- one safe opening function -----------------------------------------------------------------------------------
+def test_files_that_read_other_files_are_refused(screen, tmp_path, no_env_trust):
+    path, images, _ = screen
+    cases = [(hostile.external_storage(tmp_path, images), "external raw storage in"),
+             (hostile.external_link(tmp_path, path), "external link to"),
+             (hostile.virtual_dataset(tmp_path, path), "virtual dataset")]
+    for file, what in cases:
+        with pytest.raises(DataError, match=what) as err:
+            CellFile(file)
+        assert str(file) in str(err.value) and "root:x" not in str(err.value)
+
+
+def test_own_linked_files_open_when_trusted(screen, tmp_path, monkeypatch):
+    path, images, ids = screen
+    link, virtual = hostile.external_link(tmp_path, path), hostile.virtual_dataset(tmp_path, path)
+    with CellFile(link, allow_external=True) as f:
+        np.testing.assert_array_equal(f.cell_ids(), ids)
+        np.testing.assert_array_equal(f.read(0, 5), images[:5])
+    monkeypatch.setenv(ENV_ALLOW_EXTERNAL, "1")  # what --allow-external-hdf5 sets for loader workers
+    with CellFile(virtual) as f:
+        np.testing.assert_array_equal(f.read(70, 80), images[70:80])
+    with pytest.raises(DataError, match="virtual dataset"):
+        CellFile(virtual, allow_external=False)  # an explicit refusal (uploads) wins over the environment
+
+
+def test_limits_are_checked_from_metadata_before_reading(screen, tmp_path):
+    _, images, _ = screen
+    many = hostile.claims_many_cells(tmp_path)
+    assert many.stat().st_size < 20_000
+    with pytest.raises(LimitExceeded, match="200000000 cells; expected at most 1000 \\(max_cells\\)"):
+        CellFile(many, limits=ReadLimits(max_cells=1000))
+    one = hostile.one_big_chunk(tmp_path, images[:40])
+    with pytest.raises(LimitExceeded, match="chunks of 0.4 MB decoded"):
+        CellFile(one, limits=ReadLimits(max_chunk_bytes=2**18))
+    with pytest.raises(LimitExceeded, match="32x32 pixels; expected at most 16"):
+        CellFile(one, limits=ReadLimits(max_side=16))
+    with pytest.raises(LimitExceeded, match="5 channels; expected at most 4"):
+        CellFile(one, limits=ReadLimits(max_channels=4))
+    with CellFile(one, limits=ReadLimits(1000, 32, 5, 2**20, 2**20)) as f:  # within every limit: readable
+        np.testing.assert_array_equal(f.read(0, 40), images[:40])
+
+
+def test_cell_ids_are_read_in_blocks(screen):
+    path, _, ids = screen
+    with CellFile(path) as f:
+        np.testing.assert_array_equal(f.cell_ids(block=7), ids)
+        np.testing.assert_array_equal(f.cell_ids(10, 31, block=4), ids[10:31])
+
+
+# -- one pixel check -------------------------------------------------------------------------------------------------
+def test_pixel_check_finds_every_bad_cell():
+    x = np.full((6, 1, 4, 4), 0.5, np.float32)
+    x[1, 0, 0, 0] = 1e30
+    x[3, 0, 1, 1] = np.nan
+    x[4, 0, 2, 2] = -0.01
+    x[5, 0, 3, 3] = 1.0  # the edges are accepted
+    x[0, 0, 0, 1] = 0.0
+    assert bad_cells(x).tolist() == [1, 3, 4]
+    assert describe_cell(x[1]) == "a pixel value of 1e+30" and describe_cell(x[3]) == "NaN or Inf pixels"
+
+
+def test_stored_values_outside_0_1_are_refused_with_the_row(screen, tmp_path):
+    _, images, ids = screen
+    bad = hostile.out_of_range(tmp_path, images, ids, row=33, value=2.5)
+    with CellFile(bad) as f, pytest.raises(DataError, match="row 33 holds a pixel value of 2.5; expected finite"):
+        f.read(0, 80)
+
+
+# -- the CLI: exit 2, one line, and the same command recovers -----------------------------------------------------
+def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    from training.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["spatial", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out
+
+
+def test_cli_score_refuses_hostile_files_and_recovers(screen, tiny_ensemble, tmp_path, monkeypatch, capsys,
+                                                      no_env_trust, one_thread):
+    path, images, ids = screen
+    out = tmp_path / "scores.parquet"
+    base = ["--model", str(tiny_ensemble), "--out", str(out), "--set", "score.chunk_size=16", "--no-progress"]
+    link = hostile.external_link(tmp_path, path)
+    code, err = run_main(["score", str(link), *base], monkeypatch, capsys)
+    assert code == 2 and "external link to" in err and "--allow-external-hdf5" in err and "Traceback" not in err
+    dup = hostile.duplicated_ids(tmp_path, images, ids)
+    code, err = run_main(["score", str(dup), *base], monkeypatch, capsys)
+    assert code == 2 and "1 duplicated cell id(s)" in err and not out.exists()
+
+    # a value of 1e30 (inf in float16) in the third chunk: exit 2 naming the row, the first chunks kept ...
+    bad = hostile.out_of_range(tmp_path, images, ids, row=40, value=1e30, name="slide.h5sc")
+    code, err = run_main(["score", str(bad), *base], monkeypatch, capsys)
+    assert code == 2 and "row 40 holds NaN or Inf pixels" in err and err.count("\n") == 1, err
+    assert not out.exists() and (tmp_path / "scores.parquet.parts" / "plan.json").is_file()
+    # ... the file is fixed and the same command finishes the run (the stale parts are discarded, not mixed in)
+    hostile.out_of_range(tmp_path, images, ids, row=40, value=0.5, name="slide.h5sc")
+    code, msg = run_main(["score", str(bad), *base], monkeypatch, capsys)
+    assert code == 0 and "80 cells" in msg and "were discarded" in msg, msg
+    df = pd.read_parquet(out)
+    assert df["cell_id"].tolist() == ids.tolist()
+
+    code, msg = run_main(["score", str(link), *base[:2], "--out", str(tmp_path / "linked.parquet"), "--allow-external-hdf5",
+                          "--no-progress"], monkeypatch, capsys)
+    assert code == 0 and "80 cells" in msg, msg
+
+
+# -- failure isolation inside an adaptive batch, and the retry log -----------------------------------------------
+class _FailsOnLarge:
+    """An ensemble stand-in that fails on any batch holding a value over 10 (like the novelty model on 1e30)."""
+
+    class spec:  # noqa: N801
+        classes = ["a", "b"]
+
+    def predict_tensor(self, x):
+        if float(x.max()) > 10:
+            raise ValueError("Input contains infinity")
+        n = len(x)
+        return {"mean_probs": np.full((n, 2), 0.5), **{k: np.zeros(n) for k in
+                ("confidence", "entropy", "aleatoric", "epistemic", "novelty")}}
+
+
+def test_a_failing_cell_fails_only_its_rows_of_the_batch():
+    from serving.service.api import EnsembleRunner
+
+    runner = type("R", (), {"ensemble": _FailsOnLarge()})()
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    x[2, 0, 0, 0] = 1e30
+    out = EnsembleRunner.inner.infer.func(runner, x)
+    assert out.shape == (4, 7)
+    assert np.isnan(out[2, :2]).all() and not np.isnan(out[[0, 1, 3], :2]).any()
+
+
+def test_dropped_runner_calls_are_logged_once_per_interval(caplog):
+    from serving.service.api import RetryLog
+
+    retry = RetryLog(every_s=3600)
+    with caplog.at_level(logging.WARNING, logger="serving.service.api"):
+        for _ in range(141):
+            retry.dropped(RuntimeError("Session is closed"))
+    assert len(caplog.records) == 1 and retry.count == 140
