@@ -11,8 +11,9 @@ Two inputs, one gene-level null:
   its cells (``soft``; each cell weighted down by its ensemble spread ``2 p (1-p) * epistemic``) or the share with
   ``p > 0.5`` (``threshold``); its z-score comes from bootstrapping NT cells matched on cell count.
 
-Gene level (both): Stouffer's Z over the gene's gRNAs, rescaled by the mean and sd of NT pseudo-genes with the
-same number of gRNAs (MAUDE's idea), one-sided normal p-value (enrichment), Benjamini-Hochberg over targeting genes.
+Gene level (both): Stouffer's Z over the gene's gRNAs against NT pseudo-genes with the same number of gRNAs (MAUDE's
+idea, drawn as a bootstrap like optical pooled screen pipelines do): one-sided p-value (enrichment) = the larger of
+the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes.
 ``call_sparcs`` is the published SPARCS statistic, kept as the baseline: no multiple-testing correction.
 """
 
@@ -79,29 +80,57 @@ def _stouffer_by_group(codes: np.ndarray, z: np.ndarray, n_groups: int) -> tuple
         return s / np.sqrt(n), n
 
 
-def pseudo_gene_null(z_nt: np.ndarray, sizes: np.ndarray, draws: int, rng: np.random.Generator
-                     ) -> dict[int, tuple[float, float]]:
-    """Mean and sd of Stouffer's Z over ``n`` NT gRNAs drawn at random (bootstrap: with replacement), for each
+@dataclass(frozen=True)
+class PseudoGeneNull:
+    """Stouffer's Z of NT pseudo-genes of ``n`` gRNAs (bootstrap draws, sorted) for each gRNA count ``n``."""
+
+    draws: dict[int, np.ndarray]
+    m: int  # NT gRNAs it was drawn from
+
+    def p_value(self, z: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One-sided p of each ``z`` (a gene of ``n`` gRNAs) and its rescaled z. The p-value is the larger of
+
+        * the empirical one, ``(1 + #pseudo-genes >= z) / (1 + draws)``: exact for any shape of the NT
+          distribution (skewed by a few jackpotted cells when a bin holds under one cell per gRNA), and
+        * the predictive t: ``(z - mean) / (sd * sqrt(1 + n/m))`` on ``m - 1`` degrees of freedom, which widens
+          the null when it rests on few NT gRNAs (their mean and sd are themselves estimates).
+        """
+        p = np.empty(len(z))
+        zr = np.empty(len(z))
+        for k, null in self.draws.items():
+            sel = n == k
+            if not sel.any():
+                continue
+            mu, sd = float(null.mean()), float(null.std(ddof=1)) or 1.0
+            zr[sel] = (z[sel] - mu) / (sd * np.sqrt(1.0 + k / self.m))
+            emp = (1 + len(null) - np.searchsorted(null, z[sel], side="left")) / (1 + len(null))
+            p[sel] = np.maximum(emp, stats.t.sf(zr[sel], df=self.m - 1))
+        return p, zr
+
+
+def pseudo_gene_null(z_nt: np.ndarray, sizes: np.ndarray, draws: int, rng: np.random.Generator) -> PseudoGeneNull:
+    """Stouffer's Z over ``n`` NT gRNAs drawn at random (bootstrap: with replacement), ``draws`` times for each
     gRNA count ``n`` in ``sizes``."""
     z_nt = np.asarray(z_nt, float)
     m = len(z_nt)
     if m < 2:
         raise DataError(f"only {m} usable non-targeting gRNA(s): the NT null needs at least 2")
-    out: dict[int, tuple[float, float]] = {}
+    out: dict[int, np.ndarray] = {}
     for n in np.unique(sizes).astype(int):
         if n <= 0:
             continue
-        idx = rng.integers(0, m, (draws, n))
-        zn = z_nt[idx].sum(axis=1) / np.sqrt(n)
-        sd = float(zn.std(ddof=1))
-        out[int(n)] = (float(zn.mean()), sd if sd > 1e-12 else 1.0)
-    return out
+        zn = np.zeros(draws)
+        for _ in range(n):  # summed one gRNA at a time: memory stays at `draws`
+            zn += z_nt[rng.integers(0, m, draws)]
+        out[int(n)] = np.sort(zn / np.sqrt(n))
+    return PseudoGeneNull(out, m)
 
 
 def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
-    """Genes from gRNA z-scores (columns ``gene, is_control, z, effect, used``): Stouffer, NT pseudo-gene rescaling,
-    one-sided p, BH over targeting genes. NT gRNAs are also grouped into disjoint pseudo-genes of the most common
-    gRNA count, scored the same way (their p-values show whether the null is calibrated)."""
+    """Genes from gRNA z-scores (columns ``gene, is_control, z, effect, used``): Stouffer, the NT pseudo-gene null
+    of the same gRNA count (``PseudoGeneNull.p_value``), BH over targeting genes. NT gRNAs are also grouped into
+    disjoint pseudo-genes of the most common gRNA count, scored the same way (their p-values show whether the null
+    is calibrated). ``draws`` is raised to ``20 * genes / fdr`` so the empirical p-values can reach BH's first step."""
     used = grnas[grnas["used"]]
     nt = used[used["is_control"]]
     tg = used[~used["is_control"]]
@@ -109,33 +138,29 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
         raise DataError("no targeting gRNA left to test (all filtered out)")
     codes, genes = pd.factorize(tg["gene"], sort=True)
     zg, n = _stouffer_by_group(codes, tg["z"].to_numpy(float), len(genes))
+    n = n.astype(int)
     effect = np.bincount(codes, weights=tg["effect"].to_numpy(float), minlength=len(genes)) / n
     n_mode = int(pd.Series(n).mode().iloc[0])
+    draws = max(draws, int(np.ceil(20 * len(genes) / fdr)))
     null = pseudo_gene_null(nt["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
-    mu = np.array([null[int(k)][0] for k in n])
-    sd = np.array([null[int(k)][1] for k in n])
-    m = len(nt)
-    zr = (zg - mu) / (sd * np.sqrt(1.0 + n / m))
-    p = stats.t.sf(zr, df=m - 1)
+    p, zr = null.p_value(zg, n)
     q = bh(p)
-    table = pd.DataFrame({"gene": np.asarray(genes, dtype=object), "n_grnas": n.astype(int), "effect": effect,
+    table = pd.DataFrame({"gene": np.asarray(genes, dtype=object), "n_grnas": n, "effect": effect,
                           "z": zr, "p_value": p, "fdr": q, "is_hit": q <= fdr, "is_control": False})
     # disjoint NT pseudo-genes (reported, not tested)
-    z_nt = rng.permutation(nt["z"].to_numpy(float))
-    eff_nt = nt["effect"].to_numpy(float)[rng.permutation(len(nt))] if len(nt) else np.array([])
+    order = rng.permutation(len(nt))
+    z_nt, eff_nt = nt["z"].to_numpy(float)[order], nt["effect"].to_numpy(float)[order]
     k = len(z_nt) // n_mode
     if k:
         zp = z_nt[: k * n_mode].reshape(k, n_mode).sum(axis=1) / np.sqrt(n_mode)
-        mu0, sd0 = null[n_mode]
-        sd0 *= np.sqrt(1.0 + n_mode / m)
+        pp, zpr = null.p_value(zp, np.full(k, n_mode))
         pseudo = pd.DataFrame({"gene": [f"{PSEUDO_PREFIX}{i + 1:03d}" for i in range(k)], "n_grnas": n_mode,
                                "effect": eff_nt[: k * n_mode].reshape(k, n_mode).mean(axis=1),
-                               "z": (zp - mu0) / sd0, "p_value": stats.t.sf((zp - mu0) / sd0, df=m - 1), "fdr": np.nan,
-                               "is_hit": False, "is_control": True})
+                               "z": zpr, "p_value": pp, "fdr": np.nan, "is_hit": False, "is_control": True})
         table = pd.concat([table, pseudo], ignore_index=True)
     table = rank_genes(table)
     ctrl_p = table.loc[table["is_control"], "p_value"].to_numpy()
-    info = {"n_nt_grnas": int(len(nt)), "n_pseudo_genes": int(len(ctrl_p)),
+    info = {"n_nt_grnas": int(len(nt)), "n_pseudo_genes": int(len(ctrl_p)), "null_draws": draws,
             "pseudo_gene_ks": ks_uniform(ctrl_p)}
     return table, info
 
