@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -25,6 +26,11 @@ TINY = {
     "ensemble": {"members": 2},
     "al": {"seeds": 1, "initial": 4, "query_size": 4, "rounds": 1, "epochs": 2, "min_steps": 10, "pool_subsample": 200,
            "mc_samples": 4},
+    # the screen read-out: quantile bins (a 2-epoch model is not confident enough for the SPARCS thresholds), a small
+    # virtual screen
+    "bins": {"mode": "quantiles", "quantiles": [0.1, 0.3]},
+    "sequence": {"virtual_cells": 3000, "library_cells": 5000},
+    "hits": {"null_draws": 200},
 }
 
 
@@ -38,7 +44,8 @@ def run(cmd: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedP
 def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     root = tmp_path_factory.mktemp("dvcrepo")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copytree(REPO / "training", root / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    for package in ("training", "serving"):
+        shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
@@ -58,7 +65,13 @@ def test_repro_runs_every_default_stage(dvc_repo):
     root, env = dvc_repo
     for path in ("data/raw/manifest.csv", "data/index/cells.parquet", "data/index/splits.parquet",
                  "models/ensemble/spec.json", "reports/evaluate/reliability.png", "metrics/evaluate.json",
-                 "models/ssl_fixmatch/spec.json", "reports/al/curve.csv", "reports/al/learning_curve.png"):
+                 "models/ssl_fixmatch/spec.json", "reports/al/curve.csv", "reports/al/learning_curve.png",
+                 "reports/screen/scores.parquet", "reports/screen/bins/bins.parquet",
+                 "reports/screen/bins/bin_counts.csv", "reports/screen/bins/cell_sets.json",
+                 "reports/screen/counts/counts.tsv", "reports/screen/counts/samples.csv",
+                 "reports/screen/hits/genes.csv", "reports/screen/hits/grnas.csv", "reports/screen/hits/volcano.png",
+                 "reports/screen/hits/rank.png", "reports/screen/hits/summary.json", "metrics/hits.json",
+                 "reports/screen/hits_cells/genes.csv"):
         assert (root / path).exists(), path
     split = json.loads((root / "metrics/split.json").read_text())
     assert split["train"] > 0 and split["test"] > 0 and split["unlabeled"] == 120
@@ -69,7 +82,13 @@ def test_repro_runs_every_default_stage(dvc_repo):
     assert "changed" not in status  # everything is up to date
     shown = run(["dvc", "metrics", "show", "--json"], root, env).stdout
     assert "balanced_accuracy" in shown
-    for name in ("ssl_supervised", "ssl_fixmatch", "al"):
+    scores = pd.read_parquet(root / "reports/screen/scores.parquet")
+    assert len(scores) == 120 and {"source_file", "cell_id", "prob_atg5_ko", "novelty", "embedding"} <= set(scores)
+    bins = pd.read_parquet(root / "reports/screen/bins/bins.parquet")
+    assert (bins["bin"] == 1).sum() == 12 and (bins["bin"] == 2).sum() == 24  # top 10 %, then 10-30 %
+    hits = json.loads((root / "metrics/hits.json").read_text())
+    assert {"spatial/n_called", "sparcs/n_called", "spatial/fdp"} <= set(hits)
+    for name in ("ssl_supervised", "ssl_fixmatch", "al", "hits", "hits_cells"):
         assert f"metrics/{name}.json" in shown, name
     ssl_train = json.loads((root / "metrics/ssl_fixmatch_train.json").read_text())
     assert ssl_train["members"] == 1

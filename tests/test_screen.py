@@ -86,7 +86,7 @@ def test_fit_dispersion_recovers_a_and_phi():
 
 def test_cell_equivalents_and_nt_expectation(small):
     inp = load(*small)
-    res = call_counts(inp, draws=500)
+    res = call_counts(inp, draws=500, min_nt_cells=0)
     g = res.grnas.set_index("grna")
     # 40 cells cut; reads 10/10/40/40 of 100 -> 4, 4, 16, 16 cells; NT rate: 8 cells per 0.5 library share
     np.testing.assert_allclose(g["cells_r1"], [4, 4, 16, 16])
@@ -266,6 +266,8 @@ def test_hits_cli_writes_every_output(small, tmp_path, monkeypatch, capsys):
     assert {"gene", "n_grnas", "effect", "p_value", "fdr", "rank", "is_hit"} <= set(genes.columns)
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["methods"]) == {"spatial", "sparcs"}
+    # 8 NT cells in the bins (< hits.min_nt_cells = 20): the null cannot be estimated, so nothing is called
+    assert "cannot be estimated" in summary["methods"]["spatial"]["warning"] and not genes["is_hit"].any()
     assert "spatial/n_called" in json.loads((tmp_path / "m.json").read_text())
 
 

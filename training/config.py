@@ -330,6 +330,8 @@ class HitsConfig(Section):
     cells_method: Literal["soft", "threshold"] = Field("soft", description="cells mode: the method of genes.csv")
     bins: list[int] = Field(default_factory=list, description="phenotype bins used; [] = every bin")
     min_library_reads: int = Field(1, ge=0, description="gRNAs with fewer library reads (per replicate) are dropped")
+    min_nt_cells: float = Field(20.0, ge=0, description="counts mode: a replicate whose NT gRNAs hold fewer cells "
+                                "in the bins cannot estimate the null and is left out")
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
     null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")

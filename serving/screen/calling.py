@@ -155,7 +155,7 @@ def run_counts(counts: str | os.PathLike, samples: str | os.PathLike, library: s
                method: str | None = None) -> dict[str, Any]:
     inp = load_counts_input(counts, samples, library, cfg)
     gene_truth = read_truth(truth)
-    ours = call_counts(inp, cfg.fdr, cfg.min_library_reads, cfg.null_draws, cfg.seed)
+    ours = call_counts(inp, cfg.fdr, cfg.min_library_reads, cfg.null_draws, cfg.seed, cfg.min_nt_cells)
     sparcs = call_sparcs(inp, cfg.sparcs_p, cfg.fdr)
     results = [ours, sparcs] if (method or cfg.method) == "spatial" else [sparcs, ours]
     return write_results(results, out_dir, gene_truth, {"mode": "counts", "counts": str(counts)})

@@ -223,8 +223,10 @@ def _cell_equivalents(inp: CountsInput, replicate: str) -> np.ndarray:
 
 
 def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
-                seed: int = 0) -> HitsResult:
-    """The cell-level statistic on sorted-bin counts (see the module docstring)."""
+                seed: int = 0, min_nt_cells: float = 20.0) -> HitsResult:
+    """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
+    fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
+    replicate left nothing is called (``summary['warning']`` says why)."""
     rng = np.random.default_rng(seed)
     counts = inp.counts
     is_nt = counts["is_control"].to_numpy(bool)
@@ -238,7 +240,6 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
     for r in reps:
         if inp.bin_samples(r).empty:
             continue
-        used_reps.append(r)
         lib, lib_cells, pooled = inp.library_reads(r)
         lib_total += lib
         f = (lib + 0.5) / (lib.sum() + 0.5 * len(lib))
@@ -247,11 +248,18 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
         if nt.sum() < 2:
             raise DataError(f"replicate {r}: fewer than 2 non-targeting gRNAs with >= {min_library_reads} library "
                             "read(s); cannot estimate the NT null")
-        rate = c[nt].sum() / f[nt].sum()
+        nt_cells = float(c[nt].sum())
+        per_rep[r] = {"nt_tail_cells": nt_cells, "bin_cells": int(inp.bin_samples(r)["cells"].sum()),
+                      "pooled_library": pooled, "used": nt_cells >= min_nt_cells}
+        if nt_cells < min_nt_cells:
+            continue
+        used_reps.append(r)
+        rate = nt_cells / f[nt].sum()
         e = f * rate
         rel = 1.0 / (lib + 0.5) + (1.0 / (f * lib_cells) if lib_cells > 0 else 0.0)
         a, phi = fit_dispersion(c[nt], e[nt], e[nt] ** 2 * rel[nt])
-        var = a * e + phi * e**2 + e**2 * rel
+        # the NT tail rate is itself an estimate from nt_cells cells (shared by every gRNA: conservative)
+        var = a * e + phi * e**2 + e**2 * (rel + a / nt_cells)
         # variance-stabilised (square-root) scale: a few jackpotted cells skew raw cell counts to the right
         z = 2.0 * (np.sqrt(c) - np.sqrt(e)) / np.sqrt(np.maximum(var / np.maximum(e, 1e-12), 1e-12))
         lfc = np.log2((c + 0.5) / (e + 0.5))
@@ -261,16 +269,22 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
         grnas[f"expected_{r}"] = e
         grnas[f"lfc_{r}"] = lfc
         grnas[f"z_{r}"] = z
-        per_rep[r] = {"nt_tail_cells": float(c[nt].sum()), "bin_cells": int(inp.bin_samples(r)["cells"].sum()),
-                      "dispersion_a": a, "dispersion_phi": phi, "pooled_library": pooled}
-    if not used_reps:
+        per_rep[r].update({"dispersion_a": a, "dispersion_phi": phi})
+    if not per_rep:
         raise DataError("no bin sample with cells > 0 in the sample sheet (for the bins used)")
-    grnas["z"] = z_sum / np.sqrt(len(used_reps))
-    grnas["effect"] = lfc_sum / len(used_reps)
+    k = max(len(used_reps), 1)
+    grnas["z"] = z_sum / np.sqrt(k)
+    grnas["effect"] = lfc_sum / k
     grnas["library_reads"] = lib_total.astype(np.int64)
-    grnas["used"] = lib_total >= min_library_reads * len(used_reps)
+    grnas["used"] = lib_total >= min_library_reads * len(per_rep)
     genes, info = gene_level(grnas, draws, fdr, rng)
-    summary = {"method": "spatial", "replicates": per_rep, "fdr": fdr, **info, **_counts_summary(genes)}
+    warning = None
+    if not used_reps:
+        warning = (f"the NT gRNAs hold fewer than {min_nt_cells:g} cells in the bins of every replicate: the null "
+                   "cannot be estimated and no gene is called")
+        genes = genes.assign(p_value=1.0, fdr=np.where(genes["is_control"], np.nan, 1.0), is_hit=False)
+    summary = {"method": "spatial", "replicates": per_rep, "fdr": fdr, "warning": warning, **info,
+               **_counts_summary(genes)}
     return HitsResult("spatial", genes, grnas, summary)
 
 
