@@ -221,7 +221,7 @@ def test_parsers_read_mageck_tables(small, tmp_path):
 # -- bins ------------------------------------------------------------------------------------------------------------
 def test_threshold_and_quantile_bins():
     score = np.array([0.999995, 0.9995, 0.998, 0.996, 0.992, 0.985, 0.5, 0.99999])
-    b, ranges = assign(score, np.ones(8, bool), BinsConfig())
+    b, ranges = assign(score, np.ones(8, bool), BinsConfig(mode="thresholds"))
     assert b.tolist() == [1, 2, 3, 4, 5, 6, 0, 1] and ranges[0] == (0.99999, 1.0)
     eligible = np.array([True] * 7 + [False])
     b, _ = assign(score, eligible, BinsConfig(mode="quantiles", quantiles=[0.15, 0.5]))
@@ -233,7 +233,7 @@ def test_make_bins_outputs(tmp_path):
                            "prob_on": [0.0, 0.5, 0.01, 0.0, 0.0], "prob_off": [1.0, 0.5, 0.99, 1.0, 1.0],
                            "novelty": [1.0, 1.0, 1.0, 50.0, 1.0], "epistemic": [0.0] * 5})
     scores.to_parquet(tmp_path / "scores.parquet")
-    res = make_bins(tmp_path / "scores.parquet", BinsConfig(class_name="off", max_novelty=10, manifest=None))
+    res = make_bins(tmp_path / "scores.parquet", BinsConfig(class_name="off", mode="thresholds", max_novelty=10, manifest=None))
     assert res["bins"]["bin"].tolist() == [1, 0, 5, 0, 1] and res["bins"]["excluded"].tolist() == [0, 0, 0, 1, 0]
     counts = res["counts"].set_index("bin")
     assert counts.loc[1, "cells"] == 2 and counts.loc[1, "expected_phenotype_cells"] == pytest.approx(2.0)

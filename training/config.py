@@ -279,10 +279,11 @@ class BinsConfig(Section):
     """Excision bins (``spatial bins``): cells binned by their probability of ``class_name``."""
 
     class_name: str = Field("atg5_ko", description="the phenotype class whose probability bins the cells")
-    mode: Literal["thresholds", "quantiles"] = "thresholds"
+    mode: Literal["thresholds", "quantiles"] = Field("quantiles", description="quantiles: top shares of the cells; "
+                                                     "thresholds: fixed score edges (SPARCS, for a sharp classifier)")
     thresholds: list[float] = Field(default_factory=lambda: list(SPARCS_THRESHOLDS), min_length=1,
                                     description="lower score edges, bin 1 first (the SPARCS autophagy screen)")
-    quantiles: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.1], min_length=1,
+    quantiles: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.03], min_length=1,
                                    description="cumulative top shares of the eligible cells, bin 1 first")
     max_novelty: float | None = Field(None, description="leave out cells with a higher novelty score")
     max_epistemic: float | None = Field(None, ge=0, description="leave out cells with a higher epistemic uncertainty")

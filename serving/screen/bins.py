@@ -2,8 +2,8 @@
 
 Bin 1 is the most extreme; 0 = not excised. ``thresholds`` mode uses lower score edges (the SPARCS autophagy screen:
 ``[0.99999, 0.999, 0.9975, 0.995, 0.99, 0.98]``, so bin 1 = [0.99999, 1], bin 2 = [0.999, 0.99999) ...);
-``quantiles`` mode takes cumulative top shares of the eligible cells (``[0.001, 0.01, 0.1]``: top 0.1 %, 0.1-1 %,
-1-10 %), by rank so ties cannot change a bin's size. Cells above a novelty or epistemic cut are left out (bin 0,
+``quantiles`` mode (the default) takes cumulative top shares of the eligible cells (``[0.001, 0.01, 0.03]``: top
+0.1 %, 0.1-1 %, 1-3 %), by rank so ties cannot change a bin's size. Cells above a novelty or epistemic cut are left out (bin 0,
 ``excluded``): they are not the phenotype the classifier was trained for.
 """
 
