@@ -4,6 +4,7 @@ tiny size: `dvc repro hits` runs only what they need (synth ... register), not t
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import pandas as pd
@@ -14,8 +15,6 @@ from test_dvc_pipeline import BIN, REPO, TINY, run
 
 @pytest.mark.timeout(1500)
 def test_screen_stages_at_tiny_size(tmp_path):
-    import os
-
     root = tmp_path
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     for package in ("training", "serving"):

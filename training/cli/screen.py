@@ -30,9 +30,8 @@ def add_commands(app: typer.Typer) -> None:
         from serving.screen.bins import make_bins, write_bins
 
         p = params_for(params, set_)
-        man = manifest or (Path(p.bins.manifest) if p.bins.manifest else None)
-        if man is not None and not man.is_file():
-            man = None if manifest is None else man  # the default manifest is optional, an explicit one is not
+        default = Path(p.bins.manifest) if p.bins.manifest else None
+        man = manifest or (default if default is not None and default.is_file() else None)  # the default is optional
         result = make_bins(scores, p.bins, class_name, man)
         write_bins(result, out, {"scores": str(scores), "class": result["class_name"], **p.bins.model_dump()})
         counts = result["counts"]
