@@ -6,4 +6,5 @@
 - ``batch/``    screen-wide batch scoring, resumable, local or on Ray Data
 - ``labeling/`` the labeling page (``spatial label``): Starlette app, labels history store, thumbnails
 - ``report/``   the self-contained HTML screen report (``spatial report``)
+- ``screen/``   excision bins, simulated sequencing, count tables, gene hits with an NT-calibrated FDR
 """

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -26,6 +27,11 @@ TINY = {
     "ensemble": {"members": 2},
     "al": {"seeds": 1, "initial": 4, "query_size": 4, "rounds": 1, "epochs": 2, "min_steps": 10, "pool_subsample": 200,
            "mc_samples": 4},
+    # the screen read-out: quantile bins (a 2-epoch model is not confident enough for the SPARCS thresholds), a small
+    # virtual screen
+    "bins": {"mode": "quantiles", "quantiles": [0.1, 0.3]},
+    "sequence": {"virtual_cells": 3000, "library_cells": 5000},
+    "hits": {"null_draws": 200},
 }
 
 
@@ -66,7 +72,12 @@ def test_repro_runs_every_default_stage(dvc_repo):
     for path in ("data/raw/manifest.csv", "data/index/cells.parquet", "data/index/splits.parquet",
                  "models/ensemble/spec.json", "reports/evaluate/reliability.png", "metrics/evaluate.json",
                  "models/ssl_fixmatch/spec.json", "reports/al/curve.csv", "reports/al/learning_curve.png",
-                 "reports/screen/index.html"):
+                 "reports/screen/scores.parquet", "reports/screen/bins/bins.parquet",
+                 "reports/screen/bins/bin_counts.csv", "reports/screen/bins/cell_sets.json",
+                 "reports/screen/counts/counts.tsv", "reports/screen/counts/samples.csv",
+                 "reports/screen/hits/genes.csv", "reports/screen/hits/grnas.csv", "reports/screen/hits/volcano.png",
+                 "reports/screen/hits/rank.png", "reports/screen/hits/summary.json", "metrics/hits.json",
+                 "reports/screen/hits_cells/genes.csv", "reports/screen/index.html"):
         assert (root / path).exists(), path
     split = json.loads((root / "metrics/split.json").read_text())
     assert split["train"] > 0 and split["test"] > 0 and split["unlabeled"] == 120
@@ -79,7 +90,13 @@ def test_repro_runs_every_default_stage(dvc_repo):
     assert "changed" not in status  # everything is up to date
     shown = run(["dvc", "metrics", "show", "--json"], root, env).stdout
     assert "balanced_accuracy" in shown
-    for name in ("ssl_supervised", "ssl_fixmatch", "al"):
+    scores = pd.read_parquet(root / "reports/screen/scores.parquet")
+    assert len(scores) == 120 and {"source_file", "cell_id", "prob_atg5_ko", "novelty", "embedding"} <= set(scores)
+    bins = pd.read_parquet(root / "reports/screen/bins/bins.parquet")
+    assert (bins["bin"] == 1).sum() == 12 and (bins["bin"] == 2).sum() == 24  # top 10 %, then 10-30 %
+    hits = json.loads((root / "metrics/hits.json").read_text())
+    assert {"spatial/n_called", "sparcs/n_called", "spatial/fdp"} <= set(hits)
+    for name in ("ssl_supervised", "ssl_fixmatch", "al", "hits", "hits_cells"):
         assert f"metrics/{name}.json" in shown, name
     ssl_train = json.loads((root / "metrics/ssl_fixmatch_train.json").read_text())
     assert ssl_train["members"] == 1

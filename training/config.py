@@ -309,6 +309,71 @@ class ReportConfig(Section):
     gallery_cells: int = Field(8, ge=1, description="cells per gallery row")
     thumbnail_px: int = Field(72, ge=16, le=512)
     timecourse_class: str | None = Field(None, description="class plotted over the timecourse; None = the first")
+SPARCS_THRESHOLDS = [0.99999, 0.999, 0.9975, 0.995, 0.99, 0.98]
+
+
+class BinsConfig(Section):
+    """Excision bins (``spatial bins``): cells binned by their probability of ``class_name``."""
+
+    class_name: str = Field("atg5_ko", description="the phenotype class whose probability bins the cells")
+    mode: Literal["thresholds", "quantiles"] = Field("quantiles", description="quantiles: top shares of the cells; "
+                                                     "thresholds: fixed score edges (SPARCS, for a sharp classifier)")
+    thresholds: list[float] = Field(default_factory=lambda: list(SPARCS_THRESHOLDS), min_length=1,
+                                    description="lower score edges, bin 1 first (the SPARCS autophagy screen)")
+    quantiles: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.03], min_length=1,
+                                   description="cumulative top shares of the eligible cells, bin 1 first")
+    max_novelty: float | None = Field(None, description="leave out cells with a higher novelty score")
+    max_epistemic: float | None = Field(None, ge=0, description="leave out cells with a higher epistemic uncertainty")
+    manifest: str | None = Field("data/raw/manifest.csv", description="adds group/plate/well per cell; None = none")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _descending(cls, v: list[float]) -> list[float]:
+        if any(not 0 < t <= 1 for t in v) or any(a <= b for a, b in zip(v[:-1], v[1:], strict=True)):
+            raise ValueError("thresholds must be strictly decreasing values in (0, 1]")
+        return v
+
+    @field_validator("quantiles")
+    @classmethod
+    def _increasing(cls, v: list[float]) -> list[float]:
+        if any(not 0 < q <= 1 for q in v) or any(a >= b for a, b in zip(v[:-1], v[1:], strict=True)):
+            raise ValueError("quantiles must be strictly increasing shares in (0, 1]")
+        return v
+
+
+class SequenceConfig(Section):
+    """SIMULATOR ONLY (``spatial sequence``): cutting, PCR and sequencing of the bins of a simulated screen."""
+
+    replicates: int = Field(2, ge=1, description="independent replicate screens")
+    virtual_cells: int = Field(120000, ge=0, description="cells per replicate of the realistic-size virtual screen "
+                               "(scores drawn from the classifier's scores of rendered cells of the same true state); "
+                               "0 = sequence the rendered cells themselves")
+    recovery: tuple[float, float] = Field((0.72, 0.94), description="share of cut cells recovered (uniform range)")
+    background: tuple[float, float] = Field((0.002, 0.065), description="share of a bin's reads from non-selected "
+                                            "background cells (uniform range)")
+    reads_per_cell: float = Field(50.0, gt=0, description="sequencing depth of a bin sample per cut cell")
+    pcr_shape: float = Field(0.5, gt=0, description="Gamma shape of one cell's PCR yield (CV = 1/sqrt(shape)): "
+                             "jackpotting")
+    library_cells: int = Field(200000, ge=1, description="cells in the unsorted-library sample")
+    library_reads_per_grna: float = Field(500.0, gt=0, description="library sequencing depth per gRNA")
+    seed: int = 0
+
+
+class HitsConfig(Section):
+    """Gene hit calling (``spatial hits``)."""
+
+    fdr: float = Field(0.1, gt=0, lt=1, description="Benjamini-Hochberg level of is_hit")
+    method: Literal["spatial", "sparcs"] = Field("spatial", description="counts mode: the method of genes.csv; "
+                                                 "the other one is reported beside it")
+    cells_method: Literal["soft", "threshold"] = Field("soft", description="cells mode: the method of genes.csv")
+    bins: list[int] = Field(default_factory=list, description="phenotype bins used; [] = every bin")
+    min_library_reads: int = Field(1, ge=0, description="gRNAs with fewer library reads (per replicate) are dropped")
+    min_nt_cells: float = Field(20.0, ge=0, description="counts mode: a replicate whose NT gRNAs hold fewer cells "
+                                "in the bins cannot estimate the null and is left out")
+    min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
+    null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
+    sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")
+    seed: int = 0
 
 
 class Params(Section):
@@ -332,6 +397,9 @@ class Params(Section):
     serve: ServeConfig = ServeConfig()
     label: LabelConfig = LabelConfig()
     report: ReportConfig = ReportConfig()
+    bins: BinsConfig = BinsConfig()
+    sequence: SequenceConfig = SequenceConfig()
+    hits: HitsConfig = HitsConfig()
 
     @field_validator("seed")
     @classmethod

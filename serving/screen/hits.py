@@ -1,0 +1,431 @@
+"""Gene hits from a SPARCS screen, with a false discovery rate calibrated on non-targeting (NT) controls.
+
+Two inputs, one gene-level null:
+
+* **counts** (``call_counts``): per replicate, each bin's reads become *cell equivalents* (``cells_cut * reads /
+  total reads``), pooled over the phenotype bins. The null expectation of a gRNA is its library frequency times the
+  NT tail rate (cells in the bins per unit library frequency, from the NT gRNAs only, so hits do not shift it). The
+  variance ``a*E + phi*E^2 + E^2 * (1/library reads + 1/library cells)`` has its over-dispersion ``(a >= 1, phi >=
+  0)`` fitted on the NT gRNAs (method of moments). gRNA z-scores are combined over replicates (Stouffer).
+* **cells** (``call_cells``, genotype known per cell): a gRNA's phenotype rate is the mean calibrated probability of
+  its cells (``soft``; each cell weighted down by its ensemble spread ``2 p (1-p) * epistemic``) or the share with
+  ``p > 0.5`` (``threshold``); its z-score comes from bootstrapping NT cells matched on cell count.
+
+Gene level (both): Stouffer's Z over the gene's gRNAs against NT pseudo-genes with the same number of gRNAs (MAUDE's
+idea, drawn as a bootstrap like optical pooled screen pipelines do): one-sided p-value (enrichment) = the larger of
+the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes.
+``call_sparcs`` is the published SPARCS statistic, kept as the baseline: no multiple-testing correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+from serving.screen.counts import SampleSheet
+from training.errors import DataError
+
+PSEUDO_PREFIX = "NT_pseudo_"
+
+
+@dataclass
+class HitsResult:
+    """Per-gene and per-gRNA tables of one method, plus a JSON-able summary."""
+
+    method: str
+    genes: pd.DataFrame  # gene, n_grnas, effect, z, p_value, fdr, rank, is_hit, is_control
+    grnas: pd.DataFrame
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+# -- shared pieces ---------------------------------------------------------------------------------------------------
+def bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values (NaN stays NaN)."""
+    p = np.asarray(p, float)
+    out = np.full_like(p, np.nan)
+    ok = ~np.isnan(p)
+    if ok.any():
+        out[ok] = stats.false_discovery_control(p[ok], method="bh")
+    return out
+
+
+def fit_dispersion(obs: np.ndarray, exp: np.ndarray, known: np.ndarray | None = None) -> tuple[float, float]:
+    """Over-dispersion of cell counts ``Var = a*E + phi*E^2 (+ known)`` by the method of moments (``a >= 1`` is the
+    Poisson floor, ``phi >= 0``): least squares of ``((O-E)^2 - known) / E`` on ``E``."""
+    obs, exp = np.asarray(obs, float), np.asarray(exp, float)
+    known = np.zeros_like(exp) if known is None else np.asarray(known, float)
+    ok = exp > 1e-9
+    if ok.sum() < 2:
+        return 1.0, 0.0
+    e = exp[ok]
+    y = ((obs[ok] - e) ** 2 - known[ok]) / e
+    if np.ptp(e) > 0:
+        phi, a = np.polyfit(e, y, 1)
+    else:
+        phi, a = 0.0, float(y.mean())
+    if a < 1.0 or phi < 0:
+        a = max(1.0, float(a)) if phi >= 0 else max(1.0, float(y.mean()))
+        phi = max(0.0, float(np.sum((y - a) * e) / np.sum(e * e)))
+    return float(a), float(phi)
+
+
+def _stouffer_by_group(codes: np.ndarray, z: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    n = np.bincount(codes, minlength=n_groups).astype(float)
+    s = np.bincount(codes, weights=z, minlength=n_groups)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return s / np.sqrt(n), n
+
+
+@dataclass(frozen=True)
+class PseudoGeneNull:
+    """Stouffer's Z of NT pseudo-genes of ``n`` gRNAs (bootstrap draws, sorted) for each gRNA count ``n``."""
+
+    draws: dict[int, np.ndarray]
+    m: int  # NT gRNAs it was drawn from
+
+    def p_value(self, z: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One-sided p of each ``z`` (a gene of ``n`` gRNAs) and its rescaled z. The p-value is the larger of
+
+        * the empirical one, ``(1 + #pseudo-genes >= z) / (1 + draws)``: exact for any shape of the NT
+          distribution (skewed by a few jackpotted cells when a bin holds under one cell per gRNA), and
+        * the predictive t: ``(z - mean) / (sd * sqrt(1 + n/m))`` on ``m - 1`` degrees of freedom, which widens
+          the null when it rests on few NT gRNAs (their mean and sd are themselves estimates).
+        """
+        p = np.empty(len(z))
+        zr = np.empty(len(z))
+        for k, null in self.draws.items():
+            sel = n == k
+            if not sel.any():
+                continue
+            mu, sd = float(null.mean()), float(null.std(ddof=1)) or 1.0
+            zr[sel] = (z[sel] - mu) / (sd * np.sqrt(1.0 + k / self.m))
+            emp = (1 + len(null) - np.searchsorted(null, z[sel], side="left")) / (1 + len(null))
+            p[sel] = np.maximum(emp, stats.t.sf(zr[sel], df=self.m - 1))
+        return p, zr
+
+
+def pseudo_gene_null(z_nt: np.ndarray, sizes: np.ndarray, draws: int, rng: np.random.Generator) -> PseudoGeneNull:
+    """Stouffer's Z over ``n`` NT gRNAs drawn at random (bootstrap: with replacement), ``draws`` times for each
+    gRNA count ``n`` in ``sizes``."""
+    z_nt = np.asarray(z_nt, float)
+    m = len(z_nt)
+    if m < 2:
+        raise DataError(f"only {m} usable non-targeting gRNA(s): the NT null needs at least 2")
+    out: dict[int, np.ndarray] = {}
+    for n in np.unique(sizes).astype(int):
+        if n <= 0:
+            continue
+        zn = np.zeros(draws)
+        for _ in range(n):  # summed one gRNA at a time: memory stays at `draws`
+            zn += z_nt[rng.integers(0, m, draws)]
+        out[int(n)] = np.sort(zn / np.sqrt(n))
+    return PseudoGeneNull(out, m)
+
+
+def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+    """Genes from gRNA z-scores (columns ``gene, is_control, z, effect, used``): Stouffer, the NT pseudo-gene null
+    of the same gRNA count (``PseudoGeneNull.p_value``), BH over targeting genes. NT gRNAs are also grouped into
+    disjoint pseudo-genes of the most common gRNA count, scored the same way (their p-values show whether the null
+    is calibrated). ``draws`` is raised to ``20 * genes / fdr`` so the empirical p-values can reach BH's first step."""
+    used = grnas[grnas["used"]]
+    nt = used[used["is_control"]]
+    tg = used[~used["is_control"]]
+    if len(tg) == 0:
+        raise DataError("no targeting gRNA left to test (all filtered out)")
+    codes, genes = pd.factorize(tg["gene"], sort=True)
+    zg, n = _stouffer_by_group(codes, tg["z"].to_numpy(float), len(genes))
+    n = n.astype(int)
+    effect = np.bincount(codes, weights=tg["effect"].to_numpy(float), minlength=len(genes)) / n
+    n_mode = int(pd.Series(n).mode().iloc[0])
+    draws = max(draws, int(np.ceil(20 * len(genes) / fdr)))
+    null = pseudo_gene_null(nt["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
+    p, zr = null.p_value(zg, n)
+    q = bh(p)
+    table = pd.DataFrame({"gene": np.asarray(genes, dtype=object), "n_grnas": n, "effect": effect,
+                          "z": zr, "p_value": p, "fdr": q, "is_hit": q <= fdr, "is_control": False})
+    # disjoint NT pseudo-genes (reported, not tested)
+    order = rng.permutation(len(nt))
+    z_nt, eff_nt = nt["z"].to_numpy(float)[order], nt["effect"].to_numpy(float)[order]
+    k = len(z_nt) // n_mode
+    if k:
+        zp = z_nt[: k * n_mode].reshape(k, n_mode).sum(axis=1) / np.sqrt(n_mode)
+        pp, zpr = null.p_value(zp, np.full(k, n_mode))
+        pseudo = pd.DataFrame({"gene": [f"{PSEUDO_PREFIX}{i + 1:03d}" for i in range(k)], "n_grnas": n_mode,
+                               "effect": eff_nt[: k * n_mode].reshape(k, n_mode).mean(axis=1),
+                               "z": zpr, "p_value": pp, "fdr": np.nan, "is_hit": False, "is_control": True})
+        table = pd.concat([table, pseudo], ignore_index=True)
+    table = rank_genes(table)
+    ctrl_p = table.loc[table["is_control"], "p_value"].to_numpy()
+    info = {"n_nt_grnas": int(len(nt)), "n_pseudo_genes": int(len(ctrl_p)), "null_draws": draws,
+            "pseudo_gene_ks": ks_uniform(ctrl_p)}
+    return table, info
+
+
+def rank_genes(table: pd.DataFrame) -> pd.DataFrame:
+    """Sort targeting genes by p-value (then z), controls last; ``rank`` 1 = strongest; NaN p ranks last."""
+    tg = table[~table["is_control"]].sort_values(["p_value", "z"], ascending=[True, False], na_position="last")
+    tg = tg.assign(rank=np.arange(1, len(tg) + 1))
+    ctrl = table[table["is_control"]].sort_values("p_value").assign(rank=pd.NA)
+    out = pd.concat([tg, ctrl], ignore_index=True)
+    out["rank"] = out["rank"].astype("Int64")
+    return out[["gene", "n_grnas", "effect", "z", "p_value", "fdr", "rank", "is_hit", "is_control"]]
+
+
+def ks_uniform(p: np.ndarray) -> dict[str, float | int | None]:
+    """Kolmogorov-Smirnov distance of p-values from U(0, 1) and its p-value."""
+    p = np.asarray(p, float)
+    p = p[~np.isnan(p)]
+    if len(p) < 2:
+        return {"n": int(len(p)), "statistic": None, "p_value": None}
+    res = stats.kstest(p, "uniform")
+    return {"n": int(len(p)), "statistic": float(res.statistic), "p_value": float(res.pvalue)}
+
+
+# -- counts (sorted bins vs the unsorted library) --------------------------------------------------------------------
+@dataclass(frozen=True)
+class CountsInput:
+    """A count table joined with the library (``sgRNA, Gene, is_control, <samples>``) and its sample sheet."""
+
+    counts: pd.DataFrame
+    sheet: SampleSheet
+    bins: tuple[int, ...] = ()  # bins used; () = all
+
+    def bin_samples(self, replicate: str) -> pd.DataFrame:
+        t = self.sheet.of("bin", replicate)
+        if self.bins:
+            t = t[t["bin"].isin(self.bins)]
+        return t[t["cells"] > 0]
+
+    def library_reads(self, replicate: str) -> tuple[np.ndarray, int, bool]:
+        """Library reads of a replicate (summed over its library samples; the pooled library if it has none),
+        its library cells, and whether the pooled library was used."""
+        libs = self.sheet.of("library", replicate)
+        pooled = libs.empty
+        if pooled:
+            libs = self.sheet.of("library")
+        reads = self.counts[libs["sample"].tolist()].to_numpy(np.int64).sum(axis=1)
+        return reads, int(libs["cells"].sum()), pooled
+
+
+def _cell_equivalents(inp: CountsInput, replicate: str) -> np.ndarray:
+    bins = inp.bin_samples(replicate)
+    out = np.zeros(len(inp.counts))
+    for s, cells in zip(bins["sample"], bins["cells"], strict=True):
+        reads = inp.counts[s].to_numpy(float)
+        total = reads.sum()
+        if total > 0:
+            out += cells * reads / total
+    return out
+
+
+def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
+                seed: int = 0, min_nt_cells: float = 20.0) -> HitsResult:
+    """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
+    fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
+    replicate left nothing is called (``summary['warning']`` says why)."""
+    rng = np.random.default_rng(seed)
+    counts = inp.counts
+    is_nt = counts["is_control"].to_numpy(bool)
+    reps = inp.sheet.replicates
+    grnas = pd.DataFrame({"grna": counts["sgRNA"], "gene": counts["Gene"], "is_control": is_nt})
+    z_sum = np.zeros(len(counts))
+    lfc_sum = np.zeros(len(counts))
+    lib_total = np.zeros(len(counts))
+    per_rep: dict[str, Any] = {}
+    used_reps = []
+    for r in reps:
+        if inp.bin_samples(r).empty:
+            continue
+        lib, lib_cells, pooled = inp.library_reads(r)
+        lib_total += lib
+        f = (lib + 0.5) / (lib.sum() + 0.5 * len(lib))
+        c = _cell_equivalents(inp, r)
+        nt = is_nt & (lib >= min_library_reads)
+        if nt.sum() < 2:
+            raise DataError(f"replicate {r}: fewer than 2 non-targeting gRNAs with >= {min_library_reads} library "
+                            "read(s); cannot estimate the NT null")
+        nt_cells = float(c[nt].sum())
+        per_rep[r] = {"nt_tail_cells": nt_cells, "bin_cells": int(inp.bin_samples(r)["cells"].sum()),
+                      "pooled_library": pooled, "used": nt_cells >= min_nt_cells}
+        if nt_cells < min_nt_cells:
+            continue
+        used_reps.append(r)
+        rate = nt_cells / f[nt].sum()
+        e = f * rate
+        rel = 1.0 / (lib + 0.5) + (1.0 / (f * lib_cells) if lib_cells > 0 else 0.0)
+        a, phi = fit_dispersion(c[nt], e[nt], e[nt] ** 2 * rel[nt])
+        # the NT tail rate is itself an estimate from nt_cells cells (shared by every gRNA: conservative)
+        var = a * e + phi * e**2 + e**2 * (rel + a / nt_cells)
+        # variance-stabilised (square-root) scale: a few jackpotted cells skew raw cell counts to the right
+        z = 2.0 * (np.sqrt(c) - np.sqrt(e)) / np.sqrt(np.maximum(var / np.maximum(e, 1e-12), 1e-12))
+        lfc = np.log2((c + 0.5) / (e + 0.5))
+        z_sum += z
+        lfc_sum += lfc
+        grnas[f"cells_{r}"] = c
+        grnas[f"expected_{r}"] = e
+        grnas[f"lfc_{r}"] = lfc
+        grnas[f"z_{r}"] = z
+        per_rep[r].update({"dispersion_a": a, "dispersion_phi": phi})
+    if not per_rep:
+        raise DataError("no bin sample with cells > 0 in the sample sheet (for the bins used)")
+    k = max(len(used_reps), 1)
+    grnas["z"] = z_sum / np.sqrt(k)
+    grnas["effect"] = lfc_sum / k
+    grnas["library_reads"] = lib_total.astype(np.int64)
+    grnas["used"] = lib_total >= min_library_reads * len(per_rep)
+    genes, info = gene_level(grnas, draws, fdr, rng)
+    warning = None
+    if not used_reps:
+        warning = (f"the NT gRNAs hold fewer than {min_nt_cells:g} cells in the bins of every replicate: the null "
+                   "cannot be estimated and no gene is called")
+        genes = genes.assign(p_value=1.0, fdr=np.where(genes["is_control"], np.nan, 1.0), is_hit=False)
+    summary = {"method": "spatial", "replicates": per_rep, "fdr": fdr, "warning": warning, **info,
+               **_counts_summary(genes)}
+    return HitsResult("spatial", genes, grnas, summary)
+
+
+def call_sparcs(inp: CountsInput, p_cut: float = 0.05, fdr: float = 0.1) -> HitsResult:
+    """The published SPARCS statistic: per gRNA, enrichment = normalised (pooled) bin reads / normalised library
+    reads; gene effect = mean log2 enrichment over the gRNAs seen in the bins (>= 2 needed); one-tailed paired
+    t-test of log bin vs log library counts over those gRNAs (and replicates); hits at ``p < p_cut`` without
+    multiple-testing correction (``fdr`` is the BH column, reported for comparison only)."""
+    counts = inp.counts
+    rows = []
+    for r in inp.sheet.replicates:
+        bins = inp.bin_samples(r)
+        if bins.empty:
+            continue
+        lib, _, _ = inp.library_reads(r)
+        b = counts[bins["sample"].tolist()].to_numpy(np.int64).sum(axis=1)
+        seen = (b > 0) & (lib > 0)
+        d = np.log2(b / max(b.sum(), 1) * 1e6 + 1e-12) - np.log2(lib / max(lib.sum(), 1) * 1e6 + 1e-12)
+        rows.append(pd.DataFrame({"grna": counts["sgRNA"], "gene": counts["Gene"],
+                                  "is_control": counts["is_control"].to_numpy(bool), "replicate": r,
+                                  "seen": seen, "log2_enrichment": np.where(seen, d, np.nan)}))
+    if not rows:
+        raise DataError("no bin sample with cells > 0 in the sample sheet (for the bins used)")
+    grnas = pd.concat(rows, ignore_index=True)
+    tg = grnas[grnas["seen"] & ~grnas["is_control"]]
+    g = tg.groupby("gene")["log2_enrichment"]
+    n_seen = tg.groupby("gene")["grna"].nunique()
+    m, mean, sd = g.count(), g.mean(), g.std(ddof=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t = mean / (sd / np.sqrt(m))
+        p = pd.Series(stats.t.sf(t, m - 1), index=mean.index)
+    p[(n_seen < 2) | ~np.isfinite(t)] = np.nan
+    genes_all = pd.Index(sorted(set(counts.loc[~counts["is_control"].to_numpy(bool), "Gene"])))
+    n_grnas = counts[~counts["is_control"].to_numpy(bool)].groupby("Gene")["sgRNA"].nunique()
+    table = pd.DataFrame({"gene": genes_all, "n_grnas": n_grnas.reindex(genes_all).to_numpy(),
+                          "effect": mean.reindex(genes_all).to_numpy(), "z": t.reindex(genes_all).to_numpy(),
+                          "p_value": p.reindex(genes_all).to_numpy()})
+    table["fdr"] = bh(table["p_value"].to_numpy())
+    table["is_hit"] = (table["p_value"] < p_cut).to_numpy()
+    table["is_control"] = False
+    table = rank_genes(table)
+    summary = {"method": "sparcs", "p_cut": p_cut, "multiple_testing": "none (as published)",
+               **_counts_summary(table)}
+    return HitsResult("sparcs", table, grnas, summary)
+
+
+def _counts_summary(genes: pd.DataFrame) -> dict[str, Any]:
+    tg = genes[~genes["is_control"]]
+    return {"n_genes": int(len(tg)), "n_called": int(tg["is_hit"].sum()),
+            "called": tg.loc[tg["is_hit"], "gene"].tolist()}
+
+
+# -- per-cell genotypes (optical pooled screens) ---------------------------------------------------------------------
+@dataclass(frozen=True)
+class CellsInput:
+    """One row per genotyped cell: ``grna, gene, is_control, p`` (calibrated probability of the class) and
+    ``epistemic`` (mutual information, nats)."""
+
+    cells: pd.DataFrame
+
+
+def cell_weights(p: np.ndarray, epistemic: np.ndarray, floor: float) -> np.ndarray:
+    """Weight of each cell's evidence: ``floor / (floor + v)`` with ``v = 2 p (1-p) * epistemic`` the ensemble's
+    spread of the probability (second-order expansion of the mutual information), capped at ``p (1-p)``."""
+    v = np.minimum(2.0 * p * (1 - p) * np.maximum(epistemic, 0.0), p * (1 - p))
+    return floor / (floor + v)
+
+
+def _bootstrap_null(y: np.ndarray, w: np.ndarray, sizes: np.ndarray, draws: int, rng: np.random.Generator,
+                    max_exact: int = 64, buckets_per_doubling: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd of the weighted mean of ``n`` NT cells drawn with replacement, for every ``n`` in ``sizes``.
+    Counts up to ``max_exact`` are drawn exactly; larger ones share a geometric bucket whose sd is rescaled by
+    ``sqrt(n_bucket / n)``."""
+    sizes = np.asarray(sizes, int)
+    key = np.where(sizes <= max_exact, sizes,
+                   np.round(2 ** (np.round(np.log2(np.maximum(sizes, 1)) * buckets_per_doubling)
+                                  / buckets_per_doubling)).astype(int))
+    mu = np.empty(len(sizes))
+    sd = np.empty(len(sizes))
+    for k in np.unique(key):
+        k = int(max(k, 1))
+        idx = rng.integers(0, len(y), (draws, k))
+        ww = w[idx]
+        t = (ww * y[idx]).sum(axis=1) / ww.sum(axis=1)
+        sel = key == k
+        s = float(t.std(ddof=1))
+        mu[sel] = t.mean()
+        sd[sel] = max(s, 1e-12) * np.sqrt(k / sizes[sel])
+    return mu, sd
+
+
+def call_cells(inp: CellsInput, mode: str = "soft", fdr: float = 0.1, min_cells: int = 1, draws: int = 2000,
+               seed: int = 0) -> HitsResult:
+    """Per-gRNA phenotype rate vs NT cells matched on cell count (bootstrap), then the shared gene level."""
+    if mode not in ("soft", "threshold"):
+        raise DataError(f"cells mode must be soft or threshold, got '{mode}'")
+    rng = np.random.default_rng(seed)
+    cells = inp.cells
+    p = cells["p"].to_numpy(float)
+    is_nt = cells["is_control"].to_numpy(bool)
+    if not is_nt.any():
+        raise DataError("no genotyped cell carries a non-targeting gRNA: the NT null needs NT cells")
+    if mode == "soft":
+        floor = float(np.mean(p[is_nt] * (1 - p[is_nt]))) or 1e-6
+        y, w = p, cell_weights(p, cells["epistemic"].to_numpy(float), floor)
+    else:
+        y, w = (p > 0.5).astype(float), np.ones(len(p))
+    codes, grna_names = pd.factorize(cells["grna"], sort=True)
+    n = np.bincount(codes, minlength=len(grna_names))
+    sw = np.bincount(codes, weights=w, minlength=len(grna_names))
+    rate = np.bincount(codes, weights=w * y, minlength=len(grna_names)) / np.maximum(sw, 1e-12)
+    first = pd.Series(np.arange(len(cells))).groupby(codes).first().to_numpy()
+    mu, sd = _bootstrap_null(y[is_nt], w[is_nt], np.maximum(n, 1), draws, rng)
+    nt_rate = float(np.sum(w[is_nt] * y[is_nt]) / np.sum(w[is_nt]))
+    grnas = pd.DataFrame({"grna": np.asarray(grna_names, dtype=object),
+                          "gene": cells["gene"].to_numpy()[first], "is_control": is_nt[first], "cells": n,
+                          "rate": rate, "null_mean": mu, "null_sd": sd, "z": (rate - mu) / sd,
+                          "effect": np.log2((rate + 1e-3) / (nt_rate + 1e-3)), "used": n >= min_cells})
+    genes, info = gene_level(grnas, draws, fdr, rng)
+    summary = {"method": f"cells_{mode}", "fdr": fdr, "nt_rate": nt_rate, "n_cells": int(len(cells)),
+               "mean_weight": float(w.mean()), **info, **_counts_summary(genes)}
+    return HitsResult(f"cells_{mode}", genes, grnas, summary)
+
+
+# -- truth (simulator) -----------------------------------------------------------------------------------------------
+def truth_metrics(genes: pd.DataFrame, truth: pd.DataFrame, strong: float = 0.5) -> dict[str, Any]:
+    """Recall of the planted hits by effect tier and the false discovery proportion among the called genes
+    (``truth``: ``gene, role, effect``; role hit / neutral / control / novel). A called novel-phenotype gene is
+    reported apart: it is a real gene effect, but not the phenotype the class stands for."""
+    t = truth.set_index("gene")
+    called = genes[genes["is_hit"] & ~genes["is_control"]]["gene"]
+    role = t["role"].reindex(called).fillna("unknown")
+    hits = t[t["role"] == "hit"]
+    strong_hits, weak_hits = hits[hits["effect"] >= strong].index, hits[hits["effect"] < strong].index
+    false = int((~role.isin(["hit", "novel"])).sum())
+
+    def recall(idx: pd.Index) -> float | None:
+        return float(called.isin(idx).sum() / len(idx)) if len(idx) else None
+
+    return {"n_called": int(len(called)), "false_discoveries": false,
+            "fdp": float(false / len(called)) if len(called) else 0.0,
+            f"recall_effect_ge_{strong}": recall(strong_hits), f"recall_effect_lt_{strong}": recall(weak_hits),
+            "recall_all_hits": recall(hits.index), "novel_called": int((role == "novel").sum()),
+            "n_planted_hits": int(len(hits))}

@@ -1,0 +1,327 @@
+"""From scores to genes: excision bins, count-table parsers, the hit statistics on hand-made data with known answers,
+null calibration on small simulated nulls, and every bad input of ``spatial bins | hits`` (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from serving.screen.bins import assign, make_bins
+from serving.screen.counts import SampleSheet, check_library, read_count_table, read_library, read_sample_sheet
+from serving.screen.hits import (
+    CellsInput,
+    CountsInput,
+    _stouffer_by_group,
+    bh,
+    call_cells,
+    call_counts,
+    call_sparcs,
+    fit_dispersion,
+    truth_metrics,
+)
+from serving.screen.sequencing import sequence_replicate
+from training.cli.main import main
+from training.config import BinsConfig, SequenceConfig
+from training.errors import DataError
+
+
+# -- hand-made inputs ------------------------------------------------------------------------------------------------
+def write_counts(tmp, rows: dict[str, list], name: str = "counts.tsv"):
+    df = pd.DataFrame(rows)
+    path = tmp / name
+    df.to_csv(path, sep="\t", index=False)
+    return path
+
+
+def write_samples(tmp, rows: list[tuple], name: str = "samples.csv"):
+    path = tmp / name
+    pd.DataFrame(rows, columns=["sample", "kind", "bin", "replicate", "cells"]).to_csv(path, index=False)
+    return path
+
+
+def write_library(tmp, grnas: list[tuple[str, str, bool]], name: str = "library.csv"):
+    path = tmp / name
+    pd.DataFrame(grnas, columns=["grna", "gene", "is_control"]).to_csv(path, index=False)
+    return path
+
+
+@pytest.fixture
+def small(tmp_path):
+    """Two NT gRNAs and gene A (2 gRNAs) whose cells are 4x enriched in the one bin."""
+    counts = write_counts(tmp_path, {"sgRNA": ["NT1", "NT2", "A_1", "A_2"], "Gene": ["NT", "NT", "A", "A"],
+                                     "lib": [100, 100, 100, 100], "b1": [10, 10, 40, 40]})
+    samples = write_samples(tmp_path, [("lib", "library", "", "r1", 1000), ("b1", "bin", 1, "r1", 40)])
+    library = write_library(tmp_path, [("NT1", "NT", True), ("NT2", "NT", True), ("A_1", "A", False),
+                                       ("A_2", "A", False)])
+    return counts, samples, library
+
+
+def load(counts, samples, library) -> CountsInput:
+    table = read_count_table(counts)
+    sheet = read_sample_sheet(samples, list(table.columns[2:]), counts)
+    return CountsInput(check_library(table, read_library(library), counts, library), sheet)
+
+
+# -- statistics with known answers -----------------------------------------------------------------------------------
+def test_bh_known_answer():
+    adj = bh(np.array([0.01, 0.04, 0.03, 0.2, np.nan]))
+    np.testing.assert_allclose(adj[:4], [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2])
+    assert np.isnan(adj[4])
+
+
+def test_fit_dispersion_recovers_a_and_phi():
+    e = np.array([10.0, 20.0, 40.0, 80.0])
+    obs = e + np.sqrt(e * (2.0 + 0.1 * e))  # (O-E)^2 / E = 2 + 0.1 E exactly
+    a, phi = fit_dispersion(obs, e)
+    assert a == pytest.approx(2.0) and phi == pytest.approx(0.1)
+    # under-dispersed data never goes below the Poisson floor
+    a, phi = fit_dispersion(e + 0.1, e)
+    assert a == 1.0 and phi == 0.0
+
+
+def test_cell_equivalents_and_nt_expectation(small):
+    inp = load(*small)
+    res = call_counts(inp, draws=500, min_nt_cells=0)
+    g = res.grnas.set_index("grna")
+    # 40 cells cut; reads 10/10/40/40 of 100 -> 4, 4, 16, 16 cells; NT rate: 8 cells per 0.5 library share
+    np.testing.assert_allclose(g["cells_r1"], [4, 4, 16, 16])
+    np.testing.assert_allclose(g["expected_r1"], [4, 4, 4, 4])
+    np.testing.assert_allclose(g.loc["A_1", "effect"], np.log2(16.5 / 4.5))
+    assert (g.loc[["A_1", "A_2"], "z"] > 0).all() and (g.loc[["NT1", "NT2"], "z"] == 0).all()
+
+
+def test_stouffer_by_group_known():
+    z, n = _stouffer_by_group(np.array([0, 0, 1]), np.array([3.0, 3.0, -1.0]), 2)
+    np.testing.assert_allclose(z, [6 / np.sqrt(2), -1.0])
+    np.testing.assert_allclose(n, [2, 1])
+
+
+def test_sparcs_statistic_is_the_paired_t_test(small, tmp_path):
+    counts = write_counts(tmp_path, {"sgRNA": ["NT1", "A_1", "A_2", "A_3", "B_1", "B_2"],
+                                     "Gene": ["NT", "A", "A", "A", "B", "B"],
+                                     "lib": [100, 100, 200, 50, 100, 100], "b1": [10, 30, 40, 25, 0, 5]}, "c2.tsv")
+    samples = write_samples(tmp_path, [("lib", "library", "", "r1", 1000), ("b1", "bin", 1, "r1", 40)], "s2.csv")
+    library = write_library(tmp_path, [("NT1", "NT", True), ("A_1", "A", False), ("A_2", "A", False),
+                                       ("A_3", "A", False), ("B_1", "B", False), ("B_2", "B", False)], "l2.csv")
+    res = call_sparcs(load(counts, samples, library))
+    b = np.array([30, 40, 25]) / 110 * 1e6
+    lib = np.array([100, 200, 50]) / 650 * 1e6
+    expected = stats.ttest_rel(np.log2(b), np.log2(lib), alternative="greater")
+    genes = res.genes.set_index("gene")
+    assert genes.loc["A", "p_value"] == pytest.approx(expected.pvalue)
+    assert genes.loc["A", "effect"] == pytest.approx(np.mean(np.log2(b) - np.log2(lib)))
+    assert np.isnan(genes.loc["B", "p_value"])  # only one gRNA seen in the bins: no test (published rule)
+
+
+def test_cells_threshold_and_soft_rates():
+    cells = pd.DataFrame({"grna": ["NT1", "NT1", "NT2", "NT2"] + ["A_1"] * 4, "gene": ["NT"] * 4 + ["A"] * 4,
+                          "is_control": [True] * 4 + [False] * 4,
+                          "p": [0.1, 0.2, 0.6, 0.1, 0.9, 0.55, 0.99, 0.4],
+                          "epistemic": [0, 0, 0, 0, 0, 0.5, 0, 0]})
+    thr = call_cells(CellsInput(cells), "threshold", draws=200).grnas.set_index("grna")
+    assert thr.loc["A_1", "rate"] == pytest.approx(0.75) and thr.loc["NT2", "rate"] == pytest.approx(0.5)
+    soft = call_cells(CellsInput(cells), "soft", draws=200).grnas.set_index("grna")
+    assert soft.loc["NT1", "rate"] == pytest.approx(0.15)
+    floor = np.mean([0.09, 0.16, 0.24, 0.09])
+    w = floor / (floor + 2 * 0.55 * 0.45 * 0.5)  # the uncertain P = 0.55 cell counts less
+    p = np.array([0.9, 0.55, 0.99, 0.4])
+    ww = np.array([1, w, 1, 1])
+    assert soft.loc["A_1", "rate"] == pytest.approx(np.sum(ww * p) / ww.sum())
+
+
+def test_truth_metrics_known():
+    genes = pd.DataFrame({"gene": ["H1", "H2", "N1", "X"], "is_hit": [True, False, True, True],
+                          "is_control": [False] * 4})
+    truth = pd.DataFrame({"gene": ["H1", "H2", "N1", "X"], "role": ["hit", "hit", "neutral", "novel"],
+                          "effect": [1.0, 0.3, 0.0, 0.0]})
+    m = truth_metrics(genes, truth)
+    assert m["recall_effect_ge_0.5"] == 1.0 and m["recall_effect_lt_0.5"] == 0.0
+    assert m["fdp"] == pytest.approx(1 / 3) and m["novel_called"] == 1
+
+
+# -- null calibration on small simulated nulls ----------------------------------------------------------------------
+def simulated_screen(seed: int, hits: tuple[int, ...] = (), boost: float = 3.0, n_genes: int = 150,
+                     n_nt: int = 200, cells: int = 100_000) -> CountsInput:
+    """Cells fall in the tail (3 bins) with probability 3 %, ``boost`` x that for the gRNAs of ``hits`` genes;
+    then the simulated cutting / PCR / sequencing of ``sequence_replicate``, two independent replicates."""
+    rng = np.random.default_rng(seed)
+    grna = np.array([f"NT{i}" for i in range(n_nt)] + [f"G{g}_{k}" for g in range(n_genes) for k in range(4)])
+    gene = ["NT"] * n_nt + [f"G{g}" for g in range(n_genes) for _ in range(4)]
+    w = rng.lognormal(0, 0.5, len(grna))
+    prob = np.full(len(grna), 0.03)
+    for h in hits:
+        prob[n_nt + 4 * h:n_nt + 4 * h + 4] *= boost
+    table = pd.DataFrame({"sgRNA": grna, "Gene": gene, "is_control": [g == "NT" for g in gene]})
+    rows = []
+    for r in (1, 2):
+        g = rng.choice(len(grna), cells, p=w / w.sum())
+        bins = np.where(rng.random(cells) < prob[g], rng.integers(1, 4, cells), 0)
+        counts, sr = sequence_replicate(pd.DataFrame({"grna": grna[g], "bin": bins}), grna, SequenceConfig(), r,
+                                        np.random.default_rng([seed, r]))
+        for k, v in counts.items():
+            table[k] = v
+        rows += sr
+    sheet = pd.DataFrame(rows).assign(bin=lambda d: pd.to_numeric(d["bin"]).astype("Int64"))
+    return CountsInput(table, SampleSheet(sheet))
+
+
+def test_counts_null_is_calibrated_and_finds_a_planted_gene():
+    called, p_values = [], []
+    for seed in range(5):
+        res = call_counts(simulated_screen(seed), draws=1000, seed=seed)
+        tg = res.genes[~res.genes["is_control"]]
+        called.append(int(tg["is_hit"].sum()))
+        p_values.append(tg["p_value"].to_numpy())
+    # BH at 0.1 on a screen without hits calls a gene at most 10 % of the time: the target is >= 9 of 10 screens
+    assert sum(c > 0 for c in called) <= 1 and sum(called) <= 2, called
+    # p-values of one screen share its NT sample; over screens they are uniform
+    assert stats.kstest(np.concatenate(p_values), "uniform").pvalue > 0.05
+    res = call_counts(simulated_screen(7, hits=(5,), boost=5.0), draws=1000)
+    assert res.genes.iloc[0]["gene"] == "G5" and res.genes.iloc[0]["is_hit"]
+    assert res.genes["is_hit"].sum() == 1
+
+
+def test_cells_null_is_calibrated_and_soft_finds_a_planted_gene():
+    rng = np.random.default_rng(0)
+    n_nt, n_genes, per = 40, 60, 100
+    grna = [f"NT{i}" for i in range(n_nt)] + [f"G{g}_{k}" for g in range(n_genes) for k in range(4)]
+    gene = ["NT"] * n_nt + [f"G{g}" for g in range(n_genes) for _ in range(4)]
+    rows = []
+    for r, g in zip(grna, gene, strict=True):
+        phen = rng.random(per) < (0.5 if g == "G3" else 0.05)  # G3: half of its cells show the phenotype
+        p = np.where(phen, rng.beta(8, 2, per), rng.beta(2, 8, per))
+        rows.append(pd.DataFrame({"grna": r, "gene": g, "is_control": g == "NT", "p": p,
+                                  "epistemic": rng.uniform(0, 0.1, per)}))
+    cells = CellsInput(pd.concat(rows, ignore_index=True))
+    for mode in ("soft", "threshold"):
+        res = call_cells(cells, mode, draws=1000)
+        tg = res.genes[~res.genes["is_control"]]
+        assert tg["is_hit"].sum() == 1 and tg.iloc[0]["gene"] == "G3", mode
+        assert stats.kstest(tg["p_value"].iloc[1:], "uniform").pvalue > 0.01, mode
+
+
+# -- parsers ---------------------------------------------------------------------------------------------------------
+def test_parsers_read_mageck_tables(small, tmp_path):
+    counts, samples, library = small
+    table = read_count_table(counts)
+    assert list(table.columns) == ["sgRNA", "Gene", "lib", "b1"] and table["b1"].dtype == np.int64
+    # the sheet is put in count-table column order, whatever its own order
+    shuffled = write_samples(tmp_path, [("b1", "bin", 1, "r1", 40), ("lib", "library", "", "r1", 1000)], "s.csv")
+    sheet = read_sample_sheet(shuffled, ["lib", "b1"], counts)
+    assert sheet.table["sample"].tolist() == ["lib", "b1"] and sheet.table["bin"].isna().tolist() == [True, False]
+    lib = read_library(library)
+    assert lib["is_control"].tolist() == [True, True, False, False]
+
+
+# -- bins ------------------------------------------------------------------------------------------------------------
+def test_threshold_and_quantile_bins():
+    score = np.array([0.999995, 0.9995, 0.998, 0.996, 0.992, 0.985, 0.5, 0.99999])
+    b, ranges = assign(score, np.ones(8, bool), BinsConfig(mode="thresholds"))
+    assert b.tolist() == [1, 2, 3, 4, 5, 6, 0, 1] and ranges[0] == (0.99999, 1.0)
+    eligible = np.array([True] * 7 + [False])
+    b, _ = assign(score, eligible, BinsConfig(mode="quantiles", quantiles=[0.15, 0.5]))
+    assert b.tolist() == [1, 2, 2, 2, 0, 0, 0, 0]  # top round(1.05) = 1 of 7 eligible, then up to round(3.5) = 4
+
+
+def test_make_bins_outputs(tmp_path):
+    scores = pd.DataFrame({"source_file": ["/s/a.h5sc"] * 3 + ["/s/b.h5sc"] * 2, "cell_id": [5, 9, 11, 2, 3],
+                           "prob_on": [0.0, 0.5, 0.01, 0.0, 0.0], "prob_off": [1.0, 0.5, 0.99, 1.0, 1.0],
+                           "novelty": [1.0, 1.0, 1.0, 50.0, 1.0], "epistemic": [0.0] * 5})
+    scores.to_parquet(tmp_path / "scores.parquet")
+    res = make_bins(tmp_path / "scores.parquet", BinsConfig(class_name="off", mode="thresholds", max_novelty=10, manifest=None))
+    assert res["bins"]["bin"].tolist() == [1, 0, 5, 0, 1] and res["bins"]["excluded"].tolist() == [0, 0, 0, 1, 0]
+    counts = res["counts"].set_index("bin")
+    assert counts.loc[1, "cells"] == 2 and counts.loc[1, "expected_phenotype_cells"] == pytest.approx(2.0)
+    assert counts.loc[0, "excluded_cells"] == 1
+    sets = {s["name"]: s for s in res["cell_sets"]}
+    assert sets["bin1_a"]["classes"] == [5] and sets["bin1_b"]["classes"] == [3] and sets["bin5_a"]["classes"] == [11]
+
+
+# -- the CLI: wiring and bad input -----------------------------------------------------------------------------------
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["spatial", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().err
+
+
+def test_hits_cli_writes_every_output(small, tmp_path, monkeypatch, capsys):
+    counts, samples, library = small
+    out = tmp_path / "hits"
+    code, err = run_cli(monkeypatch, capsys, "hits", "--counts", counts, "--samples", samples, "--library", library,
+                        "--out", out, "--metrics", tmp_path / "m.json", "--set", "hits.null_draws=200")
+    assert code == 0, err
+    for name in ("genes.csv", "grnas.csv", "volcano.png", "rank.png", "qq.png", "summary.json", "compare.csv",
+                 "genes_sparcs.csv"):
+        assert (out / name).is_file(), name
+    genes = pd.read_csv(out / "genes.csv")
+    assert {"gene", "n_grnas", "effect", "p_value", "fdr", "rank", "is_hit"} <= set(genes.columns)
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["methods"]) == {"spatial", "sparcs"}
+    # 8 NT cells in the bins (< hits.min_nt_cells = 20): the null cannot be estimated, so nothing is called
+    assert "cannot be estimated" in summary["methods"]["spatial"]["warning"] and not genes["is_hit"].any()
+    assert "spatial/n_called" in json.loads((tmp_path / "m.json").read_text())
+
+
+BAD_CASES = {
+    "sheet does not match": ({"samples": [("lib", "library", "", "r1", 1000), ("b9", "bin", 1, "r1", 40)]},
+                             "does not match the count table"),
+    "non-integer count": ({"counts": {"b1": [10, 1.5, 40, 40]}}, "non-integer count"),
+    "negative count": ({"counts": {"b1": [10, -3, 40, 40]}}, "negative count"),
+    "no NT control": ({"library": [("NT1", "NT", False), ("NT2", "NT", False), ("A_1", "A", False),
+                                   ("A_2", "A", False)]}, "no non-targeting control"),
+    "gRNA missing from library": ({"library": [("NT1", "NT", True), ("NT2", "NT", True), ("A_1", "A", False)]},
+                                  "missing from"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CASES))
+def test_hits_bad_input_exits_2_and_writes_nothing(case, tmp_path, monkeypatch, capsys):
+    change, message = BAD_CASES[case]
+    rows = {"sgRNA": ["NT1", "NT2", "A_1", "A_2"], "Gene": ["NT", "NT", "A", "A"], "lib": [100, 100, 100, 100],
+            "b1": [10, 10, 40, 40], **change.get("counts", {})}
+    counts = write_counts(tmp_path, rows)
+    samples = write_samples(tmp_path, change.get("samples", [("lib", "library", "", "r1", 1000),
+                                                             ("b1", "bin", 1, "r1", 40)]))
+    library = write_library(tmp_path, change.get("library", [("NT1", "NT", True), ("NT2", "NT", True),
+                                                             ("A_1", "A", False), ("A_2", "A", False)]))
+    out = tmp_path / "out"
+    code, err = run_cli(monkeypatch, capsys, "hits", "--counts", counts, "--samples", samples, "--library", library,
+                        "--out", out, "--metrics", tmp_path / "m.json")
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in err, err
+    assert not out.exists() and not (tmp_path / "m.json").exists()
+    assert not list(tmp_path.glob(".out*"))
+
+
+def test_unknown_class_exits_2(tmp_path, monkeypatch, capsys):
+    pd.DataFrame({"source_file": ["a"], "cell_id": [1], "prob_on": [0.3], "prob_off": [0.7]}).to_parquet(
+        tmp_path / "s.parquet")
+    pd.DataFrame({"source_file": ["a"], "cell_id": [1], "grna": ["NT1"]}).to_csv(tmp_path / "g.csv", index=False)
+    library = write_library(tmp_path, [("NT1", "NT", True)])
+    for args in (["bins", tmp_path / "s.parquet", "--class", "mitotic", "--out", tmp_path / "out"],
+                 ["hits", "--cells", tmp_path / "s.parquet", "--genotypes", tmp_path / "g.csv", "--library", library,
+                  "--class", "mitotic", "--out", tmp_path / "out"]):
+        code, err = run_cli(monkeypatch, capsys, *args)
+        assert code == 2 and "no class 'mitotic'" in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out").exists()
+
+
+def test_cells_genotypes_with_unknown_grna_exit_2(tmp_path, monkeypatch, capsys):
+    pd.DataFrame({"source_file": ["a"], "cell_id": [1], "prob_off": [0.7]}).to_parquet(tmp_path / "s.parquet")
+    pd.DataFrame({"source_file": ["a"], "cell_id": [1], "grna": ["Z_9"]}).to_csv(tmp_path / "g.csv", index=False)
+    library = write_library(tmp_path, [("NT1", "NT", True)])
+    code, err = run_cli(monkeypatch, capsys, "hits", "--cells", tmp_path / "s.parquet", "--genotypes",
+                        tmp_path / "g.csv", "--library", library, "--class", "off", "--out", tmp_path / "out")
+    assert code == 2 and "missing from" in err, err
+    with pytest.raises(DataError):
+        read_library(write_library(tmp_path, [("X", "X", "maybe")], "bad.csv"))
