@@ -27,9 +27,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
-from training.config import load_params, parse_override
+from training.config import parse_override, resolve
 from training.data.loader import loader_for
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data
@@ -41,6 +42,11 @@ from training.uncertainty.decompose import softmax
 from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, stage_features
 
 SETS: dict = {}  # --set overrides, applied to every run
+RAW: dict = {}  # params.yaml, read once (an edit while the study runs does not change it)
+
+
+def load_params(_path, overrides: dict | None = None):
+    return resolve(RAW, {**(overrides or {})})
 CONTROL_CLASSES = ["stimulated", "unstimulated", "atg5_ko", "ei24_ko"]
 
 
@@ -96,7 +102,7 @@ def screen_cells(index: pd.DataFrame, raw: Path) -> pd.DataFrame:
                         how="left", validate="one_to_one")
 
 
-def calibration_part(seeds: int, members: int, params_path: str | None) -> dict:
+def calibration_part(seeds: int, members: int, params_path: str | None, partial: Path | None = None) -> dict:
     base = load_params(params_path)
     splits, _ = read_table(base.split.out)
     index, _ = read_table(base.index.out)
@@ -104,7 +110,7 @@ def calibration_part(seeds: int, members: int, params_path: str | None) -> dict:
     classes = list(base.split.classes)
     results = []
     for seed in range(seeds):
-        params = load_params(params_path, {**SETS, "train.seed": seed, "uncertainty.novelty": "none"})
+        params = load_params(params_path, {"train.seed": seed, "uncertainty.novelty": "none"})
         t0 = time.time()
         data, models, temps, val_logits, val_y = train_members(splits, classes, params, members)
         test = data.split("test")
@@ -160,6 +166,8 @@ def calibration_part(seeds: int, members: int, params_path: str | None) -> dict:
             nov[kind] = entry
         row["novelty"] = nov
         results.append(row)
+        if partial is not None:
+            partial.write_text(json.dumps(results, indent=2))
         print(json.dumps({"seed": seed, "pooled": row["pooled"], "member": row["member"], "none": row["none"]}),
               file=sys.stderr, flush=True)
     return {"seeds": seeds, "members": members, "runs": results, "summary": summarise(results)}
@@ -179,13 +187,13 @@ def summarise(runs: list[dict]) -> dict:
     return out
 
 
-def loco_part(params_path: str | None, seed: int = 0) -> dict:
+def loco_part(params_path: str | None, seed: int = 0, partial: Path | None = None) -> dict:
     base = load_params(params_path)
     index, _ = read_table(base.index.out)
     folds = {}
     for left_out in CONTROL_CLASSES:
         classes = [c for c in CONTROL_CLASSES if c != left_out]
-        params = load_params(params_path, {**SETS, "split.classes": classes, "train.seed": seed, "uncertainty.novelty": "none"})
+        params = load_params(params_path, {"split.classes": classes, "train.seed": seed, "uncertainty.novelty": "none"})
         splits, _ = make_splits(index, params.split)
         splits = splits[splits["label"].isin(CONTROL_CLASSES) & splits["split"].isin(["train", "val", "test", "heldout"])]
         data, models, *_ = train_members(splits.reset_index(drop=True), classes, params, 1)
@@ -197,6 +205,8 @@ def loco_part(params_path: str | None, seed: int = 0) -> dict:
                               {"test": outs["test"], "left_out": outs["left_out"]}, params, seed)
         folds[left_out] = {kind: auroc(s["test"], s["left_out"]) for kind, s in per.items()}
         print(json.dumps({left_out: folds[left_out]}), file=sys.stderr, flush=True)
+        if partial is not None:
+            partial.write_text(json.dumps(folds, indent=2))
     mean = {kind: float(np.mean([f[kind] for f in folds.values()])) for kind in NOVELTY_KINDS}
     return {"folds": folds, "mean_auroc": mean, "chosen": max(mean, key=mean.get)}
 
@@ -214,16 +224,17 @@ def main() -> int:
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     SETS.update(dict(parse_override(item) for item in a.set))
+    RAW.update(yaml.safe_load(Path(a.params).read_text()) or {})
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     ok = True
     if a.part in ("loco", "both"):
-        loco = loco_part(a.params)
+        loco = loco_part(a.params, partial=out / "loco_partial.json")
         (out / "loco.json").write_text(json.dumps(loco, indent=2))
         print(json.dumps({"loco_mean_auroc": loco["mean_auroc"], "chosen": loco["chosen"]}, indent=2))
         ok &= loco["mean_auroc"][loco["chosen"]] >= 0.5
     if a.part in ("calibration", "both"):
-        cal = calibration_part(a.seeds, a.members, a.params)
+        cal = calibration_part(a.seeds, a.members, a.params, partial=out / "calibration_partial.json")
         (out / "calibration.json").write_text(json.dumps(cal, indent=2))
         print(json.dumps(cal["summary"], indent=2))
     return 1 if a.check and not ok else 0

@@ -128,6 +128,16 @@ class UncertaintyConfig(Section):
     knn_bank: int = Field(5000, ge=1, description="training cells kept per member for the kNN scores")
 
 
+class DiscoverConfig(Section):
+    """The discovery queue (``spatial discover``): novel cells clustered into candidate phenotypes."""
+
+    quantile: float = Field(0.99, gt=0, lt=1, description="novelty threshold: this quantile of the validation cells")
+    max_clusters: int = Field(8, ge=1, description="Gaussian mixture components tried (1..max), chosen by BIC")
+    pca_components: int = Field(10, ge=1)
+    gallery_cells: int = Field(32, ge=1, description="most novel cells shown per cluster")
+    seed: int = 0
+
+
 class EvaluateConfig(Section):
     reference_scores: str | None = Field(None, description="CSV cell_id,score from a reference classifier")
     ece_bins: int = Field(15, ge=2)
@@ -288,6 +298,7 @@ class Params(Section):
     ensemble: EnsembleConfig = EnsembleConfig()
     uncertainty: UncertaintyConfig = UncertaintyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    discover: DiscoverConfig = DiscoverConfig()
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     ssl: SSLConfig = SSLConfig()

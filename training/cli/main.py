@@ -9,12 +9,12 @@ import sys
 
 import typer
 
-from training.cli import active, data, serving, train, tuning
+from training.cli import active, data, discover, serving, train, tuning
 from training.errors import SpatialError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="spatiAL: label-efficient phenotyping of SPARCS single-cell screens.")
-for module in (data, train, active, serving, tuning):
+for module in (data, train, active, serving, tuning, discover):
     module.add_commands(app)
 
 
