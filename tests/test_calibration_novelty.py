@@ -138,3 +138,31 @@ def test_stage_features_pool_and_normalise_each_stage():
     f = stage_features([a, b])
     assert f.shape == (2, 5)
     np.testing.assert_allclose(f[0], np.r_[np.full(3, 1 / np.sqrt(3)), 1.0, 0.0])
+
+
+def test_refit_novelty_switches_the_score_without_retraining(tiny_ensemble, tiny_manifest, tmp_path):
+    from conftest import tiny_params
+
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.regimes.ensemble_training import refit_novelty
+    from training.uncertainty.ensemble import Ensemble
+
+    params = tiny_params(tmp_path, uncertainty={"novelty": "energy"})
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), params.split)
+    data = prepare_data(table, summary["classes"], params)
+    ens = Ensemble.load(tiny_ensemble)
+    before = [p.detach().clone() for p in ens.members[0].parameters()]
+    refit_novelty(ens, data, params).save(tmp_path / "e")
+    again = Ensemble.load(tmp_path / "e")
+    assert [n.kind for n in again.novelty] == ["energy", "energy"]
+    assert again.spec.info["novelty_score"] == "energy"
+    assert all(bool((a == b).all()) for a, b in zip(before, again.members[0].parameters(), strict=True))
+    x = np.random.default_rng(0).uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
+    out = again.predict_images(x)
+    import torch
+
+    with torch.no_grad():
+        logits = [m(again.preprocess(again.select_channels(x))).numpy() for m in again.members]
+    np.testing.assert_allclose(out["novelty"], np.mean([energy_score(z) for z in logits], axis=0), rtol=1e-5)

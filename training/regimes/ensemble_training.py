@@ -148,3 +148,21 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
         spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
     ens.save(out)
     return ens
+
+
+def refit_novelty(ens: Ensemble, data: TrainData, params: Params) -> Ensemble:
+    """Fit ``uncertainty.novelty`` anew on every member of a trained ensemble (training cells) and its validation
+    reference, without retraining: compare novelty scores on the same members, or switch an artifact's score."""
+    device = select_device(params.train.device)
+    plain = loader_for(data.split("train"), params.data, data.channels, shuffle=False, seed=0)
+    novelty = [] if params.uncertainty.novelty == "none" else [
+        fit_novelty(m, plain, params, member_seed(params, k), device) for k, m in enumerate(ens.members)]
+    ens.members = [m.cpu() for m in ens.members]
+    ens.novelty = novelty
+    ens.spec.has_novelty = bool(novelty)
+    if novelty:
+        val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
+        nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
+        ens.spec.info["novelty_score"] = params.uncertainty.novelty
+        ens.spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
+    return ens
