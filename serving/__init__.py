@@ -4,6 +4,7 @@
 - ``service/``  the BentoML HTTP service (``api``), request validation, uploads, response schemas, OpenAPI document
 - ``bento/``    the champion in the BentoML model store and the self-contained Bento (``spatial package``)
 - ``batch/``    screen-wide batch scoring, resumable, local or on Ray Data
+- ``discovery/`` the discovery queue: novel cells clustered into candidate phenotypes, enriched genes per cluster
 - ``labeling/`` the labeling page (``spatial label``): Starlette app, labels history store, thumbnails
 - ``report/``   the self-contained HTML screen report (``spatial report``)
 - ``screen/``   excision bins, simulated sequencing, count tables, gene hits with an NT-calibrated FDR

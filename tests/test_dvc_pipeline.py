@@ -51,6 +51,8 @@ def dvc_repo(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     for name in ("bentofile.yaml", ".ci/constraints.txt"):  # the `package` stage builds the Bento from them
         shutil.copy(REPO / name, root / name)
     shutil.copy(REPO / "labels.csv", root / "labels.csv")  # header only: no cell labels yet
+    (root / "benchmarks" / "studies").mkdir(parents=True)
+    shutil.copy(REPO / "benchmarks" / "studies" / "dvc.yaml", root / "benchmarks" / "studies" / "dvc.yaml")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)
@@ -71,13 +73,14 @@ def test_repro_runs_every_default_stage(dvc_repo):
     root, env = dvc_repo
     for path in ("data/raw/manifest.csv", "data/index/cells.parquet", "data/index/splits.parquet",
                  "models/ensemble/spec.json", "reports/evaluate/reliability.png", "metrics/evaluate.json",
-                 "models/ssl_fixmatch/spec.json", "reports/al/curve.csv", "reports/al/learning_curve.png",
                  "reports/screen/scores.parquet", "reports/screen/bins/bins.parquet",
                  "reports/screen/bins/bin_counts.csv", "reports/screen/bins/cell_sets.json",
                  "reports/screen/counts/counts.tsv", "reports/screen/counts/samples.csv",
                  "reports/screen/hits/genes.csv", "reports/screen/hits/grnas.csv", "reports/screen/hits/volcano.png",
                  "reports/screen/hits/rank.png", "reports/screen/hits/summary.json", "metrics/hits.json",
-                 "reports/screen/hits_cells/genes.csv", "reports/screen/index.html"):
+                 "reports/screen/hits_cells/genes.csv", "reports/screen/index.html",
+                 "data/screen/genotypes.csv", "reports/discovery/cells.parquet",
+                 "reports/discovery/clusters.csv", "metrics/discovery.json", "reports/summary.md"):
         assert (root / path).exists(), path
     split = json.loads((root / "metrics/split.json").read_text())
     assert split["train"] > 0 and split["test"] > 0 and split["unlabeled"] == 120
@@ -86,22 +89,26 @@ def test_repro_runs_every_default_stage(dvc_repo):
     package = json.loads((root / "metrics/package.json").read_text())
     assert package["model"] == reg["bento_model"] and package["bento"].startswith("spatial:")
     assert (root / "mlflow.db").is_file()  # the default tracking store at the repo root
-    status = run(["dvc", "status"], root, env).stdout
-    assert "changed" not in status  # everything is up to date
+    status = run(["dvc", "status", "dvc.yaml"], root, env).stdout  # the default pipeline (the studies are opt-in)
+    assert [line for line in status.splitlines() if "changed" in line] == ["\talways changed"]  # summary only
     shown = run(["dvc", "metrics", "show", "--json"], root, env).stdout
-    assert "balanced_accuracy" in shown
+    assert "balanced_accuracy" in shown and "metrics/discovery.json" in shown
     scores = pd.read_parquet(root / "reports/screen/scores.parquet")
     assert len(scores) == 120 and {"source_file", "cell_id", "prob_atg5_ko", "novelty", "embedding"} <= set(scores)
     bins = pd.read_parquet(root / "reports/screen/bins/bins.parquet")
     assert (bins["bin"] == 1).sum() == 12 and (bins["bin"] == 2).sum() == 24  # top 10 %, then 10-30 %
     hits = json.loads((root / "metrics/hits.json").read_text())
     assert {"spatial/n_called", "sparcs/n_called", "spatial/fdp"} <= set(hits)
-    for name in ("ssl_supervised", "ssl_fixmatch", "al", "hits", "hits_cells"):
+    for name in ("hits", "hits_cells", "discovery"):
         assert f"metrics/{name}.json" in shown, name
-    ssl_train = json.loads((root / "metrics/ssl_fixmatch_train.json").read_text())
-    assert ssl_train["members"] == 1
-    al = json.loads((root / "metrics/al.json").read_text())
-    assert {k.split("/")[0] for k in al} >= {"random", "margin", "power_bald"}
+    disc = json.loads((root / "metrics/discovery.json").read_text())
+    assert disc["n_scored"] == 120 and "planted_novel_gene_is_top" in disc
+    summary = (root / "reports/summary.md").read_text()
+    assert "## evaluate.json" in summary and "## discovery.json" in summary and "| torch |" in summary
+    # the label-efficiency studies are an opt-in pipeline: not run by default, but a valid DAG
+    assert not (root / "reports/al").exists()
+    dag = run(["dvc", "dag", "benchmarks/studies/dvc.yaml:ssl_seeds"], root, env).stdout
+    assert "ssl@2" in dag
     run(["dvc", "plots", "show", "-o", str(root / "plots")], root, env)
     assert (root / "plots" / "index.html").is_file()
 
@@ -117,7 +124,7 @@ def test_data_stages_rerun_only_downstream_of_a_param_change(dvc_repo):
     assert "split" in out and "synth" not in out.split("split")[0]
 
 
-def test_labels_csv_is_a_dependency_of_split_and_the_studies(dvc_repo):
+def test_labels_csv_is_a_dependency_of_split(dvc_repo):
     """A labeling session (rows appended to labels.csv) makes `dvc repro` rerun split and what follows."""
     import pandas as pd
 
@@ -130,7 +137,7 @@ def test_labels_csv_is_a_dependency_of_split_and_the_studies(dvc_repo):
             f.write(f"{screen['source_file']},{int(screen['cell_id'])},stimulated,ann,2026-01-01T00:00:00Z\n")
         out = run(["dvc", "status"], root, env).stdout
         changed = [line.strip().rstrip(":") for line in out.splitlines() if line and not line.startswith(("\t", " "))]
-        assert {"split", "ssl", "al"} <= set(changed) and "synth" not in changed and "index" not in changed
+        assert {"split", "train"} <= set(changed) and "synth" not in changed and "index" not in changed
     finally:
         (root / "labels.csv").write_text(before)
 

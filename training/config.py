@@ -124,8 +124,23 @@ class EnsembleConfig(Section):
 
 
 class UncertaintyConfig(Section):
-    temperature_scaling: bool = True
-    novelty: Literal["mahalanobis", "none"] = "mahalanobis"
+    calibration: Literal["pooled", "member", "none"] = Field(
+        "pooled", description="pooled: one temperature on the ensemble's averaged log-probabilities (validation); "
+        "member: one temperature per member before averaging; none")
+    novelty: Literal["mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "none"] = Field(
+        "energy", description="chosen by leave-one-class-out on the control classes (README)")
+    knn_k: int = Field(10, ge=1, description="k of the kNN novelty scores")
+    knn_bank: int = Field(5000, ge=1, description="training cells kept per member for the kNN scores")
+
+
+class DiscoverConfig(Section):
+    """The discovery queue (``spatial discover``): novel cells clustered into candidate phenotypes."""
+
+    quantile: float = Field(0.99, gt=0, lt=1, description="novelty threshold: this quantile of the validation cells")
+    max_clusters: int = Field(8, ge=1, description="Gaussian mixture components tried (1..max), chosen by BIC")
+    pca_components: int = Field(10, ge=1)
+    gallery_cells: int = Field(32, ge=1, description="most novel cells shown per cluster")
+    seed: int = 0
 
 
 class EvaluateConfig(Section):
@@ -388,6 +403,7 @@ class Params(Section):
     ensemble: EnsembleConfig = EnsembleConfig()
     uncertainty: UncertaintyConfig = UncertaintyConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    discover: DiscoverConfig = DiscoverConfig()
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     ssl: SSLConfig = SSLConfig()

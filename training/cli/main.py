@@ -9,12 +9,12 @@ import sys
 
 import typer
 
-from training.cli import active, data, label, package, screen, serving, train, tuning
+from training.cli import active, data, discover, label, package, screen, serving, studies, train, tuning
 from training.errors import SpatialError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="spatiAL: label-efficient phenotyping of SPARCS single-cell screens.")
-for module in (data, train, active, serving, package, tuning, screen, label):
+for module in (data, train, active, serving, package, tuning, screen, discover, studies, label):
     module.add_commands(app)
 
 

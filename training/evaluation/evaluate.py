@@ -70,7 +70,7 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     logits, y = raw["logits"], cells["y"].to_numpy()
     views = {
         "": ens.combine(logits),
-        "uncalibrated/": ens.combine(logits, temperatures=[1.0] * ens.spec.n_members),
+        "uncalibrated/": ens.combine(logits, calibration="none"),
     }
     for v in views.values():
         v["novelty"] = raw["novelty"]
@@ -85,6 +85,7 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
         metrics.update({f"{prefix}{k}": cal[k] for k in ("nll", "brier", "ece")})
     metrics.update(single_member_metrics(ens, logits[test_mask], y[test_mask], n_bins,
                                          ens_out["mean_probs"][test_mask]))
+    metrics.update(calibration_modes(ens, logits[test_mask], y[test_mask], n_bins))
     # held-out classes: pooled and per class, for each uncertainty score
     held = cells["split"].to_numpy() == "heldout"
     if held.any():
@@ -141,6 +142,22 @@ def single_member_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bi
             ensemble_probs = ens.combine(logits)["mean_probs"]
         diff = paired_bootstrap(ensemble_probs, member_probs, y, n_bins)
         res.update({f"ensemble_vs_single/{k}": v for k, v in diff.items()})
+    return res
+
+
+def calibration_modes(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, float]:
+    """``calibration/<mode>/{nll,ece}`` for every calibration the artifact can apply (pooled, member, none), each
+    with the ensemble-minus-mean-member difference and its 95 % paired bootstrap interval (members calibrated by
+    their own temperatures), so the choice of ``uncertainty.calibration`` is made on the same cells."""
+    if ens.spec.n_members < 2:
+        return {}
+    member_probs = [ens.combine(logits, members=[k])["mean_probs"] for k in range(ens.spec.n_members)]
+    res = {}
+    for mode in ("pooled", "member", "none"):
+        probs = ens.combine(logits, calibration=mode)["mean_probs"]
+        cal = calibration_report(probs, y, n_bins)
+        res.update({f"calibration/{mode}/nll": cal["nll"], f"calibration/{mode}/ece": cal["ece"]})
+        res.update({f"calibration/{mode}/{k}": v for k, v in paired_bootstrap(probs, member_probs, y, n_bins).items()})
     return res
 
 

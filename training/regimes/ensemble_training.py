@@ -1,8 +1,10 @@
 """Train a deep ensemble with the one engine: the regime decides the objective and the batches, nothing else.
 
 ``train_ensemble`` runs K members (different seeds, optionally bootstrap resamples of the training cells),
-fits a temperature per member on the validation split and a feature-density novelty model per member on the
-training cells, and saves an :class:`~training.uncertainty.ensemble.Ensemble` directory. MLflow gets one parent run with
+fits a temperature per member and one pooled temperature for the ensemble on the validation split
+(``uncertainty.calibration`` decides which one scoring applies), a novelty model per member on the training cells
+(``uncertainty.novelty``) and the novelty quantiles of the validation cells (the reference the discovery queue's
+threshold is set on), and saves an :class:`~training.uncertainty.ensemble.Ensemble` directory. MLflow gets one parent run with
 a nested run per member (per-epoch metrics). Member checkpoints go to a work folder beside ``out``
 (``.<name>.work``, what ``--resume`` continues from); it is removed once the ensemble is saved.
 """
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from training.config import Params
 from training.data.loader import CellLoader, Preprocess, loader_for
@@ -24,9 +27,11 @@ from training.errors import DataError
 from training.models.factory import build_model
 from training.regimes.objectives import make_objective
 from training.regimes.semisupervised import training_stream
-from training.uncertainty.calibration import fit_temperature
+from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature
 from training.uncertainty.ensemble import Ensemble, EnsembleSpec
-from training.uncertainty.novelty import GaussianDensity
+from training.uncertainty.novelty import NoveltyModel, make_novelty, stage_features
+
+NOVELTY_QUANTILES = (0.5, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +71,33 @@ def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume:
                  n_classes=len(data.classes), out_dir=out_dir / f"member_{k}", resume=resume,
                  log_metrics=log_metrics, progress=progress, on_epoch_end=on_epoch_end)
     device = select_device(params.train.device)
-    val = predict(model, val_loader, device=device, with_features=False)
+    mc = params.ensemble.mc_samples if params.ensemble.posterior == "mc_dropout" else 0
+    val = predict(model, val_loader, device=device, with_features=False, mc_dropout=mc)
+    val_logits = val["logits"].transpose(1, 0, 2) if mc else val["logits"][:, None]  # (N, S, K)
     temperature = (
-        fit_temperature(val["logits"], val["label"]) if params.uncertainty.temperature_scaling else 1.0
+        fit_temperature(val_logits.mean(axis=1), val["label"]) if params.uncertainty.calibration != "none" else 1.0
     )
     novelty = None
-    if params.uncertainty.novelty == "mahalanobis":
+    if params.uncertainty.novelty != "none":
         plain = loader_for(data.split("train"), params.data, data.channels, shuffle=False, seed=seed)
-        tr = predict(model, plain, device=device, with_features=True)
-        novelty = GaussianDensity().fit(tr["features"], tr["label"])
-    return model.cpu(), float(temperature), novelty, result
+        novelty = fit_novelty(model, plain, params, seed, device)
+    return model.cpu(), float(temperature), novelty, result, (val_logits, val["label"])
+
+
+def fit_novelty(model, loader: CellLoader, params: Params, seed: int, device) -> NoveltyModel:
+    """The ``uncertainty.novelty`` model of one member, fitted on the cells of ``loader`` (the training cells)."""
+    nov = make_novelty(params.uncertainty.novelty, params.uncertainty.knn_k, params.uncertainty.knn_bank, seed)
+    if nov.input == "stages":
+        model.to(device).eval()
+        feats, labels = [], []
+        with torch.no_grad():
+            for batch in loader:
+                _, stages = model.forward_intermediates(batch["image"].to(device))
+                feats.append(stage_features(stages))
+                labels.append(batch["label"].numpy())
+        return nov.fit(np.concatenate(feats), np.concatenate(labels))
+    tr = predict(model, loader, device=device, with_features=nov.input == "features")
+    return nov.fit(tr["features"] if nov.input == "features" else tr["logits"], tr["label"])
 
 
 def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: bool = False,
@@ -83,22 +105,26 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
     """Train ``ensemble.members`` members and save the ensemble to ``out``."""
     out = Path(out)
     work = out.parent / f".{out.name}.work"
-    members, temps, novelty, results = [], [], [], []
+    members, temps, novelty, results, val_logits = [], [], [], [], []
     n = params.ensemble.members if params.ensemble.posterior == "ensemble" else 1
     for k in range(n):
         ctx = tracker.member(k) if tracker else None
         log_fn = ctx.log_metrics if ctx else None
         try:
-            model, t, nov, res = train_member(k, data, params, work, resume, log_fn, progress)
+            model, t, nov, res, (vl, val_y) = train_member(k, data, params, work, resume, log_fn, progress)
         finally:
             if ctx:
                 ctx.close()
         members.append(model)
         temps.append(t)
         results.append(res)
+        val_logits.append(vl)
         if nov is not None:
             novelty.append(nov)
         log.info("member %d: best epoch %d, val loss %.4f, temperature %.3f", k, res.best_epoch, res.best_val_loss, t)
+    val_logits = np.stack(val_logits, axis=1)  # (N, M, S, K)
+    pooled_t = fit_pooled_temperature(val_logits, val_y) if params.uncertainty.calibration != "none" else 1.0
+    log.info("pooled temperature %.3f (calibration: %s)", pooled_t, params.uncertainty.calibration)
     spec = EnsembleSpec(
         classes=data.classes,
         channels=data.channels,
@@ -111,11 +137,36 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
         posterior=params.ensemble.posterior,
         mc_samples=params.ensemble.mc_samples,
         has_novelty=bool(novelty),
+        calibration=params.uncertainty.calibration,
+        pooled_temperature=float(pooled_t),
         info={"regime": params.train.regime, "best_epochs": [r.best_epoch for r in results],
               "best_val_loss": [float(r.best_val_loss) for r in results],
               "mlflow_run_id": tracker.run_id if tracker else None},
     )
     ens = Ensemble(spec, members, novelty)
+    if novelty:  # the validation cells' novelty: the reference a novelty threshold is set on (discovery queue)
+        val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
+        nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
+        spec.info["novelty_score"] = params.uncertainty.novelty
+        spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
     ens.save(out)
     shutil.rmtree(work, ignore_errors=True)  # member checkpoints: only needed to resume an unfinished run
+    return ens
+
+
+def refit_novelty(ens: Ensemble, data: TrainData, params: Params) -> Ensemble:
+    """Fit ``uncertainty.novelty`` anew on every member of a trained ensemble (training cells) and its validation
+    reference, without retraining: compare novelty scores on the same members, or switch an artifact's score."""
+    device = select_device(params.train.device)
+    plain = loader_for(data.split("train"), params.data, data.channels, shuffle=False, seed=0)
+    novelty = [] if params.uncertainty.novelty == "none" else [
+        fit_novelty(m, plain, params, member_seed(params, k), device) for k, m in enumerate(ens.members)]
+    ens.members = [m.cpu() for m in ens.members]
+    ens.novelty = novelty
+    ens.spec.has_novelty = bool(novelty)
+    if novelty:
+        val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
+        nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
+        ens.spec.info["novelty_score"] = params.uncertainty.novelty
+        ens.spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
     return ens

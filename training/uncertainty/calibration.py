@@ -53,3 +53,32 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
+
+
+CALIBRATIONS = ("pooled", "member", "none")
+
+
+def pooled_log_probs(member_logits: np.ndarray) -> np.ndarray:
+    """Member logits ``(N, M, S, K)`` (or ``(N, M, K)``) -> log of the members' averaged probabilities ``(N, K)``.
+
+    These are the logits of pool-then-calibrate: one temperature divides them after averaging, instead of one
+    temperature per member before.
+    """
+    z = np.asarray(member_logits, dtype=np.float64)
+    if z.ndim == 3:
+        z = z[:, :, None]
+    if z.ndim != 4:
+        raise ValueError(f"member logits must have shape (N, M, S, K) or (N, M, K), got {z.shape}")
+    n, m, s, k = z.shape
+    logp = special.log_softmax(z, axis=-1).reshape(n, m * s, k)
+    return special.logsumexp(logp, axis=1) - np.log(m * s)
+
+
+def fit_pooled_temperature(member_logits: np.ndarray, labels: np.ndarray,
+                           bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+    """Pool-then-calibrate: the one temperature that minimises the NLL of the ensemble's averaged log-probabilities.
+
+    Fit it on validation cells pooled across the validation groups (slides): a temperature from one slide does not
+    transfer to another (README, "Uncertainty you can trust").
+    """
+    return fit_temperature(pooled_log_probs(member_logits), labels, bounds)

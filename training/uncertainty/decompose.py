@@ -15,7 +15,7 @@ import numpy as np
 from scipy import special
 
 FIELD_DESCRIPTIONS: dict[str, str] = {
-    "probabilities": "Class probabilities averaged over the ensemble members (after temperature scaling), "
+    "probabilities": "Class probabilities averaged over the ensemble members (calibrated by temperature scaling), "
     "one per class in the order of `class_names`; they sum to 1.",
     "predicted_class": "The class with the highest averaged probability.",
     "confidence": "The highest averaged class probability (between 1/K and 1).",
@@ -25,8 +25,9 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "high when every member finds the cell ambiguous.",
     "epistemic": "Model uncertainty: mutual information (entropy minus aleatoric) in nats, "
     "high when the members disagree, e.g. on cells unlike the training data; 0 for a single model.",
-    "novelty": "Feature-space novelty: Mahalanobis distance of the cell's penultimate features to the "
-    "nearest training class (shared covariance); higher means less like any training class.",
+    "novelty": "Novelty score averaged over members (the model's `uncertainty.novelty`; default: energy, "
+    "-logsumexp of the logits; or the distance of the cell's features to the training cells); higher means less like "
+    "any training class. Its scale depends on the model: compare with the quantiles of the model's validation cells.",
 }
 
 
@@ -76,3 +77,35 @@ def decompose_logits(member_logits: np.ndarray, temperature: float = 1.0) -> dic
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     return decompose(softmax(np.asarray(member_logits, dtype=np.float64) / temperature, axis=-1))
+
+
+def decompose_pooled(member_probs: np.ndarray, temperature: float) -> dict[str, np.ndarray]:
+    """``decompose`` after pool-then-calibrate: the averaged probabilities' log is divided by ``temperature``.
+
+    ``mean_probs = softmax(log p̄ / T)`` and ``entropy`` is its entropy. ``epistemic`` is the mutual information of
+    the members tempered the same way (``softmax(log p_m / T)``, so disagreement is measured on the calibrated
+    scale), capped at ``entropy``; ``aleatoric = entropy - epistemic``, so the identity of ``decompose`` holds.
+    ``temperature=1`` gives exactly ``decompose``.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    p = np.asarray(member_probs, dtype=np.float64)
+    if temperature == 1.0:
+        return decompose(p)
+    if p.ndim == 2:
+        p = p[None]
+    with np.errstate(divide="ignore"):
+        logp = np.log(p)
+        log_mean = np.log(p.mean(axis=0))
+    tempered = decompose(softmax(logp / temperature, axis=-1))
+    mean = softmax(log_mean / temperature, axis=-1)
+    total = entropy(mean)
+    epistemic = np.minimum(tempered["epistemic"], total)
+    return {
+        "mean_probs": mean,
+        "predicted": mean.argmax(axis=1).astype(np.int64),
+        "confidence": mean.max(axis=1) if mean.shape[0] else np.zeros(0),
+        "entropy": total,
+        "aleatoric": total - epistemic,
+        "epistemic": epistemic,
+    }

@@ -6,10 +6,10 @@ An ensemble is a directory that carries everything scoring needs, so the same nu
     spec.json        classes, channels (names), input size and preprocessing, model config, per-member
                      temperature, posterior (ensemble or MC dropout), source channel layout
     member_<k>.pt    state dict of member k
-    novelty_<k>.npz  class-conditional Gaussian on member k's penultimate features (novelty score)
+    novelty_<k>.npz  member k's novelty model (``uncertainty.novelty``; see ``training.uncertainty.novelty``)
 
 Per-cell outputs (see ``training.uncertainty.decompose.FIELD_DESCRIPTIONS``): mean class probabilities over members
-(each member temperature-scaled first), predicted class, confidence, total entropy, aleatoric (mean member
+(calibrated as ``spec.calibration`` says: one temperature on the pooled log-probabilities, or one per member), predicted class, confidence, total entropy, aleatoric (mean member
 entropy), epistemic (mutual information) and novelty (mean over members of the Mahalanobis distance to the
 nearest training class).
 """
@@ -33,8 +33,8 @@ from training.data.loader import Preprocess
 from training.engine import forward
 from training.errors import DataError, ModelError
 from training.models.factory import build_model
-from training.uncertainty.decompose import decompose, softmax
-from training.uncertainty.novelty import GaussianDensity
+from training.uncertainty.decompose import decompose, decompose_pooled, softmax
+from training.uncertainty.novelty import NoveltyModel, novelty_from_dict, novelty_to_dict, stage_features
 
 SPEC_VERSION = 1
 OUTPUT_FIELDS = ("predicted_class", "confidence", "entropy", "aleatoric", "epistemic", "novelty")
@@ -52,6 +52,8 @@ class EnsembleSpec:
     posterior: str = "ensemble"
     mc_samples: int = 10
     has_novelty: bool = True
+    calibration: str = "member"     # pooled | member | none (artifacts from before pooled calibration: member)
+    pooled_temperature: float = 1.0  # pool-then-calibrate: divides the log of the members' averaged probabilities
     info: dict[str, Any] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
@@ -64,7 +66,7 @@ class Ensemble:
     """K trained members + temperatures + novelty models; scores preprocessed or raw cell images."""
 
     def __init__(self, spec: EnsembleSpec, members: Sequence[torch.nn.Module],
-                 novelty: Sequence[GaussianDensity] | None = None, device: str | torch.device = "cpu"):
+                 novelty: Sequence[NoveltyModel] | None = None, device: str | torch.device = "cpu"):
         self.spec = spec
         self.device = torch.device(device)
         self.members = [m.to(self.device).eval() for m in members]
@@ -81,7 +83,7 @@ class Ensemble:
             for k, m in enumerate(self.members):
                 torch.save({n: t.detach().cpu() for n, t in m.state_dict().items()}, tmp / f"member_{k}.pt")
             for k, nov in enumerate(self.novelty):
-                np.savez(tmp / f"novelty_{k}.npz", **{n: np.asarray(v) for n, v in nov.to_dict().items()})
+                np.savez(tmp / f"novelty_{k}.npz", **{n: np.asarray(v) for n, v in novelty_to_dict(nov).items()})
         return Path(path)
 
     @classmethod
@@ -104,7 +106,7 @@ class Ensemble:
             members.append(model)
             if spec.has_novelty:
                 with np.load(p / f"novelty_{k}.npz") as z:
-                    novelty.append(GaussianDensity.from_dict({n: z[n] for n in z.files}))
+                    novelty.append(novelty_from_dict({n: z[n] for n in z.files}))
         return cls(spec, members, novelty, device)
 
     # -- scoring ---------------------------------------------------------------------------------------
@@ -121,6 +123,18 @@ class Ensemble:
             f"full stack of {len(self.spec.source_channels)} ({', '.join(self.spec.source_channels)})"
         )
 
+    @staticmethod
+    def _novelty_input(kind: str, model: torch.nn.Module, x: torch.Tensor, features: np.ndarray,
+                       logits: torch.Tensor) -> np.ndarray:
+        """What a member's novelty model scores: penultimate ``features``, deterministic ``logits`` (the MC-dropout
+        samples are not: one more head pass then) or pooled ``stages`` (one more pass through the stages)."""
+        if kind == "features":
+            return features
+        if kind == "logits":
+            det = logits[:, 0] if logits.shape[1] == 1 else forward(model, x, with_features=False)[0]
+            return det.cpu().numpy()
+        return stage_features(model.forward_intermediates(x)[1])
+
     @torch.no_grad()
     def raw_outputs(self, x: torch.Tensor, with_features: bool = False) -> dict[str, np.ndarray]:
         """Model-ready inputs ``(N, C, S, S)`` -> member ``logits`` ``(N, M, S, K)`` (S = MC-dropout samples, else 1),
@@ -135,7 +149,7 @@ class Ensemble:
             logits.append(lg.cpu().numpy())
             f = f.cpu().numpy()
             if self.novelty:
-                novelty.append(self.novelty[k].score(f))
+                novelty.append(self.novelty[k].score(self._novelty_input(self.novelty[k].input, model, x, f, lg)))
             if with_features:
                 feats.append(f)
         out = {
@@ -147,15 +161,30 @@ class Ensemble:
         return out
 
     def combine(self, logits: np.ndarray, temperatures: Sequence[float] | None = None,
-                members: Sequence[int] | None = None) -> dict[str, np.ndarray]:
-        """Member logits ``(N, M, S, K)`` -> probabilities and uncertainty (``decompose``), each member divided by its
-        temperature first. ``temperatures=[1, ...]`` gives the uncalibrated view, ``members=[0]`` a single member."""
-        temps = np.asarray(self.spec.temperatures if temperatures is None else temperatures, dtype=np.float64)
+                members: Sequence[int] | None = None, calibration: str | None = None) -> dict[str, np.ndarray]:
+        """Member logits ``(N, M, S, K)`` -> probabilities and uncertainty (``decompose``).
+
+        ``calibration`` (default: the spec's): ``member`` divides each member by its own temperature before
+        averaging, ``pooled`` divides the log of the averaged probabilities by one temperature, ``none`` neither.
+        ``temperatures=[...]`` overrides the member temperatures (and turns pooled scaling off); ``members=[k]``
+        gives a single member, calibrated by its own temperature (unless ``calibration='none'``)."""
+        mode = self.spec.calibration if calibration is None else calibration
         sel = list(range(logits.shape[1])) if members is None else list(members)
+        if mode == "pooled" and len(sel) == 1:
+            mode = "member"  # one member: its own temperature is the pooled one
+        if temperatures is not None:
+            temps, mode = np.asarray(temperatures, dtype=np.float64), "member"
+        elif mode == "member":
+            temps = np.asarray(self.spec.temperatures, dtype=np.float64)
+        else:
+            temps = np.ones(logits.shape[1])
         z = logits[:, sel].astype(np.float64) / temps[sel][None, :, None, None]
         probs = softmax(z, axis=-1)
         n, m, s, k = probs.shape
-        return decompose(probs.transpose(1, 2, 0, 3).reshape(m * s, n, k))
+        probs = probs.transpose(1, 2, 0, 3).reshape(m * s, n, k)
+        if mode == "pooled":
+            return decompose_pooled(probs, self.spec.pooled_temperature)
+        return decompose(probs)
 
     def predict_tensor(self, x: torch.Tensor, with_features: bool = False) -> dict[str, np.ndarray]:
         """Model-ready inputs -> per-cell probabilities and uncertainty fields (+ novelty)."""

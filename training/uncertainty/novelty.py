@@ -1,14 +1,25 @@
-"""Feature-density novelty: class-conditional Gaussians with one shared covariance (Lee et al. 2018).
+"""Novelty scores: how unlike every training class a cell is (higher = more novel), fitted per ensemble member.
 
-Fitted on the penultimate features of the training cells; a cell's novelty is its Mahalanobis distance
-to the nearest class mean, so phenotypes unlike every training class score high even when the
-classifier is confident. The fitted state is plain arrays (``to_dict`` / ``from_dict``) so it can be
-saved in an ``.npz`` next to a checkpoint.
+``uncertainty.novelty`` chooses one; each is fitted on the training cells of one member and averaged over members:
+
+- ``mahalanobis``: class-conditional Gaussians with one shared covariance (Lee et al. 2018) on the penultimate
+  features; distance to the nearest class mean (:class:`GaussianDensity`).
+- ``relative_mahalanobis``: the same minus the distance to one background Gaussian of all training features
+  (Ren et al. 2021), which removes the directions every class shares.
+- ``knn``: deep nearest neighbours (Sun et al. 2022): Euclidean distance of the L2-normalised penultimate features
+  to the k-th nearest training cell.
+- ``multistage_knn``: ``knn`` on features pooled from every stage of the backbone (each stage's global average,
+  L2-normalised, concatenated), so early intensity statistics count beside the penultimate morphology.
+- ``energy``: the negative free energy ``-logsumexp(logits)`` (Liu et al. 2020); nothing to fit.
+
+The fitted state is plain arrays (``to_dict`` / ``from_dict``) so it can be saved in an ``.npz`` next to a
+checkpoint; ``novelty_from_dict`` rebuilds any kind (files without a ``kind`` are ``mahalanobis``).
 """
 
 from __future__ import annotations
 
 import numpy as np
+from scipy import special
 from scipy.spatial.distance import cdist
 from sklearn.covariance import LedoitWolf
 
@@ -26,6 +37,9 @@ class GaussianDensity:
     class with a single cell contributes its mean only. If no class has two cells, the covariance of all
     features around their overall mean is used instead, and with a single cell overall the identity.
     """
+
+    kind = "mahalanobis"
+    input = "features"
 
     def __init__(self, standardize: bool = True) -> None:
         self.standardize = standardize
@@ -154,3 +168,178 @@ class GaussianDensity:
         obj.shrinkage_ = float(np.asarray(d["shrinkage"]))
         obj.standardize = not (np.all(obj.mean_ == 0) and np.all(obj.scale_ == 1))
         return obj
+
+
+# -- the other scores ------------------------------------------------------------------------------------
+
+NOVELTY_KINDS = ("mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy")
+
+
+def l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit Euclidean norm (zero rows stay zero)."""
+    x = np.asarray(x, dtype=np.float64)
+    norm = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def _check_rows(x: np.ndarray, dim: int | None = None) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
+        raise ValueError(f"features must have shape (N, {dim if dim is not None else 'D'}), got {x.shape}")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("features contain NaN or infinite values")
+    return x
+
+
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    """Negative free energy ``-logsumexp(logits)`` (N,): low for cells the classifier's logits fit well."""
+    return -special.logsumexp(np.asarray(logits, dtype=np.float64), axis=-1)
+
+
+class RelativeMahalanobis:
+    """Min over classes of the squared Mahalanobis distance minus that to a background Gaussian of all features."""
+
+    kind = "relative_mahalanobis"
+    input = "features"
+
+    def __init__(self) -> None:
+        self.classes_ = GaussianDensity()
+        self.background_ = GaussianDensity()
+
+    def fit(self, features: np.ndarray, labels: np.ndarray) -> RelativeMahalanobis:
+        self.classes_.fit(features, labels)
+        self.background_.fit(features, np.zeros(len(features), dtype=np.int64))
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        if len(features) == 0:
+            return np.zeros(0)
+        return (self.classes_.distances(features) ** 2).min(axis=1) - self.background_.distances(features)[:, 0] ** 2
+
+    def to_dict(self) -> dict[str, np.ndarray | float]:
+        return {**self.classes_.to_dict(), **{f"bg_{k}": v for k, v in self.background_.to_dict().items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RelativeMahalanobis:
+        obj = cls()
+        obj.classes_ = GaussianDensity.from_dict({k: d[k] for k in _KEYS if k in d})
+        obj.background_ = GaussianDensity.from_dict({k: d[f"bg_{k}"] for k in _KEYS if f"bg_{k}" in d})
+        return obj
+
+
+class KNNNovelty:
+    """Deep nearest neighbours: distance of the L2-normalised query to its k-th nearest training cell.
+
+    The bank keeps at most ``max_bank`` training cells (a seeded random subset), so the artifact stays small.
+    ``input`` is ``features`` (penultimate) or ``stages`` (multi-stage pooled features, kind ``multistage_knn``).
+    """
+
+    def __init__(self, k: int = 10, max_bank: int = 5000, seed: int = 0, input: str = "features") -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k, self.max_bank, self.seed, self.input = int(k), int(max_bank), int(seed), input
+        self.bank_: np.ndarray | None = None
+
+    @property
+    def kind(self) -> str:
+        return "knn" if self.input == "features" else "multistage_knn"
+
+    def fit(self, features: np.ndarray, labels: np.ndarray | None = None) -> KNNNovelty:
+        x = _check_rows(features)
+        if x.shape[0] == 0:
+            raise ValueError("kNN novelty needs at least one training cell")
+        if x.shape[0] > self.max_bank:
+            x = x[np.sort(np.random.default_rng(self.seed).choice(x.shape[0], self.max_bank, replace=False))]
+        self.bank_ = l2_normalize(x).astype(np.float32)
+        return self
+
+    def score(self, features: np.ndarray) -> np.ndarray:
+        if self.bank_ is None:
+            raise ModelError("KNNNovelty is not fitted: call fit() or from_dict() first")
+        x = l2_normalize(_check_rows(features, self.bank_.shape[1]))
+        k = min(self.k, self.bank_.shape[0])
+        out = np.empty(x.shape[0])
+        for i in range(0, x.shape[0], 4096):
+            d = cdist(x[i : i + 4096], self.bank_, metric="euclidean")
+            out[i : i + 4096] = np.partition(d, k - 1, axis=1)[:, k - 1]
+        return out
+
+    def to_dict(self) -> dict[str, np.ndarray | float]:
+        if self.bank_ is None:
+            raise ModelError("KNNNovelty is not fitted")
+        return {"bank": self.bank_, "k": self.k, "input": self.input}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> KNNNovelty:
+        if "bank" not in d or "k" not in d:
+            raise ModelError("kNN novelty model needs the keys 'bank' and 'k'")
+        bank = np.asarray(d["bank"], dtype=np.float32)
+        obj = cls(k=int(np.asarray(d["k"])), max_bank=max(1, bank.shape[0]), input=str(np.asarray(d.get("input", "features"))))
+        obj.bank_ = bank
+        return obj
+
+
+class EnergyNovelty:
+    """``energy_score`` of the member's logits; stateless."""
+
+    kind = "energy"
+    input = "logits"
+
+    def fit(self, logits: np.ndarray | None = None, labels: np.ndarray | None = None) -> EnergyNovelty:
+        return self
+
+    def score(self, logits: np.ndarray) -> np.ndarray:
+        return energy_score(logits)
+
+    def to_dict(self) -> dict[str, np.ndarray | float]:
+        return {}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EnergyNovelty:
+        return cls()
+
+
+NoveltyModel = GaussianDensity | RelativeMahalanobis | KNNNovelty | EnergyNovelty
+
+
+def make_novelty(kind: str, k: int = 10, max_bank: int = 5000, seed: int = 0) -> NoveltyModel:
+    """An unfitted novelty model of ``kind`` (one of ``NOVELTY_KINDS``)."""
+    if kind == "mahalanobis":
+        return GaussianDensity()
+    if kind == "relative_mahalanobis":
+        return RelativeMahalanobis()
+    if kind in ("knn", "multistage_knn"):
+        return KNNNovelty(k, max_bank, seed, input="features" if kind == "knn" else "stages")
+    if kind == "energy":
+        return EnergyNovelty()
+    raise ModelError(f"unknown novelty score '{kind}'; expected one of {', '.join(NOVELTY_KINDS)}")
+
+
+def novelty_to_dict(model: NoveltyModel) -> dict[str, np.ndarray | float | str]:
+    """``to_dict`` plus the ``kind``, for ``np.savez``."""
+    return {"kind": model.kind, **model.to_dict()}
+
+
+def novelty_from_dict(d: dict) -> NoveltyModel:
+    """Rebuild a saved novelty model of any kind (no ``kind`` key: a ``mahalanobis`` file from before the others)."""
+    kind = str(np.asarray(d["kind"])) if "kind" in d else "mahalanobis"
+    rest = {k: v for k, v in d.items() if k != "kind"}
+    if kind == "mahalanobis":
+        return GaussianDensity.from_dict(rest)
+    if kind == "relative_mahalanobis":
+        return RelativeMahalanobis.from_dict(rest)
+    if kind in ("knn", "multistage_knn"):
+        return KNNNovelty.from_dict(rest)
+    if kind == "energy":
+        return EnergyNovelty()
+    raise ModelError(f"unknown novelty score '{kind}' in a saved model; expected one of {', '.join(NOVELTY_KINDS)}")
+
+
+def stage_features(stage_maps: list) -> np.ndarray:
+    """Multi-stage pooled features: each stage map ``(N, C_i, H, W)`` averaged over space, L2-normalised, and
+    concatenated ``(N, sum C_i)``. Accepts torch tensors or arrays."""
+    parts = []
+    for fm in stage_maps:
+        a = fm.float().cpu().numpy() if hasattr(fm, "cpu") else np.asarray(fm, dtype=np.float64)
+        parts.append(l2_normalize(a.mean(axis=(2, 3))))
+    return np.concatenate(parts, axis=1)

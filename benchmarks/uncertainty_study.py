@@ -1,0 +1,244 @@
+"""Calibration modes and novelty scores, measured on the simulated screen (the README's "Uncertainty you can trust").
+
+Part ``calibration`` (the default two-class task, ``--seeds`` ensembles of ``--members`` members): test NLL / ECE of
+the ensemble calibrated ``none`` / ``member`` / ``pooled`` against the mean member (each member scaled by its own
+temperature), with the 95 % paired bootstrap interval ``evaluate`` computes; the pooled temperature fitted on the
+validation cells, on each test slide alone, and on the validation cells of each training slide (slide shift).
+The same members give every novelty score's AUROC for the held-out classes and the screen's novel phenotype.
+
+Part ``loco`` (how the novelty default is chosen, without the held-out classes or the novel phenotype): leave one of
+the four control classes out, train on the other three, and measure how well each score flags the left-out class
+against the test cells of the three.
+
+    python benchmarks/uncertainty_study.py --out reports/uncertainty_study          # both parts, ~20 min on 2 cores
+    python benchmarks/uncertainty_study.py --part loco --check                      # floor: the chosen score >= 0.5
+
+Needs ``dvc repro split`` (data/raw, data/index). Prints JSON; writes ``<out>/calibration.json`` / ``loco.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import yaml
+from sklearn.metrics import roc_auc_score
+
+from training.config import parse_override, resolve
+from training.data.loader import loader_for
+from training.data.splits import make_splits
+from training.data.trainset import prepare_data
+from training.evaluation.metrics import calibration_report, paired_bootstrap
+from training.io.tables import read_table
+from training.regimes.ensemble_training import train_member
+from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
+from training.uncertainty.decompose import softmax
+from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, stage_features
+
+SETS: dict = {}  # --set overrides, applied to every run
+RAW: dict = {}  # params.yaml, read once (an edit while the study runs does not change it)
+
+
+def load_params(_path, overrides: dict | None = None):
+    return resolve(RAW, {**(overrides or {})})
+CONTROL_CLASSES = ["stimulated", "unstimulated", "atg5_ko", "ei24_ko"]
+
+
+@torch.no_grad()
+def member_outputs(model: torch.nn.Module, cells: pd.DataFrame, params, channels: list[str]) -> dict[str, np.ndarray]:
+    """Penultimate features, logits and multi-stage pooled features of ``cells`` (table order)."""
+    model.eval()
+    loader = loader_for(cells, params.data, channels, shuffle=False, seed=0, cache=False, batch_size=256)
+    out: dict[str, list] = {"features": [], "logits": [], "stages": [], "idx": []}
+    for batch in loader:
+        fmap, stages = model.forward_intermediates(batch["image"])
+        out["features"].append(model.forward_head(fmap, pre_logits=True).numpy())
+        out["logits"].append(model.forward_head(fmap).numpy())
+        out["stages"].append(stage_features(stages))
+        out["idx"].append(batch["idx"].numpy())
+    order = np.argsort(np.concatenate(out.pop("idx")), kind="stable")
+    return {k: np.concatenate(v)[order] for k, v in out.items()}
+
+
+def novelty_by_kind(train: dict, train_y: np.ndarray, queries: dict[str, dict], params, seed: int
+                    ) -> dict[str, dict[str, np.ndarray]]:
+    """Every novelty kind fitted on one member's training outputs, scored on each query set."""
+    res = {}
+    for kind in NOVELTY_KINDS:
+        nov = make_novelty(kind, params.uncertainty.knn_k, params.uncertainty.knn_bank, seed)
+        nov.fit(train[nov.input], train_y)
+        res[kind] = {name: nov.score(q[nov.input]) for name, q in queries.items()}
+    return res
+
+
+def auroc(inlier: np.ndarray, outlier: np.ndarray) -> float:
+    y = np.r_[np.zeros(len(inlier)), np.ones(len(outlier))]
+    return float(roc_auc_score(y, np.r_[inlier, outlier]))
+
+
+def train_members(splits: pd.DataFrame, classes: list[str], params, members: int):
+    data = prepare_data(splits, classes, params)
+    work = Path(f"/tmp/uncertainty_study_{int(time.time())}")
+    models, temps, val_logits, val_y = [], [], [], None
+    for k in range(members):
+        model, t, _, _, (vl, val_y) = train_member(k, data, params, work, progress=False)
+        models.append(model)
+        temps.append(t)
+        val_logits.append(vl)
+    return data, models, np.array(temps), np.stack(val_logits, axis=1), val_y
+
+
+def screen_cells(index: pd.DataFrame, raw: Path) -> pd.DataFrame:
+    truth = pd.read_parquet(raw / "truth.parquet")
+    truth["source_file"] = [str(raw / p) for p in truth["path"]]
+    screen = index[index["condition"] == "screen"].reset_index(drop=True)
+    return screen.merge(truth[["source_file", "cell_id", "state", "is_novel", "gene"]], on=["source_file", "cell_id"],
+                        how="left", validate="one_to_one")
+
+
+def calibration_part(seeds: int, members: int, params_path: str | None, partial: Path | None = None) -> dict:
+    base = load_params(params_path)
+    splits, _ = read_table(base.split.out)
+    index, _ = read_table(base.index.out)
+    screen = screen_cells(index, Path(base.synth.out))
+    classes = list(base.split.classes)
+    results = []
+    for seed in range(seeds):
+        params = load_params(params_path, {"train.seed": seed, "uncertainty.novelty": "none"})
+        t0 = time.time()
+        data, models, temps, val_logits, val_y = train_members(splits, classes, params, members)
+        test = data.split("test")
+        held = data.split("heldout")
+        y = test["y"].to_numpy()
+        outs = {name: [member_outputs(m, cells, params, data.channels) for m in models]
+                for name, cells in (("train", data.split("train")), ("test", test), ("heldout", held),
+                                    ("screen", screen))}
+        logits = np.stack([o["logits"] for o in outs["test"]], axis=1)  # (N, M, K)
+        t_pool = fit_pooled_temperature(val_logits, val_y)
+        member_probs = [softmax(logits[:, k] / temps[k]) for k in range(members)]
+        views = {
+            "none": softmax(logits).mean(axis=1),
+            "member": np.mean(member_probs, axis=0),
+            "pooled": softmax(pooled_log_probs(logits) / t_pool),
+        }
+        row = {"seed": seed, "member_temperatures": temps.tolist(), "pooled_temperature": t_pool,
+               "train_seconds": time.time() - t0}
+        for k in range(members):
+            row[f"member_{k}"] = calibration_report(member_probs[k], y, 15)
+        for mode, probs in views.items():
+            cal = calibration_report(probs, y, 15)
+            diff = paired_bootstrap(probs, member_probs, y, 15)
+            row[mode] = {"nll": cal["nll"], "ece": cal["ece"], **diff}
+        # slide shift: the pooled temperature each test slide / each training slide's validation cells would choose
+        row["pooled_temperature_per_test_slide"] = {
+            g: fit_temperature(pooled_log_probs(logits[(test["group"] == g).to_numpy()]), y[(test["group"] == g).to_numpy()])
+            for g in sorted(test["group"].astype(str).unique())}
+        val = data.split("val")
+        row["pooled_temperature_per_val_slide"] = {
+            g: fit_temperature(pooled_log_probs(val_logits[(val["group"] == g).to_numpy()]), val_y[(val["group"] == g).to_numpy()])
+            for g in sorted(val["group"].astype(str).unique())}
+        row["pooled_temperature_fitted_on_test"] = fit_temperature(pooled_log_probs(logits), y)
+        # novelty, averaged over members
+        scores: dict[str, dict[str, list]] = {}
+        train_y = data.split("train")["y"].to_numpy()
+        for k in range(members):
+            per = novelty_by_kind(outs["train"][k], train_y,
+                                  {n: outs[n][k] for n in ("test", "heldout", "screen")}, params, seed)
+            for kind, by_set in per.items():
+                for name, s in by_set.items():
+                    scores.setdefault(kind, {}).setdefault(name, []).append(s)
+        nov = {}
+        novel = screen["is_novel"].fillna(False).to_numpy(bool)
+        trained_state = screen["state"].isin(["on", "blocked"]).to_numpy()
+        for kind, by_set in scores.items():
+            m = {n: np.mean(v, axis=0) for n, v in by_set.items()}
+            entry = {"heldout_pooled": auroc(m["test"], m["heldout"])}
+            for cls in sorted(held["label"].astype(str).unique()):
+                entry[f"heldout_{cls}"] = auroc(m["test"], m["heldout"][(held["label"] == cls).to_numpy()])
+            entry["novel_vs_test"] = auroc(m["test"], m["screen"][novel])
+            entry["novel_vs_screen_trained_states"] = auroc(m["screen"][trained_state & ~novel], m["screen"][novel])
+            nov[kind] = entry
+        row["novelty"] = nov
+        results.append(row)
+        if partial is not None:
+            partial.write_text(json.dumps(results, indent=2))
+        print(json.dumps({"seed": seed, "pooled": row["pooled"], "member": row["member"], "none": row["none"]}),
+              file=sys.stderr, flush=True)
+    return {"seeds": seeds, "members": members, "runs": results, "summary": summarise(results)}
+
+
+def summarise(runs: list[dict]) -> dict:
+    out: dict = {}
+    for mode in ("none", "member", "pooled"):
+        for key in ("nll", "ece", "ece_diff", "nll_diff"):
+            v = np.array([r[mode][key] for r in runs])
+            out[f"{mode}/{key}_mean"] = float(v.mean())
+        out[f"{mode}/ece_diff_excludes_zero_worse"] = [bool(r[mode]["ece_diff_ci_low"] > 0) for r in runs]
+    out["mean_member/ece_mean"] = float(np.mean([np.mean([r[f"member_{k}"]["ece"] for k in range(len(r["member_temperatures"]))]) for r in runs]))
+    for kind in runs[0]["novelty"]:
+        for key in runs[0]["novelty"][kind]:
+            out[f"novelty/{kind}/{key}"] = float(np.mean([r["novelty"][kind][key] for r in runs]))
+    return out
+
+
+def loco_part(params_path: str | None, seed: int = 0, partial: Path | None = None) -> dict:
+    base = load_params(params_path)
+    index, _ = read_table(base.index.out)
+    folds = {}
+    for left_out in CONTROL_CLASSES:
+        classes = [c for c in CONTROL_CLASSES if c != left_out]
+        params = load_params(params_path, {"split.classes": classes, "train.seed": seed, "uncertainty.novelty": "none"})
+        splits, _ = make_splits(index, params.split)
+        splits = splits[splits["label"].isin(CONTROL_CLASSES) & splits["split"].isin(["train", "val", "test", "heldout"])]
+        data, models, *_ = train_members(splits.reset_index(drop=True), classes, params, 1)
+        held = data.split("heldout")
+        held = held[held["label"] == left_out].reset_index(drop=True)
+        outs = {n: member_outputs(models[0], c, params, data.channels)
+                for n, c in (("train", data.split("train")), ("test", data.split("test")), ("left_out", held))}
+        per = novelty_by_kind(outs["train"], data.split("train")["y"].to_numpy(),
+                              {"test": outs["test"], "left_out": outs["left_out"]}, params, seed)
+        folds[left_out] = {kind: auroc(s["test"], s["left_out"]) for kind, s in per.items()}
+        print(json.dumps({left_out: folds[left_out]}), file=sys.stderr, flush=True)
+        if partial is not None:
+            partial.write_text(json.dumps(folds, indent=2))
+    mean = {kind: float(np.mean([f[kind] for f in folds.values()])) for kind in NOVELTY_KINDS}
+    return {"folds": folds, "mean_auroc": mean, "chosen": max(mean, key=mean.get)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=["calibration", "loco", "both"], default="both")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override (e.g. train.epochs=2)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="reports/uncertainty_study")
+    ap.add_argument("--check", action="store_true", help="fail when the LOCO-chosen score's mean AUROC is < 0.5")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    SETS.update(dict(parse_override(item) for item in a.set))
+    RAW.update(yaml.safe_load(Path(a.params).read_text()) or {})
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    ok = True
+    if a.part in ("loco", "both"):
+        loco = loco_part(a.params, partial=out / "loco_partial.json")
+        (out / "loco.json").write_text(json.dumps(loco, indent=2))
+        print(json.dumps({"loco_mean_auroc": loco["mean_auroc"], "chosen": loco["chosen"]}, indent=2))
+        ok &= loco["mean_auroc"][loco["chosen"]] >= 0.5
+    if a.part in ("calibration", "both"):
+        cal = calibration_part(a.seeds, a.members, a.params, partial=out / "calibration_partial.json")
+        (out / "calibration.json").write_text(json.dumps(cal, indent=2))
+        print(json.dumps(cal["summary"], indent=2))
+    return 1 if a.check and not ok else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Pool-then-calibrate and the novelty scores, on hand-made logits and features with known answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.errors import ModelError
+from training.uncertainty.calibration import (
+    fit_pooled_temperature,
+    pooled_log_probs,
+    temperature_nll,
+)
+from training.uncertainty.decompose import decompose, decompose_pooled, softmax
+from training.uncertainty.novelty import (
+    NOVELTY_KINDS,
+    EnergyNovelty,
+    KNNNovelty,
+    RelativeMahalanobis,
+    energy_score,
+    make_novelty,
+    novelty_from_dict,
+    novelty_to_dict,
+    stage_features,
+)
+
+
+def _overconfident_members(seed: int = 0, n: int = 4000, m: int = 3, k: int = 3):
+    """Members whose logits are 3x too sharp around a true logit, with member-specific noise."""
+    rng = np.random.default_rng(seed)
+    true_logits = rng.normal(0, 1.5, (n, k))
+    p = softmax(true_logits)
+    y = np.minimum((rng.random(n)[:, None] > p.cumsum(axis=1)).sum(axis=1), k - 1)
+    member_logits = np.stack([3.0 * (true_logits + rng.normal(0, 0.3, (n, k))) for _ in range(m)], axis=1)
+    return member_logits, y
+
+
+# -- pool-then-calibrate -------------------------------------------------------------------------------
+def test_pooled_log_probs_is_log_of_mean_probability():
+    z = np.array([[[2.0, 0.0], [0.0, 2.0]]])  # one cell, two members that disagree
+    np.testing.assert_allclose(np.exp(pooled_log_probs(z)), [[0.5, 0.5]], atol=1e-12)
+    z4 = z[:, :, None]  # (N, M, S, K) with S = 1 gives the same
+    np.testing.assert_allclose(pooled_log_probs(z4), pooled_log_probs(z))
+
+
+def test_pooled_temperature_lowers_validation_nll_of_overconfident_ensemble():
+    logits, y = _overconfident_members()
+    pooled = pooled_log_probs(logits)
+    t = fit_pooled_temperature(logits, y)
+    assert 2.0 < t < 4.0  # the members are 3x too sharp; averaging softens them a little
+    assert temperature_nll(pooled, y, t) < temperature_nll(pooled, y, 1.0) - 0.1
+    # it is the NLL optimum: neighbouring temperatures are worse
+    assert temperature_nll(pooled, y, t) <= min(temperature_nll(pooled, y, t * 0.9), temperature_nll(pooled, y, t * 1.1))
+
+
+def test_decompose_pooled_keeps_the_identity_and_equals_decompose_at_t1():
+    rng = np.random.default_rng(2)
+    probs = softmax(rng.normal(0, 2, (4, 50, 3)))
+    plain, same = decompose(probs), decompose_pooled(probs, 1.0)
+    for key in plain:
+        np.testing.assert_allclose(same[key], plain[key])
+    out = decompose_pooled(probs, 2.0)
+    np.testing.assert_allclose(out["entropy"], out["aleatoric"] + out["epistemic"], atol=1e-12)
+    assert np.all(out["epistemic"] >= 0) and np.all(out["aleatoric"] >= -1e-12)
+    expected = softmax(np.log(probs.mean(axis=0)) / 2.0)
+    np.testing.assert_allclose(out["mean_probs"], expected)
+    assert np.all(out["entropy"] > plain["entropy"])  # T > 1 softens every cell
+
+
+# -- novelty scores ------------------------------------------------------------------------------------
+def test_knn_is_distance_to_kth_neighbour_on_the_unit_sphere():
+    bank = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    knn = KNNNovelty(k=1).fit(bank * 5.0)  # scale does not matter: features are L2-normalised
+    np.testing.assert_allclose(knn.score(np.array([[2.0, 0.0]])), [0.0], atol=1e-7)
+    np.testing.assert_allclose(knn.score(np.array([[0.0, -3.0]])), [np.sqrt(2.0)], atol=1e-6)
+    knn2 = KNNNovelty(k=2).fit(bank)
+    np.testing.assert_allclose(knn2.score(np.array([[1.0, 0.0]])), [np.sqrt(2.0)], atol=1e-6)
+
+
+def test_knn_bank_is_capped_and_seeded():
+    x = np.random.default_rng(0).normal(size=(100, 4))
+    a, b = KNNNovelty(max_bank=10, seed=3).fit(x), KNNNovelty(max_bank=10, seed=3).fit(x)
+    assert a.bank_.shape == (10, 4)
+    np.testing.assert_array_equal(a.bank_, b.bank_)
+
+
+def test_energy_is_negative_logsumexp():
+    logits = np.array([[10.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(energy_score(logits), [-np.log(np.exp(10) + 1), -np.log(2)])
+    assert EnergyNovelty().score(logits)[1] > EnergyNovelty().score(logits)[0]  # flat logits: more novel
+
+
+def test_relative_mahalanobis_ignores_the_direction_all_classes_share():
+    """Two classes spread widely along x (shared) and separated along y: a cell far out along x is as typical
+    for the background as for its class, so its relative score stays low; a cell off along z is novel."""
+    rng = np.random.default_rng(0)
+    n = 2000
+    x = np.c_[rng.normal(0, 5, n), np.repeat([-3.0, 3.0], n // 2) + rng.normal(0, 0.5, n), rng.normal(0, 0.5, n)]
+    y = np.repeat([0, 1], n // 2)
+    rmd = RelativeMahalanobis().fit(x, y)
+    typical, along_x, off_z = np.array([[0, 3, 0]]), np.array([[12.0, 3, 0]]), np.array([[0, 3, 3.0]])
+    s = [rmd.score(v)[0] for v in (typical, along_x, off_z)]
+    assert s[2] > s[1] and s[2] > s[0]
+
+
+@pytest.mark.parametrize("kind", NOVELTY_KINDS)
+def test_every_kind_flags_a_far_cluster_and_round_trips(kind):
+    rng = np.random.default_rng(1)
+    centres = np.array([[4.0, 0, 0, 0], [0, 4.0, 0, 0]])
+    train = np.concatenate([c + rng.normal(0, 0.5, (200, 4)) for c in centres])
+    labels = np.repeat([0, 1], 200)
+    inlier = np.concatenate([c + rng.normal(0, 0.5, (50, 4)) for c in centres])
+    outlier = np.array([0, 0, 4.0, 0]) + rng.normal(0, 0.5, (50, 4))
+    nov = make_novelty(kind, k=5)
+    if nov.input == "logits":  # energy: logits of a linear head on the same features
+        w = centres.T
+        train, inlier, outlier = train @ w, inlier @ w, outlier @ w
+    nov.fit(train, labels)
+    assert nov.score(outlier).min() > np.median(nov.score(inlier))
+    again = novelty_from_dict({k: np.asarray(v) for k, v in novelty_to_dict(nov).items()})
+    assert again.kind == kind
+    np.testing.assert_allclose(again.score(outlier), nov.score(outlier), rtol=1e-6)
+
+
+def test_old_files_without_kind_are_mahalanobis_and_unknown_kind_is_refused():
+    g = make_novelty("mahalanobis").fit(np.random.default_rng(0).normal(size=(20, 3)), np.repeat([0, 1], 10))
+    assert novelty_from_dict(g.to_dict()).kind == "mahalanobis"
+    with pytest.raises(ModelError, match="unknown novelty score 'lof'"):
+        novelty_from_dict({"kind": np.asarray("lof")})
+    with pytest.raises(ModelError, match="unknown novelty score"):
+        make_novelty("lof")
+
+
+def test_stage_features_pool_and_normalise_each_stage():
+    a = np.ones((2, 3, 4, 4))
+    b = np.zeros((2, 2, 2, 2))
+    b[:, 0] = 5.0
+    f = stage_features([a, b])
+    assert f.shape == (2, 5)
+    np.testing.assert_allclose(f[0], np.r_[np.full(3, 1 / np.sqrt(3)), 1.0, 0.0])
+
+
+def test_refit_novelty_switches_the_score_without_retraining(tiny_ensemble, tiny_manifest, tmp_path):
+    from conftest import tiny_params
+
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.regimes.ensemble_training import refit_novelty
+    from training.uncertainty.ensemble import Ensemble
+
+    params = tiny_params(tmp_path, uncertainty={"novelty": "energy"})
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), params.split)
+    data = prepare_data(table, summary["classes"], params)
+    ens = Ensemble.load(tiny_ensemble)
+    before = [p.detach().clone() for p in ens.members[0].parameters()]
+    refit_novelty(ens, data, params).save(tmp_path / "e")
+    again = Ensemble.load(tmp_path / "e")
+    assert [n.kind for n in again.novelty] == ["energy", "energy"]
+    assert again.spec.info["novelty_score"] == "energy"
+    assert all(bool((a == b).all()) for a, b in zip(before, again.members[0].parameters(), strict=True))
+    x = np.random.default_rng(0).uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)
+    out = again.predict_images(x)
+    import torch
+
+    with torch.no_grad():
+        logits = [m(again.preprocess(again.select_channels(x))).numpy() for m in again.members]
+    np.testing.assert_allclose(out["novelty"], np.mean([energy_score(z) for z in logits], axis=0), rtol=1e-5)

@@ -1,0 +1,100 @@
+"""Results over seeds (intervals, paired differences) and the run summary written from metrics files."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from training.cli.main import app
+from training.evaluation.seeds import al_aubc_per_seed, compare_arms, mean_interval, metrics_per_seed
+from training.evaluation.study_summary import machine, write_summary
+
+runner = CliRunner()
+
+
+def test_mean_interval_known_answer():
+    r = mean_interval([1.0, 2.0, 3.0])
+    half = 4.302652729911275 * 1.0 / np.sqrt(3)  # t(0.975, 2) * sd / sqrt(n)
+    assert r["mean"] == 2.0 and r["ci_low"] == pytest.approx(2 - half) and r["ci_high"] == pytest.approx(2 + half)
+    one = mean_interval([0.5])
+    assert one["n"] == 1 and np.isnan(one["ci_low"])
+
+
+def test_paired_difference_excludes_zero_only_when_consistent():
+    base = {0: 0.70, 1: 0.60, 2: 0.80}
+    res = compare_arms({"sup": base, "up": {0: 0.75, 1: 0.66, 2: 0.84}, "noisy": {0: 0.80, 1: 0.55, 2: 0.82}}, "sup")
+    # "up" is better by 0.05, 0.06, 0.04 on every seed: the paired interval excludes zero although the arms' own
+    # intervals overlap (the seed-to-seed spread is shared)
+    assert res["up/diff_mean"] == pytest.approx(0.05) and res["up/diff_excludes_zero"] is True
+    assert res["up/ci_low"] < res["sup/ci_high"]
+    assert res["noisy/diff_excludes_zero"] is False
+    assert "sup/diff_mean" not in res
+
+
+def test_metrics_per_seed_and_the_cli(tmp_path):
+    for arm, values in {"supervised": [0.70, 0.60, 0.80], "fixmatch": [0.75, 0.66, 0.84]}.items():
+        for s, v in enumerate(values):
+            (tmp_path / f"ssl_{arm}_s{s}.json").write_text(json.dumps({"balanced_accuracy": v}))
+    assert metrics_per_seed(str(tmp_path / "ssl_fixmatch_s*.json"), "balanced_accuracy") == {0: 0.75, 1: 0.66, 2: 0.84}
+    out = tmp_path / "ssl.json"
+    r = runner.invoke(app, ["seeds", "--arm", f"supervised={tmp_path}/ssl_supervised_s*.json", "--arm",
+                            f"fixmatch={tmp_path}/ssl_fixmatch_s*.json", "--baseline", "supervised", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text())
+    assert m["fixmatch/diff_mean"] == pytest.approx(0.05) and m["fixmatch/diff_excludes_zero"] is True
+    assert "fixmatch: 0.7500" in r.output
+
+
+def test_al_aubc_per_seed():
+    curve = pd.DataFrame({"strategy": ["random"] * 4 + ["margin"] * 2, "seed": [0, 0, 1, 1, 0, 0],
+                          "n_labels": [10, 20, 10, 20, 10, 20], "balanced_accuracy": [0.5, 0.7, 0.6, 0.6, 0.6, 0.8]})
+    assert al_aubc_per_seed(curve) == {"random": {0: pytest.approx(0.6), 1: pytest.approx(0.6)},
+                                       "margin": {0: pytest.approx(0.7)}}
+
+
+def test_summary_writes_the_table_from_metrics_files(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "evaluate.json").write_text(json.dumps({"balanced_accuracy": 0.9781, "nll": 0.1, "other": 3}))
+    (tmp_path / "m" / "discovery.json").write_text(json.dumps({"top_cluster_top_gene": "G052",
+                                                               "planted_novel_gene_is_top": True}))
+    info = {"commit": "abc123", "platform": "Linux-x", "cpu": "Test CPU", "torch": "2.14.1"}
+    out = write_summary(tmp_path / "m", tmp_path / "summary.md", info)
+    text = out.read_text()
+    assert "| commit | abc123 |" in text and "| cpu | Test CPU |" in text and "| torch | 2.14.1 |" in text
+    ev = text[text.index("## evaluate.json"):]  # files in name order: discovery.json comes first
+    assert "| balanced_accuracy | 0.9781 |" in ev and "| other | 3 |" in ev
+    assert "| top_cluster_top_gene | G052 |" in text and "| planted_novel_gene_is_top | True |" in text
+    real = machine()
+    assert real["torch"] and real["platform"] and real["commit"]
+
+
+def test_same_seed_same_machine_same_metrics(tiny_manifest, tmp_path, one_thread):
+    """What the README promises: on one machine, the same seed gives the same ensemble and the same numbers
+    (temperatures, novelty reference, test probabilities); across CPUs the kernels may differ."""
+    from conftest import tiny_params
+
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.regimes.ensemble_training import train_ensemble
+
+    params = tiny_params(tmp_path, train={"epochs": 2, "patience": None})
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), params.split)
+    data = prepare_data(table, summary["classes"], params)
+    outs = []
+    for run in ("a", "b"):
+        ens = train_ensemble(data, params, tmp_path / run, progress=False)
+        test = data.split("test")
+        from training.data.loader import loader_for
+
+        loader = loader_for(test, params.data, ens.spec.channels, shuffle=False, seed=0, cache=False)
+        outs.append((ens.spec, ens.predict_batches(loader)))
+    (spec_a, pred_a), (spec_b, pred_b) = outs
+    assert spec_a.temperatures == spec_b.temperatures and spec_a.pooled_temperature == spec_b.pooled_temperature
+    assert spec_a.info["novelty_val_quantiles"] == spec_b.info["novelty_val_quantiles"]
+    for key in ("mean_probs", "epistemic", "novelty"):
+        np.testing.assert_array_equal(pred_a[key], pred_b[key])

@@ -1,0 +1,57 @@
+"""``spatial discover`` (the discovery queue of new phenotypes) and ``spatial genotypes`` (simulated screen only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from training.cli.options import ModelOpt, ParamsOpt, SetOpt, default_model_uri, params_for, write_json
+
+
+def add_commands(app: typer.Typer) -> None:
+    """Register ``discover`` and ``genotypes`` on the ``spatial`` typer app."""
+
+    @app.command()
+    def discover(
+        scores: Annotated[Path, typer.Option(help="per-cell scores of `spatial score --embeddings`")],
+        out: Annotated[Path, typer.Option(help="output directory (cells.parquet, clusters.csv, galleries...)")],
+        model: ModelOpt = None,
+        genotypes: Annotated[Path | None, typer.Option(help="CSV source_file,cell_id,grna")] = None,
+        library: Annotated[Path | None, typer.Option(help="CSV grna,gene,is_control")] = None,
+        threshold: Annotated[float | None, typer.Option(
+            help="novelty threshold (default: discover.quantile of the model's validation cells)")] = None,
+        truth_genes: Annotated[Path | None, typer.Option(
+            help="simulator truth_genes.csv: report whether the planted novel gene tops the top cluster")] = None,
+        metrics: Annotated[Path | None, typer.Option(help="JSON metrics (metrics/discovery.json)")] = None,
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        """Cells above the novelty threshold, clustered on their embeddings; genes enriched per cluster."""
+        import tempfile
+
+        from serving.discovery.run import discover as run_discover
+        from serving.model import ServedModel
+
+        p = params_for(params, set_)
+        with tempfile.TemporaryDirectory(prefix="spatial-model-") as cache:
+            served = ServedModel.resolve(str(model or default_model_uri(p)), p.mlflow, cache_dir=cache)
+            result = run_discover(scores, served.spec.info, served.spec.channels[0], out, p.discover,
+                                  genotypes, library, threshold, truth_genes)
+        if metrics:
+            write_json(metrics, result)
+        top = f"; top gene of the top cluster: {result['top_cluster_top_gene']}" if "top_cluster_top_gene" in result else ""
+        typer.echo(f"wrote {out}: {result['n_novel']} of {result['n_scored']} cells above novelty "
+                   f"{result['threshold']:.4g}, {result['n_clusters']} cluster(s){top}")
+
+    @app.command()
+    def genotypes(
+        truth: Annotated[Path, typer.Option(help="the simulator's truth.parquet")] = Path("data/raw/truth.parquet"),
+        out: Annotated[Path, typer.Option(help="CSV source_file,cell_id,grna")] = Path("data/screen/genotypes.csv"),
+    ) -> None:
+        """Simulated screen only: each screen cell's gRNA from the simulator's truth, as GENOTYPES.csv."""
+        from serving.discovery.run import genotypes_from_truth
+
+        n = genotypes_from_truth(truth, truth.parent, out)
+        typer.echo(f"wrote {out}: {n} cells")
