@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import yaml
 
-pytestmark = pytest.mark.slow  # a full `dvc repro` (minutes): deselect with `pytest -m "not slow"`
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1500)]  # a full `dvc repro` (minutes): `pytest -m "not slow"` skips
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 

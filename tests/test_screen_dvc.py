@@ -19,6 +19,7 @@ def test_screen_stages_at_tiny_size(tmp_path):
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     for package in ("training", "serving"):
         shutil.copytree(REPO / package, root / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "labels.csv", root / "labels.csv")  # split depends on it (header only: no cell labels)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section, values in TINY.items():
         params[section].update(values)

@@ -165,7 +165,7 @@ def test_semisupervised_member_trains_through_the_engine(tiny_data, tmp_path):
     p = tiny_params(tmp_path, **{"train.regime": "semisupervised", "ssl.label_fraction": 0.5, "ssl.threshold": 0.6,
                                  "train.epochs": 1, "train.max_steps_per_epoch": 2, "ensemble.members": 1})
     logged = []
-    model, temperature, novelty, res = train_member(0, tiny_data, p, tmp_path, log_metrics=lambda m, e: logged.append(m),
+    model, temperature, novelty, res, _ = train_member(0, tiny_data, p, tmp_path, log_metrics=lambda m, e: logged.append(m),
                                                    progress=False)
     assert res.epochs_run == 1 and temperature > 0 and novelty is not None
     assert {"ssl/mask_rate", "ssl/weight", "ssl/pl_frac/bright", "ssl/pl_frac/spotty"} <= set(logged[0])

@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from hypothesis import HealthCheck, settings
 
 from serving.service.validation import RequestError, check_size, select_channels
 from training.io.formats import CellFile, write_h5sc
@@ -457,30 +456,14 @@ FUZZ_EXAMPLES = 50  # per operation: bounded, and derandomized so every run send
 
 def test_openapi_fuzz(server, screen):
     """schemathesis on /docs.json against the real server, every operation: no 5xx, only documented status codes,
-    only documented bodies (all 4xx included). Prints the number of requests sent."""
-    import schemathesis
-    from hypothesis import given
-    from schemathesis import GenerationMode
-    from schemathesis.checks import not_a_server_error
-    from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
-
-    schema = schemathesis.openapi.from_url(f"http://127.0.0.1:{server.port}/docs.json")
-    counts = {"requests": 0, "5xx": 0}
-    operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/score", "/score_file", "/metadata"}
-    runs = [(op, GenerationMode.POSITIVE) for op in operations]  # schema-valid requests ...
-    runs += [(op, GenerationMode.NEGATIVE) for op in operations if op.method.upper() == "POST"]  # ... and invalid ones
-    for op, mode in runs:
-        @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=FUZZ_EXAMPLES, deadline=None, derandomize=True, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def fuzz(case) -> None:
-            response = case.call_and_validate(checks=[not_a_server_error, status_code_conformance,
-                                                      response_schema_conformance], timeout=120)
-            counts["requests"] += 1
-            counts["5xx"] += response.status_code >= 500
-
-        fuzz()
-    print(f"schemathesis: {counts['requests']} requests over {len(operations)} operations, {counts['5xx']} 5xx")
+    only documented bodies (all 4xx included). Runs in a fresh interpreter (``tests/fuzz_openapi.py``): CPython 3.11.7
+    can fail ``ast.parse`` inside hypothesis after a long test session ("AST constructor recursion depth mismatch")."""
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("fuzz_openapi.py")),
+                           f"http://127.0.0.1:{server.port}", str(FUZZ_EXAMPLES)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    counts = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"schemathesis: {counts['requests']} requests over {counts['operations']} operations, {counts['5xx']} 5xx")
     assert counts["5xx"] == 0 and counts["requests"] >= 3 * FUZZ_EXAMPLES
+    assert {"/score", "/score_file", "/metadata"} <= set(counts["paths"])
     assert_good(server, screen)

@@ -209,7 +209,7 @@ def _trained(params: Params, data, work: Path, resume: bool, reporter: EpochRepo
     from training.regimes.ensemble_training import train_member
 
     p = params.model_copy(update={"uncertainty": params.uncertainty.model_copy(update={"novelty": "none"})})
-    _, temperature, _, res = train_member(0, data, p, work, resume=resume, progress=False, on_epoch_end=reporter)
+    _, temperature, _, res, _ = train_member(0, data, p, work, resume=resume, progress=False, on_epoch_end=reporter)
     held = next((h for h in res.history if h["epoch"] == res.weights_epoch), res.history[-1] if res.history else {})
     final = {f"final_{k}": v for k, v in held.items() if k.startswith("val_")}
     final.update(best_epoch=res.best_epoch, best_val_loss=res.best_val_loss, epochs_run=res.epochs_run,
