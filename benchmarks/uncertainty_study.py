@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -84,7 +85,7 @@ def auroc(inlier: np.ndarray, outlier: np.ndarray) -> float:
 
 def train_members(splits: pd.DataFrame, classes: list[str], params, members: int):
     data = prepare_data(splits, classes, params)
-    work = Path(f"/tmp/uncertainty_study_{int(time.time())}")
+    work = Path(tempfile.mkdtemp(prefix="uncertainty_study_"))
     models, temps, val_logits, val_y = [], [], [], None
     for k in range(members):
         model, t, _, _, (vl, val_y) = train_member(k, data, params, work, progress=False)
