@@ -29,8 +29,9 @@ NOWHERE = "http://127.0.0.1:9"  # nothing listens there: a Bento that needs the 
 
 def register_model(ensemble: Path, db: str, accuracy: float) -> dict:
     """Log ``ensemble`` in a run with ``test_balanced_accuracy``, register it (the alias moves when it is better)."""
+    from conftest import tiny_params
+
     from serving.bento.package import package_version
-    from tests.conftest import tiny_params
     from training.tracking import Tracker, log_ensemble_model, register
     from training.uncertainty.ensemble import Ensemble
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import logging
 import sys
 
+import hostile
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests import hostile
 from training.errors import DataError
 from training.io.formats import CellFile
 from training.io.hdf5 import ENV_ALLOW_EXTERNAL, LimitExceeded, ReadLimits

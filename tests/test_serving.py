@@ -364,7 +364,7 @@ def post_file(client, path: Path) -> httpx.Response:
 
 
 def test_uploads_cannot_read_other_server_files(server, screen, tmp_path):
-    from tests import hostile
+    import hostile
 
     path, images, ids = screen  # `path` is a file on the server's disk
     for file, what in ((hostile.external_storage(tmp_path, images), "external raw storage"),
@@ -378,7 +378,7 @@ def test_uploads_cannot_read_other_server_files(server, screen, tmp_path):
 
 
 def test_upload_limits_come_from_metadata(server, screen, tmp_path):
-    from tests import hostile
+    import hostile
 
     _, images, ids = screen
     r = post_file(server, hostile.claims_many_cells(tmp_path))  # 8 KB claiming 2e8 cells
