@@ -135,15 +135,18 @@ def test_resolve_model_errors(trained, monkeypatch):
     assert (local / "spec.json").is_file() and info["version"] == 3
 
 
+TINY_CLASSES = "split.classes=[bright,dim]"  # the tiny manifest's labels (the defaults are the screen's)
+
+
 def test_cli_user_errors_exit_2_without_traceback(tmp_path, tiny_manifest):
     cases = [
         (["inspect", str(tmp_path / "none.h5")], "file not found"),
         (["train", "--manifest", str(tiny_manifest), "--set", "model.name=resnet9000", "--set", "train.epochs=1",
-          "--out", str(tmp_path / "m")], "unknown model"),
+          "--set", TINY_CLASSES, "--out", str(tmp_path / "m")], "unknown model"),
         (["train", "--manifest", str(tiny_manifest), "--set", "split.classes=[bright,mitotic]",
           "--out", str(tmp_path / "m")], "mitotic"),
         (["train", "--manifest", str(tiny_manifest), "--set", "data.batch_size=100000", "--set", "data.image_size=32",
-          "--out", str(tmp_path / "m")], "batch_size"),
+          "--set", TINY_CLASSES, "--out", str(tmp_path / "m")], "batch_size"),
         (["evaluate", "--model", str(tmp_path)], "not an ensemble directory"),
         (["split", "--set", "split.test_fraction=2"], "split.test_fraction"),
     ]
