@@ -12,6 +12,7 @@ against the test cells of the three.
 
     python benchmarks/uncertainty_study.py --out reports/uncertainty_study          # both parts, ~20 min on 2 cores
     python benchmarks/uncertainty_study.py --part loco --check                      # floor: the chosen score >= 0.5
+    python benchmarks/uncertainty_study.py --part calibration --model models/ensemble   # the pipeline's ensemble
 
 Needs ``dvc repro split`` (data/raw, data/index). Prints JSON; writes ``<out>/calibration.json`` / ``loco.json``.
 """
@@ -40,6 +41,7 @@ from training.io.tables import read_table
 from training.regimes.ensemble_training import train_member
 from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
 from training.uncertainty.decompose import softmax
+from training.uncertainty.ensemble import Ensemble
 from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, stage_features
 
 SETS: dict = {}  # --set overrides, applied to every run
@@ -103,17 +105,33 @@ def screen_cells(index: pd.DataFrame, raw: Path) -> pd.DataFrame:
                         how="left", validate="one_to_one")
 
 
-def calibration_part(seeds: int, members: int, params_path: str | None, partial: Path | None = None) -> dict:
+def trained_members(model_dir: Path, splits: pd.DataFrame, classes: list[str], params):
+    """``train_members``' outputs for an ensemble trained before (e.g. the pipeline's ``models/ensemble``)."""
+    ens = Ensemble.load(model_dir)
+    if list(ens.spec.classes) != classes:
+        raise SystemExit(f"{model_dir}: classes {ens.spec.classes}, the study expects {classes}")
+    data = prepare_data(splits, classes, params)
+    val = data.split("val")
+    val_logits = np.stack([member_outputs(m, val, params, data.channels)["logits"] for m in ens.members], axis=1)
+    return data, ens.members, np.asarray(ens.spec.temperatures), val_logits, val["y"].to_numpy()
+
+
+def calibration_part(seeds: int, members: int, params_path: str | None, partial: Path | None = None,
+                     model_dir: Path | None = None) -> dict:
     base = load_params(params_path)
     splits, _ = read_table(base.split.out)
     index, _ = read_table(base.index.out)
     screen = screen_cells(index, Path(base.synth.out))
     classes = list(base.split.classes)
     results = []
-    for seed in range(seeds):
+    for seed in range(1 if model_dir else seeds):
         params = load_params(params_path, {"train.seed": seed, "uncertainty.novelty": "none"})
         t0 = time.time()
-        data, models, temps, val_logits, val_y = train_members(splits, classes, params, members)
+        if model_dir:
+            data, models, temps, val_logits, val_y = trained_members(model_dir, splits, classes, params)
+            members = len(models)
+        else:
+            data, models, temps, val_logits, val_y = train_members(splits, classes, params, members)
         test = data.split("test")
         held = data.split("heldout")
         y = test["y"].to_numpy()
@@ -217,6 +235,8 @@ def main() -> int:
     ap.add_argument("--part", choices=["calibration", "loco", "both"], default="both")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--members", type=int, default=3)
+    ap.add_argument("--model", type=Path, default=None,
+                    help="measure this trained ensemble (e.g. models/ensemble) instead of training --seeds ensembles")
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override (e.g. train.epochs=2)")
     ap.add_argument("--threads", type=int, default=1)
@@ -235,7 +255,7 @@ def main() -> int:
         print(json.dumps({"loco_mean_auroc": loco["mean_auroc"], "chosen": loco["chosen"]}, indent=2))
         ok &= loco["mean_auroc"][loco["chosen"]] >= 0.5
     if a.part in ("calibration", "both"):
-        cal = calibration_part(a.seeds, a.members, a.params, partial=out / "calibration_partial.json")
+        cal = calibration_part(a.seeds, a.members, a.params, partial=out / "calibration_partial.json", model_dir=a.model)
         (out / "calibration.json").write_text(json.dumps(cal, indent=2))
         print(json.dumps(cal["summary"], indent=2))
     return 1 if a.check and not ok else 0

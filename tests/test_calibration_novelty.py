@@ -131,13 +131,16 @@ def test_old_files_without_kind_are_mahalanobis_and_unknown_kind_is_refused():
         make_novelty("lof")
 
 
-def test_stage_features_pool_and_normalise_each_stage():
-    a = np.ones((2, 3, 4, 4))
+def test_stage_features_pool_mean_and_spread_and_normalise_each():
+    a = np.ones((2, 3, 4, 4))  # flat maps: unit mean direction, no spread
     b = np.zeros((2, 2, 2, 2))
     b[:, 0] = 5.0
+    b[1, 1, 0, 0] = 4.0  # cell 1: one bright spot in channel 1 of stage b
     f = stage_features([a, b])
-    assert f.shape == (2, 5)
-    np.testing.assert_allclose(f[0], np.r_[np.full(3, 1 / np.sqrt(3)), 1.0, 0.0])
+    assert f.shape == (2, 2 * (3 + 2))  # per stage: mean (C), then standard deviation (C)
+    np.testing.assert_allclose(f[0], np.r_[np.full(3, 1 / np.sqrt(3)), np.zeros(3), 1.0, 0.0, 0.0, 0.0])
+    mean_b = np.array([5.0, 1.0]) / np.hypot(5.0, 1.0)
+    np.testing.assert_allclose(f[1], np.r_[np.full(3, 1 / np.sqrt(3)), np.zeros(3), mean_b, 0.0, 1.0])
 
 
 def test_refit_novelty_switches_the_score_without_retraining(tiny_ensemble, tiny_manifest, tmp_path):

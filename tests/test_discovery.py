@@ -125,6 +125,36 @@ def test_discover_finds_the_planted_cluster_and_its_gene(tiny_manifest, tmp_path
     assert set(cut["cell_id"]) == set(df["cell_id"][planted])
 
 
+def test_queue_puts_the_gene_driven_cluster_before_a_larger_one_without_a_gene(tiny_manifest, tmp_path):
+    """Debris-like cells (any gRNA) outnumber the planted gene's cells; the queue still starts with the gene."""
+    rng = np.random.default_rng(6)
+    df, planted = _planted_scores(tiny_manifest.parent / "screen_s0.h5sc", rng)
+    n_debris = 2 * N_PLANTED
+    debris = np.zeros(len(df), bool)
+    debris[rng.choice(np.flatnonzero(~planted), n_debris, replace=False)] = True
+    emb = np.stack(df["embedding"].to_numpy())
+    emb[debris, 1] -= 12.0
+    novelty = df["novelty"].to_numpy().copy()
+    novelty[debris] = rng.uniform(4, 5, n_debris)  # more novel than the planted cells, too
+    df = df.assign(embedding=list(emb), novelty=novelty)
+    write_table(df, tmp_path / "scores.parquet")
+    geno, lib = _genotypes(df, planted, rng, tmp_path)
+    cfg = DiscoverConfig(max_clusters=3)  # this test is about the order of the queue, not the number of clusters
+    m = discover(tmp_path / "scores.parquet", {}, "LC3B", tmp_path / "q", cfg, geno, lib, threshold=2.0)
+    cells, _ = read_table(tmp_path / "q" / "cells.parquet")
+    clusters = pd.read_csv(tmp_path / "q" / "clusters.csv")
+    assert set(np.flatnonzero(cells["cluster"].to_numpy() == 0)) == set(np.flatnonzero(planted))
+    assert clusters["n_cells"].iloc[0] == N_PLANTED and clusters["n_cells"].iloc[1] > N_PLANTED  # the larger, second
+    assert cells["cluster"].to_numpy()[debris].tolist().count(1) >= n_debris - 2
+    assert clusters["top_gene"].iloc[0] == "GNOV" and clusters["top_gene_fdr"].iloc[0] < 0.001
+    assert clusters["top_gene_fdr"].iloc[1] > 0.05  # the debris cluster: no gene stands out
+    assert m["top_cluster_top_gene"] == "GNOV" and m["top_cluster_n_cells"] == N_PLANTED
+    genes = pd.read_csv(tmp_path / "q" / "cluster_genes.csv")
+    assert genes["cluster"].is_monotonic_increasing and genes[genes["cluster"] == 0]["gene"].iloc[0] == "GNOV"
+    cut = pd.read_csv(tmp_path / "q" / "cluster_0_cells.csv")
+    assert set(cut["cell_id"]) == set(df["cell_id"][planted])
+
+
 def test_discover_without_genotypes_writes_cell_lists_only(tiny_manifest, tmp_path):
     df, _ = _planted_scores(tiny_manifest.parent / "screen_s0.h5sc", np.random.default_rng(4))
     write_table(df, tmp_path / "s.parquet")

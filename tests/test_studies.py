@@ -68,6 +68,16 @@ def test_summary_writes_the_table_from_metrics_files(tmp_path):
     ev = text[text.index("## evaluate.json"):]  # files in name order: discovery.json comes first
     assert "| balanced_accuracy | 0.9781 |" in ev and "| other | 3 |" in ev
     assert "| top_cluster_top_gene | G052 |" in text and "| planted_novel_gene_is_top | True |" in text
+    (tmp_path / "m" / "ssl.json").write_text(json.dumps({
+        "supervised/mean": 0.7, "supervised/ci_low": 0.6, "supervised/ci_high": 0.8, "supervised/n": 3,
+        "fixmatch/mean": 0.75, "fixmatch/ci_low": 0.66, "fixmatch/ci_high": 0.84, "fixmatch/n": 3,
+        "fixmatch/diff_mean": 0.05, "fixmatch/diff_ci_low": 0.04, "fixmatch/diff_ci_high": 0.06,
+        "fixmatch/diff_excludes_zero": True}))
+    text = write_summary(tmp_path / "m", tmp_path / "summary.md", info).read_text()
+    ssl = text[text.index("## ssl.json"):]
+    assert "| supervised | 3 | 0.7000 | [0.6000, 0.8000] | baseline | | |" in ssl
+    assert "| fixmatch | 3 | 0.7500 | [0.6600, 0.8400] | +0.0500 | [+0.0400, +0.0600] | yes |" in ssl
+    assert "| arm |" not in text[:text.index("## ssl.json")]  # only results of `spatial seeds` get the arm table
     real = machine()
     assert real["torch"] and real["platform"] and real["commit"]
 

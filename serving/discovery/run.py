@@ -4,6 +4,9 @@ Outputs (written under a temporary name, renamed when complete): ``cells.parquet
 novelty, cluster``; -1 = not novel), ``clusters.csv``, ``cluster_<k>.png`` (gallery of the most novel cells),
 ``cluster_<k>_cells.csv`` (``source_file, cell_id``: the cluster as its own excision bin) and, with genotypes,
 ``cluster_genes.csv`` (genes enriched in each cluster, Fisher exact + BH).
+
+Clusters are numbered in queue order: with genotypes, the cluster with the strongest gene enrichment first
+(:func:`queue_rank`); without, the largest first.
 """
 
 from __future__ import annotations
@@ -57,6 +60,22 @@ def attach_genotypes(cells: pd.DataFrame, genotypes: str | os.PathLike, library:
     return out.drop(columns="key")
 
 
+def queue_rank(clusters: pd.DataFrame, genes: pd.DataFrame) -> dict[int, int]:
+    """Old cluster id -> place in the queue (0 = first). A cluster made by one gene's knockouts is the finding worth
+    cutting out, so clusters are ordered by their strongest gene enrichment (smallest p-value; none = 1), then by
+    size; a cluster of debris or of cells from every gRNA (no gene stands out) goes to the back."""
+    best = genes.groupby("cluster")["p_value"].min() if len(genes) else pd.Series(dtype=float)
+    order = clusters.assign(p=clusters["cluster"].map(best).fillna(1.0)).sort_values(
+        ["p", "n_cells", "cluster"], ascending=[True, False, True], kind="stable")
+    return {int(c): i for i, c in enumerate(order["cluster"])}
+
+
+def top_genes(genes: pd.DataFrame) -> pd.DataFrame:
+    """``cluster, top_gene, top_gene_fdr``: each cluster's most enriched gene (``genes`` sorted by p-value)."""
+    first = genes.groupby("cluster", sort=True).head(1)
+    return first[["cluster", "gene", "fdr"]].rename(columns={"gene": "top_gene", "fdr": "top_gene_fdr"})
+
+
 def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: str, out: str | os.PathLike,
              cfg: DiscoverConfig | None = None, genotypes: str | os.PathLike | None = None,
              library: str | os.PathLike | None = None, threshold: float | None = None,
@@ -75,7 +94,7 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         raise DataError(f"{scores}: no column(s) {', '.join(missing)}; expected the output of `spatial score`")
     thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
     labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed)
-    cells = table[["source_file", "cell_id", "novelty"]].assign(cluster=labels)
+    cells = table[["source_file", "cell_id", "novelty"]].assign(cluster=labels)  # numbered by size
     clusters = cluster_table(table, labels)
     metrics: dict[str, Any] = {"n_scored": len(table), "threshold": thr, "quantile": cfg.quantile,
                                "n_novel": int((labels != NOT_NOVEL).sum()),
@@ -86,6 +105,11 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         with_geno = attach_genotypes(cells, genotypes, library)
         metrics["n_with_genotype"] = int(with_geno["grna"].notna().sum())
         genes = cluster_gene_enrichment(with_geno[with_geno["grna"].notna()])
+        rank = queue_rank(clusters, genes)
+        cells["cluster"] = cells["cluster"].map(lambda c: rank.get(c, c))
+        genes["cluster"] = genes["cluster"].map(rank)
+        genes = genes.sort_values(["cluster", "p_value", "gene"], kind="stable").reset_index(drop=True)
+        clusters = cluster_table(table, cells["cluster"].to_numpy()).merge(top_genes(genes), on="cluster", how="left")
         top = genes[genes["cluster"] == 0].head(1)
         metrics["top_cluster_top_gene"] = str(top["gene"].iloc[0]) if len(top) else None
         metrics["top_cluster_top_gene_fdr"] = float(top["fdr"].iloc[0]) if len(top) else None

@@ -16,7 +16,7 @@ HEADLINE = {  # per metrics file: the keys shown in the main table (fnmatch patt
                       "heldout/density/auroc", "heldout_*/density/auroc", "heldout/mutual_info/auroc"],
     "discovery.json": ["n_novel", "n_clusters", "top_cluster_n_cells", "top_cluster_top_gene",
                        "top_cluster_top_gene_fdr", "planted_novel_gene_is_top"],
-    "ssl.json": ["*"], "al_seeds.json": ["*"], "hits.json": ["*"],
+    "hits.json": ["*"],  # `spatial seeds` results (ssl.json, al_seeds.json, ...) get the arm table instead
 }
 
 
@@ -58,6 +58,28 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def arm_table(flat: dict) -> list[str]:
+    """Markdown rows for a ``spatial seeds`` result (``<arm>/mean``, ``<arm>/ci_low``, ... ``<arm>/diff_*``): per arm
+    the mean with its 95 % interval, and the paired difference to the baseline with its interval and whether the
+    interval excludes zero. Empty when ``flat`` holds no arms."""
+    arms = [k[: -len("/mean")] for k in flat if k.endswith("/mean") and f"{k[:-len('/mean')]}/ci_low" in flat]
+    if not arms:
+        return []
+
+    def ci(arm: str, pre: str = "") -> str:
+        lo, hi = flat.get(f"{arm}/{pre}ci_low"), flat.get(f"{arm}/{pre}ci_high")
+        return "" if lo is None or lo != lo else f"[{lo:+.4f}, {hi:+.4f}]" if pre else f"[{lo:.4f}, {hi:.4f}]"
+
+    rows = ["| arm | seeds | mean | 95 % interval | difference to baseline | 95 % interval | excludes zero |",
+            "|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        diff = flat.get(f"{arm}/diff_mean")
+        rows.append(f"| {arm} | {flat.get(f'{arm}/n', '')} | {flat[f'{arm}/mean']:.4f} | {ci(arm)} | "
+                    + ("baseline | | |" if diff is None else
+                       f"{diff:+.4f} | {ci(arm, 'diff_')} | {'yes' if flat.get(f'{arm}/diff_excludes_zero') else 'no'} |"))
+    return rows + [""]
+
+
 def write_summary(metrics_dir: str | os.PathLike, out: str | os.PathLike, info: dict[str, str] | None = None) -> Path:
     """One section per ``metrics_dir/*.json``: the headline keys as a table, all keys in a collapsed block."""
     from training.io.atomic import atomic_path
@@ -80,6 +102,7 @@ def write_summary(metrics_dir: str | os.PathLike, out: str | os.PathLike, info: 
         patterns = HEADLINE.get(f.name, [])
         head = [k for k in flat if any(fnmatch.fnmatch(k, p) for p in patterns)]
         lines += ["", f"## {f.name}", ""]
+        lines += arm_table(flat)
         if head:
             lines += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(flat[k])} |" for k in head] + [""]
         lines += ["<details><summary>all metrics</summary>", "", "| metric | value |", "|---|---|"]

@@ -8,8 +8,9 @@
   (Ren et al. 2021), which removes the directions every class shares.
 - ``knn``: deep nearest neighbours (Sun et al. 2022): Euclidean distance of the L2-normalised penultimate features
   to the k-th nearest training cell.
-- ``multistage_knn``: ``knn`` on features pooled from every stage of the backbone (each stage's global average,
-  L2-normalised, concatenated), so early intensity statistics count beside the penultimate morphology.
+- ``multistage_knn``: ``knn`` on features pooled from every stage of the backbone (each stage's global average and
+  spatial standard deviation, L2-normalised, concatenated), so early intensity statistics and local structure count
+  beside the penultimate morphology.
 - ``energy``: the negative free energy ``-logsumexp(logits)`` (Liu et al. 2020); nothing to fit.
 
 The fitted state is plain arrays (``to_dict`` / ``from_dict``) so it can be saved in an ``.npz`` next to a
@@ -336,10 +337,12 @@ def novelty_from_dict(d: dict) -> NoveltyModel:
 
 
 def stage_features(stage_maps: list) -> np.ndarray:
-    """Multi-stage pooled features: each stage map ``(N, C_i, H, W)`` averaged over space, L2-normalised, and
-    concatenated ``(N, sum C_i)``. Accepts torch tensors or arrays."""
+    """Multi-stage pooled features: each stage map ``(N, C_i, H, W)`` pooled over space twice, by its mean and by its
+    standard deviation, each L2-normalised, concatenated ``(N, 2 sum C_i)``. The standard deviation keeps what an
+    average washes out: a few large bright structures in an otherwise ordinary cell (aggregates, debris clumps).
+    Accepts torch tensors or arrays."""
     parts = []
     for fm in stage_maps:
         a = fm.float().cpu().numpy() if hasattr(fm, "cpu") else np.asarray(fm, dtype=np.float64)
-        parts.append(l2_normalize(a.mean(axis=(2, 3))))
+        parts += [l2_normalize(a.mean(axis=(2, 3))), l2_normalize(a.std(axis=(2, 3)))]
     return np.concatenate(parts, axis=1)
