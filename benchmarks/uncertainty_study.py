@@ -42,7 +42,7 @@ from training.regimes.ensemble_training import train_member
 from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
 from training.uncertainty.decompose import softmax
 from training.uncertainty.ensemble import Ensemble
-from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, stage_features
+from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, novelty_inputs, stage_features
 
 SETS: dict = {}  # --set overrides, applied to every run
 RAW: dict = {}  # params.yaml, read once (an edit while the study runs does not change it)
@@ -75,8 +75,8 @@ def novelty_by_kind(train: dict, train_y: np.ndarray, queries: dict[str, dict], 
     res = {}
     for kind in NOVELTY_KINDS:
         nov = make_novelty(kind, params.uncertainty.knn_k, params.uncertainty.knn_bank, seed)
-        nov.fit(train[nov.input], train_y)
-        res[kind] = {name: nov.score(q[nov.input]) for name, q in queries.items()}
+        nov.fit(novelty_inputs(nov, train), train_y)
+        res[kind] = {name: nov.score(novelty_inputs(nov, q)) for name, q in queries.items()}
     return res
 
 

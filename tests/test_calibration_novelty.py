@@ -14,6 +14,7 @@ from training.uncertainty.calibration import (
 from training.uncertainty.decompose import decompose, decompose_pooled, softmax
 from training.uncertainty.novelty import (
     NOVELTY_KINDS,
+    EnergyMultistage,
     EnergyNovelty,
     KNNNovelty,
     RelativeMahalanobis,
@@ -90,6 +91,30 @@ def test_energy_is_negative_logsumexp():
     assert EnergyNovelty().score(logits)[1] > EnergyNovelty().score(logits)[0]  # flat logits: more novel
 
 
+def test_knn_leave_self_out_measures_training_cells_like_new_ones():
+    x = np.array([[1.0, 0], [0.8, 0.6], [0, 1.0], [-0.6, 0.8]])  # unit vectors
+    knn = KNNNovelty(k=1).fit(x)
+    np.testing.assert_allclose(knn.score(x), 0.0, atol=1e-6)  # each cell finds itself
+    nearest_other = [np.linalg.norm(x[0] - x[1]), np.linalg.norm(x[1] - x[0]), np.linalg.norm(x[2] - x[3]),
+                     np.linalg.norm(x[3] - x[2])]
+    np.testing.assert_allclose(knn.score(x, leave_self_out=True), nearest_other, rtol=1e-5)
+
+
+def test_energy_multistage_is_the_sum_of_both_scores_scaled_by_their_training_iqr():
+    rng = np.random.default_rng(2)
+    train = {"logits": rng.normal(0, 2, (300, 2)), "stages": rng.normal(0, 1, (300, 5))}
+    nov = EnergyMultistage(k=3).fit(train)
+    e = energy_score(train["logits"])
+    kd = KNNNovelty(k=3).fit(train["stages"]).score(train["stages"], leave_self_out=True)
+    for got, raw in zip(nov.centre_, (e, kd), strict=True):
+        assert got == pytest.approx(np.median(raw))
+    q = {"logits": np.array([[0.0, 0.0], [6.0, -6.0]]), "stages": train["stages"][:2] + 0.1}
+    raw_q = np.c_[energy_score(q["logits"]), KNNNovelty(k=3).fit(train["stages"]).score(q["stages"])]
+    iqr = np.subtract(*np.quantile(np.c_[e, kd], [0.75, 0.25], axis=0))
+    np.testing.assert_allclose(nov.score(q), ((raw_q - np.c_[np.median(e), np.median(kd)]) / iqr).sum(axis=1))
+    assert nov.score(q)[0] > nov.score(q)[1]  # flat logits (in between the classes) are the more novel
+
+
 def test_relative_mahalanobis_ignores_the_direction_all_classes_share():
     """Two classes spread widely along x (shared) and separated along y: a cell far out along x is as typical
     for the background as for its class, so its relative score stays low; a cell off along z is novel."""
@@ -112,9 +137,11 @@ def test_every_kind_flags_a_far_cluster_and_round_trips(kind):
     inlier = np.concatenate([c + rng.normal(0, 0.5, (50, 4)) for c in centres])
     outlier = np.array([0, 0, 4.0, 0]) + rng.normal(0, 0.5, (50, 4))
     nov = make_novelty(kind, k=5)
-    if nov.input == "logits":  # energy: logits of a linear head on the same features
-        w = centres.T
+    w = centres.T  # energy: logits of a linear head on the same features
+    if nov.input == "logits":
         train, inlier, outlier = train @ w, inlier @ w, outlier @ w
+    elif nov.input == "logits+stages":
+        train, inlier, outlier = ({"logits": v @ w, "stages": v} for v in (train, inlier, outlier))
     nov.fit(train, labels)
     assert nov.score(outlier).min() > np.median(nov.score(inlier))
     again = novelty_from_dict({k: np.asarray(v) for k, v in novelty_to_dict(nov).items()})

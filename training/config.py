@@ -127,7 +127,8 @@ class UncertaintyConfig(Section):
     calibration: Literal["pooled", "member", "none"] = Field(
         "pooled", description="pooled: one temperature on the ensemble's averaged log-probabilities (validation); "
         "member: one temperature per member before averaging; none")
-    novelty: Literal["mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "none"] = Field(
+    novelty: Literal["mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "energy_multistage",
+                     "none"] = Field(
         "energy", description="chosen by leave-one-class-out on the control classes (README)")
     knn_k: int = Field(10, ge=1, description="k of the kNN novelty scores")
     knn_bank: int = Field(5000, ge=1, description="training cells kept per member for the kNN scores")

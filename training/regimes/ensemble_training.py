@@ -29,7 +29,7 @@ from training.regimes.objectives import make_objective
 from training.regimes.semisupervised import training_stream
 from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature
 from training.uncertainty.ensemble import Ensemble, EnsembleSpec
-from training.uncertainty.novelty import NoveltyModel, make_novelty, stage_features
+from training.uncertainty.novelty import NoveltyModel, make_novelty, novelty_inputs, stage_features
 
 NOVELTY_QUANTILES = (0.5, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 
@@ -87,17 +87,19 @@ def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume:
 def fit_novelty(model, loader: CellLoader, params: Params, seed: int, device) -> NoveltyModel:
     """The ``uncertainty.novelty`` model of one member, fitted on the cells of ``loader`` (the training cells)."""
     nov = make_novelty(params.uncertainty.novelty, params.uncertainty.knn_k, params.uncertainty.knn_bank, seed)
-    if nov.input == "stages":
+    if "stages" in nov.input:
         model.to(device).eval()
-        feats, labels = [], []
+        out: dict[str, list] = {"stages": [], "logits": [], "label": []}
         with torch.no_grad():
             for batch in loader:
-                _, stages = model.forward_intermediates(batch["image"].to(device))
-                feats.append(stage_features(stages))
-                labels.append(batch["label"].numpy())
-        return nov.fit(np.concatenate(feats), np.concatenate(labels))
-    tr = predict(model, loader, device=device, with_features=nov.input == "features")
-    return nov.fit(tr["features"] if nov.input == "features" else tr["logits"], tr["label"])
+                fmap, stages = model.forward_intermediates(batch["image"].to(device))
+                out["stages"].append(stage_features(stages))
+                out["logits"].append(model.forward_head(fmap).float().cpu().numpy())
+                out["label"].append(batch["label"].numpy())
+        tr = {k: np.concatenate(v) for k, v in out.items()}
+    else:
+        tr = predict(model, loader, device=device, with_features=nov.input == "features")
+    return nov.fit(novelty_inputs(nov, tr), tr["label"])
 
 
 def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: bool = False,

@@ -133,7 +133,9 @@ class Ensemble:
         if kind == "logits":
             det = logits[:, 0] if logits.shape[1] == 1 else forward(model, x, with_features=False)[0]
             return det.cpu().numpy()
-        return stage_features(model.forward_intermediates(x)[1])
+        if kind == "stages":
+            return stage_features(model.forward_intermediates(x)[1])
+        return {part: Ensemble._novelty_input(part, model, x, features, logits) for part in kind.split("+")}
 
     @torch.no_grad()
     def raw_outputs(self, x: torch.Tensor, with_features: bool = False) -> dict[str, np.ndarray]:

@@ -12,6 +12,8 @@
   spatial standard deviation, L2-normalised, concatenated), so early intensity statistics and local structure count
   beside the penultimate morphology.
 - ``energy``: the negative free energy ``-logsumexp(logits)`` (Liu et al. 2020); nothing to fit.
+- ``energy_multistage``: ``energy`` and ``multistage_knn``, each scaled by its training cells' median and
+  interquartile range, summed (:class:`EnergyMultistage`).
 
 The fitted state is plain arrays (``to_dict`` / ``from_dict``) so it can be saved in an ``.npz`` next to a
 checkpoint; ``novelty_from_dict`` rebuilds any kind (files without a ``kind`` are ``mahalanobis``).
@@ -173,7 +175,7 @@ class GaussianDensity:
 
 # -- the other scores ------------------------------------------------------------------------------------
 
-NOVELTY_KINDS = ("mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy")
+NOVELTY_KINDS = ("mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "energy_multistage")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -254,7 +256,9 @@ class KNNNovelty:
         self.bank_ = l2_normalize(x).astype(np.float32)
         return self
 
-    def score(self, features: np.ndarray) -> np.ndarray:
+    def score(self, features: np.ndarray, leave_self_out: bool = False) -> np.ndarray:
+        """Distance to the k-th nearest bank entry; ``leave_self_out`` (scoring the training cells themselves): a
+        cell that is in the bank skips its own entry (distance 0), so it is measured like a new cell."""
         if self.bank_ is None:
             raise ModelError("KNNNovelty is not fitted: call fit() or from_dict() first")
         x = l2_normalize(_check_rows(features, self.bank_.shape[1]))
@@ -262,6 +266,8 @@ class KNNNovelty:
         out = np.empty(x.shape[0])
         for i in range(0, x.shape[0], 4096):
             d = cdist(x[i : i + 4096], self.bank_, metric="euclidean")
+            if leave_self_out:
+                d[np.arange(len(d)), d.argmin(axis=1)] = np.where(d.min(axis=1) < 1e-4, np.inf, d.min(axis=1))
             out[i : i + 4096] = np.partition(d, k - 1, axis=1)[:, k - 1]
         return out
 
@@ -300,7 +306,58 @@ class EnergyNovelty:
         return cls()
 
 
-NoveltyModel = GaussianDensity | RelativeMahalanobis | KNNNovelty | EnergyNovelty
+class EnergyMultistage:
+    """``energy_multistage``: ``energy`` plus ``multistage_knn``, each centred on the median of its training-cell
+    scores and divided by their interquartile range, summed. The two fail in opposite places: energy flags cells the
+    logits fit badly (in-between phenotypes) but not a new structure the classifier maps onto a class; the
+    multi-stage kNN flags local structure no training cell has but not a cell between two classes. Training cells
+    are scored against the kNN bank leaving their own entry out."""
+
+    kind = "energy_multistage"
+    input = "logits+stages"
+
+    def __init__(self, k: int = 10, max_bank: int = 5000, seed: int = 0) -> None:
+        self.knn = KNNNovelty(k, max_bank, seed, input="stages")
+        self.centre_: np.ndarray | None = None  # (2,): energy, kNN
+        self.scale_: np.ndarray | None = None
+
+    def fit(self, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None) -> EnergyMultistage:
+        stages = _check_rows(inputs["stages"])
+        self.knn.fit(stages)
+        raw = np.c_[energy_score(inputs["logits"]), self.knn.score(stages, leave_self_out=True)]
+        q25, q50, q75 = np.quantile(raw, [0.25, 0.5, 0.75], axis=0)
+        self.centre_, self.scale_ = q50, np.where(q75 - q25 > 0, q75 - q25, 1.0)
+        return self
+
+    def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        if self.centre_ is None:
+            raise ModelError("EnergyMultistage is not fitted: call fit() or from_dict() first")
+        raw = np.c_[energy_score(inputs["logits"]), self.knn.score(inputs["stages"])]
+        return ((raw - self.centre_) / self.scale_).sum(axis=1)
+
+    def to_dict(self) -> dict[str, np.ndarray | float]:
+        if self.centre_ is None:
+            raise ModelError("EnergyMultistage is not fitted")
+        return {**self.knn.to_dict(), "centre": self.centre_, "scale": self.scale_}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EnergyMultistage:
+        if "centre" not in d or "scale" not in d:
+            raise ModelError("energy_multistage novelty model needs the keys 'centre' and 'scale'")
+        obj = cls()
+        obj.knn = KNNNovelty.from_dict(d)
+        obj.centre_ = np.asarray(d["centre"], dtype=np.float64)
+        obj.scale_ = np.asarray(d["scale"], dtype=np.float64)
+        return obj
+
+
+NoveltyModel = GaussianDensity | RelativeMahalanobis | KNNNovelty | EnergyNovelty | EnergyMultistage
+
+
+def novelty_inputs(model: NoveltyModel, outputs: dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
+    """What ``model`` fits and scores, taken from a member's ``outputs`` (``features``, ``logits``, ``stages``)."""
+    keys = model.input.split("+")
+    return outputs[keys[0]] if len(keys) == 1 else {k: outputs[k] for k in keys}
 
 
 def make_novelty(kind: str, k: int = 10, max_bank: int = 5000, seed: int = 0) -> NoveltyModel:
@@ -313,6 +370,8 @@ def make_novelty(kind: str, k: int = 10, max_bank: int = 5000, seed: int = 0) ->
         return KNNNovelty(k, max_bank, seed, input="features" if kind == "knn" else "stages")
     if kind == "energy":
         return EnergyNovelty()
+    if kind == "energy_multistage":
+        return EnergyMultistage(k, max_bank, seed)
     raise ModelError(f"unknown novelty score '{kind}'; expected one of {', '.join(NOVELTY_KINDS)}")
 
 
@@ -333,6 +392,8 @@ def novelty_from_dict(d: dict) -> NoveltyModel:
         return KNNNovelty.from_dict(rest)
     if kind == "energy":
         return EnergyNovelty()
+    if kind == "energy_multistage":
+        return EnergyMultistage.from_dict(rest)
     raise ModelError(f"unknown novelty score '{kind}' in a saved model; expected one of {', '.join(NOVELTY_KINDS)}")
 
 
