@@ -246,6 +246,28 @@ def test_semisupervised_rounds_honour_ssl_method(setup):
     assert differs(sup, fix) and differs(sup, ae) and differs(fix, ae)
 
 
+def test_semisupervised_rounds_honour_the_balanced_unlabeled_pool(setup):
+    """ssl.balance_unlabeled=predicted in an AL round: from the second epoch the unlabeled cells are drawn by the
+    teacher's predicted class, so the weights differ from plain FixMatch; the same seed gives the same model."""
+    import torch
+
+    from training.active.campaign import train_models
+
+    p, _, _ = setup
+    g = torch.Generator().manual_seed(0)
+    x, y, u = torch.rand(12, 1, 32, 32, generator=g), np.arange(12) % 2, torch.rand(24, 1, 32, 32, generator=g)
+    p = p.model_copy(update={"al": p.al.model_copy(update={"min_steps": 4, "epochs": 2, "batch_size": 4})})
+
+    def weights(balance) -> list[torch.Tensor]:
+        q = p.model_copy(update={"ssl": p.ssl.model_copy(update={"threshold": 1e-6, "balance_unlabeled": balance})})
+        (model,) = train_models(x, y, q, seed=0, n_classes=2, unlabeled=u)
+        return [t.clone() for t in model.state_dict().values()]
+
+    plain, balanced = weights(False), weights("predicted")
+    assert any(not a.equal(b) for a, b in zip(plain, balanced, strict=True))
+    assert all(a.equal(b) for a, b in zip(balanced, weights("predicted"), strict=True))
+
+
 def test_round_metrics_are_the_one_balanced_accuracy_on_a_known_posterior(setup):
     """A round's test metrics come from the engine's inference step and evaluation.metrics: a model that calls
     every cell 'a' has balanced accuracy 1/2 on two classes, accuracy 4/6 and a known NLL."""

@@ -53,6 +53,15 @@ def test_bad_profiles_and_overrides_name_the_problem(raw: dict, overrides: list[
         resolve(raw, overrides)
 
 
+def test_balance_unlabeled_is_false_or_predicted() -> None:
+    """`--set ssl.balance_unlabeled=...` (YAML-parsed): false and predicted pass, anything else names the key."""
+    assert resolve({}, ["ssl.balance_unlabeled=predicted"]).ssl.balance_unlabeled == "predicted"
+    assert resolve({}, ["ssl.balance_unlabeled=false"]).ssl.balance_unlabeled is False
+    for bad in ("true", "uniform"):
+        with pytest.raises(ConfigError, match=r"ssl\.balance_unlabeled"):
+            resolve({}, [f"ssl.balance_unlabeled={bad}"])
+
+
 def test_state_names_on_off_survive_a_yaml11_round_trip() -> None:
     """`dvc exp run -S` rewrites params.yaml with unquoted on/off keys, which PyYAML reads as booleans."""
     import yaml

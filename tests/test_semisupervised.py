@@ -1,4 +1,5 @@
-"""Semi-supervised objectives: FixMatch masking, the open-set guard, label fraction, no test-label leak, resume."""
+"""Semi-supervised objectives: FixMatch masking, the open-set guard, label fraction, no test-label leak, resume,
+the unlabeled pool balanced by predicted class."""
 
 from __future__ import annotations
 
@@ -14,9 +15,12 @@ from training.active.campaign import TensorLoader
 from training.config import AugmentConfig, ModelConfig, TrainConfig
 from training.data.augment import Augmenter
 from training.data.cellindex import build_index
+from training.data.loader import loader_for
 from training.data.splits import make_splits
+from training.data.streams import balanced_weights, sample_order
 from training.data.trainset import HIDDEN, keep_label_fraction, prepare_data, unlabeled_table
 from training.engine import StepContext, fit
+from training.errors import ConfigError, TrainingError
 from training.models.factory import build_model
 from training.regimes.ensemble_training import loaders, train_member
 from training.regimes.objectives import make_objective
@@ -25,6 +29,7 @@ from training.regimes.semisupervised import (
     FixMatchObjective,
     MixedLoader,
     NoveltyGuard,
+    PredictedClassBalance,
     flexible_thresholds,
     pseudo_labels,
     training_stream,
@@ -182,16 +187,23 @@ def _crashing(loader: MixedLoader, at: int) -> MixedLoader:
                 raise KeyboardInterrupt
             super().set_epoch(epoch)
 
-    return Crash(loader.labeled, loader.unlabeled, loader.steps)
+    return Crash(loader.labeled, loader.unlabeled, loader.steps, loader.rebalance)
 
 
-@pytest.mark.parametrize("method", ["fixmatch", "autoencoder"])
+@pytest.mark.parametrize("method", ["fixmatch", "autoencoder", "fixmatch_balanced"])
 def test_resume_restores_teacher_and_decoder(tmp_path, method):
     g = torch.Generator().manual_seed(0)
     x, y, u = torch.rand(16, 1, 32, 32, generator=g), np.arange(16) % 2, torch.rand(32, 1, 32, 32, generator=g)
 
-    def data():
-        return MixedLoader(TensorLoader(x, y, 8, shuffle=True, seed=1), TensorLoader(u, None, 16, shuffle=True, seed=2), 2)
+    made = []
+
+    def data(obj, model):
+        rebalance = None
+        if method == "fixmatch_balanced":  # the resumed epoch is drawn from the restored teacher's predictions
+            rebalance = PredictedClassBalance(obj, model, TensorLoader(u, None, 10), len(u))
+        made.append(MixedLoader(TensorLoader(x, y, 8, shuffle=True, seed=1),
+                                TensorLoader(u, None, 16, shuffle=True, seed=2), 2, rebalance))
+        return made[-1]
 
     def objective():
         if method == "autoencoder":
@@ -201,16 +213,20 @@ def test_resume_restores_teacher_and_decoder(tmp_path, method):
     cfg = TrainConfig(epochs=2, patience=None, device="cpu", warmup_epochs=0.5)
     ref_obj = objective()
     ref = _model()
-    fit(ref, data(), None, cfg, ref_obj, 2, out_dir=tmp_path / "a", progress=False)
+    fit(ref, data(ref_obj, ref), None, cfg, ref_obj, 2, out_dir=tmp_path / "a", progress=False)
+    crash_obj, crash_model = objective(), _model()
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(), _crashing(data(), 1), None, cfg, objective(), 2, out_dir=tmp_path / "b", progress=False)
+        fit(crash_model, _crashing(data(crash_obj, crash_model), 1), None, cfg, crash_obj, 2, out_dir=tmp_path / "b",
+            progress=False)
     res_obj = objective()
     resumed = _model(seed=5)
-    fit(resumed, data(), None, cfg, res_obj, 2, out_dir=tmp_path / "b", resume=True, progress=False)
+    fit(resumed, data(res_obj, resumed), None, cfg, res_obj, 2, out_dir=tmp_path / "b", resume=True, progress=False)
     for a, b in zip(ref.state_dict().values(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     sa, sb = ref_obj.state_dict(), res_obj.state_dict()
-    part = "teacher" if method == "fixmatch" else "decoder"
+    part = "decoder" if method == "autoencoder" else "teacher"
+    if method == "fixmatch_balanced":  # the resumed epoch really was drawn by the restored teacher's weights
+        assert made[-1].unlabeled.weights is not None and made[-1].rebalance.counts.sum() == len(u)
     for k, v in sa[part].items():
         assert torch.equal(v, sb[part][k]), k
     assert not any("decoder" in k for k in ref.state_dict())  # the decoder never enters the saved model
@@ -261,3 +277,109 @@ def test_autoencoder_decoder_is_a_parameter_group_of_the_engine_optimizer(tmp_pa
     # the decoder follows the model's schedule: same learning rate in every group (cosine, after warm-up)
     assert groups[2]["lr"] == groups[0]["lr"] < cfg.lr
     assert any(not torch.equal(before[k], v) for k, v in obj.decoder.state_dict().items())  # it was trained
+
+
+# -- the unlabeled pool balanced by predicted class (ssl.balance_unlabeled=predicted) ------------------------------
+def test_balanced_weights_give_every_predicted_class_the_same_share():
+    pred = np.array([0] * 90 + [1] * 10)
+    w = balanced_weights(pred, 3)  # class 2 is never predicted: the two present classes share the draws
+    assert w.sum() == pytest.approx(1.0)
+    assert w[pred == 0].sum() == pytest.approx(0.5) and w[pred == 1].sum() == pytest.approx(0.5)
+    assert w[0] == pytest.approx(1 / 180) and w[-1] == pytest.approx(1 / 20)
+    assert np.allclose(balanced_weights(np.array([2, 2, 2]), 3), 1 / 3)  # one class: uniform
+
+
+def test_a_pool_of_90_percent_class_a_is_drawn_balanced_under_a_fixed_seed():
+    pred = np.array([0] * 900 + [1] * 100)
+    w = balanced_weights(pred, 2)
+    draw = sample_order(w, 0, 0)
+    assert len(draw) == 1000 and np.array_equal(draw, sample_order(w, 0, 0))  # seeded: same draw twice
+    assert not np.array_equal(draw, sample_order(w, 0, 1))  # another epoch, another draw
+    # in expectation 500 of each (binomial sd 16); under seed (0, 0) exactly 502 minority draws
+    assert int((pred[draw] == 1).sum()) == 502
+    # a shuffled loader over the same pool gives class B its 10 %; weighted, the minority cells come back repeatedly
+    u = torch.as_tensor(pred, dtype=torch.float32)[:, None, None, None]
+    loader = TensorLoader(u, None, 100, shuffle=True, seed=3)
+    plain = torch.cat([b["image"].flatten() for b in loader])
+    assert int(plain.sum()) == 100
+    loader.set_weights(w)
+    idx = torch.cat([b["idx"] for b in loader]).numpy()
+    assert np.array_equal(idx, sample_order(w, 3, 0, 0)) and 450 <= int(pred[idx].sum()) <= 550
+    loader.set_weights(None)
+    assert np.array_equal(np.sort(torch.cat([b["idx"] for b in loader]).numpy()), np.arange(1000))
+    with pytest.raises(TrainingError):
+        loader.set_weights(np.ones(5))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_cell_loader_draws_by_weight_and_keeps_idx_as_table_positions(tiny_data, cache, tmp_path):
+    """Both loader paths (in-memory cache and file stream): cells of weight 0 never come, ``idx`` names the right
+    table row (its pixels are the ones the plain loader gives that row)."""
+    unl = unlabeled_table(tiny_data)
+    p = tiny_params(tmp_path)
+    plain = {int(i): im for b in loader_for(unl, p.data, tiny_data.channels, shuffle=False, seed=0, cache=False)
+             for i, im in zip(b["idx"], b["image"], strict=True)}
+    loader = loader_for(unl, p.data, tiny_data.channels, shuffle=True, seed=1, cache=cache, batch_size=7)
+    w = (np.arange(len(unl)) % 3 == 0).astype(float)
+    loader.set_weights(w)
+    seen = []
+    for batch in loader:
+        for i, im in zip(batch["idx"].tolist(), batch["image"], strict=True):
+            assert torch.equal(im, plain[i])
+            seen.append(i)
+    assert len(seen) == len(unl) and all(i % 3 == 0 for i in seen)
+    assert len(set(seen)) < len(seen)  # drawn with replacement
+    if cache:
+        assert seen == sample_order(w, 1, 0).tolist()
+
+
+class _MeanTeacher(torch.nn.Module):
+    """Predicts class 1 for bright cells (mean > 0.5), class 0 otherwise."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([0.5 - m, m - 0.5], 1) + self.w
+
+
+def test_mixed_loader_balances_the_unlabeled_batches_by_the_teachers_predictions():
+    g = torch.Generator().manual_seed(0)
+    bright = torch.arange(200) < 20  # 10 % bright cells: the teacher's minority class
+    u = torch.where(bright[:, None, None, None], 0.9, 0.1) + 0.01 * torch.rand(200, 1, 8, 8, generator=g)
+    x, y = torch.rand(16, 1, 8, 8, generator=g), np.arange(16) % 2
+    obj = _fixmatch(0.5)
+    teacher = _MeanTeacher()
+    bal = PredictedClassBalance(obj, _model(), TensorLoader(u, None, 64), len(u))
+    mixed = MixedLoader(TensorLoader(x, y, 8, shuffle=True, seed=1), TensorLoader(u, None, 20, shuffle=True, seed=2),
+                        10, bal)
+    mixed.set_epoch(0)  # no teacher yet: plain shuffling, one pass over the pool
+    u_idx = torch.cat([b["u_idx"] for b in mixed])
+    assert sorted(u_idx.tolist()) == list(range(200)) and obj.pool_shares is None
+    obj.current_teacher = lambda model: teacher  # the teacher now exists
+    mixed.set_epoch(1)
+    assert bal.counts.tolist() == [180, 20] and obj.pool_shares.tolist() == [0.9, 0.1]
+    u_idx = torch.cat([b["u_idx"] for b in mixed])
+    assert len(u_idx) == 200 and 80 <= int(bright[u_idx].sum()) <= 120  # about half, not 10 %
+    metrics = obj.loss(_model(), {"image": torch.rand(4, 1, 32, 32), "label": torch.arange(4) % 2,
+                                  "u_image": torch.rand(8, 1, 32, 32)}, _ctx())[1]
+    assert metrics["ssl/pool_pred/0"] == pytest.approx(0.9) and metrics["ssl/pool_pred/1"] == pytest.approx(0.1)
+
+
+def test_balanced_pool_trains_through_train_member(tiny_data, tmp_path):
+    p = tiny_params(tmp_path, **{"train.regime": "semisupervised", "ssl.label_fraction": 0.5, "ssl.threshold": 0.6,
+                                 "ssl.balance_unlabeled": "predicted", "train.epochs": 2,
+                                 "train.max_steps_per_epoch": 2, "ensemble.members": 1, "train.patience": None})
+    logged = []
+    *_, res, _ = train_member(0, tiny_data, p, tmp_path, log_metrics=lambda m, e: logged.append(m), progress=False)
+    assert res.epochs_run == 2
+    assert not any(k.startswith("ssl/pool_pred/") for k in logged[0])  # epoch 0: no teacher yet
+    shares = [logged[1][f"ssl/pool_pred/{c}"] for c in tiny_data.classes]
+    assert sum(shares) == pytest.approx(1.0)
+    with pytest.raises(ConfigError, match="balance_unlabeled"):
+        train_member(0, tiny_data, tiny_params(tmp_path, **{"train.regime": "semisupervised",
+                                                             "ssl.label_fraction": 0.5, "ssl.method": "autoencoder",
+                                                             "ssl.balance_unlabeled": "predicted"}),
+                     tmp_path / "ae", progress=False)

@@ -174,6 +174,10 @@ class SSLConfig(Section):
     distribution_alignment: bool = False
     class_thresholds: bool = Field(False, description="FlexMatch curriculum: per-class thresholds that start low "
                                    "for classes the model seldom predicts confidently")
+    balance_unlabeled: Literal[False, "predicted"] = Field(
+        False, description="predicted: each epoch the unlabeled pool is drawn (with replacement, seeded) with weights "
+        "inverse to the frequency of the EMA teacher's predicted class, so every predicted class gives the same "
+        "share of the unlabeled batches (fixmatch only)")
     novelty_guard: bool = True
     guard_quantile: float = Field(0.95, gt=0, lt=1, description="labeled-feature distance quantile beyond which "
                                   "unlabeled cells are down-weighted as novel")

@@ -35,12 +35,13 @@ from training.active.acquisition import NEEDS_EMBEDDINGS, NEEDS_SAMPLES, STRATEG
 from training.active.oracle import NO_CLASS
 from training.config import Params
 from training.data.loader import loader_for
-from training.data.streams import training_stream
+from training.data.streams import check_weights, sample_order, training_stream
 from training.engine import fit, predict, seed_everything
 from training.errors import ConfigError, DataError, TrainingError
 from training.evaluation.metrics import calibration_report, classification_report
 from training.models.factory import build_model
 from training.regimes.objectives import build_objective
+from training.regimes.semisupervised import balance_for
 
 log = logging.getLogger(__name__)
 CURVE_COLUMNS = ["strategy", "seed", "round", "n_labels", "n_trained", "balanced_accuracy", "macro_f1", "nll",
@@ -59,15 +60,23 @@ class TensorLoader:
         n = len(images)
         self.labels = torch.as_tensor(np.full(n, -1) if labels is None else np.asarray(labels), dtype=torch.int64)
         self.batch_size, self.shuffle, self.seed, self.steps, self.epoch = max(1, batch_size), shuffle, seed, steps, 0
+        self.weights: np.ndarray | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def set_weights(self, weights: np.ndarray | None) -> None:
+        """Per-image sampling probabilities: each pass then draws ``len(images)`` with replacement from them
+        (``training.data.streams.sample_order``) instead of shuffling; None: back to shuffling."""
+        self.weights = check_weights(weights, len(self.images))
 
     def __len__(self) -> int:
         return self.steps if self.steps is not None else math.ceil(len(self.images) / self.batch_size)
 
     def _order(self, p: int) -> np.ndarray:
         n = len(self.images)
+        if self.weights is not None:
+            return sample_order(self.weights, self.seed, self.epoch, p)
         return np.random.default_rng([self.seed, self.epoch, p]).permutation(n) if self.shuffle else np.arange(n)
 
     def __iter__(self) -> Iterator[dict]:
@@ -179,12 +188,15 @@ def train_models(images: torch.Tensor, labels: np.ndarray, params: Params, seed:
                                         "max_steps_per_epoch": None})
         seed_everything(s)
         model = build_model(params.model, images.shape[1], n_classes)
-        u_loader = None
+        objective = build_objective(p, y, n_classes, images.shape[1], size)
+        u_loader, rebalance = None, None
         if semi:
             ub = min(params.ssl.unlabeled_ratio * b, len(unlabeled))
             u_loader = TensorLoader(unlabeled, None, ub, shuffle=True, seed=s + 1, steps=steps)
-        loader = training_stream(TensorLoader(x, y, b, shuffle=True, seed=s, steps=steps), steps, u_loader)
-        objective = build_objective(p, y, n_classes, images.shape[1], size)
+            if params.ssl.balance_unlabeled == "predicted":
+                pool = TensorLoader(unlabeled, None, params.score.batch_size)
+                rebalance = balance_for(p, objective, model, pool, len(unlabeled))
+        loader = training_stream(TensorLoader(x, y, b, shuffle=True, seed=s, steps=steps), steps, u_loader, rebalance)
         fit(model, loader, None, cfg, objective, n_classes, progress=False, steps_per_epoch=steps)
         models.append(model.eval())
     return models

@@ -11,6 +11,10 @@ Two paths, one interface (``set_epoch`` + iteration + ``len``):
 * otherwise a ``torch.utils.data.IterableDataset`` of blocks (runs of nearby rows in one file), shuffled at block
   level and inside a buffer, split over ``num_workers`` processes.
 
+With sampling weights (``set_weights``, the class-balanced unlabeled pool) both paths draw ``len(table)`` cells
+with replacement per epoch (:func:`training.data.streams.sample_order`) instead of a permutation; ``idx`` still
+names rows of the table given.
+
 Augmentation is not done here: the engine augments batches on the device (weak/strong views for FixMatch).
 """
 
@@ -28,6 +32,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from tqdm.auto import tqdm
 
 from training.config import DataConfig
+from training.data.streams import check_weights, sample_order
 from training.errors import DataError
 from training.io.formats import CellFile
 
@@ -75,11 +80,12 @@ class _Block:
     labels: np.ndarray
 
 
-def make_blocks(table: pd.DataFrame, block_size: int) -> list[_Block]:
-    """Cut the table into blocks of at most ``block_size`` nearby rows of one file."""
+def make_blocks(table: pd.DataFrame, block_size: int, positions: np.ndarray | None = None) -> list[_Block]:
+    """Cut the table into blocks of at most ``block_size`` nearby rows of one file; ``positions`` (default: row
+    order) is what each row is called in the batches' ``idx``."""
     blocks = []
     labels = table["y"].to_numpy(np.int64) if "y" in table else np.full(len(table), -1, np.int64)
-    positions = np.arange(len(table))
+    positions = np.arange(len(table)) if positions is None else np.asarray(positions, dtype=np.int64)
     for source, pos in table.groupby("source_file", observed=True, sort=False).indices.items():
         rows = table["row"].to_numpy(np.int64)[pos]
         order = np.argsort(rows, kind="stable")
@@ -120,8 +126,8 @@ class CellStream(IterableDataset):
 
     def __init__(self, table: pd.DataFrame, preprocess: Preprocess, batch_size: int, shuffle: bool = False,
                  seed: int = 0, block_size: int = 256, buffer_blocks: int = 8, drop_last: bool = False,
-                 channel_map: dict[str, str] | None = None):
-        self.blocks = make_blocks(table, block_size)
+                 channel_map: dict[str, str] | None = None, positions: np.ndarray | None = None):
+        self.blocks = make_blocks(table, block_size, positions)
         self.channel_map = channel_map
         self.preprocess, self.batch_size, self.shuffle = preprocess, batch_size, shuffle
         self.seed, self.buffer_blocks, self.drop_last = seed, buffer_blocks, drop_last
@@ -186,6 +192,7 @@ class CellLoader:
     progress: bool = False
     channel_map: dict[str, str] | None = None  # model channel name -> file channel name (see formats.match_channel)
     epoch: int = field(default=0, init=False)
+    weights: np.ndarray | None = field(default=None, init=False, repr=False)
     _images: torch.Tensor | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -196,6 +203,18 @@ class CellLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         self._stream.set_epoch(epoch)
+
+    def set_weights(self, weights: np.ndarray | None) -> None:
+        """Per-cell sampling probabilities (table order): each epoch then draws ``len(table)`` cells with
+        replacement from them instead of shuffling. None: back to the plain order."""
+        self.weights = check_weights(weights, len(self.table))
+
+    def _weighted_stream(self) -> CellStream:
+        draw = sample_order(self.weights, self.seed, self.epoch)
+        s = CellStream(self.table.iloc[draw], self.preprocess, self.batch_size, self.shuffle, self.seed,
+                       drop_last=self.drop_last, channel_map=self.channel_map, positions=draw)
+        s.set_epoch(self.epoch)
+        return s
 
     def __len__(self) -> int:
         n = len(self.table)
@@ -215,7 +234,10 @@ class CellLoader:
         if self._images is None:
             self._images = self._fill_cache()
         n = len(self.table)
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
+        if self.weights is not None:
+            order = sample_order(self.weights, self.seed, self.epoch)
+        else:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(n) if self.shuffle else np.arange(n)
         y = self.table["y"].to_numpy(np.int64) if "y" in self.table else np.full(n, -1, np.int64)
         stop = n // self.batch_size * self.batch_size if self.drop_last else n
         for s in range(0, stop, self.batch_size):
@@ -227,9 +249,10 @@ class CellLoader:
             return iter(())
         if self.cache and self._estimated_bytes() <= self.cache_max_bytes:
             return self._cached_batches()
+        stream = self._stream if self.weights is None else self._weighted_stream()
         if self.num_workers == 0:
-            return iter(self._stream)
-        return iter(DataLoader(self._stream, batch_size=None, num_workers=self.num_workers,
+            return iter(stream)
+        return iter(DataLoader(stream, batch_size=None, num_workers=self.num_workers,
                                multiprocessing_context="spawn" if torch.cuda.is_initialized() else None))
 
     def _estimated_bytes(self) -> int:

@@ -64,9 +64,9 @@ def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume:
         rng = np.random.default_rng(seed)
         train_rows = train_rows.iloc[rng.integers(0, len(train_rows), len(train_rows))].reset_index(drop=True)
     train_loader, val_loader = loaders(data, params, seed, train_rows)
-    train_loader = training_stream(train_loader, data, params, seed)
     model = build_model(params.model, len(data.channels), len(data.classes))
     objective = make_objective(params, data, seed)
+    train_loader = training_stream(train_loader, data, params, seed, objective, model)
     result = fit(model, train_loader, val_loader, params.train.model_copy(update={"seed": seed}), objective,
                  n_classes=len(data.classes), out_dir=out_dir / f"member_{k}", resume=resume,
                  log_metrics=log_metrics, progress=progress, on_epoch_end=on_epoch_end)

@@ -13,7 +13,11 @@
   encoder of a convolutional decoder; reconstruction loss on every cell, classification loss on labeled cells.
 
 Batches come from :class:`MixedLoader`, which zips the labeled loader with an unlabeled one (``u_image``,
-``u_idx``; ``ssl.unlabeled_ratio`` unlabeled cells per labeled batch slot). The unlabeled cells are the screen
+``u_idx``; ``ssl.unlabeled_ratio`` unlabeled cells per labeled batch slot). With ``ssl.balance_unlabeled=predicted``
+(:class:`PredictedClassBalance`) the unlabeled cells are not shuffled but drawn, at the start of every epoch, with
+replacement and weights inverse to the frequency of the EMA teacher's predicted class over the whole pool (one
+inference pass per epoch; the first epoch, before there is a teacher, is plain shuffling), so a pool of mostly
+stimulated cells no longer starves the other classes of pseudo-labels. The unlabeled cells are the screen
 (split ``unlabeled``) plus the training cells whose labels ``ssl.label_fraction`` hid; test, validation and
 held-out-class cells never are. Teacher, alignment and guard statistics live in the objective's
 ``state_dict`` (so ``resume`` continues exactly).
@@ -23,7 +27,8 @@ Per epoch the engine logs ``ssl/mask_rate``, ``ssl/weight`` (mean unlabeled weig
 and, when a simulator truth table is given (``ssl.truth``; it is read for logging only), ``ssl/pl_accuracy``
 (masked pseudo-labels of cells whose true state is a class), ``ssl/pl_accuracy_all`` (all of them),
 ``ssl/mask_rate_noclass`` and ``ssl/guard_class`` / ``ssl/guard_noclass`` (mean guard weight of cells whose
-state is / is not one of the classes). Ratios are per-step means.
+state is / is not one of the classes). Ratios are per-step means. With the balanced pool, ``ssl/pool_pred/<class>`` is the share of the
+whole pool the teacher predicted as each class at the start of the epoch.
 """
 
 from __future__ import annotations
@@ -42,23 +47,25 @@ from torch import Tensor, nn
 from training.config import Params
 from training.data.augment import Augmenter
 from training.data.loader import loader_for
-from training.data.streams import MixedLoader, RepeatLoader
+from training.data.streams import MixedLoader, RepeatLoader, balanced_weights
 from training.data.streams import training_stream as stream
 from training.data.trainset import HIDDEN, unlabeled_table
 from training.engine import StepContext
 from training.errors import ConfigError, TrainingError
 
-__all__ = ["MixedLoader", "RepeatLoader", "training_stream"]
+__all__ = ["MixedLoader", "PredictedClassBalance", "RepeatLoader", "training_stream"]
 log = logging.getLogger(__name__)
 NO_UNLABELED = ("semi-supervised training needs unlabeled cells: the split has none (no screen files in the manifest, "
                 "split.unlabeled_max=0?) and ssl.label_fraction=1 hides no labels")
 UNKNOWN = -2  # truth code: no truth for this cell (NO_CLASS = -1: its state is none of the classes)
 
 
-def training_stream(train_loader, data, params: Params, seed: int):
+def training_stream(train_loader, data, params: Params, seed: int, objective=None, model: nn.Module | None = None):
     """The engine's training data for ``data`` (``TrainData``) and the regime: the labeled loader as given
     (supervised, all labels), repeated to the full-data step budget (``ssl.label_fraction`` < 1), or zipped with a
-    loader over the unlabeled cells (semi-supervised) — through :func:`training.data.streams.training_stream`."""
+    loader over the unlabeled cells (semi-supervised) — through :func:`training.data.streams.training_stream`.
+    ``ssl.balance_unlabeled=predicted`` needs the FixMatch ``objective`` (its teacher predicts) and the ``model``
+    it trains."""
     b = params.data.batch_size
     n_full = int((data.cells["split"] == "train").sum())
     if HIDDEN in data.cells:
@@ -72,7 +79,20 @@ def training_stream(train_loader, data, params: Params, seed: int):
     ub = params.ssl.unlabeled_ratio * b
     u_loader = loader_for(unl, params.data, data.channels, shuffle=True, seed=seed + 1,
                           batch_size=min(ub, len(unl)), drop_last=True)
-    return stream(train_loader, steps, u_loader)
+    rebalance = None
+    if params.ssl.balance_unlabeled == "predicted":
+        pool = loader_for(unl, params.data, data.channels, shuffle=False, seed=seed, batch_size=params.score.batch_size)
+        rebalance = balance_for(params, objective, model, pool, len(unl))
+    return stream(train_loader, steps, u_loader, rebalance)
+
+
+def balance_for(params: Params, objective, model: nn.Module | None, pool, n_cells: int) -> PredictedClassBalance:
+    """The ``ssl.balance_unlabeled=predicted`` rebalancer, or a ConfigError naming what is missing."""
+    if params.ssl.method != "fixmatch" or not isinstance(objective, FixMatchObjective) or model is None:
+        raise ConfigError("ssl.balance_unlabeled=predicted balances FixMatch's unlabeled pool by its teacher's "
+                          f"predictions: it needs ssl.method=fixmatch (got {params.ssl.method}) and the objective "
+                          "and model when the stream is built")
+    return PredictedClassBalance(objective, model, pool, n_cells)
 
 
 # -- FixMatch -----------------------------------------------------------------------------------------------
@@ -178,11 +198,18 @@ class FixMatchObjective:
         self.updates = 0
         self._running: dict[str, list[float]] = {}
         self._epoch = -1
+        self.pool_shares: np.ndarray | None = None  # set by PredictedClassBalance: teacher's classes over the pool
 
     # -- teacher ----------------------------------------------------------------------------------------
     @property
     def teacher(self) -> nn.Module | None:
         return None if self.ema is None else self.ema.module
+
+    def current_teacher(self, model: nn.Module) -> nn.Module | None:
+        """The teacher of ``model`` if there is one yet (trained, or restored from a checkpoint), else None."""
+        if self.ema is None and self._pending_teacher is None:
+            return None
+        return self._teacher(model)
 
     def _teacher(self, model: nn.Module) -> nn.Module:
         if self.ema is None:
@@ -270,6 +297,9 @@ class FixMatchObjective:
         counts = torch.bincount(pl[mask], minlength=self.n_classes).cpu()
         for name, c in zip(self.class_names, counts.tolist(), strict=True):
             out[f"ssl/pl_frac/{name}"] = c / nu
+        if self.pool_shares is not None:
+            for name, share in zip(self.class_names, self.pool_shares.tolist(), strict=True):
+                out[f"ssl/pool_pred/{name}"] = share
         if self.truth is not None and u_idx is not None:
             t = self.truth[u_idx.cpu()]
             plc, maskc, gw = pl.cpu(), mask.cpu(), guard_w.cpu()
@@ -306,6 +336,48 @@ class FixMatchObjective:
         self.unused = float(d.get("unused", 1.0))
         if self.guard is not None and d.get("guard") is not None:
             self.guard.load_state_dict(d["guard"])
+
+
+class PredictedClassBalance:
+    """``ssl.balance_unlabeled=predicted``: called by :class:`MixedLoader` at the start of every epoch, it predicts
+    every cell of ``pool`` (a loader over the ``n_cells`` unlabeled cells, ``idx`` = their position, no
+    augmentation) with the objective's EMA teacher
+    and returns sampling weights inverse to the frequency of each cell's predicted class
+    (:func:`~training.data.streams.balanced_weights`). None (plain shuffling) while there is no teacher yet, i.e.
+    in the first epoch of a fresh run; after a resume the restored teacher predicts."""
+
+    def __init__(self, objective: FixMatchObjective, model: nn.Module, pool, n_cells: int):
+        self.objective, self.model, self.pool, self.n_cells = objective, model, pool, n_cells
+        self.counts: np.ndarray | None = None  # teacher's predicted-class counts over the pool, last epoch
+
+    @torch.no_grad()
+    def predicted(self) -> np.ndarray | None:
+        """The teacher's class (argmax) for every pool cell, or None without a teacher."""
+        teacher = self.objective.current_teacher(self.model)
+        if teacher is None:
+            return None
+        was_training = teacher.training
+        teacher.eval()
+        device = next(teacher.parameters()).device
+        pred = np.full(self.n_cells, -1, np.int64)
+        for batch in self.pool:
+            pred[batch["idx"].numpy()] = teacher(batch["image"].to(device)).argmax(1).cpu().numpy()
+        teacher.train(was_training)
+        if (pred < 0).any():
+            raise TrainingError(f"the pool loader left {int((pred < 0).sum())} of {self.n_cells} unlabeled cells "
+                                "unpredicted")
+        return pred
+
+    def __call__(self) -> np.ndarray | None:
+        pred = self.predicted()
+        if pred is None:
+            return None
+        k = self.objective.n_classes
+        self.counts = np.bincount(pred, minlength=k)
+        self.objective.pool_shares = self.counts / max(len(pred), 1)
+        log.info("balanced unlabeled pool: teacher predicts %s",
+                 ", ".join(f"{n} {c}" for n, c in zip(self.objective.class_names, self.counts.tolist(), strict=True)))
+        return balanced_weights(pred, k)
 
 
 # -- the thesis variant: autoencoder ----------------------------------------------------------------------------
