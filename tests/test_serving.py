@@ -119,7 +119,7 @@ def test_score_response_schema(server, screen):
         assert cell["predicted_class"] == max(probs, key=probs.get)
         assert cell["confidence"] == pytest.approx(max(probs.values()))
         assert cell["entropy"] == pytest.approx(cell["aleatoric"] + cell["epistemic"], abs=1e-9)
-        # novelty: higher = more novel; the default energy score is negative (-logsumexp of the logits)
+        # novelty: higher = more novel (the default sums robust z-scores of energy and multi-stage kNN distance)
         assert cell["epistemic"] >= 0 and np.isfinite(cell["novelty"])
 
 

@@ -396,10 +396,11 @@ def _head_only_dropout(model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def forward(model: nn.Module, x: Tensor, mc_dropout: int = 0, with_features: bool = True, amp: bool = True
-            ) -> tuple[Tensor, Tensor | None]:
+def forward(model: nn.Module, x: Tensor, mc_dropout: int = 0, with_features: bool = True, amp: bool = True,
+            stages: list | None = None) -> tuple[Tensor, Tensor | None]:
     """One batch through a model in eval mode: float32 logits (B, K), or (S, B, K) with ``mc_dropout=S`` passes with
-    only Dropout switched to train mode, and penultimate ``features`` (B, D; dropout off) or None.
+    only Dropout switched to train mode, and penultimate ``features`` (B, D; dropout off) or None. Given a list as
+    ``stages``, the same pass appends every backbone stage's feature map to it (``forward_intermediates``).
 
     The one inference step: :func:`predict`, the ensemble's scoring and active-learning pool scoring all use it.
     With MC dropout the body runs once and the head S times when all active dropout is in the head."""
@@ -408,7 +409,11 @@ def forward(model: nn.Module, x: Tensor, mc_dropout: int = 0, with_features: boo
         x = x.contiguous(memory_format=torch.channels_last)
     feats = None
     with _autocast(x.device, use_amp):
-        f = model.forward_features(x)
+        if stages is None:
+            f = model.forward_features(x)
+        else:
+            f, maps = model.forward_intermediates(x)
+            stages.extend(maps)
         if with_features:
             feats = model.forward_head(f, pre_logits=True).float()
         if not mc_dropout:

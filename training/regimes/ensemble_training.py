@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 
 from training.config import Params
 from training.data.loader import CellLoader, Preprocess, loader_for
 from training.data.trainset import TrainData, keep_label_fraction
-from training.engine import fit, predict, seed_everything, select_device
+from training.engine import fit, forward, predict, seed_everything, select_device
 from training.errors import DataError
 from training.models.factory import build_model
 from training.regimes.objectives import make_objective
@@ -90,12 +89,12 @@ def fit_novelty(model, loader: CellLoader, params: Params, seed: int, device) ->
     if "stages" in nov.input:
         model.to(device).eval()
         out: dict[str, list] = {"stages": [], "logits": [], "label": []}
-        with torch.no_grad():
-            for batch in loader:
-                fmap, stages = model.forward_intermediates(batch["image"].to(device))
-                out["stages"].append(stage_features(stages))
-                out["logits"].append(model.forward_head(fmap).float().cpu().numpy())
-                out["label"].append(batch["label"].numpy())
+        for batch in loader:
+            maps: list = []
+            logits, _ = forward(model, batch["image"].to(device), with_features=False, stages=maps)
+            out["stages"].append(stage_features(maps))
+            out["logits"].append(logits.cpu().numpy())
+            out["label"].append(batch["label"].numpy())
         tr = {k: np.concatenate(v) for k, v in out.items()}
     else:
         tr = predict(model, loader, device=device, with_features=nov.input == "features")

@@ -125,17 +125,18 @@ class Ensemble:
 
     @staticmethod
     def _novelty_input(kind: str, model: torch.nn.Module, x: torch.Tensor, features: np.ndarray,
-                       logits: torch.Tensor) -> np.ndarray:
+                       logits: torch.Tensor, stages: list) -> np.ndarray | dict[str, np.ndarray]:
         """What a member's novelty model scores: penultimate ``features``, deterministic ``logits`` (the MC-dropout
-        samples are not: one more head pass then) or pooled ``stages`` (one more pass through the stages)."""
+        samples are not: one more head pass then), pooled ``stages`` (the maps of the same forward pass), or a dict
+        of several (``logits+stages``)."""
         if kind == "features":
             return features
         if kind == "logits":
             det = logits[:, 0] if logits.shape[1] == 1 else forward(model, x, with_features=False)[0]
             return det.cpu().numpy()
         if kind == "stages":
-            return stage_features(model.forward_intermediates(x)[1])
-        return {part: Ensemble._novelty_input(part, model, x, features, logits) for part in kind.split("+")}
+            return stage_features(stages)
+        return {part: Ensemble._novelty_input(part, model, x, features, logits, stages) for part in kind.split("+")}
 
     @torch.no_grad()
     def raw_outputs(self, x: torch.Tensor, with_features: bool = False) -> dict[str, np.ndarray]:
@@ -146,12 +147,13 @@ class Ensemble:
         samples = self.spec.mc_samples if self.spec.posterior == "mc_dropout" else 0
         logits, novelty, feats = [], [], []
         for k, model in enumerate(self.members):
-            lg, f = forward(model, x, mc_dropout=samples, with_features=True)
+            maps: list | None = [] if self.novelty and "stages" in self.novelty[k].input else None
+            lg, f = forward(model, x, mc_dropout=samples, with_features=True, stages=maps)
             lg = lg.transpose(0, 1) if samples else lg[:, None]  # (N, S, K)
             logits.append(lg.cpu().numpy())
             f = f.cpu().numpy()
             if self.novelty:
-                novelty.append(self.novelty[k].score(self._novelty_input(self.novelty[k].input, model, x, f, lg)))
+                novelty.append(self.novelty[k].score(self._novelty_input(self.novelty[k].input, model, x, f, lg, maps)))
             if with_features:
                 feats.append(f)
         out = {
