@@ -17,7 +17,17 @@ HEADLINE = {  # per metrics file: the keys shown in the main table (fnmatch patt
     "discovery.json": ["n_novel", "n_clusters", "top_cluster_n_cells", "top_cluster_top_gene",
                        "top_cluster_top_gene_fdr", "planted_novel_gene_is_top"],
     "ssl.json": ["*"], "al_seeds.json": ["*"], "hits.json": ["*"],
+    # the al_transfer study, one file per unseen simulator configuration: per arm the AUBC and its interval, the
+    # paired difference to random and whether its interval excludes zero
+    "al_transfer_*.json": ["*/mean", "*/ci_low", "*/ci_high", "*/diff_*"],
 }
+
+
+def headline(name: str) -> list[str]:
+    """The headline key patterns of a metrics file: its exact name's, else the first file-name pattern it matches."""
+    if name in HEADLINE:
+        return HEADLINE[name]
+    return next((v for k, v in HEADLINE.items() if fnmatch.fnmatch(name, k)), [])
 
 
 def machine() -> dict[str, str]:
@@ -77,7 +87,7 @@ def write_summary(metrics_dir: str | os.PathLike, out: str | os.PathLike, info: 
         if not isinstance(data, dict):
             continue
         flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
-        patterns = HEADLINE.get(f.name, [])
+        patterns = headline(f.name)
         head = [k for k in flat if any(fnmatch.fnmatch(k, p) for p in patterns)]
         lines += ["", f"## {f.name}", ""]
         if head:
