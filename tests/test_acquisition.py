@@ -15,6 +15,7 @@ from training.active.acquisition import (
     power_sample,
     select,
     typiclust,
+    typiclust_query,
 )
 from training.errors import ConfigError
 
@@ -102,6 +103,35 @@ def test_typiclust_takes_one_dense_point_per_cluster():
     for p in pos:  # the pick is near its blob's centre, not an outlier
         assert np.linalg.norm(x[p] - centres[p // 50]) < 1.5
     assert (typ > 0).all()
+
+
+def _blob(centre, n, radius):
+    """``n`` points: the centre and a ring around it (with every mate as a neighbour the centre is the most typical)."""
+    angles = np.linspace(0, 2 * np.pi, n - 1, endpoint=False)
+    ring = np.stack([np.cos(angles), np.sin(angles)], axis=1) * radius
+    return np.concatenate([np.asarray(centre, float)[None], np.asarray(centre, float) + ring])
+
+
+def test_typiclust_query_takes_the_centres_of_the_largest_uncovered_clusters():
+    # three blobs of 30, 20 and 12 points; a labeled point sits in the largest one
+    pool = np.concatenate([_blob([0, 0], 30, 1.0), _blob([50, 0], 20, 1.0), _blob([0, 50], 12, 1.0)])
+    labeled = np.array([[0.2, 0.1]])
+    pos, typ = select("typiclust", 2, np.random.default_rng(0), embeddings=pool, labeled_embeddings=labeled,
+                      neighbors=100)
+    assert pos.tolist() == [30, 50]  # the centre of the 20-blob (the largest uncovered), then of the 12-blob
+    assert (typ > 0).all()
+    # with a label in the 20-blob instead, the largest uncovered cluster is the 30-blob: its centre comes first
+    pos, _ = typiclust_query(pool, np.array([[50.1, 0.2]]), 2, np.random.default_rng(0), neighbors=100)
+    assert pos.tolist() == [0, 50]
+    # more queries than blobs: the blobs split into more clusters, every blob gets a query, no position twice
+    pos, _ = typiclust_query(pool, labeled, 5, np.random.default_rng(0), neighbors=100)
+    blob = np.searchsorted([30, 50], pos, side="right")
+    assert len(set(pos.tolist())) == 5 and set(blob.tolist()) == {0, 1, 2}
+
+
+def test_typiclust_query_needs_embeddings():
+    with pytest.raises(ValueError, match="typiclust needs pool embeddings"):
+        select("typiclust", 2, np.random.default_rng(0), probs=PROBS)
 
 
 def test_unknown_strategy_is_a_config_error():

@@ -35,7 +35,7 @@ def _keys(df: pd.DataFrame) -> list[tuple[str, int]]:
     return list(zip(df["source_file"].astype(str), df["cell_id"].astype(int), strict=True))
 
 
-@pytest.mark.parametrize("strategy", ["margin", "coreset"])
+@pytest.mark.parametrize("strategy", ["margin", "coreset", "typiclust"])
 def test_campaign_bookkeeping(setup, strategy):
     p, index, data = setup
     reported = []
@@ -49,6 +49,8 @@ def test_campaign_bookkeeping(setup, strategy):
     assert not set(_keys(q)) & set(_keys(data.split("test")))  # never a test cell
     assert set(_keys(q)) <= set(_keys(data.split("train")))  # the default pool is the training split
     assert q.loc[q["round"] > 0, "score"].notna().all()
+    # typiclust's cold start is its own typicality selection (scored), the others' the class-balanced random one
+    assert q.loc[q["round"] == 0, "score"].notna().all() == (strategy == "typiclust")
     assert curve["balanced_accuracy"].between(0, 1).all() and (curve["nll"] > 0).all()
 
 

@@ -192,6 +192,30 @@ def test_query_skips_labeled_and_test_cells_and_is_reproducible(ens, tiny_manife
     np.testing.assert_allclose(q["score"], q["epistemic"], rtol=1e-4, atol=1e-6)
 
 
+def test_typiclust_query_covers_the_labeled_cells(ens, tiny_manifest, one_thread, monkeypatch):
+    """coreset / typiclust get the embeddings of the labeled cells, so they cover what a person labeled already."""
+    import training.active.query as query
+    from training.data.cellindex import build_index
+
+    idx = build_index(tiny_manifest, progress=False)
+    screen = idx[idx["label"].isna()]
+    labeled = hist([(f, int(c), "bright", "ann", "t") for f, c in zip(screen["source_file"].astype(str)[:9],
+                                                                      screen["cell_id"][:9], strict=True)])
+    seen = {}
+    real = query.select
+
+    def spy(strategy, k, rng, **kw):
+        seen[strategy] = tuple(None if kw[k] is None else kw[k].shape for k in ("embeddings", "labeled_embeddings"))
+        return real(strategy, k, rng, **kw)
+
+    monkeypatch.setattr(query, "select", spy)
+    q = query.run_query(ens, idx, "typiclust", 5, labeled=labeled, pool_subsample=60, seed=1).queries
+    (pool_shape, lab_shape) = seen["typiclust"]
+    assert lab_shape == (9, pool_shape[1]) and len(q) == 5 and q["score"].gt(0).all()
+    query.run_query(ens, idx, "margin", 5, labeled=labeled, pool_subsample=60, seed=1)
+    assert seen["margin"][1] is None  # uncertainty strategies do not need them
+
+
 def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):
     args = ["query", "--model", str(tiny_ensemble), "--manifest", str(tiny_manifest), "--strategy", "margin",
             "--n", "7", "--out", str(tmp_path / "q.parquet"), "--labels", str(tmp_path / "none.csv"),

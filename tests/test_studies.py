@@ -82,6 +82,34 @@ def test_summary_writes_the_table_from_metrics_files(tmp_path):
     assert real["torch"] and real["platform"] and real["commit"]
 
 
+def test_summary_tables_the_al_transfer_study(tmp_path):
+    (tmp_path / "m").mkdir()
+    flat = {"random/mean": 0.61, "random/ci_low": 0.58, "random/ci_high": 0.64, "random/sd": 0.01, "random/n": 3,
+            "power_bald/mean": 0.66, "power_bald/ci_low": 0.6, "power_bald/ci_high": 0.7, "power_bald/n": 3,
+            "power_bald/diff_mean": 0.05, "power_bald/diff_ci_low": -0.01, "power_bald/diff_ci_high": 0.11,
+            "power_bald/diff_excludes_zero": False}
+    (tmp_path / "m" / "al_transfer_seed1_weak.json").write_text(json.dumps(flat))
+    text = write_summary(tmp_path / "m", tmp_path / "summary.md", {"commit": "x"}).read_text()
+    table = text[text.index("## al_transfer_seed1_weak.json"):text.index("<details>")]
+    assert "| random | 3 | 0.6100 | [0.5800, 0.6400] | baseline | | |" in table
+    assert "| power_bald | 3 | 0.6600 | [0.6000, 0.7000] | +0.0500 | [-0.0100, +0.1100] | no |" in table
+
+
+def test_al_transfer_study_compares_random_with_the_default_strategy():
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    study = yaml.safe_load((root / "benchmarks/studies/dvc.yaml").read_text())
+    vars_ = {k: v for d in study["vars"] for k, v in d.items()}
+    default = yaml.safe_load((root / "params.yaml").read_text())["label"]["strategy"]
+    assert vars_["al_transfer_strategies"].split(",") == ["random", default]
+    configs = vars_["al_transfer_configs"]
+    assert len(configs) >= 2 and all("synth.seed=0" not in c["synth"] and "synth.seed=" in c["synth"]
+                                     for c in configs.values())  # never the seed the default was chosen on
+
+
 def test_same_seed_same_machine_same_metrics(tiny_manifest, tmp_path, one_thread):
     """What the README promises: on one machine, the same seed gives the same ensemble and the same numbers
     (temperatures, novelty reference, test probabilities); across CPUs the kernels may differ."""

@@ -227,3 +227,33 @@ def test_render_is_scale_free(size: int) -> None:
     assert x.shape == (6, 5, size, size) and x.min() >= 0 and x.max() <= 1
     area = (x[:, 1] > 0.5).mean(axis=(1, 2))  # cells cover a similar share of the crop at any size
     assert 0.15 < np.median(area) < 0.9
+
+
+def test_phenotype_overrides_change_the_model_and_bad_ones_are_config_errors(tmp_path: Path) -> None:
+    assert synth.phenotype_model({}) is synth.MODEL
+    m = synth.phenotype_model({"ei24_factor": [0.8, 0.9], "weak_fraction": 0.2})
+    assert m.ei24_factor == (0.8, 0.9) and m.weak_fraction == 0.2 and m.stim_beta == synth.MODEL.stim_beta
+    with pytest.raises(ConfigError, match="unknown field.*bogus"):
+        synthesize(SynthConfig(**{**TINY, "phenotype": {"bogus": 1.0}}), tmp_path / "a", progress=False)
+    with pytest.raises(ConfigError, match="ei24_factor: expected a list of 2 numbers"):
+        synth.phenotype_model({"ei24_factor": 0.5})
+    with pytest.raises(ConfigError, match="weak_fraction: expected a number"):
+        synth.phenotype_model({"weak_fraction": [0.1, 0.2]})
+    with pytest.raises(ConfigError, match="finite"):
+        synth.phenotype_model({"weak_fraction": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_weaker_phenotype_moves_the_truth_and_the_pixels(tmp_path: Path) -> None:
+    """EI24 KO cells keep more autophagy with a weaker knockout; everything not drawn from the phenotype is equal."""
+    small = {**TINY, "timecourse_hours": [], "screen_slides": 0}
+    base = synthesize(SynthConfig(**small), tmp_path / "base", progress=False)
+    weak = synthesize(SynthConfig(**{**small, "phenotype": {"ei24_factor": [0.9, 1.0]}}), tmp_path / "weak",
+                      progress=False)
+    tb, tw = load_truth(base), load_truth(weak)
+    ko = (tb["condition"] == "ei24_ko") & tb["knockout"]
+    assert ko.sum() > 10 and (tw.loc[ko, "autophagy"].mean() > tb.loc[ko, "autophagy"].mean() + 0.1)
+    other = tb["condition"] != "ei24_ko"
+    np.testing.assert_array_equal(tb.loc[other, "autophagy"], tw.loc[other, "autophagy"])
+    ei24 = next(p for p in tb.loc[ko, "path"])
+    assert not np.array_equal(read_all(base)[ei24][1], read_all(weak)[ei24][1])

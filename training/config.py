@@ -43,6 +43,10 @@ class SynthConfig(Section):
     batch_size: int = Field(256, ge=1, description="cells rendered at once (memory vs speed)")
     compression: Literal["lzf", "gzip", "none"] = Field("lzf", description="HDF5 compression (scPortrait: lzf)")
     workers: int = Field(2, ge=1, description="threads generating files in parallel (same output for any number)")
+    phenotype: dict[str, float | list[float]] = Field(
+        default_factory=dict, description="overrides of the phenotype model's constants (training.sim.synth."
+        "PhenotypeModel field -> number or [low, high]), e.g. {ei24_factor: [0.45, 0.8]} for a weaker EI24 KO; "
+        "{} = the default model")
     seed: int = 0
 
 

@@ -11,6 +11,10 @@ Inputs are posteriors over the scored pool: ``probs`` (N, K) class probabilities
   log scores, reproducible from the generator.
 * ``coreset``: k-center greedy on embeddings (each pick is the pool point farthest from the labeled set and the
   points picked so far).
+* ``typiclust``: TypiClust (Hacohen, Dekel & Weinshall, ICML 2022), the low-budget strategy: k-means on the labeled
+  and pool embeddings into ``|labeled| + k`` clusters, then the most typical pool point (highest typicality within
+  its cluster) of each of the largest clusters that hold no labeled point. It needs no class probabilities, so it
+  does not depend on a model that has not yet converged; its cold start is :func:`typiclust`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,10 @@ from training.uncertainty.decompose import decompose
 from training.uncertainty.decompose import entropy as _entropy
 
 STRATEGIES = (
-    "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "coreset",
+    "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "coreset", "typiclust",
 )
 NEEDS_SAMPLES = frozenset({"bald", "power_bald"})
-NEEDS_EMBEDDINGS = frozenset({"coreset"})
+NEEDS_EMBEDDINGS = frozenset({"coreset", "typiclust"})
 _EPS = 1e-12
 _CHUNK = 8192
 
@@ -155,6 +159,59 @@ def typiclust(embeddings: np.ndarray, n: int, rng: np.random.Generator, neighbor
     return pos, typ[pos]
 
 
+def typiclust_query(embeddings: np.ndarray, labeled: np.ndarray | None, k: int, rng: np.random.Generator,
+                    neighbors: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """TypiClust in a later round: ``k`` pool positions and their typicality.
+
+    The pool ``embeddings`` (N, D) and the ``labeled`` ones (M, D) are clustered together into ``M + k`` clusters
+    (k-means); clusters are visited by fewest labeled members, then largest (so first the largest clusters no label
+    covers yet), and each gives its pool point of highest typicality within the cluster (1 / mean distance to its
+    ``neighbors`` nearest cluster mates). Too few clusters with pool points: the most typical pool points left."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans
+
+    x = np.asarray(embeddings, dtype=np.float64)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must have shape (N, D), got {x.shape}")
+    lab = (np.empty((0, x.shape[1])) if labeled is None or not len(labeled)
+           else np.asarray(labeled, dtype=np.float64).reshape(-1, x.shape[1]))
+    n, m = x.shape[0], lab.shape[0]
+    k = min(k, n)
+    both = np.concatenate([lab, x])
+    n_clusters = min(m + k, both.shape[0])
+    seed = int(rng.integers(2**31 - 1))
+    km = (KMeans(n_clusters, n_init=1, random_state=seed) if n_clusters <= 50 or both.shape[0] <= 5000
+          else MiniBatchKMeans(n_clusters, n_init=3, random_state=seed, batch_size=4096))
+    clusters = km.fit_predict(both)
+    lab_c, pool_c = clusters[:m], clusters[m:]
+    covered = np.bincount(lab_c, minlength=n_clusters)
+    sizes = np.bincount(clusters, minlength=n_clusters)
+    typ = np.zeros(n)
+    chosen: list[int] = []
+    for c in np.lexsort((-sizes, covered)):  # fewest labels first, then largest
+        if len(chosen) >= k:
+            break
+        members = np.nonzero(pool_c == c)[0]
+        if not members.size:
+            continue
+        mates = both[clusters == c]
+        nn = min(neighbors, mates.shape[0] - 1)
+        if nn >= 1:
+            d = cdist(x[members], mates)
+            d.sort(axis=1)
+            typ[members] = 1.0 / (d[:, 1 : nn + 1].mean(axis=1) + _EPS)  # column 0: the point itself
+        else:
+            typ[members] = 1.0
+        chosen.append(int(members[np.argmax(typ[members])]))
+    if len(chosen) < k:
+        glob_typ = typicality(x, neighbors)
+        rest = [int(i) for i in np.argsort(-glob_typ, kind="stable") if int(i) not in set(chosen)]
+        for i in rest[: k - len(chosen)]:
+            typ[i] = glob_typ[i]
+            chosen.append(i)
+    pos = np.asarray(chosen, dtype=np.int64)
+    return pos, typ[pos]
+
+
 def scores_for(strategy: str, probs: np.ndarray | None = None, samples: np.ndarray | None = None) -> np.ndarray:
     """The per-cell score a (non-random, non-coreset) strategy ranks by."""
     if strategy in NEEDS_SAMPLES:
@@ -175,7 +232,7 @@ def scores_for(strategy: str, probs: np.ndarray | None = None, samples: np.ndarr
 def select(strategy: str, k: int, rng: np.random.Generator, n_pool: int | None = None,
            probs: np.ndarray | None = None, samples: np.ndarray | None = None,
            embeddings: np.ndarray | None = None, labeled_embeddings: np.ndarray | None = None,
-           temperature: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+           temperature: float = 1.0, neighbors: int = 20) -> tuple[np.ndarray, np.ndarray]:
     """Pick ``k`` distinct pool positions with ``strategy``; returns (positions, their scores).
 
     ``random`` needs only ``n_pool`` (its scores are NaN)."""
@@ -190,6 +247,10 @@ def select(strategy: str, k: int, rng: np.random.Generator, n_pool: int | None =
         if embeddings is None:
             raise ValueError("coreset needs pool embeddings (N, D)")
         return k_center_greedy(embeddings, labeled_embeddings, k)
+    if strategy == "typiclust":
+        if embeddings is None:
+            raise ValueError("typiclust needs pool embeddings (N, D)")
+        return typiclust_query(embeddings, labeled_embeddings, k, rng, neighbors)
     scores = scores_for(strategy, probs, samples)
     pos = power_sample(scores, k, temperature, rng) if strategy.startswith("power_") else top_k(scores, k)
     return pos.astype(np.int64), scores[pos]

@@ -10,7 +10,8 @@ A campaign (one strategy, one seed) runs ``al.rounds + 1`` rounds::
 The pool is the ``al.pool`` splits (default: the training split, whose labels stay hidden until queried) limited
 to the cells the oracle can answer; the test split is never in it. Oracle answers of "none of the classes"
 (``NO_CLASS``) cost a label and train nothing. Round ``r``'s model and the initial set are the same for every
-strategy at a given seed, so strategies are compared on paired runs. Weights are reset every round (a model
+strategy at a given seed (except ``typiclust``, whose cold start is its own typicality selection), so strategies
+are compared on paired runs. Weights are reset every round (a model
 trained from scratch on the labeled set), as the robust AL baselines recommend.
 
 ``run_campaign`` returns one curve row per round; :func:`full_data_reference` trains the same recipe on the whole
@@ -244,14 +245,20 @@ def random_embeddings(images: torch.Tensor, params: Params, seed: int) -> np.nda
     return feats
 
 
-def initial_set(pool: pd.DataFrame, store: PoolImages, params: Params, rng: np.random.Generator
-                ) -> tuple[np.ndarray, np.ndarray]:
+def initial_method(params: Params, strategy: str) -> str:
+    """The cold start of a campaign: ``typiclust`` always starts from its own typicality selection (the strategy is
+    the whole low-budget recipe), every other strategy from ``al.initial_method``."""
+    return "typicality" if strategy == "typiclust" else params.al.initial_method
+
+
+def initial_set(pool: pd.DataFrame, store: PoolImages, params: Params, rng: np.random.Generator,
+                method: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Positions of the initial labeled set and their scores (typicality, or NaN for random).
 
-    ``random`` is class-balanced over the slide labels the pool carries (known without an annotator: the
+    ``method`` defaults to ``al.initial_method``. ``random`` is class-balanced over the slide labels the pool carries (known without an annotator: the
     condition of a control slide); cells without one form one more group."""
     n = params.al.initial
-    if params.al.initial_method == "typicality":
+    if (method or params.al.initial_method) == "typicality":
         cand = _subsample(np.arange(len(pool)), params.al.pool_subsample, rng)
         emb = random_embeddings(store.get(cand), params, int(rng.integers(2**31 - 1)))
         pos, typ = typiclust(emb, n, rng, params.al.typicality_neighbors)
@@ -301,7 +308,8 @@ def run_campaign(params: Params, data, strategy: str, seed: int, oracle, out_dir
                        or len(pool) <= al.pool_subsample)
     strategy_id = STRATEGIES.index(strategy)
 
-    labeled, scores = initial_set(pool, store, params, np.random.default_rng([al.seed, seed, 0]))
+    labeled, scores = initial_set(pool, store, params, np.random.default_rng([al.seed, seed, 0]),
+                                  initial_method(params, strategy))
     answers = oracle.label(pool.iloc[labeled])
     queries = [_query_rows(strategy, seed, 0, pool, labeled, scores, answers, classes)]
     rows: list[dict] = []
@@ -365,7 +373,7 @@ def acquire(strategy: str, models: list[nn.Module], pool: pd.DataFrame, store: P
         lab_emb = posterior(models[:1], store.get(labeled), params, features=True)["features"]
     pos, scores = select(strategy, k, rng, probs=post["probs"], samples=post.get("samples"),
                          embeddings=post.get("features"), labeled_embeddings=lab_emb,
-                         temperature=al.power_temperature)
+                         temperature=al.power_temperature, neighbors=al.typicality_neighbors)
     store.keep(cand[pos], images[torch.as_tensor(pos)])
     return cand[pos], scores
 

@@ -80,9 +80,20 @@ def run_query(ensemble, index: pd.DataFrame, strategy: str, n: int, *, labeled: 
     seconds = time.perf_counter() - t0
     out = ensemble.combine(raw["logits"])
     out["novelty"] = raw["novelty"]
+    lab_emb = None
+    if strategy in NEEDS_EMBEDDINGS and labeled is not None and not labeled.empty:
+        # coreset / typiclust cover what is labeled already: embed the labeled cells of the index too
+        keys = abs_keys(index["source_file"], index["cell_id"])
+        lab = index.loc[np.asarray(keys.isin(abs_keys(labeled["source_file"], labeled["cell_id"]))),
+                        ["source_file", "row", "cell_id"]].assign(source_file=lambda t: t["source_file"].astype(str))
+        lab = subsample(lab, pool_subsample, np.random.default_rng([seed, round_, 1]))
+        if len(lab):
+            lab_emb = ensemble.predict_batches(CellLoader(lab, ensemble.preprocess, batch_size=batch_size,
+                                                          shuffle=False, num_workers=num_workers, cache=False),
+                                               raw=True, with_features=True)["features"]
     pos, scores = select(strategy, min(n, len(cells)), rng, n_pool=len(cells), probs=out["mean_probs"],
                          samples=member_probs(ensemble, raw["logits"]), embeddings=raw.get("features"),
-                         temperature=temperature)
+                         labeled_embeddings=lab_emb, temperature=temperature)
     picked = cells.iloc[pos].reset_index(drop=True)
     frame = ensemble.to_frame({k: v[pos] for k, v in out.items()}, picked)
     q = pd.DataFrame({"strategy": strategy, "seed": seed, "round": round_,

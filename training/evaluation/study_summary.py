@@ -20,6 +20,13 @@ HEADLINE = {  # per metrics file: the keys shown in the main table (fnmatch patt
 }
 
 
+def headline(name: str) -> list[str]:
+    """The headline key patterns of a metrics file: its exact name's, else the first file-name pattern it matches."""
+    if name in HEADLINE:
+        return HEADLINE[name]
+    return next((v for k, v in HEADLINE.items() if fnmatch.fnmatch(name, k)), [])
+
+
 def machine() -> dict[str, str]:
     """Commit (with ``-dirty`` when the work tree differs), platform, CPU model, Python and torch versions."""
     def git(*args: str) -> str:
@@ -99,7 +106,7 @@ def write_summary(metrics_dir: str | os.PathLike, out: str | os.PathLike, info: 
         if not isinstance(data, dict):
             continue
         flat = {k: v for k, v in data.items() if not isinstance(v, dict)}
-        patterns = HEADLINE.get(f.name, [])
+        patterns = headline(f.name)
         head = [k for k in flat if any(fnmatch.fnmatch(k, p) for p in patterns)]
         lines += ["", f"## {f.name}", ""]
         lines += arm_table(flat)

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -107,6 +107,31 @@ class PhenotypeModel:
 
 
 MODEL = PhenotypeModel()
+
+
+def phenotype_model(overrides: dict | None = None) -> PhenotypeModel:
+    """:data:`MODEL` with ``overrides`` (``synth.phenotype``: field -> number, or a pair for the range / Beta fields).
+
+    Unknown fields, a number where a pair belongs (or the reverse) and non-finite values are a ConfigError."""
+    if not overrides:
+        return MODEL
+    known = {f.name: f for f in fields(PhenotypeModel)}
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ConfigError(f"synth.phenotype: unknown field(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    changes: dict = {}
+    for name, value in overrides.items():
+        default = getattr(MODEL, name)
+        pair = isinstance(default, tuple)
+        if pair != isinstance(value, list | tuple) or (pair and len(value) != len(default)):
+            want = f"a list of {len(default)} numbers" if pair else "a number"
+            raise ConfigError(f"synth.phenotype.{name}: expected {want} (default {list(default) if pair else default}),"
+                              f" got {value!r}")
+        numbers = [float(v) for v in value] if pair else [float(value)]
+        if not all(math.isfinite(v) for v in numbers):
+            raise ConfigError(f"synth.phenotype.{name}: values must be finite, got {value!r}")
+        changes[name] = tuple(numbers) if pair else numbers[0]
+    return replace(MODEL, **changes)
 
 
 # -- plan --------------------------------------------------------------------------------------------
@@ -685,13 +710,14 @@ def write_montage(examples: dict[str, list[np.ndarray]], slots: list[tuple[str, 
 def make_file(cfg: SynthConfig, spec: FileSpec, lib: Library, root: Path, keys: list[str],
               per_row: int = 8) -> tuple[pd.DataFrame, dict[str, np.ndarray]]:
     """Render and write one file under ``root``; return its truth rows and montage examples."""
+    m = phenotype_model(cfg.phenotype)
     rng = np.random.default_rng([cfg.seed, 2, spec.index])
-    slide = Slide.draw(np.random.default_rng([cfg.seed, 1, spec.slide]))
-    cells = draw_cells(spec, cfg, lib, rng)
+    slide = Slide.draw(np.random.default_rng([cfg.seed, 1, spec.slide]), m)
+    cells = draw_cells(spec, cfg, lib, rng, m)
     images = np.empty((spec.n, 5, cfg.image_size, cfg.image_size), np.float16)
     for start in range(0, spec.n, cfg.batch_size):
         stop = min(start + cfg.batch_size, spec.n)
-        images[start:stop] = render(cells.take(slice(start, stop)), slide, cfg.image_size, rng)
+        images[start:stop] = render(cells.take(slice(start, stop)), slide, cfg.image_size, rng, m)
     ids = _cell_ids(rng, spec.n)
     target = root / spec.path
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -718,8 +744,9 @@ def synthesize(cfg: SynthConfig, out_dir: str | os.PathLike | None = None, progr
     from tqdm.auto import tqdm
 
     final = Path(out_dir if out_dir is not None else cfg.out)
+    m = phenotype_model(cfg.phenotype)  # a bad override fails before anything is written
     specs = plan_files(cfg)
-    lib = make_library(cfg)
+    lib = make_library(cfg, m)
     slots = _montage_slots(cfg, lib)
     keys = [k for k, _ in slots]
     per_row = 8
