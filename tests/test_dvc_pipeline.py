@@ -113,6 +113,27 @@ def test_repro_runs_every_default_stage(dvc_repo):
     assert (root / "plots" / "index.html").is_file()
 
 
+def test_screen_stages_write_bins_counts_and_hits(dvc_repo):
+    """score_screen -> bins -> sequence -> hits (and the --cells genotype mode) in the same repro."""
+    root, _ = dvc_repo
+    scores = pd.read_parquet(root / "reports/screen/scores.parquet")
+    assert {"source_file", "cell_id", "prob_atg5_ko", "epistemic", "embedding"} <= set(scores)
+    bins = pd.read_parquet(root / "reports/screen/bins/bins.parquet")
+    assert set(bins["group"]) == {"screen_s1"}  # from the manifest
+    sets = json.loads((root / "reports/screen/bins/cell_sets.json").read_text())
+    assert sorted(s["name"] for s in sets) == ["bin1_screen_s1", "bin2_screen_s1"]
+    samples = pd.read_csv(root / "reports/screen/counts/samples.csv")
+    counts = pd.read_csv(root / "reports/screen/counts/counts.tsv", sep="\t")
+    assert list(counts.columns[2:]) == samples["sample"].tolist()
+    assert set(samples["replicate"]) == {"r1", "r2"} and (samples["kind"] == "library").sum() == 2
+    for name in ("genes.csv", "grnas.csv", "volcano.png", "rank.png", "qq.png", "summary.json"):
+        assert (root / "reports/screen/hits" / name).is_file(), name
+    hits = json.loads((root / "metrics/hits.json").read_text())
+    assert {"spatial/n_called", "sparcs/n_called", "spatial/fdp", "sparcs/recall_all_hits"} <= set(hits)
+    cells = json.loads((root / "metrics/hits_cells.json").read_text())
+    assert {"cells_soft/n_called", "cells_threshold/n_called"} <= set(cells)
+
+
 def test_data_stages_rerun_only_downstream_of_a_param_change(dvc_repo):
     root, env = dvc_repo
     dry = run(["dvc", "repro", "--dry", "-s", "split"], root, env).stdout
