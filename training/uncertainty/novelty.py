@@ -22,6 +22,7 @@ checkpoint; ``novelty_from_dict`` rebuilds any kind (files without a ``kind`` ar
 from __future__ import annotations
 
 import numpy as np
+import torch
 from scipy import special
 from scipy.spatial.distance import cdist
 from sklearn.covariance import LedoitWolf
@@ -262,12 +263,15 @@ class KNNNovelty:
         if self.bank_ is None:
             raise ModelError("KNNNovelty is not fitted: call fit() or from_dict() first")
         x = l2_normalize(_check_rows(features, self.bank_.shape[1]))
-        k = min(self.k, self.bank_.shape[0])
+        bank = self.bank_.astype(np.float64)
+        k = min(self.k, bank.shape[0])
         out = np.empty(x.shape[0])
-        for i in range(0, x.shape[0], 4096):
-            d = cdist(x[i : i + 4096], self.bank_, metric="euclidean")
-            if leave_self_out:
-                d[np.arange(len(d)), d.argmin(axis=1)] = np.where(d.min(axis=1) < 1e-4, np.inf, d.min(axis=1))
+        for i in range(0, x.shape[0], 4096):  # unit vectors: |a - b|^2 = 2 - 2 a.b, one BLAS product per chunk
+            d = np.sqrt(np.clip(2.0 - 2.0 * (x[i : i + 4096] @ bank.T), 0.0, None))
+            if leave_self_out:  # its own entry: equal up to the bank's float32 rounding (cosine > 1 - 2e-6)
+                nearest = d.argmin(axis=1)
+                own = d[np.arange(len(d)), nearest] < 2e-3
+                d[np.flatnonzero(own), nearest[own]] = np.inf
             out[i : i + 4096] = np.partition(d, k - 1, axis=1)[:, k - 1]
         return out
 
@@ -404,6 +408,11 @@ def stage_features(stage_maps: list) -> np.ndarray:
     Accepts torch tensors or arrays."""
     parts = []
     for fm in stage_maps:
-        a = fm.float().cpu().numpy() if hasattr(fm, "cpu") else np.asarray(fm, dtype=np.float64)
-        parts += [l2_normalize(a.mean(axis=(2, 3))), l2_normalize(a.std(axis=(2, 3)))]
+        if hasattr(fm, "cpu"):  # torch: pool where the maps are (one pass for both moments)
+            sd, mean = torch.std_mean(fm.float(), dim=(2, 3), correction=0)
+            mean, sd = mean.cpu().numpy(), sd.cpu().numpy()
+        else:
+            a = np.asarray(fm, dtype=np.float64)
+            mean, sd = a.mean(axis=(2, 3)), a.std(axis=(2, 3))
+        parts += [l2_normalize(mean), l2_normalize(sd)]
     return np.concatenate(parts, axis=1)
