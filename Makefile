@@ -26,5 +26,6 @@ lint: install
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --check || exit 1; done
 
-clean:
-	rm -rf data models reports metrics mlflow.db mlartifacts
+clean:  # what `dvc repro` writes (the committed reports/ measurements and .gitignore files stay)
+	rm -rf data/raw data/index/*.parquet data/screen models/ensemble reports/evaluate reports/screen reports/discovery \
+		reports/summary.md metrics dvc.lock mlflow.db mlartifacts bentoml_home
