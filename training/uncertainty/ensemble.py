@@ -10,8 +10,8 @@ An ensemble is a directory that carries everything scoring needs, so the same nu
 
 Per-cell outputs (see ``training.uncertainty.decompose.FIELD_DESCRIPTIONS``): mean class probabilities over members
 (calibrated as ``spec.calibration`` says: one temperature on the pooled log-probabilities, or one per member), predicted class, confidence, total entropy, aleatoric (mean member
-entropy), epistemic (mutual information) and novelty (mean over members of the Mahalanobis distance to the
-nearest training class).
+entropy), epistemic (mutual information) and novelty (mean over members of each member's
+``uncertainty.novelty`` score; see ``training.uncertainty.novelty``).
 """
 
 from __future__ import annotations
