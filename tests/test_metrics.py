@@ -10,6 +10,7 @@ import training.evaluation.plots as plots
 from training.evaluation.metrics import (
     calibration_report,
     classification_report,
+    ece_if_calibrated,
     ood_report,
     reference_agreement,
     reliability_bins,
@@ -197,3 +198,35 @@ def test_paired_bootstrap_difference_and_interval():
                                                                                        seed=3)
     with pytest.raises(ValueError):
         paired_bootstrap(sharp, [], y)
+
+
+def test_ece_if_calibrated_matches_the_binomial_noise():
+    # 400 cells all at confidence 0.5 (one bin): ECE = |accuracy - 0.5|, accuracy ~ Binomial(400, 0.5) / 400, so
+    # its median is 0.6745 * 0.025 (half-normal) and the 95th percentile 1.96 * 0.025.
+    probs = np.full((400, 2), 0.5)
+    out = ece_if_calibrated(probs, n_bins=15, draws=20000, seed=1)
+    assert out["ece_if_calibrated_median"] == pytest.approx(0.6745 * 0.025, rel=0.15)
+    assert out["ece_if_calibrated_q95"] == pytest.approx(1.96 * 0.025, rel=0.1)
+    # four times the cells halve the noise; certain predictions have none
+    more = ece_if_calibrated(np.full((1600, 2), 0.5), draws=20000, seed=1)
+    assert more["ece_if_calibrated_median"] == pytest.approx(out["ece_if_calibrated_median"] / 2, rel=0.15)
+    assert ece_if_calibrated(np.eye(2)[np.arange(50) % 2])["ece_if_calibrated_q95"] == 0.0
+    assert ece_if_calibrated(probs, draws=500, seed=3) == ece_if_calibrated(probs, draws=500, seed=3)
+    with pytest.raises(ValueError, match="finite"):
+        ece_if_calibrated(np.array([[np.nan, 1.0]]))
+
+
+def test_ece_if_calibrated_tells_noise_from_miscalibration():
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([0.3, 0.3, 0.3], size=800)
+    q95 = ece_if_calibrated(probs, seed=0)["ece_if_calibrated_q95"]
+    # labels drawn from the probabilities: calibrated, so the observed ECE stays under the 95th percentile ~95 % of
+    # the time; the same labels scored by an over-confident model (probabilities sharpened) exceed it
+    below, over = [], []
+    for _ in range(200):
+        y = _sample_labels(rng, probs)
+        below.append(calibration_report(probs, y)["ece"] <= q95)
+        sharp = probs**3 / (probs**3).sum(axis=1, keepdims=True)
+        over.append(calibration_report(sharp, y)["ece"] > ece_if_calibrated(sharp, draws=200)["ece_if_calibrated_q95"])
+    assert 0.9 <= np.mean(below) <= 0.99
+    assert np.mean(over) == 1.0

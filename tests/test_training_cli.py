@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from training.cli.main import app
 from training.errors import ModelError
+from training.evaluation.metrics import ece_if_calibrated
 from training.tracking import repo_root, resolve_model
 from training.uncertainty.ensemble import Ensemble
 
@@ -67,6 +68,10 @@ def test_train_evaluate_register_outputs(trained):
     preds = pd.read_parquet(trained / "report" / "predictions.parquet")
     assert {"source_file", "cell_id", "prob_bright", "prob_spotty", "epistemic", "novelty", "split"} <= set(preds.columns)
     np.testing.assert_allclose(preds[["prob_bright", "prob_spotty"]].sum(axis=1), 1, atol=1e-5)
+    # the noise floor of the ECE is the one of the served test probabilities (seeded; the table stores float32)
+    test = preds[preds["split"] == "test"][["prob_bright", "prob_spotty"]].to_numpy()
+    assert ev["ece_if_calibrated_q95"] == pytest.approx(ece_if_calibrated(test, seed=0)["ece_if_calibrated_q95"],
+                                                        rel=0.01)
 
 
 def test_mlflow_run_layout_and_champion(trained):

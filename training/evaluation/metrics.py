@@ -186,6 +186,32 @@ def paired_bootstrap(probs: np.ndarray, baselines: Sequence[np.ndarray], labels:
     return out
 
 
+def ece_if_calibrated(probs: np.ndarray, n_bins: int = 15, draws: int = 1000, seed: int = 0) -> dict[str, float]:
+    """The ECE that a *perfectly calibrated* model with these confidences would still show on this many cells:
+    each cell's top prediction drawn correct with probability its confidence, ``draws`` times (seeded).
+    ``ece_if_calibrated_median`` / ``_q95``: an observed ECE below the 95th percentile cannot be told apart
+    from perfect calibration on these cells (sampling noise, not miscalibration)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 2 or not np.all(np.isfinite(p)):
+        raise ValueError(f"probs must be a finite (N, K) array, got shape {p.shape}")
+    n = p.shape[0]
+    if n == 0:
+        return {"ece_if_calibrated_median": float("nan"), "ece_if_calibrated_q95": float("nan")}
+    conf = p.max(axis=1)
+    bins = _bin_index(conf, n_bins)
+    rng = np.random.default_rng(seed)
+    ece = []
+    chunk = max(1, 4_000_000 // n)
+    for start in range(0, draws, chunk):
+        rows = min(chunk, draws - start)
+        gap = (rng.random((rows, n)) < conf).astype(np.float64) - conf
+        offsets = (np.arange(rows) * n_bins)[:, None]
+        per_bin = np.bincount((offsets + bins).ravel(), weights=gap.ravel(), minlength=rows * n_bins)
+        ece.append(np.abs(per_bin.reshape(rows, n_bins)).sum(axis=1) / n)
+    e = np.concatenate(ece)
+    return {"ece_if_calibrated_median": float(np.median(e)), "ece_if_calibrated_q95": float(np.quantile(e, 0.95))}
+
+
 def _scores(x: np.ndarray, name: str) -> np.ndarray:
     a = np.asarray(x, dtype=np.float64).ravel()
     if not np.all(np.isfinite(a)):
