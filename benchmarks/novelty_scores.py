@@ -6,6 +6,11 @@ For every ``--kind``, the novelty is refitted on the members of ``--model`` (no 
 the simulator's truth then says which states the flagged cells are in. Speed: ``predict_tensor`` on random 64x64
 inputs, one thread, best of ``--repeats``.
 
+Why the novel phenotype is hard to flag (``feature_sources``): the multi-stage kNN on the trained members' features
+and on the same architecture at a seeded random initialisation, each against the novel phenotype, the held-out
+classes and what passes the 0.99 threshold; and for every screen cell the simulator state of its nearest training
+cell in the trained members' features.
+
     python benchmarks/novelty_scores.py [--model models/ensemble] [--out reports/uncertainty_study/novelty_scores.json]
     python benchmarks/novelty_scores.py --check      # floor: energy_multistage scores >= 0.5x as fast as energy
 
@@ -29,10 +34,14 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from training.config import load_params
-from training.data.trainset import prepare_data
+from training.data.loader import loader_for
+from training.data.trainset import TrainData, prepare_data
+from training.engine import forward
 from training.io.tables import read_table
+from training.models.factory import build_model
 from training.regimes.ensemble_training import refit_novelty
 from training.uncertainty.ensemble import Ensemble
+from training.uncertainty.novelty import KNNNovelty, stage_features
 
 BASELINE = "energy"
 FLOOR = 0.5  # energy_multistage / energy cells per second
@@ -66,13 +75,81 @@ def queue_with(kind: str, ens: Ensemble, work: Path, truth: pd.DataFrame) -> dic
     cells, _ = read_table(queue / "cells.parquet")
     cells = cells.assign(key=cells["source_file"].map(os.path.relpath)).merge(truth, on=["key", "cell_id"])
     novel, trained = cells["state"] == "novel", cells["state"].isin(["on", "blocked"])
-    auroc = roc_auc_score(np.r_[np.zeros(trained.sum()), np.ones(novel.sum())],
-                          np.r_[cells.loc[trained, "novelty"], cells.loc[novel, "novelty"]])
+    auc = auroc(cells.loc[trained, "novelty"].to_numpy(), cells.loc[novel, "novelty"].to_numpy())
     flagged = cells[cells["cluster"] >= 0]
-    return {"auroc_novel_vs_screen_trained_states": float(auroc), "n_flagged": len(flagged),
+    return {"auroc_novel_vs_screen_trained_states": auc, "n_flagged": len(flagged),
             "flagged_states": flagged["state"].value_counts().to_dict(),
             **{k: metrics.get(k) for k in ("threshold", "top_cluster_top_gene", "top_cluster_top_gene_fdr",
                                            "planted_novel_gene_is_top")}}
+
+
+@torch.no_grad()
+def _stage_features(model: torch.nn.Module, cells: pd.DataFrame, data: TrainData, params) -> np.ndarray:
+    loader = loader_for(cells, params.data, data.channels, shuffle=False, seed=0, cache=False, batch_size=256)
+    feats, idx = [], []
+    for batch in loader:
+        maps: list = []
+        forward(model, batch["image"], with_features=False, stages=maps)
+        feats.append(stage_features(maps))
+        idx.append(batch["idx"].numpy())
+    return np.concatenate(feats)[np.argsort(np.concatenate(idx), kind="stable")]
+
+
+def feature_sources(ens: Ensemble, data: TrainData, params, truth: pd.DataFrame) -> dict[str, dict]:
+    """The multi-stage kNN novelty (``multistage_knn``) on two sources of features: the trained members, and networks
+    of the same architecture at a seeded random initialisation (no training: multi-scale filter statistics that
+    nothing has taught an invariance). Per source: AUROC of the novel phenotype against screen cells in a trained
+    state, of the held-out classes against the test cells, and the states over the 0.99 validation quantile;
+    for the trained members also the simulator state of every screen cell's nearest training cell (cosine, the
+    space the kNN searches), counted over cells x members, with ``"training cells"``: the training cells' states."""
+    def with_state(cells: pd.DataFrame) -> pd.DataFrame:
+        keyed = cells.assign(key=cells["source_file"].map(os.path.relpath))
+        return keyed.merge(truth, on=["key", "cell_id"], how="left", validate="one_to_one")
+
+    train, val, test, held = (with_state(data.split(n)) for n in ("train", "val", "test", "heldout"))
+    index, _ = read_table(params.index.out)
+    screen = with_state(index[index["condition"] == "screen"].reset_index(drop=True))
+    in_chans, n_classes = len(data.channels), len(ens.spec.classes)
+    untrained = []
+    for k in range(len(ens.members)):
+        torch.manual_seed(params.seed + k)
+        untrained.append(build_model(params.model, in_chans, n_classes).eval())
+    novel = (screen["state"] == "novel").to_numpy()
+    trained_state = screen["state"].isin(["on", "blocked"]).to_numpy()  # the training classes' states
+    out: dict[str, dict] = {}
+    for source, members in (("trained members", ens.members), ("untrained network", untrained)):
+        scores: dict[str, list] = {"val": [], "test": [], "heldout": [], "screen": []}
+        counts: dict[str, pd.Series] = {}
+        for k, model in enumerate(members):
+            bank = _stage_features(model, train, data, params)
+            knn = KNNNovelty(params.uncertainty.knn_k, params.uncertainty.knn_bank, params.seed + k,
+                             input="stages").fit(bank)
+            feats = {n: _stage_features(model, c, data, params) for n, c in
+                     (("val", val), ("test", test), ("heldout", held), ("screen", screen))}
+            for n, f in feats.items():
+                scores[n].append(knn.score(f))
+            nearest = (feats["screen"] @ bank.T).argmax(axis=1)  # rows are L2-normalised: cosine
+            pairs = pd.DataFrame({"screen": screen["state"].to_numpy(), "train": train["state"].to_numpy()[nearest]})
+            for state, group in pairs.groupby("screen"):
+                counts[state] = group["train"].value_counts().add(counts.get(state, pd.Series(dtype=int)),
+                                                                  fill_value=0)
+        mean = {n: np.mean(v, axis=0) for n, v in scores.items()}
+        flagged = screen.loc[mean["screen"] > np.quantile(mean["val"], 0.99), "state"]
+        res = {"auroc_novel_vs_screen_trained_states": auroc(mean["screen"][trained_state], mean["screen"][novel]),
+               "auroc_heldout_pooled": auroc(mean["test"], mean["heldout"]),
+               **{f"auroc_heldout_{label}": auroc(mean["test"], mean["heldout"][(held["label"] == label).to_numpy()])
+                  for label in sorted(held["label"].unique())},
+               "flagged_states_at_0.99": {k: int(v) for k, v in flagged.value_counts().items()}}
+        if source == "trained members":
+            counts["training cells"] = train["state"].value_counts()
+            res["nearest_training_state"] = {state: {k: int(v) for k, v in c.sort_values(ascending=False).items()}
+                                             for state, c in counts.items()}
+        out[source] = res
+    return out
+
+
+def auroc(inlier: np.ndarray, outlier: np.ndarray) -> float:
+    return float(roc_auc_score(np.r_[np.zeros(len(inlier)), np.ones(len(outlier))], np.r_[inlier, outlier]))
 
 
 def main() -> int:
@@ -105,8 +182,21 @@ def main() -> int:
                   f"({r['cells_per_second'] / results[BASELINE]['cells_per_second']:.2f}x {BASELINE}); novel vs "
                   f"screen AUROC {r['auroc_novel_vs_screen_trained_states']:.3f}; flagged {r['n_flagged']} "
                   f"{r['flagged_states']}; top gene {r['top_cluster_top_gene']}", flush=True)
+    params = load_params("params.yaml")
+    ens = Ensemble.load(a.model)
+    splits, _ = read_table(params.split.out)
+    sources = feature_sources(ens, prepare_data(splits, ens.spec.classes, params), params, truth)
+    for source, r in sources.items():
+        print(f"multistage kNN on the {source}: novel vs screen AUROC {r['auroc_novel_vs_screen_trained_states']:.3f},"
+              f" held-out pooled {r['auroc_heldout_pooled']:.3f}; over the 0.99 quantile {r['flagged_states_at_0.99']}")
+    nearest = sources["trained members"]["nearest_training_state"]
+    for state in ("training cells", "novel", "debris", "blocked", "on"):
+        share = {k: f"{v / sum(nearest.get(state, {0: 1}).values()):.0%}" for k, v in nearest.get(state, {}).items()}
+        print(f"nearest training cell of a screen '{state}' cell: {share}" if state != "training cells" else
+              f"training cells: {share}")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"model": a.model, "baseline": BASELINE, "kinds": results}, indent=2))
+    a.out.write_text(json.dumps({"model": a.model, "baseline": BASELINE, "kinds": results,
+                                 "feature_sources": sources}, indent=2))
     ok = True
     if "energy_multistage" in results:
         ratio = results["energy_multistage"]["cells_per_second"] / results[BASELINE]["cells_per_second"]
