@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 from training.config import load_params
 from training.data.loader import loader_for
 from training.data.trainset import TrainData, prepare_data
-from training.engine import forward
+from training.engine import predict
 from training.io.tables import read_table
 from training.models.factory import build_model
 from training.regimes.ensemble_training import refit_novelty
@@ -83,16 +83,10 @@ def queue_with(kind: str, ens: Ensemble, work: Path, truth: pd.DataFrame) -> dic
                                            "planted_novel_gene_is_top")}}
 
 
-@torch.no_grad()
 def _stage_features(model: torch.nn.Module, cells: pd.DataFrame, data: TrainData, params) -> np.ndarray:
     loader = loader_for(cells, params.data, data.channels, shuffle=False, seed=0, cache=False, batch_size=256)
-    feats, idx = [], []
-    for batch in loader:
-        maps: list = []
-        forward(model, batch["image"], with_features=False, stages=maps)
-        feats.append(stage_features(maps))
-        idx.append(batch["idx"].numpy())
-    return np.concatenate(feats)[np.argsort(np.concatenate(idx), kind="stable")]
+    out = predict(model, loader, with_features=False, pool_stages=stage_features)
+    return out["stages"][np.argsort(out["idx"], kind="stable")]
 
 
 def feature_sources(ens: Ensemble, data: TrainData, params, truth: pd.DataFrame) -> dict[str, dict]:

@@ -36,6 +36,7 @@ from training.config import parse_override, resolve
 from training.data.loader import loader_for
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data
+from training.engine import predict
 from training.evaluation.metrics import calibration_report, paired_bootstrap
 from training.io.tables import read_table
 from training.regimes.ensemble_training import train_member
@@ -53,20 +54,12 @@ def load_params(_path, overrides: dict | None = None):
 CONTROL_CLASSES = ["stimulated", "unstimulated", "atg5_ko", "ei24_ko"]
 
 
-@torch.no_grad()
 def member_outputs(model: torch.nn.Module, cells: pd.DataFrame, params, channels: list[str]) -> dict[str, np.ndarray]:
     """Penultimate features, logits and multi-stage pooled features of ``cells`` (table order)."""
-    model.eval()
     loader = loader_for(cells, params.data, channels, shuffle=False, seed=0, cache=False, batch_size=256)
-    out: dict[str, list] = {"features": [], "logits": [], "stages": [], "idx": []}
-    for batch in loader:
-        fmap, stages = model.forward_intermediates(batch["image"])
-        out["features"].append(model.forward_head(fmap, pre_logits=True).numpy())
-        out["logits"].append(model.forward_head(fmap).numpy())
-        out["stages"].append(stage_features(stages))
-        out["idx"].append(batch["idx"].numpy())
-    order = np.argsort(np.concatenate(out.pop("idx")), kind="stable")
-    return {k: np.concatenate(v)[order] for k, v in out.items()}
+    out = predict(model, loader, with_features=True, pool_stages=stage_features)
+    order = np.argsort(out["idx"], kind="stable")
+    return {k: out[k][order] for k in ("features", "logits", "stages")}
 
 
 def novelty_by_kind(train: dict, train_y: np.ndarray, queries: dict[str, dict], params, seed: int

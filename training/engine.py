@@ -433,10 +433,12 @@ def forward(model: nn.Module, x: Tensor, mc_dropout: int = 0, with_features: boo
 @torch.no_grad()
 def predict(
     model: nn.Module, data: Iterable[dict], device: torch.device | str | None = None, mc_dropout: int = 0,
-    with_features: bool = True, amp: bool = True,
+    with_features: bool = True, amp: bool = True, pool_stages: Callable[[list], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Logits (N, K) — or (S, N, K) with ``mc_dropout=S`` (see :func:`forward`) — plus penultimate ``features``
-    (N, D, dropout off), ``idx`` and ``label`` (N,) over every batch of ``data``."""
+    (N, D, dropout off), ``idx`` and ``label`` (N,) over every batch of ``data``. With ``pool_stages`` (e.g.
+    ``training.uncertainty.novelty.stage_features``) also ``stages``: its rows for the backbone stage maps of the
+    same forward pass."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     was_training = model.training
@@ -447,8 +449,11 @@ def predict(
         for batch in data:
             x = batch["image"].to(device, non_blocking=True)
             b = len(x)
-            logits, feats = forward(model, x, mc_dropout, with_features, amp)
+            maps: list | None = [] if pool_stages is not None else None
+            logits, feats = forward(model, x, mc_dropout, with_features, amp, stages=maps)
             out["logits"].append(logits.cpu())
+            if maps is not None:
+                out["stages"].append(torch.from_numpy(pool_stages(maps)))
             if with_features:
                 out["features"].append(feats.cpu())
             idx = batch.get("idx")
@@ -467,4 +472,6 @@ def predict(
     }
     if with_features:
         res["features"] = torch.cat(out["features"]).numpy()
+    if pool_stages is not None:
+        res["stages"] = torch.cat(out["stages"]).numpy()
     return res

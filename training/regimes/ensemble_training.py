@@ -21,7 +21,7 @@ import pandas as pd
 from training.config import Params
 from training.data.loader import CellLoader, Preprocess, loader_for
 from training.data.trainset import TrainData, keep_label_fraction
-from training.engine import fit, forward, predict, seed_everything, select_device
+from training.engine import fit, predict, seed_everything, select_device
 from training.errors import DataError
 from training.models.factory import build_model
 from training.regimes.objectives import make_objective
@@ -86,18 +86,8 @@ def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume:
 def fit_novelty(model, loader: CellLoader, params: Params, seed: int, device) -> NoveltyModel:
     """The ``uncertainty.novelty`` model of one member, fitted on the cells of ``loader`` (the training cells)."""
     nov = make_novelty(params.uncertainty.novelty, params.uncertainty.knn_k, params.uncertainty.knn_bank, seed)
-    if "stages" in nov.input:
-        model.to(device).eval()
-        out: dict[str, list] = {"stages": [], "logits": [], "label": []}
-        for batch in loader:
-            maps: list = []
-            logits, _ = forward(model, batch["image"].to(device), with_features=False, stages=maps)
-            out["stages"].append(stage_features(maps))
-            out["logits"].append(logits.cpu().numpy())
-            out["label"].append(batch["label"].numpy())
-        tr = {k: np.concatenate(v) for k, v in out.items()}
-    else:
-        tr = predict(model, loader, device=device, with_features=nov.input == "features")
+    tr = predict(model, loader, device=device, with_features="features" in nov.input,
+                 pool_stages=stage_features if "stages" in nov.input else None)
     return nov.fit(novelty_inputs(nov, tr), tr["label"])
 
 

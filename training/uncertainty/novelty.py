@@ -242,7 +242,7 @@ class KNNNovelty:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.max_bank, self.seed, self.input = int(k), int(max_bank), int(seed), input
-        self.bank_: np.ndarray | None = None
+        self.bank_: np.ndarray | None = None  # float64 holding float32-rounded rows: what is saved, exactly
 
     @property
     def kind(self) -> str:
@@ -254,7 +254,7 @@ class KNNNovelty:
             raise ValueError("kNN novelty needs at least one training cell")
         if x.shape[0] > self.max_bank:
             x = x[np.sort(np.random.default_rng(self.seed).choice(x.shape[0], self.max_bank, replace=False))]
-        self.bank_ = l2_normalize(x).astype(np.float32)
+        self.bank_ = l2_normalize(x).astype(np.float32).astype(np.float64)
         return self
 
     def score(self, features: np.ndarray, leave_self_out: bool = False) -> np.ndarray:
@@ -263,7 +263,7 @@ class KNNNovelty:
         if self.bank_ is None:
             raise ModelError("KNNNovelty is not fitted: call fit() or from_dict() first")
         x = l2_normalize(_check_rows(features, self.bank_.shape[1]))
-        bank = self.bank_.astype(np.float64)
+        bank = self.bank_
         k = min(self.k, bank.shape[0])
         out = np.empty(x.shape[0])
         for i in range(0, x.shape[0], 4096):  # unit vectors: |a - b|^2 = 2 - 2 a.b, one BLAS product per chunk
@@ -278,13 +278,13 @@ class KNNNovelty:
     def to_dict(self) -> dict[str, np.ndarray | float]:
         if self.bank_ is None:
             raise ModelError("KNNNovelty is not fitted")
-        return {"bank": self.bank_, "k": self.k, "input": self.input}
+        return {"bank": self.bank_.astype(np.float32), "k": self.k, "input": self.input}
 
     @classmethod
     def from_dict(cls, d: dict) -> KNNNovelty:
         if "bank" not in d or "k" not in d:
             raise ModelError("kNN novelty model needs the keys 'bank' and 'k'")
-        bank = np.asarray(d["bank"], dtype=np.float32)
+        bank = np.asarray(d["bank"], dtype=np.float32).astype(np.float64)
         obj = cls(k=int(np.asarray(d["k"])), max_bank=max(1, bank.shape[0]), input=str(np.asarray(d.get("input", "features"))))
         obj.bank_ = bank
         return obj
