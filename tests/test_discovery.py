@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from serving.discovery.controls import control_novelty
 from serving.discovery.enrichment import cluster_gene_enrichment
 from serving.discovery.queue import NOT_NOVEL, cluster_embeddings, novelty_threshold
 from serving.discovery.run import discover, genotypes_from_truth
@@ -21,6 +22,7 @@ from training.io.formats import CellFile
 from training.io.tables import read_table, write_table
 
 N_PLANTED = 20
+MODEL_REF = DiscoverConfig(reference="model", quantile=0.99)  # hand-made novelty: the model is the reference
 
 
 def _planted_scores(screen: Path, rng: np.random.Generator) -> tuple[pd.DataFrame, np.ndarray]:
@@ -105,8 +107,7 @@ def test_discover_finds_the_planted_cluster_and_its_gene(tiny_manifest, tmp_path
     truth = tmp_path / "truth_genes.csv"
     pd.DataFrame({"gene": ["G1", "GNOV"], "role": ["neutral", "novel"]}).to_csv(truth, index=False)
     info = {"novelty_val_quantiles": {"0.99": 2.0}}
-    m = discover(tmp_path / "scores.parquet", info, "LC3B", tmp_path / "q", DiscoverConfig(), geno, lib,
-                 truth_genes=truth)
+    m = discover(tmp_path / "scores.parquet", info, "LC3B", tmp_path / "q", MODEL_REF, geno, lib, truth_genes=truth)
     cells, _ = read_table(tmp_path / "q" / "cells.parquet")
     assert list(cells.columns[:2]) == ["source_file", "cell_id"]
     top = cells["cluster"].to_numpy() == 0
@@ -139,7 +140,7 @@ def test_queue_puts_the_gene_driven_cluster_before_a_larger_one_without_a_gene(t
     df = df.assign(embedding=list(emb), novelty=novelty)
     write_table(df, tmp_path / "scores.parquet")
     geno, lib = _genotypes(df, planted, rng, tmp_path)
-    cfg = DiscoverConfig(max_clusters=3)  # this test is about the order of the queue, not the number of clusters
+    cfg = MODEL_REF.model_copy(update={"max_clusters": 3})  # the order of the queue, not the number of clusters
     m = discover(tmp_path / "scores.parquet", {}, "LC3B", tmp_path / "q", cfg, geno, lib, threshold=2.0)
     cells, _ = read_table(tmp_path / "q" / "cells.parquet")
     clusters = pd.read_csv(tmp_path / "q" / "clusters.csv")
@@ -198,8 +199,68 @@ def test_cli_score_then_discover(tiny_ensemble, tiny_manifest, tmp_path):
     assert proc.returncode == 0, proc.stderr
     m = json.loads((tmp_path / "d.json").read_text())
     spec = json.loads((tiny_ensemble / "spec.json").read_text())
-    assert m["threshold"] == pytest.approx(spec["info"]["novelty_val_quantiles"]["0.99"])
+    assert m["threshold"] == pytest.approx(spec["info"]["novelty_val_quantiles"]["0.95"])
+    assert m["reference"] == "model"  # no genotypes, so no controls
     assert m["n_scored"] == 80 and (tmp_path / "q" / "cells.parquet").is_file()
     proc = run("discover", "--scores", "scores.parquet", "--model", str(tiny_ensemble), "--out", "q2",
                "--genotypes", "missing.csv", "--library", "missing.csv")
     assert proc.returncode == 2 and "missing.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_control_novelty_measures_each_slide_against_its_own_controls():
+    """Two slides, the second shifted (its optics); 15 cells per slide are displaced (a phenotype). Against their own
+    slide's controls exactly the displaced cells stand out; a slide without controls of its own is measured against
+    the other slide's, and then its shift is what stands out."""
+    rng = np.random.default_rng(0)
+    n, d = 400, 12
+    x = rng.normal(0, 1, (2 * n, d))
+    x[n:, 1] += 10.0  # slide 2's shift
+    x[:, 0] += 20.0  # keeps every row far from the origin, so L2-normalising keeps the geometry
+    planted = np.zeros(2 * n, bool)
+    planted[rng.choice(n, 15, replace=False)] = True
+    planted[n + rng.choice(n, 15, replace=False)] = True
+    x[planted, 2] += 8.0
+    is_control = ~planted & (rng.random(2 * n) < 0.5)
+    slides = np.repeat(["s1", "s2"], n)
+    own = control_novelty(x, is_control, slides, k=5, min_controls=50)
+    assert set(np.argsort(-own)[:30]) == set(np.flatnonzero(planted))
+    few = is_control & (slides == "s1")  # slide 2 has no controls: the pooled ones (slide 1's) are its reference
+    borrowed = control_novelty(x, few, slides, k=5, min_controls=50)
+    ordinary = ~planted & ~few
+    assert np.median(borrowed[ordinary & (slides == "s2")]) > 2 * np.median(borrowed[ordinary & (slides == "s1")])
+    assert len(set(np.argsort(-borrowed)[:30]) & set(np.flatnonzero(planted))) < 15
+    # known answer: a control's score is its distance to the k-th nearest *other* control of its slide
+    unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+    c = np.flatnonzero(is_control & (slides == "s1"))
+    dist = np.linalg.norm(unit[c][:, None] - unit[c][None], axis=-1)
+    np.fill_diagonal(dist, np.inf)
+    np.testing.assert_allclose(own[c], np.sort(dist, axis=1)[:, 4], rtol=1e-5)
+    with pytest.raises(DataError, match="at least 6 control cells"):
+        control_novelty(x, np.zeros(2 * n, bool), slides, k=5)
+
+
+def test_controls_reference_puts_the_planted_gene_first_on_a_simulated_screen(tiny_ensemble, tmp_path):
+    """The simulator's screen (its optics differ from the training slides'): scored, then queued against its own
+    non-targeting controls, the gene with the novel phenotype is the top gene of the top cluster."""
+    from serving.model import ServedModel
+    from training.config import SynthConfig
+    from training.sim.synth import synthesize
+
+    cfg = SynthConfig(image_size=32, cells_per_class=2, slides_per_condition=1, timecourse_hours=[0.0],
+                      cells_per_timepoint=1, screen_slides=2, cells_per_screen_slide=2500, n_genes=30, n_controls=20,
+                      seed=1)
+    raw = tmp_path / "raw"
+    synthesize(cfg, raw, progress=False)
+    genotypes_from_truth(raw / "truth.parquet", raw, tmp_path / "genotypes.csv")
+    geno = pd.read_csv(tmp_path / "genotypes.csv")
+    write_table(geno[["source_file", "cell_id"]], tmp_path / "scores.parquet")  # the reference needs only the cells
+    model = ServedModel.open(tiny_ensemble)
+    m = discover(tmp_path / "scores.parquet", model.spec.info, "LC3B", tmp_path / "q", DiscoverConfig(),
+                 tmp_path / "genotypes.csv", raw / "library.csv", truth_genes=raw / "truth_genes.csv", model=model)
+    assert m["reference"] == "controls" and m["n_controls"] > 300
+    assert m["planted_novel_gene_is_top"] is True, m
+    assert m["top_cluster_top_gene_fdr"] < 1e-6
+    # about 1 - quantile of the controls are over the threshold (leave-one-out: they are measured like new cells)
+    cells, _ = read_table(tmp_path / "q" / "cells.parquet")
+    ctrl = cells.merge(geno, on=["source_file", "cell_id"])["grna"].str.startswith("NTC").to_numpy()
+    assert (cells["cluster"].to_numpy()[ctrl] != NOT_NOVEL).mean() == pytest.approx(0.05, abs=0.01)

@@ -141,7 +141,14 @@ class UncertaintyConfig(Section):
 class DiscoverConfig(Section):
     """The discovery queue (``spatial discover``): novel cells clustered into candidate phenotypes."""
 
-    quantile: float = Field(0.99, gt=0, lt=1, description="novelty threshold: this quantile of the validation cells")
+    reference: Literal["controls", "model"] = Field(
+        "controls", description="controls: distance to the same slide's non-targeting cells (needs genotypes); "
+        "model: the model's own novelty. Without genotypes the model is the reference")
+    quantile: float = Field(0.95, gt=0, lt=1, description="novelty threshold: this quantile of the control cells' own "
+                            "(leave-one-out) novelty, or of the model's validation cells")
+    knn_k: int = Field(10, ge=1, description="controls reference: k-th nearest control cell")
+    max_controls: int = Field(5000, ge=1, description="controls reference: controls searched per slide (seeded)")
+    min_controls: int = Field(50, ge=1, description="controls reference: fewer on a slide -> the pooled controls")
     max_clusters: int = Field(8, ge=1, description="Gaussian mixture components tried (1..max), chosen by BIC")
     pca_components: int = Field(10, ge=1)
     gallery_cells: int = Field(32, ge=1, description="most novel cells shown per cluster")

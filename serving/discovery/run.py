@@ -5,6 +5,12 @@ novelty, cluster``; -1 = not novel), ``clusters.csv``, ``cluster_<k>.png`` (gall
 ``cluster_<k>_cells.csv`` (``source_file, cell_id``: the cluster as its own excision bin) and, with genotypes,
 ``cluster_genes.csv`` (genes enriched in each cluster, Fisher exact + BH).
 
+Which cells are novel (``discover.reference``): with genotypes, by default those far from the same slide's
+non-targeting control cells in unlearned multi-stage features (:mod:`serving.discovery.controls`; the threshold is
+``discover.quantile`` of the controls' own leave-one-out distances, and clusters are found in the same features);
+without genotypes, or with ``reference=model``, those whose model novelty exceeds ``discover.quantile`` of the
+model's validation cells (clusters on the scores' embeddings). ``cells.parquet``'s ``novelty`` is the score used.
+
 Clusters are numbered in queue order: with genotypes, the cluster with the strongest gene enrichment first
 (:func:`queue_rank`); without, the largest first.
 """
@@ -19,9 +25,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from serving.discovery.controls import control_novelty, morphology_features
 from serving.discovery.enrichment import cluster_gene_enrichment
 from serving.discovery.gallery import plot_gallery, read_cells
-from serving.discovery.queue import NOT_NOVEL, cluster_table, novel_clusters, novelty_threshold
+from serving.discovery.queue import NOT_NOVEL, cluster_embeddings, cluster_table, novel_clusters, novelty_threshold
+from serving.model import ServedModel
 from training.config import DiscoverConfig
 from training.errors import DataError
 from training.io.atomic import atomic_path
@@ -79,31 +87,51 @@ def top_genes(genes: pd.DataFrame) -> pd.DataFrame:
 def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: str, out: str | os.PathLike,
              cfg: DiscoverConfig | None = None, genotypes: str | os.PathLike | None = None,
              library: str | os.PathLike | None = None, threshold: float | None = None,
-             truth_genes: str | os.PathLike | None = None) -> dict[str, Any]:
+             truth_genes: str | os.PathLike | None = None, model: ServedModel | None = None,
+             progress: bool = False) -> dict[str, Any]:
     """Write the discovery queue for ``scores`` to ``out``; returns the metrics (``metrics/discovery.json``).
 
-    ``model_info``: the model's ``spec.info`` (its validation novelty quantiles set the threshold unless
-    ``threshold`` is given); ``channel``: the image channel of the galleries. ``truth_genes`` (simulator only):
-    adds whether the planted novel gene is the top gene of the top cluster."""
+    ``model_info``: the model's ``spec.info`` (its validation novelty quantiles set the threshold of the model
+    reference unless ``threshold`` is given); ``channel``: the image channel of the galleries; ``model``: the served
+    model whose architecture and preprocessing the controls reference uses. ``truth_genes`` (simulator only): adds
+    whether the planted novel gene is the top gene of the top cluster."""
     cfg = cfg or DiscoverConfig()
     if (genotypes is None) != (library is None):
         raise DataError("--genotypes and --library go together (cells -> gRNA -> gene)")
+    reference = cfg.reference if genotypes is not None else "model"
     table, _ = read_table(scores)
-    missing = [c for c in ("source_file", "cell_id", "novelty") if c not in table.columns]
+    needed = ("source_file", "cell_id") + (("novelty",) if reference == "model" else ())
+    missing = [c for c in needed if c not in table.columns]
     if missing:
         raise DataError(f"{scores}: no column(s) {', '.join(missing)}; expected the output of `spatial score`")
-    thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
-    labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed)
+    with_geno = attach_genotypes(table[["source_file", "cell_id"]], genotypes, library) if genotypes else None
+    if reference == "controls":
+        if model is None:
+            raise DataError("discover.reference=controls needs the model (its architecture and preprocessing)")
+        feats = morphology_features(table, model, cfg.seed, progress)
+        is_control = with_geno["is_control"].eq(True).to_numpy()
+        nov = control_novelty(feats, is_control, table["source_file"].astype(str).to_numpy(), cfg.knn_k,
+                              cfg.max_controls, cfg.min_controls, cfg.seed)
+        table = table.assign(novelty=nov)
+        thr = float(threshold) if threshold is not None else float(np.quantile(nov[is_control], cfg.quantile))
+        labels = np.full(len(table), NOT_NOVEL, dtype=np.int64)
+        novel = nov > thr
+        labels[novel] = cluster_embeddings(feats[novel], cfg.max_clusters, cfg.pca_components, cfg.seed)
+    else:
+        thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
+        labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed)
     cells = table[["source_file", "cell_id", "novelty"]].assign(cluster=labels)  # numbered by size
     clusters = cluster_table(table, labels)
-    metrics: dict[str, Any] = {"n_scored": len(table), "threshold": thr, "quantile": cfg.quantile,
-                               "n_novel": int((labels != NOT_NOVEL).sum()),
+    metrics: dict[str, Any] = {"n_scored": len(table), "reference": reference, "threshold": thr,
+                               "quantile": cfg.quantile, "n_novel": int((labels != NOT_NOVEL).sum()),
                                "novel_fraction": float((labels != NOT_NOVEL).mean()) if len(table) else 0.0,
                                "n_clusters": len(clusters)}
     genes = None
-    if genotypes is not None:
-        with_geno = attach_genotypes(cells, genotypes, library)
+    if with_geno is not None:
+        with_geno = with_geno.assign(cluster=labels)
         metrics["n_with_genotype"] = int(with_geno["grna"].notna().sum())
+        if reference == "controls":
+            metrics["n_controls"] = int(with_geno["is_control"].eq(True).sum())
         genes = cluster_gene_enrichment(with_geno[with_geno["grna"].notna()])
         rank = queue_rank(clusters, genes)
         cells["cluster"] = cells["cluster"].map(lambda c: rank.get(c, c))
@@ -122,7 +150,7 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         metrics["top_cluster_n_cells"] = int(clusters["n_cells"].iloc[0])
     with atomic_path(out, suffix="") as tmp:
         tmp.mkdir()
-        write_table(cells, tmp / "cells.parquet", {"threshold": thr, "quantile": cfg.quantile})
+        write_table(cells, tmp / "cells.parquet", {"reference": reference, "threshold": thr, "quantile": cfg.quantile})
         clusters.to_csv(tmp / "clusters.csv", index=False)
         if genes is not None:
             genes.to_csv(tmp / "cluster_genes.csv", index=False)

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ModelOpt, ParamsOpt, SetOpt, default_model_uri, params_for, write_json
+from training.cli.options import ModelOpt, ParamsOpt, ProgressOpt, SetOpt, default_model_uri, params_for, write_json
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -15,20 +15,23 @@ def add_commands(app: typer.Typer) -> None:
 
     @app.command()
     def discover(
-        scores: Annotated[Path, typer.Option(help="per-cell scores of `spatial score --embeddings`")],
+        scores: Annotated[Path, typer.Option(
+            help="per-cell scores of `spatial score` (with --embeddings for the model reference)")],
         out: Annotated[Path, typer.Option(help="output directory (cells.parquet, clusters.csv, galleries...)")],
         model: ModelOpt = None,
         genotypes: Annotated[Path | None, typer.Option(help="CSV source_file,cell_id,grna")] = None,
         library: Annotated[Path | None, typer.Option(help="CSV grna,gene,is_control")] = None,
         threshold: Annotated[float | None, typer.Option(
-            help="novelty threshold (default: discover.quantile of the model's validation cells)")] = None,
+            help="novelty threshold (default: discover.quantile of the controls' or the model's validation cells' "
+                 "novelty)")] = None,
         truth_genes: Annotated[Path | None, typer.Option(
             help="simulator truth_genes.csv: report whether the planted novel gene tops the top cluster")] = None,
         metrics: Annotated[Path | None, typer.Option(help="JSON metrics (metrics/discovery.json)")] = None,
         params: ParamsOpt = None,
         set_: SetOpt = None,
+        progress: ProgressOpt = True,
     ) -> None:
-        """Cells above the novelty threshold, clustered on their embeddings; genes enriched per cluster."""
+        """Cells unlike the screen's controls (or the model's training cells), clustered; genes enriched per cluster."""
         import tempfile
 
         from serving.discovery.run import discover as run_discover
@@ -38,11 +41,11 @@ def add_commands(app: typer.Typer) -> None:
         with tempfile.TemporaryDirectory(prefix="spatial-model-") as cache:
             served = ServedModel.resolve(str(model or default_model_uri(p)), p.mlflow, cache_dir=cache)
             result = run_discover(scores, served.spec.info, served.spec.channels[0], out, p.discover,
-                                  genotypes, library, threshold, truth_genes)
+                                  genotypes, library, threshold, truth_genes, served, progress)
         if metrics:
             write_json(metrics, result)
         top = f"; top gene of the top cluster: {result['top_cluster_top_gene']}" if "top_cluster_top_gene" in result else ""
-        typer.echo(f"wrote {out}: {result['n_novel']} of {result['n_scored']} cells above novelty "
+        typer.echo(f"wrote {out}: {result['n_novel']} of {result['n_scored']} cells above {result['reference']} novelty "
                    f"{result['threshold']:.4g}, {result['n_clusters']} cluster(s){top}")
 
     @app.command()
