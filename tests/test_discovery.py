@@ -14,8 +14,9 @@ import pytest
 
 from serving.discovery.controls import control_novelty
 from serving.discovery.enrichment import cluster_gene_enrichment
+from serving.discovery.genotypes import genotypes_from_truth
 from serving.discovery.queue import NOT_NOVEL, cluster_embeddings, novelty_threshold
-from serving.discovery.run import discover, genotypes_from_truth
+from serving.discovery.run import discover
 from training.config import DiscoverConfig
 from training.errors import DataError, ModelError
 from training.io.formats import CellFile

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,44 +27,13 @@ import pandas as pd
 from serving.discovery.controls import control_novelty, morphology_features
 from serving.discovery.enrichment import cluster_gene_enrichment
 from serving.discovery.gallery import plot_gallery, read_cells
+from serving.discovery.genotypes import attach_genotypes, read_csv
 from serving.discovery.queue import NOT_NOVEL, cluster_embeddings, cluster_table, novel_clusters, novelty_threshold
 from serving.model import ServedModel
 from training.config import DiscoverConfig
 from training.errors import DataError
 from training.io.atomic import atomic_path
 from training.io.tables import read_table, write_table
-
-
-def _read_csv(path: str | os.PathLike, columns: list[str], what: str) -> pd.DataFrame:
-    try:
-        df = pd.read_csv(path)
-    except (OSError, pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
-        raise DataError(f"{path}: unreadable {what} CSV ({exc})") from None
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: {what} CSV lacks column(s) {', '.join(missing)} (needs {', '.join(columns)})")
-    return df
-
-
-def _key(source: pd.Series) -> pd.Series:
-    return source.astype(str).map(lambda s: os.path.normpath(os.path.abspath(s)))
-
-
-def attach_genotypes(cells: pd.DataFrame, genotypes: str | os.PathLike, library: str | os.PathLike) -> pd.DataFrame:
-    """``cells`` with ``grna, gene, is_control`` (NaN where a cell has no genotype). Genotype paths may be relative
-    to the working directory; they are matched on absolute paths."""
-    geno = _read_csv(genotypes, ["source_file", "cell_id", "grna"], "genotypes")
-    lib = _read_csv(library, ["grna", "gene", "is_control"], "library")
-    if geno.duplicated(["source_file", "cell_id"]).any():
-        raise DataError(f"{genotypes}: some cells are listed twice (source_file, cell_id)")
-    unknown = sorted(set(geno["grna"].dropna().astype(str)) - set(lib["grna"].astype(str)))
-    if unknown:
-        raise DataError(f"{genotypes}: gRNA(s) not in {library}: {', '.join(unknown[:5])}")
-    geno = geno.assign(key=_key(geno["source_file"]), grna=geno["grna"].astype(str))
-    geno = geno.merge(lib.assign(grna=lib["grna"].astype(str)), on="grna", how="left")
-    out = cells.assign(key=_key(cells["source_file"]))
-    out = out.merge(geno[["key", "cell_id", "grna", "gene", "is_control"]], on=["key", "cell_id"], how="left")
-    return out.drop(columns="key")
 
 
 def queue_rank(clusters: pd.DataFrame, genes: pd.DataFrame) -> dict[int, int]:
@@ -142,7 +110,7 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         metrics["top_cluster_top_gene"] = str(top["gene"].iloc[0]) if len(top) else None
         metrics["top_cluster_top_gene_fdr"] = float(top["fdr"].iloc[0]) if len(top) else None
         if truth_genes is not None:
-            truth = _read_csv(truth_genes, ["gene", "role"], "truth genes")
+            truth = read_csv(truth_genes, ["gene", "role"], "truth genes")
             planted = sorted(truth.loc[truth["role"] == "novel", "gene"].astype(str))
             metrics["planted_novel_genes"] = planted
             metrics["planted_novel_gene_is_top"] = metrics["top_cluster_top_gene"] in planted
@@ -161,18 +129,3 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
             plot_gallery(read_cells(shown, channel), tmp / f"cluster_{c}.png",
                          f"cluster {c}: {len(members)} cells (most novel {len(shown)} shown, {channel})")
     return metrics
-
-
-def genotypes_from_truth(truth: str | os.PathLike, raw_dir: str | os.PathLike, out: str | os.PathLike) -> int:
-    """Simulator only: ``source_file,cell_id,grna`` of the screen cells from ``truth.parquet`` (paths relative to
-    ``raw_dir``), written atomically; returns the number of cells."""
-    t = pd.read_parquet(truth)
-    missing = [c for c in ("path", "cell_id", "grna") if c not in t.columns]
-    if missing:
-        raise DataError(f"{truth}: no column(s) {', '.join(missing)}; expected the simulator's truth.parquet")
-    t = t[t["grna"].notna() & (t["grna"].astype(str) != "")]
-    df = pd.DataFrame({"source_file": [str(Path(raw_dir) / p) for p in t["path"]],
-                       "cell_id": t["cell_id"].to_numpy(np.int64), "grna": t["grna"].astype(str).to_numpy()})
-    with atomic_path(out, suffix=".csv") as tmp:
-        df.to_csv(tmp, index=False)
-    return len(df)

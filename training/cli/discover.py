@@ -54,7 +54,7 @@ def add_commands(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="CSV source_file,cell_id,grna")] = Path("data/screen/genotypes.csv"),
     ) -> None:
         """Simulated screen only: each screen cell's gRNA from the simulator's truth, as GENOTYPES.csv."""
-        from serving.discovery.run import genotypes_from_truth
+        from serving.discovery.genotypes import genotypes_from_truth
 
         n = genotypes_from_truth(truth, truth.parent, out)
         typer.echo(f"wrote {out}: {n} cells")
