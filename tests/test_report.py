@@ -90,6 +90,13 @@ def fake_project(root: Path, manifest: Path) -> dict:
     pd.DataFrame({"cluster": [0, 1], "n_cells": [12, 7], "mean_novelty": [8.1, 6.5]}).to_csv(
         root / "reports/discovery/clusters.csv", index=False)
     png(root / "reports/discovery/cluster_0.png", "cluster 0")
+    pd.DataFrame({"cluster": [0] * 7 + [1] * 2, "gene": [f"G{i}" for i in range(9)],
+                  "p_value": [1e-6 * 10**i for i in range(7)] + [0.01, 0.2]}).to_csv(
+        root / "reports/discovery/cluster_genes.csv", index=False)
+    (root / "metrics").mkdir(exist_ok=True)
+    (root / "metrics/discovery.json").write_text(json.dumps({
+        "reference": "controls", "n_novel": 19, "n_scored": 80, "quantile": 0.95, "n_clusters": 2,
+        "top_cluster_top_gene": "GNOV", "top_cluster_top_gene_fdr": 1e-6}))
     return {"genes": genes, "scores": scores, "timepoint": t}
 
 
@@ -142,6 +149,11 @@ def test_report_cli_and_page_in_chromium(chromium, project):  # noqa: F811
     assert page.locator("#heldout-metrics tbody tr td:first-child").all_text_contents() == ["heldout", "heldout_ei24"]
     assert page.locator("section#galleries h3.class-gallery").all_text_contents() == ["bright", "spotty"]
     assert page.locator("section#screen h4.bin-gallery").count() == 2
+    summary = page.locator("#discovery-summary").text_content()
+    assert "19 of 80 cells are unlike the non-targeting controls of the same slide" in summary
+    assert "top gene of cluster 0: GNOV" in summary
+    shown = page.locator("#cluster-genes tbody tr td:nth-child(2)").all_text_contents()
+    assert shown == ["G0", "G1", "G2", "G3", "G4", "G7", "G8"]  # five per cluster, in the queue's order
     # the timecourse table: the means the scores were made with (0.1 / 0.5 / 0.9 by timepoint)
     means = [float(x) for x in page.locator("#timecourse-table tbody tr td:nth-child(3)").all_text_contents()]
     np.testing.assert_allclose(means, [0.1, 0.5, 0.9], atol=0.04)

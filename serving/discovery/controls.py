@@ -48,8 +48,10 @@ def random_filter_network(model: ServedModel, seed: int) -> torch.nn.Module:
 def morphology_features(cells: pd.DataFrame, model: ServedModel, seed: int = 0, progress: bool = False
                         ) -> np.ndarray:
     """``stage_features`` of :func:`random_filter_network` for the rows of ``cells`` (``source_file, cell_id``), in
-    table order: the model's channels and preprocessing, read from the files in blocks of ``BLOCK`` cells."""
-    net = random_filter_network(model, seed)
+    table order (float32): the model's channels and preprocessing, read from the files in blocks of ``BLOCK`` cells,
+    on the GPU when there is one."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    net = random_filter_network(model, seed).to(device)
     out: np.ndarray | None = None
     bar = tqdm(total=len(cells), desc="control features", unit="cell", disable=not progress)
     for source, part in cells.reset_index(drop=True).groupby("source_file", sort=True):
@@ -64,10 +66,11 @@ def morphology_features(cells: pd.DataFrame, model: ServedModel, seed: int = 0, 
             for s in range(0, len(order), BLOCK):
                 take = order[s : s + BLOCK]
                 maps: list = []
-                forward(net, model.preprocess(f.read_rows(rows[take], channels)), with_features=False, stages=maps)
+                x = model.preprocess(f.read_rows(rows[take], channels)).to(device)
+                forward(net, x, with_features=False, stages=maps)
                 feats = stage_features(maps)
                 if out is None:
-                    out = np.zeros((len(cells), feats.shape[1]))
+                    out = np.zeros((len(cells), feats.shape[1]), dtype=np.float32)  # 1e6 cells x 480: 1.9 GB
                 out[part.index.to_numpy()[take]] = feats
                 bar.update(len(take))
     bar.close()

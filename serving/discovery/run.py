@@ -84,7 +84,8 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         thr = float(threshold) if threshold is not None else float(np.quantile(nov[is_control], cfg.quantile))
         labels = np.full(len(table), NOT_NOVEL, dtype=np.int64)
         novel = nov > thr
-        labels[novel] = cluster_embeddings(feats[novel], cfg.max_clusters, cfg.pca_components, cfg.seed)
+        labels[novel] = cluster_embeddings(feats[novel].astype(np.float64), cfg.max_clusters, cfg.pca_components,
+                                           cfg.seed)
     else:
         thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
         labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed)

@@ -282,11 +282,23 @@ def discovery_section(root: Path, p: Params) -> str | None:
     if not d.is_dir():
         return None
     parts = []
+    m_file = root / "metrics/discovery.json"
+    m = json.loads(m_file.read_text()) if m_file.is_file() else {}
+    if m.get("reference"):
+        against = ("the non-targeting controls of the same slide" if m["reference"] == "controls"
+                   else "the model's validation cells")
+        top = (f"; top gene of cluster 0: <b>{esc(m['top_cluster_top_gene'])}</b> (FDR {fmt(m['top_cluster_top_gene_fdr'])})"
+               if m.get("top_cluster_top_gene") else "")
+        parts.append(f'<p id="discovery-summary">{m["n_novel"]} of {m["n_scored"]} cells are unlike {against} '
+                     f"(over the {fmt(m['quantile'])} quantile of their novelty), in {m['n_clusters']} clusters, "
+                     f"cluster 0 first in the queue{top}.</p>")
     if (d / "clusters.csv").is_file():
         parts.append(table(pd.read_csv(d / "clusters.csv"), "clusters"))
     if (d / "cluster_genes.csv").is_file():
         cg = pd.read_csv(d / "cluster_genes.csv")
-        parts.append("<h3>Genes enriched per cluster</h3>" + table(cg.head(50), "cluster-genes"))
+        parts.append("<h3>Genes enriched per cluster</h3><p>The five most enriched genes of each cluster (every gene: "
+                     "<code>reports/discovery/cluster_genes.csv</code>).</p>"
+                     + table(cg.groupby("cluster", sort=False).head(5), "cluster-genes"))
     pngs = sorted(d.glob("cluster_*.png"), key=lambda f: (len(f.stem), f.stem))
     if pngs:
         parts.append('<div class="figs">' + "".join(figure(f, f.stem.replace("_", " ")) for f in pngs) + "</div>")
