@@ -3,8 +3,9 @@
 For the pipeline's screen (``data/raw``, seen while choosing the controls reference and its quantile) and four
 simulator configurations that were not (other ``synth.seed``; one also with half the novel cells, 3 slides of 3,000
 cells and 80 genes), the screen is scored with the pipeline's ensemble (``spatial score --embeddings``) and queued
-with ``spatial discover`` against the screen's own non-targeting controls at several quantiles, and against the
-model's own novelty (the baseline, timed in the same run). Per run: whether the planted gene is the top gene of the
+with ``spatial discover`` against the screen's own non-targeting controls at several quantiles (and at the default
+quantile with one feature network instead of ``discover.networks``), and against the model's own novelty (the
+baseline, timed in the same run). Per run: whether the planted gene is the top gene of the
 top cluster, its FDR, the cells flagged (and how many truly novel), the AUROC of the novelty for the novel cells
 against every other screen cell, and the wall time of the queue.
 
@@ -65,15 +66,16 @@ def screens(work: Path) -> dict[str, Path]:
     return out
 
 
-def queue(raw: Path, name: str, model: ServedModel, work: Path, p, reference: str, quantile: float) -> dict:
+def queue(raw: Path, name: str, model: ServedModel, work: Path, p, reference: str, quantile: float,
+          networks: int) -> dict:
     scores, geno = work / f"{name}.parquet", work / f"{name}_genotypes.csv"
     if not scores.exists():
         files = sorted(str(f) for f in (raw / "screen").iterdir())
         subprocess.run(["spatial", "score", *files, "--model", str(model.path), "--embeddings", "--out", str(scores),
                         "--no-progress"], check=True, capture_output=True)
         genotypes_from_truth(raw / "truth.parquet", raw, geno)
-    cfg = p.discover.model_copy(update={"reference": reference, "quantile": quantile})
-    out = work / f"q_{name}_{reference}_{quantile}"
+    cfg = p.discover.model_copy(update={"reference": reference, "quantile": quantile, "networks": networks})
+    out = work / f"q_{name}_{reference}_{quantile}_{networks}"
     t = time.perf_counter()
     m = discover(scores, model.spec.info, model.spec.channels[0], out, cfg, geno, raw / "library.csv",
                  truth_genes=raw / "truth_genes.csv", model=model)
@@ -109,15 +111,18 @@ def main() -> int:
         work = Path(tmp)
         for name, raw in screens(work).items():
             runs[name] = {}
-            for reference, quantiles in (("model", MODEL_QUANTILES), ("controls", QUANTILES)):
-                for q in quantiles:
-                    r = queue(raw, name.split(" ")[0], model, work, p, reference, q)
-                    runs[name][f"{reference}@{q}"] = r
-                    print(f"{name:16s} {reference:8s} q={q:<5} top gene {r['top_gene'] or '-':5s} "
-                          f"{'ON TOP' if r['planted_gene_on_top'] else 'missed'} (FDR {r['top_gene_fdr'] or 1:.1g}); "
-                          f"flagged {r['n_flagged']:4d} ({r['n_flagged_novel']} of {r['n_novel']} novel); "
-                          f"AUROC {r['auroc_novel_vs_rest']:.3f} (vs trained states {r['auroc_novel_vs_trained_states']:.3f}); "
-                          f"{r['cells_per_second']:.0f} cells/s", flush=True)
+            one = [("controls", p.discover.quantile, 1)] if p.discover.networks != 1 else []
+            for reference, q, nets in ([("model", q, 1) for q in MODEL_QUANTILES]
+                                       + [("controls", q, p.discover.networks) for q in QUANTILES] + one):
+                r = queue(raw, name.split(" ")[0], model, work, p, reference, q, nets)
+                key = f"{reference}@{q}" + (f"/{nets}net" if reference == "controls" and nets != p.discover.networks
+                                           else "")
+                runs[name][key] = r
+                print(f"{name:16s} {key:18s} top gene {r['top_gene'] or '-':5s} "
+                      f"{'ON TOP' if r['planted_gene_on_top'] else 'missed'} (FDR {r['top_gene_fdr'] or 1:.1g}); "
+                      f"flagged {r['n_flagged']:4d} ({r['n_flagged_novel']} of {r['n_novel']} novel); "
+                      f"AUROC {r['auroc_novel_vs_rest']:.3f} (vs trained states {r['auroc_novel_vs_trained_states']:.3f}); "
+                      f"{r['cells_per_second']:.0f} cells/s", flush=True)
     default = f"controls@{p.discover.quantile}"
     on_top = sum(r[default]["planted_gene_on_top"] for r in runs.values())
     speed = float(np.median([r[default]["cells_per_second"] / r[f"model@{MODEL_QUANTILES[0]}"]["cells_per_second"]

@@ -146,6 +146,8 @@ class DiscoverConfig(Section):
         "model: the model's own novelty. Without genotypes the model is the reference")
     quantile: float = Field(0.95, gt=0, lt=1, description="novelty threshold: this quantile of the control cells' own "
                             "(leave-one-out) novelty, or of the model's validation cells")
+    networks: int = Field(3, ge=1, description="controls reference: randomly initialised feature networks averaged "
+                          "(seeds discover.seed, +1, ...)")
     knn_k: int = Field(10, ge=1, description="controls reference: k-th nearest control cell")
     max_controls: int = Field(5000, ge=1, description="controls reference: controls searched per slide (seeded)")
     min_controls: int = Field(50, ge=1, description="controls reference: fewer on a slide -> the pooled controls")

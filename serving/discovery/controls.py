@@ -7,7 +7,9 @@ the novel phenotype"). In a pooled screen the non-targeting controls share every
 stimulation with every knockout, so the distance to them cancels the slide and leaves the genotype's effect.
 
 Features: the multi-stage pooled statistics (``stage_features``: per-stage channel means and standard deviations)
-of a network with the model's architecture at a seeded random initialisation. Nothing has trained it to ignore
+of networks with the model's architecture at seeded random initialisations (``discover.networks``; their distances
+are averaged like an ensemble's members, which steadies the ranking; one network against three is measured by
+``benchmarks/discovery_transfer.py``). Nothing has trained it to ignore
 anything, so it keeps a few large bright aggregates that the classifier learned to read as "autophagy on"; the
 controls reference removes the slide effects that such unlearned features also keep. Measured choice (README "The
 discovery queue"; ``benchmarks/discovery_transfer.py``): the planted novel gene topped the queue on all five
@@ -45,14 +47,14 @@ def random_filter_network(model: ServedModel, seed: int) -> torch.nn.Module:
     return net.eval()
 
 
-def morphology_features(cells: pd.DataFrame, model: ServedModel, seed: int = 0, progress: bool = False
-                        ) -> np.ndarray:
-    """``stage_features`` of :func:`random_filter_network` for the rows of ``cells`` (``source_file, cell_id``), in
-    table order (float32): the model's channels and preprocessing, read from the files in blocks of ``BLOCK`` cells,
-    on the GPU when there is one."""
+def morphology_features(cells: pd.DataFrame, model: ServedModel, seeds: Sequence[int] = (0,),
+                        progress: bool = False) -> list[np.ndarray]:
+    """Per seed, ``stage_features`` of :func:`random_filter_network` for the rows of ``cells`` (``source_file,
+    cell_id``), in table order (float32): the model's channels and preprocessing, the pixels read once from the files
+    in blocks of ``BLOCK`` cells for every network, on the GPU when there is one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    net = random_filter_network(model, seed).to(device)
-    out: np.ndarray | None = None
+    nets = [random_filter_network(model, seed).to(device) for seed in seeds]
+    out: list[np.ndarray] = []
     bar = tqdm(total=len(cells), desc="control features", unit="cell", disable=not progress)
     for source, part in cells.reset_index(drop=True).groupby("source_file", sort=True):
         with CellFile(os.fspath(source)) as f:
@@ -65,16 +67,17 @@ def morphology_features(cells: pd.DataFrame, model: ServedModel, seed: int = 0, 
             channels = f.resolve_channels(model.spec.channels)
             for s in range(0, len(order), BLOCK):
                 take = order[s : s + BLOCK]
-                maps: list = []
                 x = model.preprocess(f.read_rows(rows[take], channels)).to(device)
-                forward(net, x, with_features=False, stages=maps)
-                feats = stage_features(maps)
-                if out is None:
-                    out = np.zeros((len(cells), feats.shape[1]), dtype=np.float32)  # 1e6 cells x 480: 1.9 GB
-                out[part.index.to_numpy()[take]] = feats
+                for k, net in enumerate(nets):
+                    maps: list = []
+                    forward(net, x, with_features=False, stages=maps)
+                    feats = stage_features(maps)
+                    if len(out) <= k:
+                        out.append(np.zeros((len(cells), feats.shape[1]), dtype=np.float32))  # 1e6 x 480: 1.9 GB
+                    out[k][part.index.to_numpy()[take]] = feats
                 bar.update(len(take))
     bar.close()
-    return out if out is not None else np.zeros((0, 1))
+    return out or [np.zeros((0, 1), dtype=np.float32) for _ in seeds]
 
 
 def control_novelty(features: np.ndarray, is_control: np.ndarray, groups: Sequence, k: int = 10,

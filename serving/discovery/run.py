@@ -76,16 +76,17 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
     if reference == "controls":
         if model is None:
             raise DataError("discover.reference=controls needs the model (its architecture and preprocessing)")
-        feats = morphology_features(table, model, cfg.seed, progress)
+        feats = morphology_features(table, model, range(cfg.seed, cfg.seed + cfg.networks), progress)
         is_control = with_geno["is_control"].eq(True).to_numpy()
-        nov = control_novelty(feats, is_control, table["source_file"].astype(str).to_numpy(), cfg.knn_k,
-                              cfg.max_controls, cfg.min_controls, cfg.seed)
+        slides = table["source_file"].astype(str).to_numpy()
+        nov = np.mean([control_novelty(f, is_control, slides, cfg.knn_k, cfg.max_controls, cfg.min_controls, cfg.seed)
+                       for f in feats], axis=0)
         table = table.assign(novelty=nov)
         thr = float(threshold) if threshold is not None else float(np.quantile(nov[is_control], cfg.quantile))
         labels = np.full(len(table), NOT_NOVEL, dtype=np.int64)
         novel = nov > thr
-        labels[novel] = cluster_embeddings(feats[novel].astype(np.float64), cfg.max_clusters, cfg.pca_components,
-                                           cfg.seed)
+        joint = np.concatenate([f[novel] for f in feats], axis=1).astype(np.float64)  # every network's features
+        labels[novel] = cluster_embeddings(joint, cfg.max_clusters, cfg.pca_components, cfg.seed)
     else:
         thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
         labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed)
