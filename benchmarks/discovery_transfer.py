@@ -11,7 +11,7 @@ against every other screen cell, and the wall time of the queue.
 
     python benchmarks/discovery_transfer.py [--model models/ensemble] [--out reports/discovery_transfer.json]
     python benchmarks/discovery_transfer.py --check   # floors: the planted gene on top in >= 4 of the 5 screens at
-                                                     # the default quantile; the controls queue >= 0.25x as fast
+                                                     # the default quantile; the controls queue >= 0.2x as fast
                                                      # (cells/s) as the model-reference queue
 
 Needs ``dvc repro discover`` (models/ensemble, data/raw, data/screen/genotypes.csv).
@@ -44,7 +44,7 @@ from training.sim.synth import synthesize
 QUANTILES = (0.9, 0.95, 0.98, 0.99)
 MODEL_QUANTILES = (0.95, 0.99)
 MIN_ON_TOP = 4  # of the 5 screens, at the default quantile
-SPEED_FLOOR = 0.25  # controls queue cells/s / model-reference queue cells/s
+SPEED_FLOOR = 0.2  # controls queue cells/s / model-reference queue cells/s (a blow-up, not a few percent)
 SCREEN_ONLY = {"synth.cells_per_class": 3, "synth.slides_per_condition": 1, "synth.timecourse_hours": [0.0],
                "synth.cells_per_timepoint": 1}  # the control slides are not needed: only the screen is queued
 UNSEEN = {
