@@ -31,6 +31,9 @@ def test_round_trip_keeps_pixels_ids_and_channels(tmp_path, writer):
         np.testing.assert_allclose(f.read_rows(rows, [4]), x[rows][:, [4]], atol=1e-3)
         assert f.resolve_channels([]) == [2, 3, 4]
         assert f.resolve_channels([4, "0"]) == [4, 0]
+        np.testing.assert_array_equal(f.rows_of([1055, 1000, 1005, 1055]), [11, 0, 1, 11])  # in the asked order
+        with pytest.raises(DataError, match=r"cells.*: 2 cell\(s\) are not in the file, e.g. cell_id \[1, 2\]"):
+            f.rows_of([1000, 1, 2])
 
 
 def test_custom_channel_names_and_obs_columns(tmp_path):

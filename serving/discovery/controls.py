@@ -57,11 +57,7 @@ def morphology_features(cells: pd.DataFrame, model: ServedModel, seeds: Sequence
     bar = tqdm(total=len(cells), desc="control features", unit="cell", disable=not progress)
     for source, part in cells.reset_index(drop=True).groupby("source_file", sort=True):
         with CellFile(os.fspath(source)) as f:
-            pos = pd.Series(np.arange(f.n_cells), index=f.cell_ids())
-            missing = set(part["cell_id"]) - set(pos.index)
-            if missing:
-                raise DataError(f"{source}: no cell(s) {sorted(missing)[:5]} (scores and file disagree)")
-            rows = pos.loc[part["cell_id"]].to_numpy()
+            rows = f.rows_of(part["cell_id"])
             order = np.argsort(rows, kind="stable")
             channels = f.resolve_channels(model.spec.channels)
             for s in range(0, len(order), BLOCK):

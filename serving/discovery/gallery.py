@@ -12,7 +12,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from training.errors import DataError  # noqa: E402
 from training.io.formats import CellFile  # noqa: E402
 
 
@@ -21,12 +20,7 @@ def read_cells(cells: pd.DataFrame, channel: str) -> np.ndarray:
     out: list[np.ndarray | None] = [None] * len(cells)
     for source, part in cells.reset_index(drop=True).groupby("source_file", sort=True):
         with CellFile(os.fspath(source)) as f:
-            ids = f.cell_ids()
-            pos = pd.Series(np.arange(ids.size), index=ids)
-            missing = set(part["cell_id"]) - set(pos.index)
-            if missing:
-                raise DataError(f"{source}: no cell(s) {sorted(missing)[:5]} (scores and file disagree)")
-            rows = pos.loc[part["cell_id"]].to_numpy()
+            rows = f.rows_of(part["cell_id"])
             order = np.argsort(rows)
             imgs = f.read_rows(rows[order], f.resolve_channels([channel]))[:, 0]
             for i, img in zip(part.index.to_numpy()[order], imgs, strict=True):

@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from training.errors import DataError
 from training.io.formats import CellFile
 
 # composite colours of the image channels, in file order (thesis: nucleus blue, membrane green, LC3B magenta)
@@ -27,15 +26,9 @@ def locate(queries: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict]]:
     layouts: dict[str, dict] = {}
     for name, grp in queries.groupby("source_file", sort=False):
         with CellFile(str(name)) as f:
-            ids = f.cell_ids()
             layouts[str(name)] = {"names": list(f.info.channel_names), "image": f.info.image_channels
                                   or list(range(f.info.n_channels))}
-        lookup = pd.Series(np.arange(len(ids)), index=ids)
-        pos = lookup.reindex(grp["cell_id"].to_numpy()).to_numpy()
-        if np.isnan(pos).any():
-            missing = grp["cell_id"].to_numpy()[np.isnan(pos)][:3].tolist()
-            raise DataError(f"queries: {int(np.isnan(pos).sum())} cell(s) are not in {name}, e.g. cell_id {missing}")
-        rows[grp.index.to_numpy()] = pos.astype(np.int64)
+            rows[grp.index.to_numpy()] = f.rows_of(grp["cell_id"])
     out = queries.copy()
     out["row"] = rows
     return out, layouts

@@ -234,6 +234,17 @@ class CellFile:
             out[s - start:e - start] = raw
         return out
 
+    def rows_of(self, cell_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The row of each of ``cell_ids`` (in their order) as int64; a ``DataError`` names the file and the first
+        ids it does not hold. Ids are unique per file (``check_unique_ids``)."""
+        wanted = np.asarray(cell_ids, dtype=np.int64)
+        pos = pd.Series(np.arange(self.n_cells), index=self.check_unique_ids()).reindex(wanted).to_numpy()
+        missing = np.isnan(pos)
+        if missing.any():
+            raise DataError(f"{self.path}: {int(missing.sum())} cell(s) are not in the file, e.g. cell_id "
+                            f"{wanted[missing][:5].tolist()}")
+        return pos.astype(np.int64)
+
     def check_unique_ids(self) -> np.ndarray:
         """All cell ids, refused (``DataError``) when one repeats: a cell is addressed by (file, cell id)."""
         ids = self.cell_ids()
