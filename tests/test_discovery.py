@@ -176,6 +176,9 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tiny_manifest, tmp_path):
     with pytest.raises(DataError, match="g.csv: genotypes CSV lacks column"):
         discover(tmp_path / "s.parquet", {}, "LC3B", tmp_path / "q", genotypes=tmp_path / "g.csv",
                  library=tmp_path / "l.csv", threshold=2.0)
+    geno, lib = _genotypes(df, planted, np.random.default_rng(5), tmp_path)
+    with pytest.raises(DataError, match="reference=controls needs the model"):
+        discover(tmp_path / "s.parquet", {}, "LC3B", tmp_path / "q", genotypes=geno, library=lib)
     assert not (tmp_path / "q").exists() and not list(tmp_path.glob(".q*"))
 
 

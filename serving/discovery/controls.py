@@ -26,8 +26,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from serving.discovery.queue import NOT_NOVEL, cluster_embeddings
 from serving.model import ServedModel
-from training.config import ModelConfig
+from training.config import DiscoverConfig, ModelConfig
 from training.engine import forward
 from training.errors import DataError
 from training.io.formats import CellFile
@@ -99,3 +100,23 @@ def control_novelty(features: np.ndarray, is_control: np.ndarray, groups: Sequen
         scores[cells & ~is_control] = knn.score(features[cells & ~is_control])
         scores[cells & is_control] = knn.score(features[cells & is_control], leave_self_out=True)
     return scores
+
+
+def controls_queue(cells: pd.DataFrame, is_control: np.ndarray, model: ServedModel | None, cfg: DiscoverConfig,
+                   threshold: float | None = None, progress: bool = False) -> tuple[np.ndarray, float, np.ndarray]:
+    """The novel cells of ``cells`` (``source_file, cell_id``) against the controls: per cell the novelty (averaged
+    over ``cfg.networks`` feature networks, slides = source files), the threshold (``threshold``, else
+    ``cfg.quantile`` of the controls' own novelty) and the cluster (``NOT_NOVEL`` under the threshold; the novel
+    cells clustered on every network's features joined)."""
+    if model is None:
+        raise DataError("discover.reference=controls needs the model (its architecture and preprocessing)")
+    feats = morphology_features(cells, model, range(cfg.seed, cfg.seed + cfg.networks), progress)
+    slides = cells["source_file"].astype(str).to_numpy()
+    nov = np.mean([control_novelty(f, is_control, slides, cfg.knn_k, cfg.max_controls, cfg.min_controls, cfg.seed)
+                   for f in feats], axis=0)
+    thr = float(threshold) if threshold is not None else float(np.quantile(nov[is_control], cfg.quantile))
+    novel = nov > thr
+    labels = np.full(len(cells), NOT_NOVEL, dtype=np.int64)
+    joint = np.concatenate([f[novel] for f in feats], axis=1).astype(np.float64)
+    labels[novel] = cluster_embeddings(joint, cfg.max_clusters, cfg.pca_components, cfg.seed)
+    return nov, thr, labels

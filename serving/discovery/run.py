@@ -1,4 +1,4 @@
-"""``discover``: per-cell scores (with embeddings) -> the discovery queue directory.
+"""``discover``: per-cell scores (+ genotypes) -> the discovery queue directory.
 
 Outputs (written under a temporary name, renamed when complete): ``cells.parquet`` (``source_file, cell_id,
 novelty, cluster``; -1 = not novel), ``clusters.csv``, ``cluster_<k>.png`` (gallery of the most novel cells),
@@ -21,14 +21,13 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from serving.discovery.controls import control_novelty, morphology_features
+from serving.discovery.controls import controls_queue
 from serving.discovery.enrichment import cluster_gene_enrichment
 from serving.discovery.gallery import plot_gallery, read_cells
 from serving.discovery.genotypes import attach_genotypes, read_csv
-from serving.discovery.queue import NOT_NOVEL, cluster_embeddings, cluster_table, novel_clusters, novelty_threshold
+from serving.discovery.queue import NOT_NOVEL, cluster_table, novel_clusters, novelty_threshold
 from serving.model import ServedModel
 from training.config import DiscoverConfig
 from training.errors import DataError
@@ -74,19 +73,9 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         raise DataError(f"{scores}: no column(s) {', '.join(missing)}; expected the output of `spatial score`")
     with_geno = attach_genotypes(table[["source_file", "cell_id"]], genotypes, library) if genotypes else None
     if reference == "controls":
-        if model is None:
-            raise DataError("discover.reference=controls needs the model (its architecture and preprocessing)")
-        feats = morphology_features(table, model, range(cfg.seed, cfg.seed + cfg.networks), progress)
-        is_control = with_geno["is_control"].eq(True).to_numpy()
-        slides = table["source_file"].astype(str).to_numpy()
-        nov = np.mean([control_novelty(f, is_control, slides, cfg.knn_k, cfg.max_controls, cfg.min_controls, cfg.seed)
-                       for f in feats], axis=0)
+        nov, thr, labels = controls_queue(table, with_geno["is_control"].eq(True).to_numpy(), model, cfg, threshold,
+                                          progress)
         table = table.assign(novelty=nov)
-        thr = float(threshold) if threshold is not None else float(np.quantile(nov[is_control], cfg.quantile))
-        labels = np.full(len(table), NOT_NOVEL, dtype=np.int64)
-        novel = nov > thr
-        joint = np.concatenate([f[novel] for f in feats], axis=1).astype(np.float64)  # every network's features
-        labels[novel] = cluster_embeddings(joint, cfg.max_clusters, cfg.pca_components, cfg.seed)
     else:
         thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
         labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed)
