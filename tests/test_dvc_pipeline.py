@@ -103,6 +103,7 @@ def test_repro_runs_every_default_stage(dvc_repo):
         assert f"metrics/{name}.json" in shown, name
     disc = json.loads((root / "metrics/discovery.json").read_text())
     assert disc["n_scored"] == 120 and "planted_novel_gene_is_top" in disc
+    assert disc["reference"] == "controls" and disc["n_controls"] > 10  # genotypes given: the screen's own controls
     summary = (root / "reports/summary.md").read_text()
     assert "## evaluate.json" in summary and "## discovery.json" in summary and "| torch |" in summary
     # the label-efficiency studies are an opt-in pipeline: not run by default, but a valid DAG
