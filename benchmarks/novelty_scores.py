@@ -33,12 +33,12 @@ import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
+from serving.discovery.controls import random_filter_network
 from training.config import load_params
 from training.data.loader import loader_for
 from training.data.trainset import TrainData, prepare_data
 from training.engine import predict
 from training.io.tables import read_table
-from training.models.factory import build_model
 from training.regimes.ensemble_training import refit_novelty
 from training.uncertainty.ensemble import Ensemble
 from training.uncertainty.novelty import KNNNovelty, stage_features
@@ -103,11 +103,7 @@ def feature_sources(ens: Ensemble, data: TrainData, params, truth: pd.DataFrame)
     train, val, test, held = (with_state(data.split(n)) for n in ("train", "val", "test", "heldout"))
     index, _ = read_table(params.index.out)
     screen = with_state(index[index["condition"] == "screen"].reset_index(drop=True))
-    in_chans, n_classes = len(data.channels), len(ens.spec.classes)
-    untrained = []
-    for k in range(len(ens.members)):
-        torch.manual_seed(params.seed + k)
-        untrained.append(build_model(params.model, in_chans, n_classes).eval())
+    untrained = [random_filter_network(ens.spec, params.seed + k) for k in range(len(ens.members))]
     novel = (screen["state"] == "novel").to_numpy()
     trained_state = screen["state"].isin(["on", "blocked"]).to_numpy()  # the training classes' states
     out: dict[str, dict] = {}

@@ -33,14 +33,15 @@ from training.engine import forward
 from training.errors import DataError
 from training.io.formats import CellFile
 from training.models.factory import build_model
+from training.uncertainty.ensemble import EnsembleSpec
 from training.uncertainty.novelty import KNNNovelty, stage_features
 
 BLOCK = 1024  # cells read and featurised at a time
 
 
-def random_filter_network(model: ServedModel, seed: int) -> torch.nn.Module:
-    """The model's architecture at a seeded random initialisation (eval mode): the feature extractor."""
-    spec = model.spec
+def random_filter_network(spec: EnsembleSpec, seed: int) -> torch.nn.Module:
+    """The architecture of the ensemble ``spec`` at a seeded random initialisation (eval mode): the feature
+    extractor."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = build_model(ModelConfig(**spec.model), len(spec.channels), len(spec.classes))
@@ -53,7 +54,7 @@ def morphology_features(cells: pd.DataFrame, model: ServedModel, seeds: Sequence
     cell_id``), in table order (float32): the model's channels and preprocessing, the pixels read once from the files
     in blocks of ``BLOCK`` cells for every network, on the GPU when there is one."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    nets = [random_filter_network(model, seed).to(device) for seed in seeds]
+    nets = [random_filter_network(model.spec, seed).to(device) for seed in seeds]
     out: list[np.ndarray] = []
     bar = tqdm(total=len(cells), desc="control features", unit="cell", disable=not progress)
     for source, part in cells.reset_index(drop=True).groupby("source_file", sort=True):

@@ -73,8 +73,8 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         raise DataError(f"{scores}: no column(s) {', '.join(missing)}; expected the output of `spatial score`")
     with_geno = attach_genotypes(table[["source_file", "cell_id"]], genotypes, library) if genotypes else None
     if reference == "controls":
-        nov, thr, labels = controls_queue(table, with_geno["is_control"].eq(True).to_numpy(), model, cfg, threshold,
-                                          progress)
+        is_control = with_geno["is_control"].eq(True).to_numpy()
+        nov, thr, labels = controls_queue(table, is_control, model, cfg, threshold, progress)
         table = table.assign(novelty=nov)
     else:
         thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
@@ -90,7 +90,7 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         with_geno = with_geno.assign(cluster=labels)
         metrics["n_with_genotype"] = int(with_geno["grna"].notna().sum())
         if reference == "controls":
-            metrics["n_controls"] = int(with_geno["is_control"].eq(True).sum())
+            metrics["n_controls"] = int(is_control.sum())
         genes = cluster_gene_enrichment(with_geno[with_geno["grna"].notna()])
         rank = queue_rank(clusters, genes)
         cells["cluster"] = cells["cluster"].map(lambda c: rank.get(c, c))
