@@ -50,7 +50,7 @@ RAW: dict = {}  # params.yaml, read once (an edit while the study runs does not 
 
 
 def load_params(_path, overrides: dict | None = None):
-    return resolve(RAW, {**(overrides or {})})
+    return resolve(RAW, {**SETS, **(overrides or {})})
 CONTROL_CLASSES = ["stimulated", "unstimulated", "atg5_ko", "ei24_ko"]
 
 
