@@ -1,0 +1,127 @@
+"""Scoring on a GPU: bf16 autocast against fp32 on the same cells, and cells/s against the CPU of the same machine.
+
+The one inference path (``training.engine.forward``, which ``Ensemble.raw_outputs`` calls) runs bf16 autocast +
+channels_last whenever the input is on CUDA. This script loads a trained ensemble, reads real cells from the files
+given (the test slides of the simulated screen by default) and measures:
+
+* agreement: the members' logits with ``amp=True`` (bf16) and ``amp=False`` (fp32) on the GPU, turned into the
+  ensemble's calibrated probabilities (``Ensemble.combine``): largest absolute difference of a probability, share
+  of cells whose predicted class changes, and the test balanced accuracy of both (labels from the file names);
+* throughput of ``Ensemble.predict_images`` (probabilities, uncertainty and the novelty score of every cell) on
+  the GPU against the machine's CPU (all its cores), the same cells repeated to ``--cells``.
+
+Floors (``--check``): bf16 changes no probability by more than 0.02 and the predicted class of at most 0.5 % of the
+cells; the GPU scores at least 5x the cells/s of the CPU. Without CUDA it says so and exits 0 (nothing to check).
+
+    python benchmarks/bench_gpu.py --model models/ensemble --check \\
+        data/raw/controls/atg5_ko_s2.h5 data/raw/controls/stimulated_s3.h5sc
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from floors import Floors, add_args
+
+from training.engine import forward
+from training.evaluation.metrics import balanced_accuracy
+from training.io.formats import CellFile
+from training.uncertainty.ensemble import Ensemble
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_FILES = [ROOT / "data/raw/controls/atg5_ko_s2.h5", ROOT / "data/raw/controls/stimulated_s3.h5sc"]
+
+
+def read_cells(paths: list[Path], classes: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Every cell's full stack of each file and its class index (the class named at the start of the file name)."""
+    images, labels = [], []
+    for p in paths:
+        label = next((k for k, c in enumerate(classes) if p.name.startswith(c)), -1)
+        f = CellFile(p)
+        try:
+            x = f.read(0, f.n_cells)
+        finally:
+            f.close()
+        images.append(x)
+        labels.append(np.full(len(x), label))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+def member_logits(ens: Ensemble, x: torch.Tensor, amp: bool, batch: int) -> np.ndarray:
+    """(N, M, 1, K) logits of every member, bf16 autocast or fp32."""
+    out = []
+    for s in range(0, len(x), batch):
+        xb = x[s : s + batch].to(ens.device)
+        out.append(np.stack([forward(m, xb, with_features=False, amp=amp)[0].cpu().numpy() for m in ens.members],
+                            axis=1)[:, :, None])
+    return np.concatenate(out)
+
+
+def cells_per_second(ens: Ensemble, images: np.ndarray, batch: int, repeats: int = 2) -> float:
+    ens.predict_images(images[:batch], batch_size=batch)  # warm-up: kernels, allocator
+    best = float("inf")
+    for _ in range(repeats):
+        if ens.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        ens.predict_images(images, batch_size=batch)
+        if ens.device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return len(images) / best
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("files", nargs="*", type=Path, default=DEFAULT_FILES)
+    ap.add_argument("--model", type=Path, default=ROOT / "models/ensemble")
+    ap.add_argument("--cells", type=int, default=65_536, help="cells scored per throughput figure")
+    ap.add_argument("--batch-size", type=int, default=1024)
+    ap.add_argument("--cpu-cells", type=int, default=8192, help="cells of the CPU throughput figure")
+    ap.add_argument("--device", default="cuda", help="cuda (the measurement) or cpu (a dry run of the script)")
+    ap.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
+    add_args(ap)
+    a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        print("no CUDA device: nothing to measure (bf16 autocast is used on CUDA only)")
+        return 0
+    floors = Floors(a)
+    gpu = Ensemble.load(a.model, device=a.device)
+    images, y = read_cells(a.files, list(gpu.spec.classes))
+    x = gpu.preprocess(gpu.select_channels(images))
+    bf16 = gpu.combine(member_logits(gpu, x, True, a.batch_size))["mean_probs"]
+    fp32 = gpu.combine(member_logits(gpu, x, False, a.batch_size))["mean_probs"]
+    keep = y >= 0
+    res = {
+        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", "torch": torch.__version__, "cells_compared": int(len(x)),
+        "max_abs_prob_diff": float(np.abs(bf16 - fp32).max()),
+        "mean_abs_prob_diff": float(np.abs(bf16 - fp32).mean()),
+        "argmax_changed": float((bf16.argmax(1) != fp32.argmax(1)).mean()),
+        "balanced_accuracy_bf16": float(balanced_accuracy(y[keep], bf16[keep].argmax(1))),
+        "balanced_accuracy_fp32": float(balanced_accuracy(y[keep], fp32[keep].argmax(1))),
+    }
+    reps = int(np.ceil(a.cells / len(images)))
+    many = np.concatenate([images] * reps)[: a.cells]
+    res["gpu_cells_per_s"] = cells_per_second(gpu, many, a.batch_size)
+    cpu = Ensemble.load(a.model, device="cpu")
+    res["cpu_threads"] = torch.get_num_threads()
+    res["cpu_cells_per_s"] = cells_per_second(cpu, many[: a.cpu_cells], min(a.batch_size, 256), repeats=1)
+    res["gpu_over_cpu"] = res["gpu_cells_per_s"] / res["cpu_cells_per_s"]
+    print(json.dumps(res, indent=2))
+    if a.out:
+        a.out.write_text(json.dumps(res, indent=2))
+    floors.ratio("bf16: at most 0.02 off any fp32 probability (1 - max diff)", 1 - res["max_abs_prob_diff"], 0.98)
+    floors.ratio("bf16: predicted class unchanged (share of cells)", 1 - res["argmax_changed"], 0.995)
+    floors.ratio("GPU / CPU cells per second", res["gpu_over_cpu"], 5.0)
+    floors.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
