@@ -8,6 +8,7 @@ import pytest
 from training.active.acquisition import (
     STRATEGIES,
     bald,
+    class_quotas,
     entropy,
     k_center_greedy,
     least_confidence,
@@ -86,6 +87,28 @@ def test_power_sampling_is_reproducible_distinct_and_prefers_high_scores():
     assert p1.tolist() == p2.tolist()
     assert select("power_margin", 2, np.random.default_rng(3), probs=PROBS)[0].tolist() == \
         select("power_margin", 2, np.random.default_rng(3), probs=PROBS)[0].tolist()
+
+
+def test_class_quotas_split_equally_and_pass_shortfalls_on():
+    predicted = np.array([0] * 10 + [1] * 2 + [2] * 30)  # class 3: no pool cell predicted
+    assert class_quotas(predicted, 4, 20).tolist() == [9, 2, 9, 0]
+    assert class_quotas(predicted, 4, 5).tolist() == [2, 1, 2, 0]
+    assert class_quotas(predicted, 4, 100).tolist() == [10, 2, 30, 0]  # never more than the pool
+
+
+def test_balanced_bald_queries_every_predicted_class_where_power_bald_piles_into_one():
+    rng = np.random.default_rng(0)
+    # 300 cells predicted class 0 with members that disagree, 100 each of classes 1-2 on which they agree
+    confused = np.stack([np.tile([0.9, 0.05, 0.05], (300, 1)), np.tile([0.4, 0.3, 0.3], (300, 1))])
+    sure = np.stack([np.eye(3)[np.repeat([1, 2], 100)] * 0.9 + 0.05] * 2)
+    samples = np.concatenate([confused, sure], axis=1) + rng.uniform(0, 1e-3, (2, 500, 3))
+    samples /= samples.sum(axis=2, keepdims=True)
+    classes = samples.mean(axis=0).argmax(axis=1)
+    plain = select("power_bald", 30, np.random.default_rng(1), samples=samples)[0]
+    balanced, scores = select("balanced_bald", 30, np.random.default_rng(1), samples=samples)
+    assert np.bincount(classes[plain], minlength=3).tolist() == [30, 0, 0]
+    assert np.bincount(classes[balanced], minlength=3).tolist() == [10, 10, 10]
+    assert len(set(balanced.tolist())) == 30 and np.allclose(scores, bald(samples)[balanced])
 
 
 def test_random_selection_is_distinct_and_in_range():

@@ -9,6 +9,10 @@ Inputs are posteriors over the scored pool: ``probs`` (N, K) class probabilities
 * ``power_margin`` / ``power_bald``: sample without replacement with probability ~ score^(1/T) (stochastic batch
   acquisition: top-k of a batch picks near-duplicates; sampling keeps the batch diverse). Gumbel-top-k on
   log scores, reproducible from the generator.
+* ``balanced_bald``: ``power_bald`` within each predicted class, the batch split equally over the classes the model
+  predicts (a class with too few pool cells passes its share on). Uncertainty sampling on a model trained on a few
+  dozen cells piles its queries into the classes it confuses and starves the others; balanced accuracy, and the
+  next round's model, need every class.
 * ``coreset``: k-center greedy on embeddings (each pick is the pool point farthest from the labeled set and the
   points picked so far).
 * ``typiclust``: TypiClust (Hacohen, Dekel & Weinshall, ICML 2022), the low-budget strategy: k-means on the labeled
@@ -26,9 +30,10 @@ from training.uncertainty.decompose import decompose
 from training.uncertainty.decompose import entropy as _entropy
 
 STRATEGIES = (
-    "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "coreset", "typiclust",
+    "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "balanced_bald", "coreset",
+    "typiclust",
 )
-NEEDS_SAMPLES = frozenset({"bald", "power_bald"})
+NEEDS_SAMPLES = frozenset({"bald", "power_bald", "balanced_bald"})
 NEEDS_EMBEDDINGS = frozenset({"coreset", "typiclust"})
 _EPS = 1e-12
 _CHUNK = 8192
@@ -88,6 +93,37 @@ def power_sample(scores: np.ndarray, k: int, temperature: float, rng: np.random.
     s = np.clip(np.asarray(scores, dtype=np.float64), _EPS, None)
     keys = np.log(s) / temperature + rng.gumbel(size=s.shape)
     return np.argsort(-keys, kind="stable")[:k]
+
+
+def class_quotas(predicted: np.ndarray, n_classes: int, k: int) -> np.ndarray:
+    """``k`` picks split as equally as possible over ``n_classes`` predicted classes, none above a class's pool
+    count; what a class cannot fill goes to the classes with cells left (the larger remainders first)."""
+    counts = np.bincount(np.asarray(predicted, dtype=np.int64), minlength=n_classes)
+    k = min(int(k), int(counts.sum()))
+    quota = np.zeros(n_classes, dtype=np.int64)
+    while quota.sum() < k:
+        room = counts - quota
+        open_ = np.nonzero(room > 0)[0]
+        share = (k - int(quota.sum())) // len(open_)
+        if share == 0:  # fewer picks left than open classes: one more each, the classes with most room first
+            for c in open_[np.argsort(-room[open_], kind="stable")][: k - int(quota.sum())]:
+                quota[c] += 1
+            break
+        quota[open_] += np.minimum(share, room[open_])
+    return quota
+
+
+def balanced_power_sample(scores: np.ndarray, probs: np.ndarray, k: int, temperature: float,
+                          rng: np.random.Generator) -> np.ndarray:
+    """``power_sample`` within each predicted class of ``probs`` (N, K), ``class_quotas`` picks from each."""
+    predicted = _probs(probs).argmax(axis=1)
+    quotas = class_quotas(predicted, probs.shape[1], k)
+    picks = []
+    for c, q in enumerate(quotas):
+        if q:
+            members = np.nonzero(predicted == c)[0]
+            picks.append(members[power_sample(scores[members], int(q), temperature, rng)])
+    return np.concatenate(picks) if picks else np.empty(0, dtype=np.int64)
 
 
 def k_center_greedy(embeddings: np.ndarray, labeled: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -252,5 +288,11 @@ def select(strategy: str, k: int, rng: np.random.Generator, n_pool: int | None =
             raise ValueError("typiclust needs pool embeddings (N, D)")
         return typiclust_query(embeddings, labeled_embeddings, k, rng, neighbors)
     scores = scores_for(strategy, probs, samples)
-    pos = power_sample(scores, k, temperature, rng) if strategy.startswith("power_") else top_k(scores, k)
+    if strategy == "balanced_bald":
+        classes = probs if probs is not None else np.asarray(samples).mean(axis=0)
+        pos = balanced_power_sample(scores, classes, k, temperature, rng)
+    elif strategy.startswith("power_"):
+        pos = power_sample(scores, k, temperature, rng)
+    else:
+        pos = top_k(scores, k)
     return pos.astype(np.int64), scores[pos]
