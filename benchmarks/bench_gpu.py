@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -139,7 +140,8 @@ def main() -> int:
     fp32 = gpu.combine(member_logits(gpu, x, False, a.batch_size))["mean_probs"]
     keep = y >= 0
     res = {
-        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", "torch": torch.__version__, "cells_compared": int(len(x)),
+        "device": torch.cuda.get_device_name(0) if a.device == "cuda" else "cpu", "torch": torch.__version__,
+        "cells_compared": int(len(x)),
         "max_abs_prob_diff": float(np.abs(bf16 - fp32).max()),
         "mean_abs_prob_diff": float(np.abs(bf16 - fp32).mean()),
         "argmax_changed": float((bf16.argmax(1) != fp32.argmax(1)).mean()),
@@ -154,8 +156,6 @@ def main() -> int:
     res["cpu_cells_per_s"] = cells_per_second(cpu, many[: a.cpu_cells], min(a.batch_size, 256), repeats=1)
     res["gpu_over_cpu"] = res["gpu_cells_per_s"] / res["cpu_cells_per_s"]
     if a.train:
-        import tempfile
-
         with tempfile.TemporaryDirectory() as tmp:
             for name, overrides in (("gpu_bf16", ["train.amp=true"]), ("gpu_fp32", ["train.amp=false"]),
                                     ("cpu_fp32", ["train.device=cpu"])):
