@@ -153,6 +153,32 @@ def test_early_stopping_restores_best(tmp_path) -> None:
         assert torch.equal(v, again.state_dict()[k]), k
 
 
+@pytest.mark.parametrize(("monitor", "best"), [("val_loss", 1), ("val_balanced_accuracy", 2)])
+def test_monitor_picks_the_restored_epoch(tmp_path, monkeypatch, monitor, best) -> None:
+    """Scripted validation metrics where the lowest loss (epoch 1) and the best accuracy (epoch 2) disagree."""
+    script = iter([(1.0, 0.5), (0.5, 0.6), (0.6, 0.9), (0.7, 0.7)])
+
+    def scripted(*args, **kwargs):
+        loss, acc = next(script)
+        return {"val_loss": loss, "val_accuracy": acc, "val_balanced_accuracy": acc}
+
+    monkeypatch.setattr("training.engine.evaluate", scripted)
+    train, val = data()
+    model = make()
+    snapshots = {}
+
+    def snap(metrics, epoch):
+        snapshots[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    res = fit(model, train, val, cfg(epochs=4, patience=4, monitor=monitor), objective(), 2, out_dir=tmp_path,
+              log_metrics=snap, progress=False)
+    assert res.epochs_run == 4 and not res.stopped_early
+    assert res.best_epoch == res.weights_epoch == best
+    assert res.best_val_loss == [1.0, 0.5, 0.6, 0.7][best]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshots[best][k]), k
+
+
 class NaNAt:
     """Supervised objective whose loss turns NaN at one (epoch, step)."""
 

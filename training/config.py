@@ -112,7 +112,11 @@ class TrainConfig(Section):
     warmup_epochs: float = Field(1.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     class_weights: Literal["none", "balanced"] = "none"
-    patience: int | None = Field(5, ge=1, description="early stopping on validation loss; None = off")
+    patience: int | None = Field(5, ge=1, description="early stopping on `monitor`; None = off")
+    monitor: Literal["val_loss", "val_balanced_accuracy"] = Field(
+        "val_loss", description="what picks the best epoch for early stopping and the restored weights: the lowest "
+        "validation loss, or the highest validation balanced accuracy (the ssl study: FixMatch's loss rises while "
+        "its accuracy holds)")
     grad_clip: float | None = Field(1.0, gt=0)
     device: str = "auto"
     amp: bool = Field(True, description="bf16 autocast + channels_last on CUDA (ignored on CPU)")

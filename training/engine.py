@@ -127,7 +127,7 @@ class SupervisedObjective:
 @dataclass
 class FitResult:
     best_epoch: int
-    best_val_loss: float
+    best_val_loss: float  # the validation loss of the best epoch (by ``train.monitor``)
     epochs_run: int
     stopped_early: bool
     history: list[dict] = field(default_factory=list)
@@ -272,7 +272,8 @@ def fit(
 
     Checkpoints ``out_dir/last.pt`` after every epoch, then calls ``on_epoch_end(epoch, metrics, checkpoint)``;
     ``resume`` continues from the checkpoint (bit-identical on CPU).
-    With early stopping on (``cfg.patience``) the best-validation-loss weights are restored at the end;
+    With early stopping on (``cfg.patience``) the weights of the best epoch by ``cfg.monitor`` (lowest validation
+    loss, or highest validation balanced accuracy; the first epoch wins a tie) are restored at the end;
     with ``val_data=None`` there is no validation and no early stopping.
     """
     device = select_device(cfg.device)
@@ -290,8 +291,8 @@ def fit(
     gen = torch.Generator()
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     early = cfg.patience is not None and val_data is not None
-    st: dict[str, Any] = {"epoch": 0, "best_epoch": -1, "best_val_loss": math.inf, "best_state": None,
-                          "bad_epochs": 0, "stopped_early": False, "history": []}
+    st: dict[str, Any] = {"epoch": 0, "best_epoch": -1, "best_val_loss": math.inf, "best_score": -math.inf,
+                          "best_state": None, "bad_epochs": 0, "stopped_early": False, "history": []}
 
     if resume:
         if ckpt is None or not ckpt.is_file():
@@ -349,8 +350,9 @@ def fit(
             metrics.update(evaluate(model, val_data, n_classes, device, amp))
             if not math.isfinite(metrics["val_loss"]):
                 raise TrainingError(f"validation loss became NaN at epoch {epoch}; {_last_good(ckpt)}")
-            if metrics["val_loss"] < st["best_val_loss"]:
-                st.update(best_epoch=epoch, best_val_loss=metrics["val_loss"], bad_epochs=0)
+            score = -metrics["val_loss"] if cfg.monitor == "val_loss" else metrics[cfg.monitor]
+            if score > st.get("best_score", -st["best_val_loss"]):  # checkpoints before `monitor` lack best_score
+                st.update(best_epoch=epoch, best_val_loss=metrics["val_loss"], best_score=score, bad_epochs=0)
                 if early:
                     st["best_state"] = _cpu_copy(model.state_dict())
             else:
