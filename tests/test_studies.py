@@ -110,6 +110,30 @@ def test_al_transfer_study_compares_random_with_the_default_strategy():
                                      for c in configs.values())  # never the seed the default was chosen on
 
 
+def test_ssl_seeds_depends_on_every_arm_and_seed_the_ssl_stages_write():
+    """The aggregate must rerun when any arm of any seed changes: each --arm glob of ssl_seeds matches exactly the
+    per-seed metrics files the ssl stages declare, and every one of them is a dependency."""
+    import fnmatch
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    root = Path(__file__).resolve().parents[1]
+    study = yaml.safe_load((root / "benchmarks/studies/dvc.yaml").read_text())
+    vars_ = {k: v for d in study["vars"] for k, v in d.items()}
+    ssl, agg = study["stages"]["ssl"], study["stages"]["ssl_seeds"]
+    written = {m.replace("${item}", str(seed)) for seed in vars_["seeds"]
+               for entry in ssl["do"]["metrics"] for m in entry}
+    globs = dict(re.findall(r"--arm '(\w+)=([^']+)'", agg["cmd"]))
+    assert {"supervised", "fixmatch", "all_labels"} <= set(globs)
+    for arm, pattern in globs.items():
+        matched = {w for w in written if fnmatch.fnmatch(w, pattern)}
+        assert len(matched) == len(vars_["seeds"]), arm
+        assert matched <= set(agg["deps"]), arm
+    assert "train.monitor=val_balanced_accuracy" in vars_["ssl_schedule"]
+
+
 def test_same_seed_same_machine_same_metrics(tiny_manifest, tmp_path, one_thread):
     """What the README promises: on one machine, the same seed gives the same ensemble and the same numbers
     (temperatures, novelty reference, test probabilities); across CPUs the kernels may differ."""
