@@ -138,6 +138,11 @@ class FitResult:
 # -- helpers ---------------------------------------------------------------------------------------------------
 
 
+def _score(metrics: dict, monitor: str) -> float:
+    """``train.monitor`` as a higher-is-better number: the negated validation loss, or the metric itself."""
+    return -metrics["val_loss"] if monitor == "val_loss" else metrics[monitor]
+
+
 def _to_device(batch: dict, device: torch.device, channels_last: bool) -> dict:
     out = {}
     for k, v in batch.items():
@@ -291,8 +296,8 @@ def fit(
     gen = torch.Generator()
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
     early = cfg.patience is not None and val_data is not None
-    st: dict[str, Any] = {"epoch": 0, "best_epoch": -1, "best_val_loss": math.inf, "best_score": -math.inf,
-                          "best_state": None, "bad_epochs": 0, "stopped_early": False, "history": []}
+    st: dict[str, Any] = {"epoch": 0, "best_epoch": -1, "best_val_loss": math.inf, "best_state": None,
+                          "bad_epochs": 0, "stopped_early": False, "history": []}
 
     if resume:
         if ckpt is None or not ckpt.is_file():
@@ -350,9 +355,9 @@ def fit(
             metrics.update(evaluate(model, val_data, n_classes, device, amp))
             if not math.isfinite(metrics["val_loss"]):
                 raise TrainingError(f"validation loss became NaN at epoch {epoch}; {_last_good(ckpt)}")
-            score = -metrics["val_loss"] if cfg.monitor == "val_loss" else metrics[cfg.monitor]
-            if score > st.get("best_score", -st["best_val_loss"]):  # checkpoints before `monitor` lack best_score
-                st.update(best_epoch=epoch, best_val_loss=metrics["val_loss"], best_score=score, bad_epochs=0)
+            best = st["best_epoch"]
+            if best < 0 or _score(metrics, cfg.monitor) > _score(st["history"][best], cfg.monitor):
+                st.update(best_epoch=epoch, best_val_loss=metrics["val_loss"], bad_epochs=0)
                 if early:
                     st["best_state"] = _cpu_copy(model.state_dict())
             else:
