@@ -218,6 +218,25 @@ def test_strong_cutout_zeroes_a_square() -> None:
     torch.testing.assert_close(y[y != 0], x[y != 0])
 
 
+def test_crop_keeps_a_random_square_of_at_least_min_scale_of_the_area() -> None:
+    size = 64
+    ramp = torch.arange(size, dtype=torch.float32).expand(size, size)  # value = column
+    x = torch.stack([ramp, ramp.T])[None].repeat(32, 1, 1, 1)  # channel 0: x, channel 1: y
+    aug = Augmenter(AugmentConfig())
+    assert aug.crop(x, torch.Generator().manual_seed(0), 1.0) is x
+    y = aug.crop(x, torch.Generator().manual_seed(0), 0.25)
+    assert y.shape == x.shape
+    torch.testing.assert_close(y, aug.crop(x, torch.Generator().manual_seed(0), 0.25), rtol=0, atol=0)
+    # a square crop: the same scale in x and y (input pixels per output pixel, away from the border pixels that
+    # may touch the image edge), between sqrt(0.25) and 1, inside the image
+    span_x = (y[:, 0, 0, -3] - y[:, 0, 0, 2]) / (size - 5)
+    span_y = (y[:, 1, -3, 0] - y[:, 1, 2, 0]) / (size - 5)
+    torch.testing.assert_close(span_x, span_y, rtol=0, atol=1e-4)
+    assert (span_x >= 0.5 - 1e-3).all() and (span_x <= 1 + 1e-3).all() and (span_x < 0.9).any()
+    assert y.min() >= -1e-4 and y.max() <= size - 1 + 1e-4
+    assert len({round(float(v), 2) for v in y[:, 0, 0, 0]}) > 20  # crops start at different places
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_augment_on_cuda_matches_params() -> None:
     x = _cells().cuda()

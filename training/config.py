@@ -204,6 +204,24 @@ class SSLConfig(Section):
     truth: str | None = Field(None, description="simulator truth.parquet: logs pseudo-label accuracy (never trains)")
 
 
+class PretrainConfig(Section):
+    """Self-supervised contrastive pretraining of the encoder on unlabeled cells (``spatial pretrain``, SimCLR's
+    NT-Xent); fine-tune from it with ``model.pretrained=<out>/encoder.pt``."""
+
+    epochs: int = Field(30, ge=1, description="passes over the pretraining cells")
+    batch_size: int = Field(128, ge=2, description="cells per batch; each gives two views, the others are negatives")
+    lr: float = Field(0.002, gt=0)
+    warmup_epochs: float = Field(1.0, ge=0)
+    temperature: float = Field(0.2, gt=0, description="NT-Xent softmax temperature")
+    proj_dim: int = Field(64, ge=2, description="projection head output (the contrastive space; discarded after)")
+    views: Literal["standard", "strong"] = Field(
+        "strong", description="the augmentation of each view: data.augment as in supervised training, or the "
+        "FixMatch strong view (3x photometric, blur and cutout)")
+    crop_scale: float = Field(0.2, gt=0, le=1, description="smallest share of the image area a view's random "
+                              "resized crop keeps (1 = no crop)")
+    max_cells: int | None = Field(8000, ge=2, description="cells drawn (seeded) from train + unlabeled; null = all")
+
+
 DEFAULT_STATE_CLASSES = {"on": "stimulated", "off": "unstimulated", "blocked": "atg5_ko", "partial": "ei24_ko"}
 
 
@@ -429,6 +447,7 @@ class Params(Section):
     mlflow: MlflowConfig = MlflowConfig()
     registry: RegistryConfig = RegistryConfig()
     ssl: SSLConfig = SSLConfig()
+    pretrain: PretrainConfig = PretrainConfig()
     al: ALConfig = ALConfig()
     tune: TuneConfig = TuneConfig()
     score: ScoreConfig = ScoreConfig()

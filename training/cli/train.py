@@ -1,4 +1,5 @@
-"""``spatial train | evaluate | register``: the steps of :mod:`training.workflow` (one DVC stage each)."""
+"""``spatial train | evaluate | register``: the steps of :mod:`training.workflow` (one DVC stage each), and
+``spatial pretrain``: contrastive pretraining of the encoder that ``train`` can start from."""
 
 from __future__ import annotations
 
@@ -33,6 +34,30 @@ def add_commands(app: typer.Typer) -> None:
             write_json(metrics, result)
         typer.echo(f"wrote {out} ({ens.spec.n_members} members, classes {', '.join(ens.spec.classes)})")
 
+
+    @app.command()
+    def pretrain(params: ParamsOpt = None, set_: SetOpt = None,
+                 manifest: Annotated[Path | None, typer.Option(help="pretrain on a manifest's files (index + split now)")] = None,
+                 splits: Annotated[Path | None, typer.Option(help="a split table (default split.out)")] = None,
+                 out: Annotated[Path, typer.Option(help="directory for encoder.pt and pretrain.json")] = Path("models/pretrain"),
+                 progress: ProgressOpt = True) -> None:
+        """Pretrain the encoder contrastively (SimCLR) on the training and unlabeled cells, labels unused; fine-tune
+        from it with `spatial train --set model.pretrained=OUT/encoder.pt`."""
+        from training.data.trainset import prepare_data
+        from training.regimes.contrastive import ENCODER, pretrain_encoder
+        from training.tracking import Tracker
+
+        p = params_for(params, set_)
+        table, summary = load_split_table(p, splits, manifest, out)
+        data = prepare_data(table, summary.get("classes") or p.split.classes, p)
+        with Tracker(p, run_name=f"pretrain-{p.model.name}", tags={"stage": "pretrain"}) as tr:
+            result = pretrain_encoder(data, p, out, progress=progress, log_metrics=tr.log_metrics)
+            tr.log_metrics({"pretrain_probe_val_balanced_accuracy": result["probe_val_balanced_accuracy"],
+                            "pretrain_probe_val_balanced_accuracy_random_init":
+                                result["probe_val_balanced_accuracy_random_init"]})
+        typer.echo(f"wrote {out / ENCODER} ({result['epochs']} epochs on {result['cells']} cells); linear probe "
+                   f"{result['probe_val_balanced_accuracy']:.3f} (random init "
+                   f"{result['probe_val_balanced_accuracy_random_init']:.3f})")
 
     @app.command()
     def evaluate(params: ParamsOpt = None, set_: SetOpt = None,

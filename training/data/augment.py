@@ -23,7 +23,8 @@ def _uniform(g: torch.Generator, shape: tuple[int, ...], low: float, high: float
 
 
 class Augmenter:
-    """Three views of a batch: ``standard`` (supervised training), ``weak`` and ``strong`` (FixMatch).
+    """Three views of a batch: ``standard`` (supervised training), ``weak`` and ``strong`` (FixMatch); ``crop``
+    (random resized crop) comes before a view in contrastive pretraining.
 
     ``strong`` is ``weak`` plus the photometric transforms at ``strong_scale`` times the configured magnitude
     (blur probability likewise, capped at 1) and a cutout square of up to ``cutout`` x the image side.
@@ -41,6 +42,21 @@ class Augmenter:
 
     def weak(self, x: Tensor, g: torch.Generator) -> Tensor:
         return self._geometric(x, g)
+
+    def crop(self, x: Tensor, g: torch.Generator, min_scale: float) -> Tensor:
+        """Per-sample random resized crop: a square of U(``min_scale``, 1) x the image area, anywhere inside the
+        image, resampled (bilinear) back to the full size. No-op at ``min_scale`` >= 1."""
+        if min_scale >= 1:
+            return x
+        b = len(x)
+        side = _uniform(g, (b,), min_scale, 1.0).sqrt()  # side as a fraction of the image side
+        shift = (torch.rand(b, 2, generator=g) * 2 - 1) * (1 - side)[:, None]  # centre, in [-1, 1] coordinates
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0] = theta[:, 1, 1] = side
+        theta[:, :, 2] = shift
+        grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="border", align_corners=False).to(x.dtype)
 
     def strong(self, x: Tensor, g: torch.Generator) -> Tensor:
         c, s = self.cfg, self.strong_scale

@@ -1,0 +1,132 @@
+"""Contrastive pretraining: the NT-Xent loss on hand-made views, the cells it may see, and pretrain -> fine-tune."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tiny_params
+from typer.testing import CliRunner
+
+from training.cli.main import app
+from training.data.cellindex import build_index
+from training.data.splits import make_splits
+from training.data.trainset import keep_label_fraction, prepare_data
+from training.errors import TrainingError
+from training.models.factory import build_model
+from training.regimes.contrastive import ENCODER, SUMMARY, nt_xent, pretrain_encoder, pretraining_cells
+
+
+def test_nt_xent_on_orthogonal_views_matches_the_hand_computed_loss():
+    # two cells, both views identical, the cells orthogonal: each view's partner has cosine 1, the two others 0
+    z = torch.eye(2, 3)
+    loss, hit = nt_xent(z, z.clone(), temperature=0.5)
+    assert loss.item() == pytest.approx(-math.log(math.e**2 / (math.e**2 + 2)), rel=1e-6)
+    assert hit.tolist() == [True] * 4
+    # swap the partners: every view now is most similar to a non-partner and the loss is higher
+    loss_swapped, hit_swapped = nt_xent(z, z.flip(0), temperature=0.5)
+    assert hit_swapped.tolist() == [False] * 4
+    assert loss_swapped.item() == pytest.approx(-math.log(1 / (math.e**2 + 2)), rel=1e-6)
+
+
+def test_nt_xent_needs_two_matching_views():
+    with pytest.raises(TrainingError, match="two"):
+        nt_xent(torch.zeros(4, 3), torch.zeros(5, 3), 0.2)
+    with pytest.raises(TrainingError, match="B >= 2"):
+        nt_xent(torch.zeros(1, 3), torch.zeros(1, 3), 0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tiny_manifest, tmp_path_factory):
+    params = tiny_params(tmp_path_factory.mktemp("pre"))
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), params.split)
+    return prepare_data(table, summary["classes"], params)
+
+
+def test_pretraining_cells_are_train_and_unlabeled_only_without_labels(tiny_data):
+    cells = pretraining_cells(tiny_data, None, seed=0)
+    assert set(cells["split"]) == {"train", "unlabeled"}
+    assert (cells["y"] == -1).all()
+    expected = tiny_data.cells["split"].isin(["train", "unlabeled"]).sum()
+    assert len(cells) == expected
+    few = pretraining_cells(tiny_data, 50, seed=0)
+    assert len(few) == 50 and few["cell_id"].tolist() == pretraining_cells(tiny_data, 50, seed=0)["cell_id"].tolist()
+    assert few["cell_id"].tolist() != pretraining_cells(tiny_data, 50, seed=1)["cell_id"].tolist()
+
+
+def test_pretrain_then_fine_tune_from_the_encoder(tiny_data, tmp_path, one_thread):
+    params = tiny_params(tmp_path, pretrain={"epochs": 4, "batch_size": 32, "max_cells": None})
+    summary = pretrain_encoder(tiny_data, params, tmp_path / "pre", progress=False)
+    losses = [h["train_loss"] for h in summary["history"]]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    assert summary["cells"] == len(pretraining_cells(tiny_data, None, 0))
+    assert json.loads((tmp_path / "pre" / SUMMARY).read_text())["final_loss"] == pytest.approx(losses[-1])
+    for key in ("probe_val_balanced_accuracy", "probe_val_balanced_accuracy_random_init"):
+        assert 0.0 <= summary[key] <= 1.0
+    # the encoder is what fine-tuning starts from: model.pretrained loads it tensor for tensor
+    saved = torch.load(tmp_path / "pre" / ENCODER, map_location="cpu")["state_dict"]
+    tuned_cfg = params.model.model_copy(update={"pretrained": str(tmp_path / "pre" / ENCODER)})
+    model = build_model(tuned_cfg, len(tiny_data.channels), len(tiny_data.classes))
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, saved[name]), name
+    torch.manual_seed(params.train.seed)
+    fresh = build_model(params.model, len(tiny_data.channels), len(tiny_data.classes))
+    assert not torch.equal(fresh.stages[0].blocks[0].conv_dw.weight, model.stages[0].blocks[0].conv_dw.weight)
+    # the same seed gives the same encoder, bit for bit
+    again = pretrain_encoder(tiny_data, params, tmp_path / "again", progress=False)
+    assert again["history"] == summary["history"]
+    assert all(torch.equal(v, torch.load(tmp_path / "again" / ENCODER)["state_dict"][k]) for k, v in saved.items())
+
+
+def test_pretraining_never_sees_validation_or_test_pixels(tiny_data, tmp_path, monkeypatch, one_thread):
+    import training.regimes.contrastive as contrastive
+
+    seen = []
+    real = contrastive.loader_for
+
+    def spy(table, *args, **kwargs):
+        if kwargs.get("shuffle"):
+            seen.append(set(table["split"]))
+        return real(table, *args, **kwargs)
+
+    monkeypatch.setattr(contrastive, "loader_for", spy)
+    params = tiny_params(tmp_path, pretrain={"epochs": 1, "batch_size": 32, "max_cells": None})
+    pretrain_encoder(tiny_data, params, tmp_path / "pre", progress=False)
+    assert seen == [{"train", "unlabeled"}]
+    hidden = keep_label_fraction(tiny_data, 0.5, 0)
+    assert set(pretraining_cells(hidden, None, 0)["cell_id"]) == set(pretraining_cells(tiny_data, None, 0)["cell_id"])
+
+
+def test_cli_pretrain_writes_the_encoder_and_train_starts_from_it(tiny_manifest, tmp_path, one_thread):
+    params = {
+        "split": {"classes": ["bright", "spotty"], "test_fraction": 0.5, "max_per_class": None},
+        "data": {"channels": ["LC3B"], "image_size": 32, "batch_size": 16},
+        "model": {"dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]},
+        "train": {"epochs": 1}, "ensemble": {"members": 1},
+        "pretrain": {"epochs": 1, "batch_size": 32},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "pre"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    runner = CliRunner()
+    res = runner.invoke(app, ["pretrain", "--params", str(tmp_path / "params.yaml"), "--manifest", str(tiny_manifest),
+                              "--out", str(tmp_path / "pre"), "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    assert "linear probe" in res.output and (tmp_path / "pre" / ENCODER).is_file()
+    res = runner.invoke(app, ["train", "--params", str(tmp_path / "params.yaml"), "--manifest", str(tiny_manifest),
+                              "--set", f"model.pretrained={tmp_path / 'pre' / ENCODER}", "--out", str(tmp_path / "ens"),
+                              "--no-progress"], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    # too few cells for a batch: one line naming the setting, exit 2, nothing written
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--params", str(tmp_path / "params.yaml"),
+                           "--manifest", str(tiny_manifest), "--set", "pretrain.batch_size=100000",
+                           "--out", str(tmp_path / "none")], capture_output=True, text=True, cwd=tmp_path,
+                          env={"PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})
+    assert proc.returncode == 2 and "pretrain.batch_size" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "none" / ENCODER).exists()
+    assert np.isfinite(json.loads((tmp_path / "pre" / SUMMARY).read_text())["final_loss"])
