@@ -130,3 +130,20 @@ def test_cli_pretrain_writes_the_encoder_and_train_starts_from_it(tiny_manifest,
     assert proc.returncode == 2 and "pretrain.batch_size" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "none" / ENCODER).exists()
     assert np.isfinite(json.loads((tmp_path / "pre" / SUMMARY).read_text())["final_loss"])
+
+
+def test_active_learning_cold_start_embeds_with_the_pretrained_encoder(tmp_path):
+    from training.active.campaign import TensorLoader, cold_start_embeddings
+    from training.engine import predict
+
+    params = tiny_params(tmp_path)
+    images = torch.rand(40, 1, 32, 32)
+    torch.manual_seed(123)
+    encoder = build_model(params.model, 1, 3)
+    torch.save({"state_dict": encoder.state_dict()}, tmp_path / ENCODER)
+    with_encoder = params.model_copy(update={"model": params.model.model_copy(
+        update={"pretrained": str(tmp_path / ENCODER)})})
+    feats = predict(encoder, TensorLoader(images, None, 16), with_features=True)["features"]
+    expected = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
+    np.testing.assert_allclose(cold_start_embeddings(images, with_encoder, seed=0), expected, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(cold_start_embeddings(images, params, seed=0), expected, atol=1e-3)

@@ -236,8 +236,9 @@ def test_metrics(models: list[nn.Module], images: torch.Tensor, y: np.ndarray, c
             "nll": cal["nll"]}
 
 
-def random_embeddings(images: torch.Tensor, params: Params, seed: int) -> np.ndarray:
-    """Features of a randomly initialised network of the configured architecture (cold start: no labels yet)."""
+def cold_start_embeddings(images: torch.Tensor, params: Params, seed: int) -> np.ndarray:
+    """Features of the configured architecture before any label (cold start): randomly initialised, or the encoder
+    ``model.pretrained`` names (e.g. `spatial pretrain`'s)."""
     torch.manual_seed(seed)
     model = build_model(params.model, images.shape[1], 2)
     feats = predict(model, TensorLoader(images, None, params.score.batch_size), with_features=True)["features"]
@@ -260,7 +261,7 @@ def initial_set(pool: pd.DataFrame, store: PoolImages, params: Params, rng: np.r
     n = params.al.initial
     if (method or params.al.initial_method) == "typicality":
         cand = _subsample(np.arange(len(pool)), params.al.pool_subsample, rng)
-        emb = random_embeddings(store.get(cand), params, int(rng.integers(2**31 - 1)))
+        emb = cold_start_embeddings(store.get(cand), params, int(rng.integers(2**31 - 1)))
         pos, typ = typiclust(emb, n, rng, params.al.typicality_neighbors)
         return cand[pos], typ
     groups = pool["y"].to_numpy() if "y" in pool else np.full(len(pool), -1)
