@@ -68,9 +68,9 @@ class ProjectionHead(nn.Module):
 
 class ContrastiveObjective:
     """NT-Xent between two views (a random resized crop of at least ``crop_scale`` of the area, then the ``standard``
-    or ``strong`` augmentation: ``views``) of every cell in the batch;
-    labels are ignored. The projection head is an extra optimizer parameter group; its weights live in this
-    objective's state (checkpoints, ``--resume``), not in the saved encoder."""
+    or ``strong`` augmentation: ``views``) of every cell in the batch; labels are ignored. The projection head is an
+    extra optimizer parameter group; its weights live in this objective's state (the engine's checkpoint, when it is
+    given an ``out_dir``), not in the saved encoder."""
 
     def __init__(self, augmenter: Augmenter, proj_dim: int = 64, temperature: float = 0.2,
                  views: str = "standard", crop_scale: float = 1.0) -> None:
@@ -122,19 +122,19 @@ def pretraining_cells(data: TrainData, max_cells: int | None, seed: int) -> pd.D
     return cells.reset_index(drop=True)
 
 
-def linear_probe(model: nn.Module, data: TrainData, params: Params, device: torch.device) -> float:
-    """Validation balanced accuracy of a logistic regression on ``model``'s frozen penultimate features of the
-    labeled training cells (``ssl.label_fraction`` of them, as the fine-tuning run would have)."""
+def probe_loaders(data: TrainData, params: Params) -> tuple:
+    """Loaders over the labeled training cells (``ssl.label_fraction`` of them, as the fine-tuning run would have)
+    and the validation cells; built once, so with ``data.cache`` both probes read the pixels once."""
     labeled = keep_label_fraction(data, params.ssl.label_fraction, params.split.seed)
+    return tuple(loader_for(labeled.split(s), params.data, data.channels, shuffle=False, seed=0,
+                            batch_size=params.score.batch_size) for s in ("train", "val"))
 
-    def features(split: str) -> tuple[np.ndarray, np.ndarray]:
-        loader = loader_for(labeled.split(split), params.data, data.channels, shuffle=False, seed=0,
-                            batch_size=params.score.batch_size)
-        out = predict(model, loader, device=device)
-        return out["features"], out["label"]
 
-    x_tr, y_tr = features("train")
-    x_val, y_val = features("val")
+def linear_probe(model: nn.Module, loaders: tuple, device: torch.device) -> float:
+    """Validation balanced accuracy of a logistic regression on ``model``'s frozen penultimate features of the
+    labeled training cells (``loaders``: :func:`probe_loaders`)."""
+    (x_tr, y_tr), (x_val, y_val) = ((out["features"], out["label"])
+                                    for out in (predict(model, loader, device=device) for loader in loaders))
     probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
     probe.fit(x_tr, y_tr)
     return balanced_accuracy(y_val, probe.predict(x_val))
@@ -153,7 +153,8 @@ def pretrain_encoder(data: TrainData, params: Params, out: str | Path, progress:
     seed_everything(seed)
     model = build_model(params.model, len(data.channels), len(data.classes))
     device = select_device(params.train.device)
-    probe_before = linear_probe(model, data, params, device)
+    probes = probe_loaders(data, params)
+    probe_before = linear_probe(model, probes, device)
     loader = loader_for(cells, params.data, data.channels, shuffle=True, seed=seed, batch_size=cfg.batch_size,
                         drop_last=True)
     objective = ContrastiveObjective(Augmenter(params.data.augment), cfg.proj_dim, cfg.temperature, cfg.views,
@@ -162,7 +163,7 @@ def pretrain_encoder(data: TrainData, params: Params, out: str | Path, progress:
                                                  "patience": None, "max_steps_per_epoch": None})
     result = fit(model, loader, None, engine_cfg, objective, n_classes=len(data.classes), progress=progress,
                  log_metrics=log_metrics)
-    probe_after = linear_probe(model, data, params, device)
+    probe_after = linear_probe(model, probes, device)
     summary = {
         "cells": len(cells), "epochs": result.epochs_run, "settings": cfg.model_dump(mode="json"),
         "model": params.model.name, "seed": seed, "classes": list(data.classes),
