@@ -147,3 +147,69 @@ def test_active_learning_cold_start_embeds_with_the_pretrained_encoder(tmp_path)
     expected = (feats - feats.mean(0)) / (feats.std(0) + 1e-6)
     np.testing.assert_allclose(cold_start_embeddings(images, with_encoder, seed=0), expected, rtol=1e-5, atol=1e-5)
     assert not np.allclose(cold_start_embeddings(images, params, seed=0), expected, atol=1e-3)
+
+
+def test_novelty_on_the_encoders_features_averaged_over_them(tiny_data, tmp_path, one_thread):
+    from training.data.loader import loader_for
+    from training.engine import predict
+    from training.regimes.ensemble_training import member_seed, refit_novelty, train_ensemble
+    from training.uncertainty.ensemble import Ensemble
+    from training.uncertainty.novelty import KNNNovelty
+
+    files = []
+    for seed in (0, 1):  # two encoders from two pretraining seeds
+        p = tiny_params(tmp_path, pretrain={"epochs": 2, "batch_size": 32, "max_cells": None}, train={"seed": seed})
+        pretrain_encoder(tiny_data, p, tmp_path / f"pre{seed}", progress=False)
+        files.append(str(tmp_path / f"pre{seed}" / ENCODER))
+    params = tiny_params(tmp_path, ensemble={"members": 1}, train={"epochs": 1, "patience": None},
+                         uncertainty={"novelty": "knn", "encoders": files})
+    train_ensemble(tiny_data, params, tmp_path / "ens", progress=False)
+    ens = Ensemble.load(tmp_path / "ens")
+    assert ens.spec.n_encoders == 2 and len(ens.novelty) == 2 and len(ens.members) == 1
+    assert (tmp_path / "ens" / "encoder_1.pt").is_file()
+    test = loader_for(tiny_data.split("test"), params.data, tiny_data.channels, shuffle=False, seed=0)
+    got = ens.predict_batches(test)["novelty"]
+    # by hand: each encoder's kNN distance, its bank the training cells' features, then the mean over encoders
+    train = loader_for(tiny_data.split("train"), params.data, tiny_data.channels, shuffle=False, seed=0)
+    expected = []
+    for j, f in enumerate(files):
+        enc = build_model(params.model.model_copy(update={"pretrained": f}), len(tiny_data.channels),
+                          len(tiny_data.classes))
+        knn = KNNNovelty(params.uncertainty.knn_k, params.uncertainty.knn_bank, member_seed(params, j))
+        knn.fit(predict(enc, train)["features"])
+        expected.append(knn.score(predict(enc, test)["features"]))
+    assert not np.allclose(expected[0], expected[1])
+    np.testing.assert_allclose(got, np.mean(expected, axis=0), rtol=1e-5)
+    # refitting without encoders switches back to the members' own features (and drops the encoders)
+    members_only = params.model_copy(update={"uncertainty": params.uncertainty.model_copy(update={"encoders": []})})
+    back = refit_novelty(ens, tiny_data, members_only)
+    back.save(tmp_path / "back")
+    back = Ensemble.load(tmp_path / "back")
+    assert back.spec.n_encoders == 0 and not (tmp_path / "back" / "encoder_0.pt").exists()
+    assert not np.allclose(back.predict_batches(test)["novelty"], got)
+
+
+def test_encoder_settings_fail_with_a_clear_error(tiny_data, tmp_path):
+    from training.errors import ConfigError, ModelError
+    from training.regimes.ensemble_training import load_encoders
+
+    with pytest.raises(ConfigError, match="uncertainty.encoders needs uncertainty.novelty knn or multistage_knn"):
+        tiny_params(tmp_path, uncertainty={"novelty": "energy", "encoders": ["e.pt"]})
+    params = tiny_params(tmp_path, uncertainty={"novelty": "knn", "encoders": [str(tmp_path / "missing.pt")]})
+    with pytest.raises(ModelError, match="uncertainty.encoders: encoder file .*missing.pt not found"):
+        load_encoders(params, tiny_data)
+
+
+def test_an_ensemble_fine_tuned_from_an_encoder_loads_without_the_encoder_file(tiny_data, tmp_path, one_thread):
+    from training.regimes.ensemble_training import train_ensemble
+    from training.uncertainty.ensemble import Ensemble
+
+    params = tiny_params(tmp_path, pretrain={"epochs": 1, "batch_size": 32, "max_cells": None})
+    pretrain_encoder(tiny_data, params, tmp_path / "pre", progress=False)
+    tuned = tiny_params(tmp_path, ensemble={"members": 1}, train={"epochs": 1, "patience": None})
+    tuned = tuned.model_copy(update={"model": tuned.model.model_copy(update={"pretrained": str(tmp_path / "pre" / ENCODER)})})
+    trained = train_ensemble(tiny_data, tuned, tmp_path / "ens", progress=False)
+    (tmp_path / "pre" / ENCODER).unlink()  # the artifact is scored elsewhere, without the pretraining files
+    loaded = Ensemble.load(tmp_path / "ens")
+    for a, b in zip(trained.members[0].state_dict().values(), loaded.members[0].state_dict().values(), strict=True):
+        assert torch.equal(a, b)

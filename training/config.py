@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.errors import ConfigError
 
@@ -140,6 +140,16 @@ class UncertaintyConfig(Section):
         "energy_multistage", description="chosen by leave-one-class-out on the control classes (README)")
     knn_k: int = Field(10, ge=1, description="k of the kNN novelty scores")
     knn_bank: int = Field(5000, ge=1, description="training cells kept per member for the kNN scores")
+    encoders: list[str] = Field(
+        [], description="`spatial pretrain` encoder files: the kNN novelty (knn or multistage_knn) is measured on "
+        "their features, averaged over them, instead of on the members' (README 'Novelty from the encoder')")
+
+    @model_validator(mode="after")
+    def _encoders_need_knn(self) -> UncertaintyConfig:
+        if self.encoders and self.novelty not in ("knn", "multistage_knn"):
+            raise ValueError(f"uncertainty.encoders needs uncertainty.novelty knn or multistage_knn, "
+                             f"got {self.novelty}")
+        return self
 
 
 class DiscoverConfig(Section):

@@ -3,7 +3,7 @@
 ``train_ensemble`` runs K members (different seeds, optionally bootstrap resamples of the training cells),
 fits a temperature per member and one pooled temperature for the ensemble on the validation split
 (``uncertainty.calibration`` decides which one scoring applies), a novelty model per member on the training cells
-(``uncertainty.novelty``) and the novelty quantiles of the validation cells (the reference the discovery queue's
+(``uncertainty.novelty``; per encoder instead with ``uncertainty.encoders``, which the artifact then carries) and the novelty quantiles of the validation cells (the reference the discovery queue's
 threshold is set on), and saves an :class:`~training.uncertainty.ensemble.Ensemble` directory. MLflow gets one parent run with
 a nested run per member (per-epoch metrics). Member checkpoints go to a work folder beside ``out``
 (``.<name>.work``, what ``--resume`` continues from); it is removed once the ensemble is saved.
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from torch import nn
 
 from training.config import Params
 from training.data.loader import CellLoader, Preprocess, loader_for
 from training.data.trainset import TrainData, keep_label_fraction
 from training.engine import fit, predict, seed_everything, select_device
-from training.errors import DataError
+from training.errors import DataError, ModelError
 from training.models.factory import build_model
 from training.regimes.objectives import make_objective
 from training.regimes.semisupervised import training_stream
@@ -77,7 +78,7 @@ def train_member(k: int, data: TrainData, params: Params, out_dir: Path, resume:
         fit_temperature(val_logits.mean(axis=1), val["label"]) if params.uncertainty.calibration != "none" else 1.0
     )
     novelty = None
-    if params.uncertainty.novelty != "none":
+    if params.uncertainty.novelty != "none" and not params.uncertainty.encoders:
         plain = loader_for(data.split("train"), params.data, data.channels, shuffle=False, seed=seed)
         novelty = fit_novelty(model, plain, params, seed, device)
     return model.cpu(), float(temperature), novelty, result, (val_logits, val["label"])
@@ -89,6 +90,26 @@ def fit_novelty(model, loader: CellLoader, params: Params, seed: int, device) ->
     tr = predict(model, loader, device=device, with_features="features" in nov.input,
                  pool_stages=stage_features if "stages" in nov.input else None)
     return nov.fit(novelty_inputs(nov, tr), tr["label"])
+
+
+def load_encoders(params: Params, data: TrainData) -> list[nn.Module]:
+    """The ``uncertainty.encoders`` (`spatial pretrain` files) as networks of ``model.*``'s architecture."""
+    encoders = []
+    for path in params.uncertainty.encoders:
+        if not Path(path).is_file():
+            raise ModelError(f"uncertainty.encoders: encoder file {path} not found (make one with `spatial pretrain`)")
+        cfg = params.model.model_copy(update={"pretrained": path})
+        encoders.append(build_model(cfg, len(data.channels), len(data.classes)).eval())
+    return encoders
+
+
+def novelty_models(networks: list[nn.Module], data: TrainData, params: Params) -> list[NoveltyModel]:
+    """``uncertainty.novelty`` fitted on the training cells for each of ``networks`` (members or encoders)."""
+    if params.uncertainty.novelty == "none":
+        return []
+    device = select_device(params.train.device)
+    plain = loader_for(data.split("train"), params.data, data.channels, shuffle=False, seed=0)
+    return [fit_novelty(m, plain, params, member_seed(params, k), device) for k, m in enumerate(networks)]
 
 
 def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: bool = False,
@@ -134,7 +155,11 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
               "best_val_loss": [float(r.best_val_loss) for r in results],
               "mlflow_run_id": tracker.run_id if tracker else None},
     )
-    ens = Ensemble(spec, members, novelty)
+    encoders = load_encoders(params, data)
+    if encoders:
+        novelty = novelty_models(encoders, data, params)
+    ens = Ensemble(spec, members, novelty, encoders=[e.cpu() for e in encoders])
+    spec.has_novelty = bool(novelty)
     if novelty:  # the validation cells' novelty: the reference a novelty threshold is set on (discovery queue)
         val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
         nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
@@ -147,14 +172,15 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
 
 def refit_novelty(ens: Ensemble, data: TrainData, params: Params) -> Ensemble:
     """Fit ``uncertainty.novelty`` anew on every member of a trained ensemble (training cells) and its validation
-    reference, without retraining: compare novelty scores on the same members, or switch an artifact's score."""
-    device = select_device(params.train.device)
-    plain = loader_for(data.split("train"), params.data, data.channels, shuffle=False, seed=0)
-    novelty = [] if params.uncertainty.novelty == "none" else [
-        fit_novelty(m, plain, params, member_seed(params, k), device) for k, m in enumerate(ens.members)]
+    reference, without retraining: compare novelty scores on the same members, or switch an artifact's score (to the
+    features of ``uncertainty.encoders``, or back to the members' without it)."""
+    encoders = load_encoders(params, data)
+    novelty = novelty_models(encoders or ens.members, data, params)
     ens.members = [m.cpu() for m in ens.members]
+    ens.encoders = [e.cpu() for e in encoders] if novelty else []
     ens.novelty = novelty
     ens.spec.has_novelty = bool(novelty)
+    ens.spec.n_encoders = len(ens.encoders)
     if novelty:
         val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
         nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]

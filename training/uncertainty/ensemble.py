@@ -6,12 +6,15 @@ An ensemble is a directory that carries everything scoring needs, so the same nu
     spec.json        classes, channels (names), input size and preprocessing, model config, per-member
                      temperature, posterior (ensemble or MC dropout), source channel layout
     member_<k>.pt    state dict of member k
-    novelty_<k>.npz  member k's novelty model (``uncertainty.novelty``; see ``training.uncertainty.novelty``)
+    encoder_<j>.pt   state dict of encoder j (only with ``uncertainty.encoders``: `spatial pretrain` encoders)
+    novelty_<k>.npz  the novelty model (``uncertainty.novelty``; see ``training.uncertainty.novelty``) of member k,
+                     or of encoder k when the ensemble has encoders
 
 Per-cell outputs (see ``training.uncertainty.decompose.FIELD_DESCRIPTIONS``): mean class probabilities over members
 (calibrated as ``spec.calibration`` says: one temperature on the pooled log-probabilities, or one per member), predicted class, confidence, total entropy, aleatoric (mean member
 entropy), epistemic (mutual information) and novelty (mean over members of each member's
-``uncertainty.novelty`` score; see ``training.uncertainty.novelty``).
+``uncertainty.novelty`` score; see ``training.uncertainty.novelty``; with encoders, the mean over the encoders of
+the kNN score on their features).
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ class EnsembleSpec:
     has_novelty: bool = True
     calibration: str = "member"     # pooled | member | none (artifacts from before pooled calibration: member)
     pooled_temperature: float = 1.0  # pool-then-calibrate: divides the log of the members' averaged probabilities
+    n_encoders: int = 0              # self-supervised encoders the novelty is measured on (0: the members)
     info: dict[str, Any] = field(default_factory=dict)
     version: int = SPEC_VERSION
 
@@ -63,14 +67,20 @@ class EnsembleSpec:
 
 
 class Ensemble:
-    """K trained members + temperatures + novelty models; scores preprocessed or raw cell images."""
+    """K trained members + temperatures + novelty models (of the members, or of ``encoders`` when given: one per
+    encoder); scores preprocessed or raw cell images."""
 
     def __init__(self, spec: EnsembleSpec, members: Sequence[torch.nn.Module],
-                 novelty: Sequence[NoveltyModel] | None = None, device: str | torch.device = "cpu"):
+                 novelty: Sequence[NoveltyModel] | None = None, device: str | torch.device = "cpu",
+                 encoders: Sequence[torch.nn.Module] = ()):
         self.spec = spec
         self.device = torch.device(device)
         self.members = [m.to(self.device).eval() for m in members]
+        self.encoders = [e.to(self.device).eval() for e in encoders]
         self.novelty = list(novelty or [])
+        if self.encoders and len(self.novelty) != len(self.encoders):
+            raise ModelError(f"{len(self.encoders)} encoders need one novelty model each, got {len(self.novelty)}")
+        self.spec.n_encoders = len(self.encoders)
         self.preprocess = Preprocess(**{**spec.preprocess, "channels": tuple(spec.channels)})
 
     # -- persistence ---------------------------------------------------------------------------------
@@ -80,8 +90,9 @@ class Ensemble:
         with atomic_path(path, suffix="") as tmp:
             tmp.mkdir()
             (tmp / "spec.json").write_text(json.dumps(asdict(self.spec), indent=2))
-            for k, m in enumerate(self.members):
-                torch.save({n: t.detach().cpu() for n, t in m.state_dict().items()}, tmp / f"member_{k}.pt")
+            for name, nets in (("member", self.members), ("encoder", self.encoders)):
+                for k, m in enumerate(nets):
+                    torch.save({n: t.detach().cpu() for n, t in m.state_dict().items()}, tmp / f"{name}_{k}.pt")
             for k, nov in enumerate(self.novelty):
                 np.savez(tmp / f"novelty_{k}.npz", **{n: np.asarray(v) for n, v in novelty_to_dict(nov).items()})
         return Path(path)
@@ -96,18 +107,25 @@ class Ensemble:
             spec = EnsembleSpec(**json.loads(spec_file.read_text()))
         except (TypeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{spec_file}: unreadable ensemble spec ({exc})") from None
-        members, novelty = [], []
-        for k in range(spec.n_members):
-            model = build_model(ModelConfig(**spec.model), len(spec.channels), len(spec.classes))
+        # the weights are all in the artifact: a checkpoint the members were fine-tuned from is not read again
+        arch = ModelConfig(**{**spec.model, "pretrained": None})
+
+        def network(name: str, k: int) -> torch.nn.Module:
+            model = build_model(arch, len(spec.channels), len(spec.classes))
             try:
-                model.load_state_dict(torch.load(p / f"member_{k}.pt", map_location="cpu", weights_only=True))
+                model.load_state_dict(torch.load(p / f"{name}_{k}.pt", map_location="cpu", weights_only=True))
             except (OSError, RuntimeError) as exc:
-                raise ModelError(f"{p}: cannot load member {k} ({exc})") from None
-            members.append(model)
-            if spec.has_novelty:
-                with np.load(p / f"novelty_{k}.npz") as z:
-                    novelty.append(novelty_from_dict({n: z[n] for n in z.files}))
-        return cls(spec, members, novelty, device)
+                raise ModelError(f"{p}: cannot load {name} {k} ({exc})") from None
+            return model
+
+        members = [network("member", k) for k in range(spec.n_members)]
+        encoders = [network("encoder", j) for j in range(spec.n_encoders)]
+        novelty = []
+        n_novelty = (len(encoders) or len(members)) if spec.has_novelty else 0
+        for k in range(n_novelty):
+            with np.load(p / f"novelty_{k}.npz") as z:
+                novelty.append(novelty_from_dict({n: z[n] for n in z.files}))
+        return cls(spec, members, novelty, device, encoders)
 
     # -- scoring ---------------------------------------------------------------------------------------
     def select_channels(self, images: np.ndarray) -> np.ndarray:
@@ -146,16 +164,22 @@ class Ensemble:
         x = x.to(self.device, non_blocking=True)
         samples = self.spec.mc_samples if self.spec.posterior == "mc_dropout" else 0
         logits, novelty, feats = [], [], []
+        member_novelty, encoder_novelty = ([], self.novelty) if self.encoders else (self.novelty, [])
         for k, model in enumerate(self.members):
-            maps: list | None = [] if self.novelty and "stages" in self.novelty[k].input else None
+            maps: list | None = [] if member_novelty and "stages" in member_novelty[k].input else None
             lg, f = forward(model, x, mc_dropout=samples, with_features=True, stages=maps)
             lg = lg.transpose(0, 1) if samples else lg[:, None]  # (N, S, K)
             logits.append(lg.cpu().numpy())
             f = f.cpu().numpy()
-            if self.novelty:
-                novelty.append(self.novelty[k].score(self._novelty_input(self.novelty[k].input, model, x, f, lg, maps)))
+            if member_novelty:
+                nov = member_novelty[k]
+                novelty.append(nov.score(self._novelty_input(nov.input, model, x, f, lg, maps)))
             if with_features:
                 feats.append(f)
+        for encoder, nov in zip(self.encoders, encoder_novelty, strict=True):
+            maps = [] if "stages" in nov.input else None
+            lg, f = forward(encoder, x, with_features=True, stages=maps)
+            novelty.append(nov.score(self._novelty_input(nov.input, encoder, x, f.cpu().numpy(), lg[:, None], maps)))
         out = {
             "logits": np.stack(logits, axis=1),
             "novelty": np.mean(novelty, axis=0) if novelty else np.full(len(x), np.nan),
