@@ -19,7 +19,8 @@ held-out class against the test cells, and of the screen's novel phenotype again
 screen cells in a training state (the simulator's truth). Encoders: ``spatial pretrain`` on the default split, one
 per ``train.seed``. Beside them: the trained ensemble's own score (``--model``), its sum with the encoder kNN (each
 centred and scaled on the validation cells), and the averages over the encoders through the product path
-(``refit_novelty`` with ``uncertainty.encoders``: what `spatial train --set uncertainty.encoders=[...]` serves).
+(``refit_novelty`` with ``uncertainty.encoders``: what `spatial train --set uncertainty.encoders=[...]` serves), with
+the scoring speed of each artifact (random 64x64 inputs, one thread with ``--threads 1``, best of 3).
 
     python benchmarks/encoder_novelty.py --part loco --seeds 0 1 2
     spatial pretrain --out models/pretrain; spatial pretrain --set train.seed=1 --out models/pretrain_s1  # (s2 alike)
@@ -33,6 +34,8 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -46,7 +49,7 @@ from training.data.trainset import TrainData, prepare_data
 from training.engine import predict
 from training.io.tables import read_table
 from training.models.factory import build_model
-from training.regimes.ensemble_training import refit_novelty
+from training.regimes.ensemble_training import refit_novelty, train_ensemble
 from training.uncertainty.ensemble import Ensemble
 from training.uncertainty.novelty import KNNNovelty, stage_features
 
@@ -80,6 +83,20 @@ def ensemble_novelty(ens: Ensemble, cells: pd.DataFrame, data: TrainData, params
     return scores
 
 
+def cells_per_second(ens: Ensemble, repeats: int = 3, n: int = 2048, batch: int = 256) -> float:
+    """Scoring speed of ``ens`` (probabilities, uncertainty and novelty) on random inputs, best of ``repeats``."""
+    x = torch.rand(n, len(ens.spec.channels), ens.spec.image_size, ens.spec.image_size,
+                   generator=torch.Generator().manual_seed(0))
+    ens.predict_tensor(x[:batch])
+    best = np.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for i in range(0, n, batch):
+            ens.predict_tensor(x[i : i + batch])
+        best = min(best, time.perf_counter() - t)
+    return n / best
+
+
 def robust_sum(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Sum of scores, each centred on its validation cells' median and divided by their interquartile range."""
     out: dict[str, np.ndarray] = {}
@@ -94,7 +111,7 @@ def auroc(inlier: np.ndarray, outlier: np.ndarray) -> float:
     return float(roc_auc_score(np.r_[np.zeros(len(inlier)), np.ones(len(outlier))], np.r_[inlier, outlier]))
 
 
-def loco_part(seeds: list[int], params) -> dict:
+def loco_part(seeds: list[int], params, members: bool = True) -> dict:
     splits, _ = read_table(f"models/ssl_pretrain_s{seeds[0]}.splits.parquet")  # the same split for every seed
     data = prepare_data(splits, CONTROL_CLASSES, params)
     train, test = data.split("train"), data.split("test")
@@ -113,8 +130,40 @@ def loco_part(seeds: list[int], params) -> dict:
             fold[kind] = [auroc(r[~out_te], r[out_te]) for r in runs]
             fold[f"{kind}, {len(seeds)} encoders averaged"] = [auroc(np.mean(runs, 0)[~out_te],
                                                                      np.mean(runs, 0)[out_te])]
+    if members:
+        encoders = [f"models/ssl_pretrain_s{seed}/encoder.pt" for seed in seeds]
+        for left_out, aucs in members_loco(splits, test, encoders, params).items():
+            folds[left_out].update({kind: [v] for kind, v in aucs.items()})
     mean = {kind: float(np.mean([np.mean(f[kind]) for f in folds.values()])) for kind in next(iter(folds.values()))}
     return {"seeds": seeds, "folds": folds, "mean_auroc": mean, "chosen": max(mean, key=mean.get)}
+
+
+def fold_auroc(ens: Ensemble, cells: tuple[pd.DataFrame, pd.DataFrame], data: TrainData, params) -> float:
+    """AUROC of the ensemble's novelty: the left-out class's cells (``cells[1]``) against the inliers (``cells[0]``)."""
+    return auroc(*(ensemble_novelty(ens, c, data, params) for c in cells))
+
+
+def members_loco(splits: pd.DataFrame, test: pd.DataFrame, encoders: list[str], params) -> dict[str, dict]:
+    """The same folds through the product path: per left-out class, a one-member ensemble of the default recipe
+    trained on the other three classes (``train.seed``), its ``energy_multistage`` novelty, and the same ensemble
+    refitted with ``uncertainty.encoders`` (``knn`` and ``multistage_knn``); AUROC as in :func:`loco_part`."""
+    out = {}
+    for left_out in CONTROL_CLASSES:
+        classes = [c for c in CONTROL_CLASSES if c != left_out]
+        p = load_params("params.yaml", {"split.classes": classes, "ensemble.members": 1,
+                                        "uncertainty.novelty": "energy_multistage", "uncertainty.encoders": []})
+        fold = prepare_data(splits[splits["label"] != left_out].reset_index(drop=True), classes, p)
+        with tempfile.TemporaryDirectory() as tmp:
+            ens = train_ensemble(fold, p, Path(tmp) / "ens", progress=False)
+        cells = (fold.split("test"), test[test["label"] == left_out].reset_index(drop=True))
+        out[left_out] = {"members energy_multistage (product)": fold_auroc(ens, cells, fold, p)}
+        for kind in INPUTS:
+            q = p.model_copy(update={"uncertainty": p.uncertainty.model_copy(
+                update={"novelty": kind, "encoders": encoders})})
+            out[left_out][f"{kind}, {len(encoders)} encoders averaged (product)"] = fold_auroc(
+                refit_novelty(ens, fold, q), cells, fold, q)
+        print(json.dumps({left_out: {k: round(v, 3) for k, v in out[left_out].items()}}), file=sys.stderr, flush=True)
+    return out
 
 
 def default_part(encoders: list[str], model: str, params, raw: str) -> dict:
@@ -151,26 +200,29 @@ def default_part(encoders: list[str], model: str, params, raw: str) -> dict:
         scores = knn_scores(feats.pop("train"), feats, params, params.seed + i)
         scores[f"{own_kind} + encoder knn"] = robust_sum([own, scores["knn"]])
         per_encoder[encoder] = {kind: measure(s) for kind, s in scores.items()}
-    averaged = {}
+    averaged, speed = {}, {own_kind: cells_per_second(ens)}
     for kind in INPUTS:  # the product path: the ensemble's novelty refitted on the encoders (uncertainty.encoders)
         p = params.model_copy(update={"uncertainty": params.uncertainty.model_copy(
             update={"novelty": kind, "encoders": list(encoders)})})
         with_encoders = refit_novelty(Ensemble.load(model), data, p)
-        averaged[f"{kind}, {len(encoders)} encoders averaged (uncertainty.encoders)"] = measure(
-            {n: ensemble_novelty(with_encoders, c, data, p) for n, c in queries.items()})
+        name = f"{kind}, {len(encoders)} encoders averaged (uncertainty.encoders)"
+        averaged[name] = measure({n: ensemble_novelty(with_encoders, c, data, p) for n, c in queries.items()})
+        speed[name] = cells_per_second(with_encoders)
     kinds = next(iter(per_encoder.values()))
     summary = {kind: {m: {"mean": float(np.mean(v := [r[kind][m] for r in per_encoder.values()])),
                           "min": float(np.min(v)), "max": float(np.max(v))} for m in kinds[kind]} for kind in kinds}
     return {"encoders": encoders, "model": model, "raw": raw, "index": params.index.out, "split": params.split.out,
             "classes": params.split.classes,
             "ensemble": {own_kind: measure(own)}, "per_encoder": per_encoder, "over_encoders": summary,
-            "averaged": averaged}
+            "averaged": averaged, "cells_per_second": speed}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["loco", "default"], required=True)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="loco: the ssl_pretrain_s<seed> encoders")
+    ap.add_argument("--no-members", action="store_true",
+                    help="loco: skip the one-member ensembles (4 trainings, a few minutes) and the product-path rows")
     ap.add_argument("--encoder", nargs="+", default=["models/pretrain/encoder.pt"],
                     help="default: the encoders to measure (one per pretraining seed)")
     ap.add_argument("--model", default="models/ensemble", help="default: the trained ensemble to compare and combine")
@@ -182,7 +234,7 @@ def main() -> int:
     torch.set_num_threads(a.threads)
     params = load_params("params.yaml", a.set)
     if a.part == "loco":
-        res, name = loco_part(a.seeds, params), "encoder_loco.json"
+        res, name = loco_part(a.seeds, params, not a.no_members), "encoder_loco.json"
         for c, f in res["folds"].items():
             print(f"left out {c:13s} " + "  ".join(f"{k}: {np.mean(v):.3f}" for k, v in f.items()))
         print("mean " + "  ".join(f"{k}: {v:.3f}" for k, v in res["mean_auroc"].items()) + f" -> {res['chosen']}")
@@ -196,6 +248,8 @@ def main() -> int:
         for kind, r in {**res["ensemble"], **{f"{k} (mean over encoders)": {m: v["mean"] for m, v in r.items()}
                                               for k, r in res["over_encoders"].items()}, **res["averaged"]}.items():
             print(f"{kind:45s} " + "  ".join(f"{k.removeprefix('auroc_')} {v:.3f}" for k, v in r.items()))
+        for kind, v in res["cells_per_second"].items():
+            print(f"{kind:45s} scores {v:,.0f} cells/s (one thread)")
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / name).write_text(json.dumps(res, indent=2))
     print(f"wrote {a.out / name}")
