@@ -35,12 +35,12 @@ import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from novelty_scores import cells_per_second
 from sklearn.metrics import roc_auc_score
 
 from training.config import load_params
@@ -81,20 +81,6 @@ def ensemble_novelty(ens: Ensemble, cells: pd.DataFrame, data: TrainData, params
     for batch in loader:
         scores[batch["idx"].numpy()] = ens.predict_tensor(batch["image"])["novelty"]
     return scores
-
-
-def cells_per_second(ens: Ensemble, repeats: int = 3, n: int = 2048, batch: int = 256) -> float:
-    """Scoring speed of ``ens`` (probabilities, uncertainty and novelty) on random inputs, best of ``repeats``."""
-    x = torch.rand(n, len(ens.spec.channels), ens.spec.image_size, ens.spec.image_size,
-                   generator=torch.Generator().manual_seed(0))
-    ens.predict_tensor(x[:batch])
-    best = np.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        for i in range(0, n, batch):
-            ens.predict_tensor(x[i : i + batch])
-        best = min(best, time.perf_counter() - t)
-    return n / best
 
 
 def robust_sum(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -200,14 +186,14 @@ def default_part(encoders: list[str], model: str, params, raw: str) -> dict:
         scores = knn_scores(feats.pop("train"), feats, params, params.seed + i)
         scores[f"{own_kind} + encoder knn"] = robust_sum([own, scores["knn"]])
         per_encoder[encoder] = {kind: measure(s) for kind, s in scores.items()}
-    averaged, speed = {}, {own_kind: cells_per_second(ens)}
+    averaged, speed = {}, {own_kind: cells_per_second(ens, repeats=3)}
     for kind in INPUTS:  # the product path: the ensemble's novelty refitted on the encoders (uncertainty.encoders)
         p = params.model_copy(update={"uncertainty": params.uncertainty.model_copy(
             update={"novelty": kind, "encoders": list(encoders)})})
         with_encoders = refit_novelty(Ensemble.load(model), data, p)
         name = f"{kind}, {len(encoders)} encoders averaged (uncertainty.encoders)"
         averaged[name] = measure({n: ensemble_novelty(with_encoders, c, data, p) for n, c in queries.items()})
-        speed[name] = cells_per_second(with_encoders)
+        speed[name] = cells_per_second(with_encoders, repeats=3)
     kinds = next(iter(per_encoder.values()))
     summary = {kind: {m: {"mean": float(np.mean(v := [r[kind][m] for r in per_encoder.values()])),
                           "min": float(np.min(v)), "max": float(np.max(v))} for m in kinds[kind]} for kind in kinds}
