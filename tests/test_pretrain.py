@@ -198,6 +198,12 @@ def test_encoder_settings_fail_with_a_clear_error(tiny_data, tmp_path):
     params = tiny_params(tmp_path, uncertainty={"novelty": "knn", "encoders": [str(tmp_path / "missing.pt")]})
     with pytest.raises(ModelError, match="uncertainty.encoders: encoder file .*missing.pt not found"):
         load_encoders(params, tiny_data)
+    # an encoder of another architecture: the setting and what does not fit
+    other = build_model(params.model.model_copy(update={"dims": [16, 16, 16, 32]}), len(tiny_data.channels), 2)
+    torch.save({"state_dict": other.state_dict()}, tmp_path / "other.pt")
+    params = tiny_params(tmp_path, uncertainty={"novelty": "knn", "encoders": [str(tmp_path / "other.pt")]})
+    with pytest.raises(ModelError, match=r"^uncertainty.encoders: .*other.pt: checkpoint does not fit model"):
+        load_encoders(params, tiny_data)
 
 
 def test_an_ensemble_fine_tuned_from_an_encoder_loads_without_the_encoder_file(tiny_data, tmp_path, one_thread):

@@ -99,7 +99,10 @@ def load_encoders(params: Params, data: TrainData) -> list[nn.Module]:
         if not Path(path).is_file():
             raise ModelError(f"uncertainty.encoders: encoder file {path} not found (make one with `spatial pretrain`)")
         cfg = params.model.model_copy(update={"pretrained": path})
-        encoders.append(build_model(cfg, len(data.channels), len(data.classes)).eval())
+        try:
+            encoders.append(build_model(cfg, len(data.channels), len(data.classes)).eval())
+        except ModelError as exc:  # name the setting the file came from, not model.pretrained
+            raise ModelError(f"uncertainty.encoders: {exc}".replace("model.pretrained: ", "")) from None
     return encoders
 
 
