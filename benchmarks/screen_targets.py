@@ -4,7 +4,7 @@ Needs the binned screen of ``dvc repro bins`` (the classifier's own scores of th
 seed it simulates (``serving.screen.sequencing``, sequence params from params.yaml) two replicates of a virtual
 screen of ``sequence.virtual_cells`` cells per replicate, once with the planted hits of ``synth`` and once with
 ``synth.n_hits = 0``, and calls hits with every method: ours on counts (``spatial``), the published SPARCS statistic
-(``sparcs``, uncorrected p < 0.05, and ``sparcs_bh`` with BH), and the per-cell genotype mode with propagated
+(``sparcs``, uncorrected p < 0.05, and ``sparcs_bh`` with BH), MAGeCK's alpha-RRA (``rra``), and the per-cell genotype mode with propagated
 uncertainty (``cells_soft``) and with cells thresholded at 0.5 (``cells_threshold``)::
 
     .venv/bin/python benchmarks/screen_targets.py [--bins reports/screen/bins] [--seeds 10] [--check]
@@ -28,13 +28,21 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-METHODS = ("spatial", "sparcs", "sparcs_bh", "cells_soft", "cells_threshold")
+METHODS = ("spatial", "sparcs", "sparcs_bh", "rra", "cells_soft", "cells_threshold")
 
 
 def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, params, seed: int, n_hits: int | None,
              class_name: str) -> dict[str, dict]:
     from serving.screen.counts import SampleSheet
-    from serving.screen.hits import CellsInput, CountsInput, call_cells, call_counts, call_sparcs, truth_metrics
+    from serving.screen.hits import (
+        CellsInput,
+        CountsInput,
+        call_cells,
+        call_counts,
+        call_rra,
+        call_sparcs,
+        truth_metrics,
+    )
     from serving.screen.sequencing import simulate
 
     synth = params.synth if n_hits is None else params.synth.model_copy(update={"n_hits": n_hits})
@@ -50,6 +58,7 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
     out["sparcs"] = sp
     bh_genes = sp.genes.assign(is_hit=sp.genes["fdr"] <= hc.fdr)
     out["sparcs_bh"] = type(sp)("sparcs_bh", bh_genes, sp.grnas, {})
+    out["rra"] = call_rra(inp, hc.rra_alpha, hc.fdr, hc.null_draws, seed, hc.min_library_reads)
     lib = library.set_index("grna")
     v = res["virtual_cells"].merge(res["virtual_genotypes"], on=["source_file", "cell_id"])
     cells = pd.DataFrame({"grna": v["grna"], "gene": lib.loc[v["grna"], "gene"].to_numpy(),

@@ -20,8 +20,10 @@ from serving.screen.hits import (
     bh,
     call_cells,
     call_counts,
+    call_rra,
     call_sparcs,
     fit_dispersion,
+    rra_rho,
     truth_metrics,
 )
 from serving.screen.sequencing import sequence_replicate
@@ -186,6 +188,36 @@ def test_counts_null_is_calibrated_and_finds_a_planted_gene():
     assert res.genes["is_hit"].sum() == 1
 
 
+def test_rra_rho_known_answers():
+    # one gRNA: P(U <= u) = u, when it is inside the top alpha; 1 otherwise
+    assert rra_rho(np.array([[0.1]]), 0.25)[0] == pytest.approx(0.1)
+    assert rra_rho(np.array([[0.3]]), 0.25)[0] == 1.0
+    # two gRNAs at 0.1 and 0.5: only the first is in the top 25 %: P(min of 2 uniforms <= 0.1) = 1 - 0.9^2
+    assert rra_rho(np.array([[0.5, 0.1]]), 0.25)[0] == pytest.approx(0.19)
+    # with alpha = 1 the second counts too: P(max of 2 <= 0.35) = 0.1225 beats P(min <= 0.3) = 0.51
+    assert rra_rho(np.array([[0.3, 0.35]]), 1.0)[0] == pytest.approx(0.1225)
+
+
+def test_rra_null_is_calibrated_and_finds_a_planted_gene():
+    called, p_values = [], []
+    for seed in range(5):
+        res = call_rra(simulated_screen(seed), draws=1000, seed=seed)
+        tg = res.genes[~res.genes["is_control"]]
+        called.append(int(tg["is_hit"].sum()))
+        p_values.append(tg["p_value"].to_numpy())
+    assert sum(c > 0 for c in called) <= 1 and sum(called) <= 2, called
+    # calibrated where calls are made; a gene with no gRNA in the top alpha = 25 % has rho = 1, so p = 1 carries
+    # P(none of 4 in the top quarter) = 0.75^4 of the genes (RRA's p-values are uniform only below that mass)
+    p = np.concatenate(p_values)
+    for t in (0.01, 0.05, 0.1, 0.25, 0.5):
+        assert abs((p <= t).mean() - t) <= 3 * np.sqrt(t * (1 - t) / len(p)), t
+    assert (p == 1).mean() == pytest.approx(0.75**4, abs=3 * np.sqrt(0.32 * 0.68 / len(p)))
+    res = call_rra(simulated_screen(7, hits=(5,), boost=5.0), draws=1000)
+    assert res.genes.iloc[0]["gene"] == "G5" and res.genes.iloc[0]["is_hit"]
+    assert res.genes["is_hit"].sum() == 1
+    assert res.genes["is_control"].sum() == 50  # 200 NT gRNAs -> 50 pseudo-genes of 4, scored and reported
+
+
 def test_cells_null_is_calibrated_and_soft_finds_a_planted_gene():
     rng = np.random.default_rng(0)
     n_nt, n_genes, per = 40, 60, 100
@@ -265,7 +297,7 @@ def test_hits_cli_writes_every_output(small, tmp_path, monkeypatch, capsys):
     genes = pd.read_csv(out / "genes.csv")
     assert {"gene", "n_grnas", "effect", "p_value", "fdr", "rank", "is_hit"} <= set(genes.columns)
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["methods"]) == {"spatial", "sparcs"}
+    assert set(summary["methods"]) == {"spatial", "sparcs", "rra"} and (out / "genes_rra.csv").is_file()
     # 8 NT cells in the bins (< hits.min_nt_cells = 20): the null cannot be estimated, so nothing is called
     assert "cannot be estimated" in summary["methods"]["spatial"]["warning"] and not genes["is_hit"].any()
     assert "spatial/n_called" in json.loads((tmp_path / "m.json").read_text())

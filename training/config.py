@@ -428,8 +428,8 @@ class HitsConfig(Section):
     """Gene hit calling (``spatial hits``)."""
 
     fdr: float = Field(0.1, gt=0, lt=1, description="Benjamini-Hochberg level of is_hit")
-    method: Literal["spatial", "sparcs"] = Field("spatial", description="counts mode: the method of genes.csv; "
-                                                 "the other one is reported beside it")
+    method: Literal["spatial", "sparcs", "rra"] = Field("spatial", description="counts mode: the method of "
+                                                        "genes.csv; the others are reported beside it")
     cells_method: Literal["soft", "threshold"] = Field("soft", description="cells mode: the method of genes.csv")
     bins: list[int] = Field(default_factory=list, description="phenotype bins used; [] = every bin")
     min_library_reads: int = Field(1, ge=0, description="gRNAs with fewer library reads (per replicate) are dropped")
@@ -438,6 +438,8 @@ class HitsConfig(Section):
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
     null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")
+    rra_alpha: float = Field(0.25, gt=0, le=1, description="the RRA baseline's alpha: gRNAs ranked in this top share "
+                             "count towards a gene's score")
     seed: int = 0
 
 

@@ -19,6 +19,7 @@ from serving.screen.hits import (
     HitsResult,
     call_cells,
     call_counts,
+    call_rra,
     call_sparcs,
     truth_metrics,
 )
@@ -155,9 +156,11 @@ def run_counts(counts: str | os.PathLike, samples: str | os.PathLike, library: s
                method: str | None = None) -> dict[str, Any]:
     inp = load_counts_input(counts, samples, library, cfg)
     gene_truth = read_truth(truth)
-    ours = call_counts(inp, cfg.fdr, cfg.min_library_reads, cfg.null_draws, cfg.seed, cfg.min_nt_cells)
-    sparcs = call_sparcs(inp, cfg.sparcs_p, cfg.fdr)
-    results = [ours, sparcs] if (method or cfg.method) == "spatial" else [sparcs, ours]
+    results = [call_counts(inp, cfg.fdr, cfg.min_library_reads, cfg.null_draws, cfg.seed, cfg.min_nt_cells),
+               call_sparcs(inp, cfg.sparcs_p, cfg.fdr),
+               call_rra(inp, cfg.rra_alpha, cfg.fdr, cfg.null_draws, cfg.seed, cfg.min_library_reads)]
+    first = method or cfg.method
+    results.sort(key=lambda r: r.method != first)  # the chosen method first (genes.csv), the baselines beside it
     return write_results(results, out_dir, gene_truth, {"mode": "counts", "counts": str(counts)})
 
 

@@ -76,7 +76,7 @@ def add_commands(app: typer.Typer) -> None:
         genotypes: Annotated[Path | None, typer.Option(help="GENOTYPES.csv: source_file,cell_id,grna")] = None,
         class_name: ClassOpt = None,
         fdr: Annotated[float | None, typer.Option(help="BH level of is_hit (default hits.fdr)")] = None,
-        method: Annotated[str | None, typer.Option(help="counts: spatial | sparcs; cells: soft | threshold")] = None,
+        method: Annotated[str | None, typer.Option(help="counts: spatial | sparcs | rra; cells: soft | threshold")] = None,
         truth: Annotated[Path | None, typer.Option(help="simulator truth_genes.csv: recall / FDP in the summary")
                          ] = None,
         metrics: Annotated[Path | None, typer.Option(help="JSON metrics for DVC")] = None,
@@ -101,8 +101,8 @@ def add_commands(app: typer.Typer) -> None:
         else:
             if counts is None or samples is None:
                 raise SpatialError("give --counts and --samples (or --cells and --genotypes)")
-            if method not in (None, "spatial", "sparcs"):
-                raise SpatialError(f"--method for counts must be spatial or sparcs, got '{method}'")
+            if method not in (None, "spatial", "sparcs", "rra"):
+                raise SpatialError(f"--method for counts must be spatial, sparcs or rra, got '{method}'")
             summary = run_counts(counts, samples, library, out, cfg, truth, method)
         if metrics:
             write_json(metrics, flat_metrics(summary))
