@@ -219,3 +219,11 @@ def test_an_ensemble_fine_tuned_from_an_encoder_loads_without_the_encoder_file(t
     loaded = Ensemble.load(tmp_path / "ens")
     for a, b in zip(trained.members[0].state_dict().values(), loaded.members[0].state_dict().values(), strict=True):
         assert torch.equal(a, b)
+    # the discovery queue's feature networks stay random: the same as from a spec without the checkpoint
+    from serving.discovery.controls import random_filter_network
+
+    plain = loaded.spec.model | {"pretrained": None}
+    spec_plain = type(loaded.spec)(**{**loaded.spec.__dict__, "model": plain})
+    for a, b in zip(random_filter_network(loaded.spec, 3).state_dict().values(),
+                    random_filter_network(spec_plain, 3).state_dict().values(), strict=True):
+        assert torch.equal(a, b)

@@ -44,7 +44,8 @@ def random_filter_network(spec: EnsembleSpec, seed: int) -> torch.nn.Module:
     extractor."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = build_model(ModelConfig(**spec.model), len(spec.channels), len(spec.classes))
+        # never the checkpoint the members were fine-tuned from: these networks are random by design
+        net = build_model(ModelConfig(**{**spec.model, "pretrained": None}), len(spec.channels), len(spec.classes))
     return net.eval()
 
 
