@@ -3,8 +3,9 @@
 ``train_ensemble`` runs K members (different seeds, optionally bootstrap resamples of the training cells),
 fits a temperature per member and one pooled temperature for the ensemble on the validation split
 (``uncertainty.calibration`` decides which one scoring applies), a novelty model per member on the training cells
-(``uncertainty.novelty``; per encoder instead with ``uncertainty.encoders``, which the artifact then carries) and the novelty quantiles of the validation cells (the reference the discovery queue's
-threshold is set on), and saves an :class:`~training.uncertainty.ensemble.Ensemble` directory. MLflow gets one parent run with
+(``uncertainty.novelty``; per encoder instead with ``uncertainty.encoders``, which the artifact then carries) and
+the novelty quantiles of the validation cells (the reference the discovery queue's threshold is set on), and saves
+an :class:`~training.uncertainty.ensemble.Ensemble` directory. MLflow gets one parent run with
 a nested run per member (per-epoch metrics). Member checkpoints go to a work folder beside ``out``
 (``.<name>.work``, what ``--resume`` continues from); it is removed once the ensemble is saved.
 """
