@@ -20,6 +20,7 @@ the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hoc
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,6 +202,13 @@ class CountsInput:
             t = t[t["bin"].isin(self.bins)]
         return t[t["cells"] > 0]
 
+    def pooled_reads(self) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+        """Per replicate with bin samples: its name, its reads summed over the bins used, and its library reads."""
+        for r in self.sheet.replicates:
+            bins = self.bin_samples(r)
+            if not bins.empty:
+                yield r, self.counts[bins["sample"].tolist()].to_numpy(np.int64).sum(axis=1), self.library_reads(r)[0]
+
     def library_reads(self, replicate: str) -> tuple[np.ndarray, int, bool]:
         """Library reads of a replicate (summed over its library samples; the pooled library if it has none),
         its library cells, and whether the pooled library was used."""
@@ -296,12 +304,7 @@ def call_sparcs(inp: CountsInput, p_cut: float = 0.05, fdr: float = 0.1) -> Hits
     multiple-testing correction (``fdr`` is the BH column, reported for comparison only)."""
     counts = inp.counts
     rows = []
-    for r in inp.sheet.replicates:
-        bins = inp.bin_samples(r)
-        if bins.empty:
-            continue
-        lib, _, _ = inp.library_reads(r)
-        b = counts[bins["sample"].tolist()].to_numpy(np.int64).sum(axis=1)
+    for r, b, lib in inp.pooled_reads():
         seen = (b > 0) & (lib > 0)
         d = np.log2(b / max(b.sum(), 1) * 1e6 + 1e-12) - np.log2(lib / max(lib.sum(), 1) * 1e6 + 1e-12)
         rows.append(pd.DataFrame({"grna": counts["sgRNA"], "gene": counts["Gene"],
@@ -354,12 +357,7 @@ def call_rra(inp: CountsInput, alpha: float = 0.25, fdr: float = 0.1, draws: int
     whether the permutation null is calibrated."""
     counts = inp.counts
     bins_cpm, lib_cpm, lib_total = [], [], np.zeros(len(counts))
-    for r in inp.sheet.replicates:
-        bins = inp.bin_samples(r)
-        if bins.empty:
-            continue
-        lib, _, _ = inp.library_reads(r)
-        b = counts[bins["sample"].tolist()].to_numpy(np.int64).sum(axis=1)
+    for _, b, lib in inp.pooled_reads():
         bins_cpm.append(b / max(b.sum(), 1) * 1e6)
         lib_cpm.append(lib / max(lib.sum(), 1) * 1e6)
         lib_total += lib
