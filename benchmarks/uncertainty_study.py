@@ -37,7 +37,7 @@ from training.data.loader import loader_for
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data
 from training.engine import predict
-from training.evaluation.metrics import calibration_report, paired_bootstrap
+from training.evaluation.metrics import balanced_accuracy, calibration_report, paired_bootstrap
 from training.io.tables import read_table
 from training.regimes.ensemble_training import train_member
 from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
@@ -146,7 +146,8 @@ def calibration_part(seeds: int, members: int, params_path: str | None, partial:
         for mode, probs in views.items():
             cal = calibration_report(probs, y, 15)
             diff = paired_bootstrap(probs, member_probs, y, 15)
-            row[mode] = {"nll": cal["nll"], "ece": cal["ece"], **diff}
+            row[mode] = {"nll": cal["nll"], "ece": cal["ece"],
+                         "balanced_accuracy": float(balanced_accuracy(y, probs.argmax(axis=1))), **diff}
         # slide shift: the pooled temperature each test slide / each training slide's validation cells would choose
         row["pooled_temperature_per_test_slide"] = {
             g: fit_temperature(pooled_log_probs(logits[(test["group"] == g).to_numpy()]), y[(test["group"] == g).to_numpy()])
@@ -192,6 +193,7 @@ def summarise(runs: list[dict]) -> dict:
             v = np.array([r[mode][key] for r in runs])
             out[f"{mode}/{key}_mean"] = float(v.mean())
         out[f"{mode}/ece_diff_excludes_zero_worse"] = [bool(r[mode]["ece_diff_ci_low"] > 0) for r in runs]
+    out["pooled/balanced_accuracy_mean"] = float(np.mean([r["pooled"]["balanced_accuracy"] for r in runs]))
     out["mean_member/ece_mean"] = float(np.mean([np.mean([r[f"member_{k}"]["ece"] for k in range(len(r["member_temperatures"]))]) for r in runs]))
     for kind in runs[0]["novelty"]:
         for key in runs[0]["novelty"][kind]:
