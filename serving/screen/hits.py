@@ -389,7 +389,7 @@ def call_rra(inp: CountsInput, alpha: float = 0.25, fdr: float = 0.1, draws: int
         rho = float(rra_rho(u[None], alpha)[0])
         p = (1 + np.searchsorted(null[n], rho, side="right")) / (1 + draws)
         rows.append({"gene": gene, "n_grnas": n, "effect": float(np.median(lfc_g)), "z": float(stats.norm.isf(p)),
-                     "p_value": float(p), "rho": rho, "is_control": is_ctrl})
+                     "p_value": float(p), "is_control": is_ctrl})
     table = pd.DataFrame(rows)
     targeting = ~table["is_control"].to_numpy(bool)
     table["fdr"] = np.nan

@@ -102,8 +102,8 @@ def load_encoders(params: Params, data: TrainData) -> list[nn.Module]:
         cfg = params.model.model_copy(update={"pretrained": path})
         try:
             encoders.append(build_model(cfg, len(data.channels), len(data.classes)).eval())
-        except ModelError as exc:  # name the setting the file came from, not model.pretrained
-            raise ModelError(f"uncertainty.encoders: {exc}".replace("model.pretrained: ", "")) from None
+        except ModelError as exc:  # name the setting the file came from
+            raise ModelError(f"uncertainty.encoders: {exc}") from None
     return encoders
 
 
@@ -121,6 +121,7 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
     """Train ``ensemble.members`` members and save the ensemble to ``out``."""
     out = Path(out)
     work = out.parent / f".{out.name}.work"
+    encoders = load_encoders(params, data)  # before training: a bad encoder file fails at once
     members, temps, novelty, results, val_logits = [], [], [], [], []
     n = params.ensemble.members if params.ensemble.posterior == "ensemble" else 1
     for k in range(n):
@@ -141,6 +142,8 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
     val_logits = np.stack(val_logits, axis=1)  # (N, M, S, K)
     pooled_t = fit_pooled_temperature(val_logits, val_y) if params.uncertainty.calibration != "none" else 1.0
     log.info("pooled temperature %.3f (calibration: %s)", pooled_t, params.uncertainty.calibration)
+    if encoders:
+        novelty = novelty_models(encoders, data, params)
     spec = EnsembleSpec(
         classes=data.classes,
         channels=data.channels,
@@ -159,11 +162,7 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
               "best_val_loss": [float(r.best_val_loss) for r in results],
               "mlflow_run_id": tracker.run_id if tracker else None},
     )
-    encoders = load_encoders(params, data)
-    if encoders:
-        novelty = novelty_models(encoders, data, params)
     ens = Ensemble(spec, members, novelty, encoders=[e.cpu() for e in encoders])
-    spec.has_novelty = bool(novelty)
     if novelty:  # the validation cells' novelty: the reference a novelty threshold is set on (discovery queue)
         val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
         nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
