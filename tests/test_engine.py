@@ -333,3 +333,29 @@ def test_validation_balanced_accuracy_is_the_one_metric():
     m = engine_eval(Always(), batches, 3, torch.device("cpu"))
     assert m["val_balanced_accuracy"] == pytest.approx(1 / 3)  # recall 1, 0, 0
     assert m["val_accuracy"] == pytest.approx(3 / 6)
+
+
+def test_probe_epochs_train_only_the_classifier_first() -> None:
+    """LP-FT: during the probe epochs the backbone stays exactly as it started (no update, no weight decay) while
+    the classifier learns; afterwards the backbone trains too, and the model leaves fully trainable."""
+    train, val = data(n_train=96, n_val=32)
+    model = make()
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    after: dict[int, dict[str, torch.Tensor]] = {}
+
+    def keep(epoch, metrics, ckpt):
+        after[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+
+    fit(model, train, val, cfg(epochs=3, probe_epochs=2), objective(), 2, progress=False, on_epoch_end=keep)
+    body = [k for k in start if not k.startswith("head.fc.") and start[k].is_floating_point()]
+    assert body and all(torch.equal(after[1][k], start[k]) for k in body)
+    assert not torch.equal(after[1]["head.fc.weight"], start["head.fc.weight"])
+    assert not torch.equal(after[2]["stem.0.weight"], start["stem.0.weight"])
+    assert all(p.requires_grad for p in model.parameters())
+
+    # probe_epochs == epochs is a pure linear probe
+    probed = make()
+    fit(probed, train, val, cfg(epochs=1, probe_epochs=1), objective(), 2, progress=False)
+    assert torch.equal(probed.state_dict()["stem.0.weight"], start["stem.0.weight"])
+    with pytest.raises(ConfigError, match="probe_epochs=4 exceeds train.epochs=3"):
+        fit(make(), train, val, cfg(epochs=3, probe_epochs=4), objective(), 2, progress=False)

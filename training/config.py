@@ -118,6 +118,10 @@ class TrainConfig(Section):
         "validation loss, or the highest validation balanced accuracy (the ssl study: FixMatch's loss rises while "
         "its accuracy holds)")
     grad_clip: float | None = Field(1.0, gt=0)
+    probe_epochs: int = Field(
+        0, ge=0, description="LP-FT: the first probe_epochs epochs train only the classifier (the backbone frozen), "
+        "then the whole network; meant for fine-tuning from model.pretrained, whose features a random head would "
+        "otherwise pull apart (Kumar et al. 2022). 0 = train everything from the start")
     device: str = "auto"
     amp: bool = Field(True, description="bf16 autocast + channels_last on CUDA (ignored on CPU)")
     max_steps_per_epoch: int | None = Field(None, ge=1)

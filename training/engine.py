@@ -28,6 +28,7 @@ from training.data.augment import Augmenter
 from training.errors import ConfigError, TrainingError
 from training.evaluation.metrics import balanced_accuracy
 from training.io.atomic import atomic_path
+from training.models.factory import classifier_prefixes
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "last.pt"
@@ -218,6 +219,26 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _probe_switch(model: nn.Module, cfg: TrainConfig) -> Callable[[int], None]:
+    """LP-FT (``cfg.probe_epochs``): returns ``set_epoch(epoch)``, which freezes every trainable parameter outside the
+    classifier while ``epoch < cfg.probe_epochs`` and unfreezes them after. A frozen parameter gets no gradient, so
+    the optimizer skips it (no update, no weight decay); BatchNorm statistics (the VGG's) still update."""
+    if cfg.probe_epochs > cfg.epochs:
+        raise ConfigError(f"train.probe_epochs={cfg.probe_epochs} exceeds train.epochs={cfg.epochs}")
+    if cfg.probe_epochs == 0:
+        return lambda epoch: None
+    head = classifier_prefixes(model)
+    body = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith(head)]
+    if len(body) == sum(1 for p in model.parameters() if p.requires_grad):
+        raise ConfigError(f"train.probe_epochs: the model has no classifier parameters named {', '.join(head)}")
+
+    def set_epoch(epoch: int) -> None:
+        for p in body:
+            p.requires_grad_(epoch >= cfg.probe_epochs)
+
+    return set_epoch
+
+
 def _last_good(ckpt: Path | None) -> str:
     return f"last good checkpoint: {ckpt if ckpt is not None and ckpt.is_file() else 'none'}"
 
@@ -292,6 +313,7 @@ def fit(
         seed_everything(cfg.seed)  # before an objective builds its own modules (param_groups)
     extra_groups = objective.param_groups(model) if hasattr(objective, "param_groups") else None
     optimizer = _optimizer(model, cfg, extra_groups)
+    probe = _probe_switch(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(round(cfg.warmup_epochs * steps), total))
     gen = torch.Generator()
     ckpt = Path(out_dir) / CHECKPOINT if out_dir is not None else None
@@ -317,6 +339,7 @@ def fit(
         epoch = st["epoch"]
         if hasattr(train_data, "set_epoch"):
             train_data.set_epoch(epoch)
+        probe(epoch)
         model.train()
         sums: dict[str, float] = defaultdict(float)
         n = 0
@@ -379,6 +402,7 @@ def fit(
         if progress:
             tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"epoch": epoch, **metrics}.items()))
 
+    probe(cfg.epochs)  # the model leaves with every parameter trainable as it came
     weights_epoch = st["epoch"] - 1
     if early and st["best_state"] is not None:
         model.load_state_dict(st["best_state"])

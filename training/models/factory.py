@@ -154,10 +154,14 @@ def _state_dict_from(obj: object, path: Path) -> dict[str, Tensor]:
     return out
 
 
+def classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Parameter-name prefixes of the classifier, the part a pretrained encoder does not provide."""
+    return ("fc.",) if isinstance(model, SparcsVGG) else ("head.fc.",)
+
+
 def _stem_head_prefixes(model: nn.Module) -> tuple[str, ...]:
-    if isinstance(model, SparcsVGG):
-        return ("input_norm.", "features.0.", "fc.")
-    return ("stem.", "head.fc.")
+    stem = ("input_norm.", "features.0.") if isinstance(model, SparcsVGG) else ("stem.",)
+    return (*stem, *classifier_prefixes(model))
 
 
 def load_checkpoint(model: nn.Module, path: str | Path) -> None:
