@@ -112,7 +112,7 @@ def test_al_transfer_study_compares_random_with_the_default_strategy():
 
 def test_ssl_seeds_depends_on_every_arm_and_seed_the_ssl_stages_write():
     """The aggregate must rerun when any arm of any seed changes: each --arm glob of ssl_seeds matches exactly the
-    per-seed metrics files the ssl and ssl_pretrained stages declare, and every one of them is a dependency."""
+    per-seed metrics files the ssl, ssl_pretrained and ssl_lpft stages declare, and every one of them is a dependency."""
     import fnmatch
     import re
     from pathlib import Path
@@ -123,10 +123,11 @@ def test_ssl_seeds_depends_on_every_arm_and_seed_the_ssl_stages_write():
     study = yaml.safe_load((root / "benchmarks/studies/dvc.yaml").read_text())
     vars_ = {k: v for d in study["vars"] for k, v in d.items()}
     agg = study["stages"]["ssl_seeds"]
-    written = {m.replace("${item}", str(seed)) for seed in vars_["seeds"] for stage in ("ssl", "ssl_pretrained")
+    written = {m.replace("${item}", str(seed)) for seed in vars_["seeds"] for stage in ("ssl", "ssl_pretrained", "ssl_lpft")
                for entry in study["stages"][stage]["do"]["metrics"] for m in entry}
     globs = dict(re.findall(r"--arm '(\w+)=([^']+)'", agg["cmd"]))
-    assert {"supervised", "fixmatch", "all_labels", "pretrained", "pretrained_fixmatch"} == set(globs)
+    assert {"supervised", "fixmatch", "all_labels", "pretrained", "pretrained_fixmatch", "lpft", "lpft_fixmatch"} == set(
+        globs)
     assert len(written) == len(globs) * len(vars_["seeds"])
     for arm, pattern in globs.items():
         matched = {w for w in written if fnmatch.fnmatch(w, pattern)}
