@@ -172,17 +172,23 @@ def simulated_screen(seed: int, hits: tuple[int, ...] = (), boost: float = 3.0, 
     return CountsInput(table, SampleSheet(sheet))
 
 
-def test_counts_null_is_calibrated_and_finds_a_planted_gene():
+def null_screens(call) -> tuple[list[int], np.ndarray]:
+    """``call`` on 5 simulated screens without hits: targeting genes called per screen, and their p-values."""
     called, p_values = [], []
     for seed in range(5):
-        res = call_counts(simulated_screen(seed), draws=1000, seed=seed)
+        res = call(simulated_screen(seed), draws=1000, seed=seed)
         tg = res.genes[~res.genes["is_control"]]
         called.append(int(tg["is_hit"].sum()))
         p_values.append(tg["p_value"].to_numpy())
+    return called, np.concatenate(p_values)
+
+
+def test_counts_null_is_calibrated_and_finds_a_planted_gene():
+    called, p = null_screens(call_counts)
     # BH at 0.1 on a screen without hits calls a gene at most 10 % of the time: the target is >= 9 of 10 screens
     assert sum(c > 0 for c in called) <= 1 and sum(called) <= 2, called
     # p-values of one screen share its NT sample; over screens they are uniform
-    assert stats.kstest(np.concatenate(p_values), "uniform").pvalue > 0.05
+    assert stats.kstest(p, "uniform").pvalue > 0.05
     res = call_counts(simulated_screen(7, hits=(5,), boost=5.0), draws=1000)
     assert res.genes.iloc[0]["gene"] == "G5" and res.genes.iloc[0]["is_hit"]
     assert res.genes["is_hit"].sum() == 1
@@ -199,16 +205,10 @@ def test_rra_rho_known_answers():
 
 
 def test_rra_null_is_calibrated_and_finds_a_planted_gene():
-    called, p_values = [], []
-    for seed in range(5):
-        res = call_rra(simulated_screen(seed), draws=1000, seed=seed)
-        tg = res.genes[~res.genes["is_control"]]
-        called.append(int(tg["is_hit"].sum()))
-        p_values.append(tg["p_value"].to_numpy())
+    called, p = null_screens(call_rra)
     assert sum(c > 0 for c in called) <= 1 and sum(called) <= 2, called
     # calibrated where calls are made; a gene with no gRNA in the top alpha = 25 % has rho = 1, so p = 1 carries
     # P(none of 4 in the top quarter) = 0.75^4 of the genes (RRA's p-values are uniform only below that mass)
-    p = np.concatenate(p_values)
     for t in (0.01, 0.05, 0.1, 0.25, 0.5):
         assert abs((p <= t).mean() - t) <= 3 * np.sqrt(t * (1 - t) / len(p)), t
     assert (p == 1).mean() == pytest.approx(0.75**4, abs=3 * np.sqrt(0.32 * 0.68 / len(p)))
