@@ -359,3 +359,22 @@ def test_probe_epochs_train_only_the_classifier_first() -> None:
     assert torch.equal(probed.state_dict()["stem.0.weight"], start["stem.0.weight"])
     with pytest.raises(ConfigError, match="probe_epochs=4 exceeds train.epochs=3"):
         fit(make(), train, val, cfg(epochs=3, probe_epochs=4), objective(), 2, progress=False)
+
+
+def test_backbone_lr_scale_moves_the_backbone_that_much_less() -> None:
+    """One AdamW step from the same weights on the same batch: Adam's first step is lr times the gradient's sign
+    (and the decoupled decay is lr times the weight), so a backbone at lr * 0.1 moves exactly a tenth as far while
+    the classifier moves as far as with one rate."""
+    train, val = data(n_train=32, n_val=16)
+    start = make().state_dict()
+    moved = {}
+    for scale in (1.0, 0.1):
+        model = make()
+        fit(model, train, val, cfg(epochs=1, backbone_lr_scale=scale), objective(noise=False), 1, progress=False)
+        moved[scale] = {k: v - start[k] for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert torch.allclose(moved[0.1]["head.fc.weight"], moved[1.0]["head.fc.weight"], atol=1e-7)
+    body = [k for k in moved[1.0] if not k.startswith("head.fc.") and moved[1.0][k].abs().max() > 0]
+    assert "stem.0.weight" in body
+    for k in body:
+        # atol: two float32 roundings of a weight near 1 (a norm whose gradient is about Adam's eps moves ~1e-7)
+        assert torch.allclose(moved[0.1][k], 0.1 * moved[1.0][k], rtol=1e-3, atol=3e-7), k

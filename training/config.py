@@ -122,6 +122,9 @@ class TrainConfig(Section):
         0, ge=0, description="LP-FT: the first probe_epochs epochs train only the classifier (the backbone frozen), "
         "then the whole network; meant for fine-tuning from model.pretrained, whose features a random head would "
         "otherwise pull apart (Kumar et al. 2022). 0 = train everything from the start")
+    backbone_lr_scale: float = Field(
+        1.0, gt=0, le=1, description="discriminative fine-tuning: every parameter outside the classifier learns at "
+        "lr * backbone_lr_scale (the classifier at lr), so fine-tuning moves a pretrained encoder less; 1 = one rate")
     device: str = "auto"
     amp: bool = Field(True, description="bf16 autocast + channels_last on CUDA (ignored on CPU)")
     max_steps_per_epoch: int | None = Field(None, ge=1)

@@ -177,14 +177,25 @@ def _steps_per_epoch(train_data: Iterable, explicit: int | None, cap: int | None
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, extra: list[dict] | None = None) -> torch.optim.Optimizer:
-    """Weight decay on weights with >= 2 dims only (not on norms and biases); ``extra`` groups (an objective's own
-    modules) as given."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-        *(extra or []),
+    """Weight decay on weights with >= 2 dims only (not on norms and biases); everything outside the classifier at
+    ``cfg.lr * cfg.backbone_lr_scale`` when that scale is below 1; ``extra`` groups (an objective's own modules) as
+    given."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    head = classifier_prefixes(model) if cfg.backbone_lr_scale != 1.0 else None
+    parts = [named] if head is None else [
+        [(n, p) for n, p in named if n.startswith(head)],
+        [(n, p) for n, p in named if not n.startswith(head)],
     ]
+    if head is not None and not parts[0]:
+        raise ConfigError(f"train.backbone_lr_scale: the model has no classifier parameters named {', '.join(head)}")
+    groups = []
+    for i, part in enumerate(parts):
+        lr = cfg.lr * (cfg.backbone_lr_scale if i == 1 else 1.0)
+        groups += [
+            {"params": [p for _, p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+            {"params": [p for _, p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+        ]
+    groups += extra or []
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     return torch.optim.AdamW(groups, lr=cfg.lr)
