@@ -126,7 +126,7 @@ def test_ssl_seeds_depends_on_every_arm_and_seed_the_ssl_stages_write():
     written = {m.replace("${item}", str(seed)) for seed in vars_["seeds"] for stage in ("ssl", "ssl_pretrained", "ssl_lpft")
                for entry in study["stages"][stage]["do"]["metrics"] for m in entry}
     globs = dict(re.findall(r"--arm '(\w+)=([^']+)'", agg["cmd"]))
-    assert {"supervised", "fixmatch", "all_labels", "pretrained", "pretrained_fixmatch", "lpft", "lpft_fixmatch"} == set(
+    assert {"supervised", "fixmatch", "all_labels", "pretrained", "pretrained_fixmatch", "lpft", "lpft_fixmatch", "lpft_dlr"} == set(
         globs)
     assert len(written) == len(globs) * len(vars_["seeds"])
     for arm, pattern in globs.items():
