@@ -359,6 +359,11 @@ def test_probe_epochs_train_only_the_classifier_first() -> None:
     assert torch.equal(probed.state_dict()["stem.0.weight"], start["stem.0.weight"])
     with pytest.raises(ConfigError, match="probe_epochs=4 exceeds train.epochs=3"):
         fit(make(), train, val, cfg(epochs=3, probe_epochs=4), objective(), 2, progress=False)
+    # an error during the probe (here a NaN loss) still leaves the model fully trainable
+    failed = make()
+    with pytest.raises(TrainingError):
+        fit(failed, train, val, cfg(epochs=3, probe_epochs=2), NaNAt(0, 1), 2, progress=False)
+    assert all(p.requires_grad for p in failed.parameters())
 
 
 def test_backbone_lr_scale_moves_the_backbone_that_much_less() -> None:

@@ -346,74 +346,75 @@ def fit(
     else:
         gen.manual_seed(int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0]))
 
-    while st["epoch"] < cfg.epochs and not st["stopped_early"]:
-        epoch = st["epoch"]
-        if hasattr(train_data, "set_epoch"):
-            train_data.set_epoch(epoch)
-        probe(epoch)
-        model.train()
-        sums: dict[str, float] = defaultdict(float)
-        n = 0
-        bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not progress, leave=False)
-        for step, batch in zip(range(steps), train_data, strict=False):
-            ctx = StepContext(epoch, step, epoch * steps + step, gen, device, steps, total)
-            batch = _to_device(batch, device, amp)
-            with _autocast(device, amp):
-                loss, extra = objective.loss(model, batch, ctx)
-            value = loss.item()
-            if not math.isfinite(value):
-                bad = "NaN" if math.isnan(value) else "Inf"
-                raise TrainingError(f"loss became {bad} at epoch {epoch} step {step}; {_last_good(ckpt)}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                trained = [*model.parameters(), *(p for g in extra_groups or [] for p in g["params"])]
-                sums["grad_norm"] += float(nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
-            optimizer.step()
-            scheduler.step()
-            objective.on_step_end(model)
-            sums["train_loss"] += value
-            for k, v in extra.items():
-                sums[k] += float(v)
-            n += 1
-            bar.update()
-            if step % 10 == 0:
-                bar.set_postfix(loss=f"{value:.4f}")
-        bar.close()
-        if n == 0:
-            raise TrainingError(f"training data yielded no batches in epoch {epoch}")
+    try:
+        while st["epoch"] < cfg.epochs and not st["stopped_early"]:
+            epoch = st["epoch"]
+            if hasattr(train_data, "set_epoch"):
+                train_data.set_epoch(epoch)
+            probe(epoch)
+            model.train()
+            sums: dict[str, float] = defaultdict(float)
+            n = 0
+            bar = tqdm(total=steps, desc=f"epoch {epoch}", disable=not progress, leave=False)
+            for step, batch in zip(range(steps), train_data, strict=False):
+                ctx = StepContext(epoch, step, epoch * steps + step, gen, device, steps, total)
+                batch = _to_device(batch, device, amp)
+                with _autocast(device, amp):
+                    loss, extra = objective.loss(model, batch, ctx)
+                value = loss.item()
+                if not math.isfinite(value):
+                    bad = "NaN" if math.isnan(value) else "Inf"
+                    raise TrainingError(f"loss became {bad} at epoch {epoch} step {step}; {_last_good(ckpt)}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    trained = [*model.parameters(), *(p for g in extra_groups or [] for p in g["params"])]
+                    sums["grad_norm"] += float(nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
+                optimizer.step()
+                scheduler.step()
+                objective.on_step_end(model)
+                sums["train_loss"] += value
+                for k, v in extra.items():
+                    sums[k] += float(v)
+                n += 1
+                bar.update()
+                if step % 10 == 0:
+                    bar.set_postfix(loss=f"{value:.4f}")
+            bar.close()
+            if n == 0:
+                raise TrainingError(f"training data yielded no batches in epoch {epoch}")
 
-        metrics = {k: v / n for k, v in sums.items()}
-        metrics["lr"] = optimizer.param_groups[0]["lr"]
-        if val_data is not None:
-            metrics.update(evaluate(model, val_data, n_classes, device, amp))
-            if not math.isfinite(metrics["val_loss"]):
-                raise TrainingError(f"validation loss became NaN at epoch {epoch}; {_last_good(ckpt)}")
-            best = st["best_epoch"]
-            if best < 0 or _score(metrics, cfg.monitor) > _score(st["history"][best], cfg.monitor):
-                st.update(best_epoch=epoch, best_val_loss=metrics["val_loss"], bad_epochs=0)
-                if early:
-                    st["best_state"] = _cpu_copy(model.state_dict())
-            else:
-                st["bad_epochs"] += 1
-                st["stopped_early"] = early and st["bad_epochs"] >= cfg.patience
-        st["history"].append({"epoch": epoch, **metrics})
-        st["epoch"] = epoch + 1
-        if log_metrics is not None:
-            log_metrics(metrics, epoch)
-        if ckpt is not None:
-            with atomic_path(ckpt) as tmp:
-                torch.save({
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
-                    "state": st, "rng": _rng_state(gen), "config": cfg.model_dump(mode="json"),
-                }, tmp)
-        if on_epoch_end is not None:
-            on_epoch_end(epoch, dict(metrics), ckpt)
-        if progress:
-            tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"epoch": epoch, **metrics}.items()))
-
-    probe(cfg.epochs)  # the model leaves with every parameter trainable as it came
+            metrics = {k: v / n for k, v in sums.items()}
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
+            if val_data is not None:
+                metrics.update(evaluate(model, val_data, n_classes, device, amp))
+                if not math.isfinite(metrics["val_loss"]):
+                    raise TrainingError(f"validation loss became NaN at epoch {epoch}; {_last_good(ckpt)}")
+                best = st["best_epoch"]
+                if best < 0 or _score(metrics, cfg.monitor) > _score(st["history"][best], cfg.monitor):
+                    st.update(best_epoch=epoch, best_val_loss=metrics["val_loss"], bad_epochs=0)
+                    if early:
+                        st["best_state"] = _cpu_copy(model.state_dict())
+                else:
+                    st["bad_epochs"] += 1
+                    st["stopped_early"] = early and st["bad_epochs"] >= cfg.patience
+            st["history"].append({"epoch": epoch, **metrics})
+            st["epoch"] = epoch + 1
+            if log_metrics is not None:
+                log_metrics(metrics, epoch)
+            if ckpt is not None:
+                with atomic_path(ckpt) as tmp:
+                    torch.save({
+                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
+                        "state": st, "rng": _rng_state(gen), "config": cfg.model_dump(mode="json"),
+                    }, tmp)
+            if on_epoch_end is not None:
+                on_epoch_end(epoch, dict(metrics), ckpt)
+            if progress:
+                tqdm.write(" ".join(f"{k}={v:.4g}" for k, v in {"epoch": epoch, **metrics}.items()))
+    finally:
+        probe(cfg.epochs)  # the model leaves with every parameter trainable as it came, even on an error
     weights_epoch = st["epoch"] - 1
     if early and st["best_state"] is not None:
         model.load_state_dict(st["best_state"])
