@@ -181,20 +181,18 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, extra: list[dict] | None = No
     ``cfg.lr * cfg.backbone_lr_scale`` when that scale is below 1; ``extra`` groups (an objective's own modules) as
     given."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    head = classifier_prefixes(model) if cfg.backbone_lr_scale != 1.0 else None
-    parts = [named] if head is None else [
-        [(n, p) for n, p in named if n.startswith(head)],
-        [(n, p) for n, p in named if not n.startswith(head)],
-    ]
-    if head is not None and not parts[0]:
-        raise ConfigError(f"train.backbone_lr_scale: the model has no classifier parameters named {', '.join(head)}")
-    groups = []
-    for i, part in enumerate(parts):
-        lr = cfg.lr * (cfg.backbone_lr_scale if i == 1 else 1.0)
-        groups += [
-            {"params": [p for _, p in part if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
-            {"params": [p for _, p in part if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
-        ]
+    parts = [([p for _, p in named], cfg.lr)]  # (parameters, their learning rate)
+    if cfg.backbone_lr_scale != 1.0:
+        head = classifier_prefixes(model)
+        classifier = [p for n, p in named if n.startswith(head)]
+        if not classifier:
+            raise ConfigError(f"train.backbone_lr_scale: the model has no classifier parameters named {', '.join(head)}")
+        backbone = [p for n, p in named if not n.startswith(head)]
+        parts = [(classifier, cfg.lr), (backbone, cfg.lr * cfg.backbone_lr_scale)]
+    groups = [g for params, lr in parts for g in (
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay, "lr": lr},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0, "lr": lr},
+    )]
     groups += extra or []
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
@@ -346,6 +344,7 @@ def fit(
     else:
         gen.manual_seed(int(np.random.SeedSequence([cfg.seed, 1]).generate_state(1)[0]))
 
+    clipped = [*model.parameters(), *(p for g in extra_groups or [] for p in g["params"])] if cfg.grad_clip else []
     try:
         while st["epoch"] < cfg.epochs and not st["stopped_early"]:
             epoch = st["epoch"]
@@ -368,8 +367,7 @@ def fit(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.grad_clip:
-                    trained = [*model.parameters(), *(p for g in extra_groups or [] for p in g["params"])]
-                    sums["grad_norm"] += float(nn.utils.clip_grad_norm_(trained, cfg.grad_clip))
+                    sums["grad_norm"] += float(nn.utils.clip_grad_norm_(clipped, cfg.grad_clip))
                 optimizer.step()
                 scheduler.step()
                 objective.on_step_end(model)
