@@ -230,3 +230,27 @@ def test_ece_if_calibrated_tells_noise_from_miscalibration():
         over.append(calibration_report(sharp, y)["ece"] > ece_if_calibrated(sharp, draws=200)["ece_if_calibrated_q95"])
     assert 0.9 <= np.mean(below) <= 0.99
     assert np.mean(over) == 1.0
+
+
+def test_heldout_metrics_per_class_and_per_timepoint():
+    """A timecourse's late cells look like the test cells (AUROC 0.5 exactly: the same values), its early cells do not
+    (1.0); the per-timepoint keys come in time order, AUROC only, and only for a class with several timepoints."""
+    from training.evaluation.evaluate import heldout_metrics
+
+    test = np.array([0.1, 0.2, 0.3, 0.4])
+    novelty = np.concatenate([test, [5.0, 6.0], test, [0.7, 0.8]])
+    split = ["test"] * 4 + ["heldout"] * 8
+    label = ["a"] * 4 + ["tc"] * 6 + ["x"] * 2
+    timepoint = [np.nan] * 4 + [2.0, 2.0, 14.0, 14.0, 14.0, 14.0] + [np.nan, np.nan]
+    cells = pd.DataFrame({"split": split, "label": label, "timepoint": timepoint})
+    out = {"novelty": novelty, "confidence": np.full(12, 0.9), "entropy": novelty, "epistemic": novelty}
+    res = heldout_metrics(cells, out, cells["split"].eq("test").to_numpy())
+    assert res["heldout_tc_2h/density/auroc"] == 1.0
+    assert res["heldout_tc_14h/density/auroc"] == 0.5
+    assert res["heldout_x/density/auroc"] == 1.0
+    assert res["heldout/density/auroc"] == pytest.approx((2 * 4 + 4 * 2 + 2 * 4) / (8 * 4))
+    per_time = [k.split("/")[0] for k in res if k.startswith("heldout_tc_") and k.endswith("/density/auroc")]
+    assert per_time == ["heldout_tc_2h", "heldout_tc_14h"]
+    assert not [k for k in res if k.startswith("heldout_tc_") and not k.endswith("/auroc")]
+    assert not [k for k in res if k.startswith("heldout_x_")]
+    assert heldout_metrics(cells[:4], {k: v[:4] for k, v in out.items()}, np.ones(4, bool)) == {}

@@ -51,7 +51,9 @@ def fake_project(root: Path, manifest: Path) -> dict:
     (root / "metrics/evaluate.json").write_text(json.dumps({"balanced_accuracy": 0.91, "nll": 0.25, "ece": 0.03,
                                                             "heldout/epistemic/auroc": 0.8,
                                                             "heldout/novelty/auroc": 0.9,
-                                                            "heldout_ei24/novelty/auroc": 0.7}))
+                                                            "heldout_ei24/novelty/auroc": 0.7,
+                                                            "heldout_tc_2h/novelty/auroc": 0.6,
+                                                            "heldout_tc_14h/novelty/auroc": 0.5}))
     for n in ("confusion", "reliability", "embedding", "uncertainty"):
         png(root / f"reports/evaluate/{n}.png", n)
     labeled = idx[~screen].sample(40, random_state=0)
@@ -146,7 +148,8 @@ def test_report_cli_and_page_in_chromium(chromium, project):  # noqa: F811
         assert page.locator(f"section#{sid}").is_visible()
         assert page.locator(f"section#{sid} h2").text_content()
     page.wait_for_function("Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
-    assert page.locator("#heldout-metrics tbody tr td:first-child").all_text_contents() == ["heldout", "heldout_ei24"]
+    assert page.locator("#heldout-metrics tbody tr td:first-child").all_text_contents() == [
+        "heldout", "heldout_ei24", "heldout_tc_2h", "heldout_tc_14h"]  # evaluate's order: timepoints in time order
     assert page.locator("section#galleries h3.class-gallery").all_text_contents() == ["bright", "spotty"]
     assert page.locator("section#screen h4.bin-gallery").count() == 2
     summary = page.locator("#discovery-summary").text_content()

@@ -119,8 +119,9 @@ def model_section(root: Path, p: Params) -> str | None:
         held = [(k.split("/")[0], k.split("/")[1], v) for k, v in m.items()
                 if k.startswith("heldout") and k.count("/") == 2 and k.endswith("/auroc")]
         if held:
-            auroc = pd.DataFrame(held, columns=["held-out cells", "score", "auroc"]).pivot(
-                index="held-out cells", columns="score", values="auroc").reset_index()
+            rows = pd.DataFrame(held, columns=["held-out cells", "score", "auroc"])
+            auroc = rows.pivot(index="held-out cells", columns="score", values="auroc").reindex(
+                pd.unique(rows["held-out cells"])).reset_index()  # in evaluate's order: timepoints in time order
             parts.append("<h3>Held-out-class detection</h3><p>AUROC of each uncertainty score for telling cells of "
                          "classes the model never saw from test cells (0.5 = chance).</p>"
                          + table(auroc, "heldout-metrics"))

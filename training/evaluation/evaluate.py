@@ -56,6 +56,33 @@ def ood_metrics(out_in: dict[str, np.ndarray], out_out: dict[str, np.ndarray], p
     return res
 
 
+def heldout_metrics(cells: pd.DataFrame, out: dict[str, np.ndarray], test_mask: np.ndarray) -> dict[str, float]:
+    """Held-out-class detection against the test cells, for each uncertainty score: pooled (``heldout/``), per class
+    (``heldout_<class>/``) and, for a class imaged at several timepoints, the AUROC per timepoint
+    (``heldout_<class>_<t>h/<score>/auroc``, in time order): where along a timecourse its cells stop looking new."""
+    held = cells["split"].to_numpy() == "heldout"
+    if not held.any():
+        return {}
+    ref = {k: v[test_mask] for k, v in out.items()}
+
+    def part(mask: np.ndarray, prefix: str) -> dict[str, float]:
+        return ood_metrics(ref, {k: v[mask] for k, v in out.items()}, prefix)
+
+    res = part(held, "heldout")
+    labels = cells["label"].astype(str).to_numpy()
+    times = (pd.to_numeric(cells["timepoint"], errors="coerce").to_numpy(dtype=float) if "timepoint" in cells
+             else np.full(len(cells), np.nan))
+    for cls in sorted(set(labels[held])):
+        m = held & (labels == cls)
+        res.update(part(m, f"heldout_{cls}"))
+        timepoints = np.unique(times[m & ~np.isnan(times)])
+        if len(timepoints) > 1:
+            for t in timepoints:
+                per = part(m & (times == t), f"heldout_{cls}_{t:g}h")
+                res.update({k: v for k, v in per.items() if k.endswith("/auroc")})
+    return res
+
+
 def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str | Path,
              progress: bool = True) -> dict[str, Any]:
     """Compute every evaluation metric and plot; returns the flat metrics dict (also written as JSON)."""
@@ -88,14 +115,8 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     metrics.update(single_member_metrics(ens, logits[test_mask], y[test_mask], n_bins,
                                          ens_out["mean_probs"][test_mask]))
     metrics.update(calibration_modes(ens, logits[test_mask], y[test_mask], n_bins))
-    # held-out classes: pooled and per class, for each uncertainty score
+    metrics.update(heldout_metrics(cells, ens_out, test_mask))
     held = cells["split"].to_numpy() == "heldout"
-    if held.any():
-        sub = {k: v[test_mask] for k, v in ens_out.items()}
-        metrics.update(ood_metrics(sub, {k: v[held] for k, v in ens_out.items()}, "heldout"))
-        for cls in sorted(cells.loc[held, "label"].unique()):
-            m = held & (cells["label"] == cls).to_numpy()
-            metrics.update(ood_metrics(sub, {k: v[m] for k, v in ens_out.items()}, f"heldout_{cls}"))
     # per-cell predictions
     table = ens.to_frame(ens_out, cells)
     table.insert(2, "label", cells["label"].astype(str).to_numpy())
