@@ -26,6 +26,8 @@ lint: install
 bench: install
 	for b in benchmarks/bench_*.py; do echo "== $$b"; $(BIN)/python $$b --check || exit 1; done
 
-clean:  # what `dvc repro` writes (the committed reports/ measurements and .gitignore files stay)
-	rm -rf data/raw data/index/*.parquet data/screen models/ensemble reports/evaluate reports/screen reports/discovery \
-		reports/summary.md metrics dvc.lock mlflow.db mlartifacts bentoml_home
+clean:  # what `dvc repro` caches (committed files stay: dvc.lock, metrics/*.json, reports/summary.md and
+        # reports/screen/index.html, which `dvc repro` rewrites, and the reports/ measurements)
+	rm -rf data/raw data/index/*.parquet data/screen models/ensemble reports/evaluate reports/discovery \
+		reports/screen/scores.parquet reports/screen/scores.parquet.parts reports/screen/bins reports/screen/counts \
+		reports/screen/hits reports/screen/hits_cells mlflow.db mlartifacts bentoml_home
