@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -59,6 +60,31 @@ def test_real_forward_and_embedding(name: str, in_chans: int) -> None:
     assert feats.shape == (2, feature_dim(model))
     # embed is the input of the final classifier
     torch.testing.assert_close(model.get_classifier()(feats), logits)
+
+
+@pytest.mark.parametrize("name", ["convnext_custom", "sparcs_vgg"])
+def test_stage_maps_for_the_multistage_novelty(name: str) -> None:
+    """Every model name gives the stage maps the default novelty (``energy_multistage``) pools, from the same pass as
+    the logits: the SPARCS VGG baseline could not train with that default before it had them."""
+    from training.engine import forward, predict
+    from training.uncertainty.novelty import stage_features
+
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name=name, **TINY), 1, 2).eval()
+    x = torch.rand(3, 1, 64, 64)
+    final, maps = model.forward_intermediates(x)
+    torch.testing.assert_close(final, model.forward_features(x))
+    assert len(maps) >= 4 and all(m.ndim == 4 and len(m) == 3 for m in maps)
+    if name == "sparcs_vgg":
+        assert [m.shape[-1] for m in maps] == [64, 32, 16, 8, 4, 2]
+    stages: list = []
+    logits, _ = forward(model, x, stages=stages)
+    torch.testing.assert_close(logits, model(x))
+    assert len(stages) == len(maps)
+    out = predict(model, [{"image": x, "idx": torch.arange(3), "label": torch.zeros(3, dtype=torch.long)}],
+                  pool_stages=stage_features)
+    assert out["stages"].shape == (3, 2 * sum(m.shape[1] for m in maps))
+    assert np.isfinite(out["stages"]).all()
 
 
 def test_custom_convnext_follows_dims_and_dropout() -> None:

@@ -72,6 +72,17 @@ class SparcsVGG(nn.Module):
         """(B, C, H, W) -> (B, 512, h, w) convolutional feature map (before the 2x2 pool)."""
         return self.features(self.input_norm(x))
 
+    def forward_intermediates(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """:meth:`forward_features` and, like timm's ``forward_intermediates``, every stage's map: here each block's
+        output before its max-pool, at the block's own resolution (six stages; the multi-stage novelty pools them)."""
+        x = self.input_norm(x)
+        maps = []
+        for layer in self.features:
+            if isinstance(layer, nn.MaxPool2d):
+                maps.append(x)
+            x = layer(x)
+        return x, maps
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         x = self.pre_logits(torch.flatten(self.pool(x), 1))
         return x if pre_logits else self.fc(x)
