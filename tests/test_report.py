@@ -53,7 +53,8 @@ def fake_project(root: Path, manifest: Path) -> dict:
                                                             "heldout/novelty/auroc": 0.9,
                                                             "heldout_ei24/novelty/auroc": 0.7,
                                                             "heldout_tc_2h/novelty/auroc": 0.6,
-                                                            "heldout_tc_14h/novelty/auroc": 0.5}))
+                                                            "heldout_tc_14h/novelty/auroc": 0.5},
+                                                           sort_keys=True))  # as the CLI writes metrics
     for n in ("confusion", "reliability", "embedding", "uncertainty"):
         png(root / f"reports/evaluate/{n}.png", n)
     labeled = idx[~screen].sample(40, random_state=0)
@@ -149,7 +150,7 @@ def test_report_cli_and_page_in_chromium(chromium, project):  # noqa: F811
         assert page.locator(f"section#{sid} h2").text_content()
     page.wait_for_function("Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
     assert page.locator("#heldout-metrics tbody tr td:first-child").all_text_contents() == [
-        "heldout", "heldout_ei24", "heldout_tc_2h", "heldout_tc_14h"]  # evaluate's order: timepoints in time order
+        "heldout", "heldout_ei24", "heldout_tc_2h", "heldout_tc_14h"]  # timepoints in time order
     assert page.locator("section#galleries h3.class-gallery").all_text_contents() == ["bright", "spotty"]
     assert page.locator("section#screen h4.bin-gallery").count() == 2
     summary = page.locator("#discovery-summary").text_content()

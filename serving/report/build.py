@@ -107,6 +107,17 @@ def gallery(cells: pd.DataFrame, px: int, caption: Callable[[pd.Series], str], r
 
 
 # -- sections -----------------------------------------------------------------------------------------------------
+def _heldout_order(name: str) -> tuple[str, float]:
+    """Sort key of a held-out row: the class, then its timepoints in time (``heldout_tc_2h`` before ``_14h``)."""
+    base, _, last = name.rpartition("_")
+    if base and last.endswith("h"):
+        try:
+            return base, float(last[:-1])
+        except ValueError:
+            pass
+    return name, -1.0
+
+
 def model_section(root: Path, p: Params) -> str | None:
     mfile, ev = root / "metrics/evaluate.json", root / "reports/evaluate"
     if not mfile.is_file() and not ev.is_dir():
@@ -120,8 +131,8 @@ def model_section(root: Path, p: Params) -> str | None:
                 if k.startswith("heldout") and k.count("/") == 2 and k.endswith("/auroc")]
         if held:
             rows = pd.DataFrame(held, columns=["held-out cells", "score", "auroc"])
-            auroc = rows.pivot(index="held-out cells", columns="score", values="auroc").reindex(
-                pd.unique(rows["held-out cells"])).reset_index()  # in evaluate's order: timepoints in time order
+            auroc = rows.pivot(index="held-out cells", columns="score", values="auroc")
+            auroc = auroc.reindex(sorted(auroc.index, key=_heldout_order)).reset_index()
             parts.append("<h3>Held-out-class detection</h3><p>AUROC of each uncertainty score for telling cells of "
                          "classes the model never saw from test cells (0.5 = chance).</p>"
                          + table(auroc, "heldout-metrics"))
