@@ -87,6 +87,34 @@ def test_stage_maps_for_the_multistage_novelty(name: str) -> None:
     assert np.isfinite(out["stages"]).all()
 
 
+@pytest.mark.parametrize("name", ["convnext_custom", "convnext_atto"])
+def test_patch_size_sets_the_first_stage_resolution(name: str) -> None:
+    """``model.patch_size`` is the ConvNeXt stem's stride: 4 (timm's) starts the stages at 16 px of a 64 px crop,
+    1 at the full 64 px, the resolution the VGG's first stage sees; with 2, timm's first stage downsamples once more
+    (back to 16 px)."""
+    x = torch.rand(2, 1, 64, 64)
+    sides = {}
+    for patch in (4, 2, 1):
+        model = build_model(ModelConfig(name=name, **TINY, patch_size=patch), 1, 3).eval()
+        _, maps = model.forward_intermediates(x)
+        sides[patch] = [m.shape[-1] for m in maps]
+        assert model(x).shape == (2, 3)
+    assert sides == {4: [16, 8, 4, 2], 2: [16, 8, 4, 2], 1: [64, 32, 16, 8]}
+
+
+def test_checkpoint_with_another_patch_size_keeps_all_but_the_stem(tmp_path, caplog) -> None:
+    """An encoder pretrained with the 4 px stem still initialises a full-resolution (1 px stem) model: every tensor but
+    the stem conv."""
+    src = build_model(ModelConfig(name="convnext_custom", **TINY), 1, 2)
+    path = tmp_path / "enc.pt"
+    torch.save(src.state_dict(), path)
+    with caplog.at_level(logging.INFO):
+        dst = build_model(ModelConfig(name="convnext_custom", **TINY, patch_size=1, pretrained=str(path)), 1, 2)
+    assert "stem.0.weight" in caplog.text
+    assert dst.stem[0].weight.shape[-1] == 1
+    torch.testing.assert_close(dst.stages[1].blocks[0].conv_dw.weight, src.stages[1].blocks[0].conv_dw.weight)
+
+
 def test_custom_convnext_follows_dims_and_dropout() -> None:
     model = build_model(ModelConfig(name="convnext_custom", dims=[8, 16, 24, 40], depths=[1, 2, 1, 1], drop_rate=0.3), 2, 3)
     assert feature_dim(model) == 40

@@ -99,6 +99,9 @@ class ModelConfig(Section):
     depths: list[int] = [1, 1, 2, 1]
     drop_rate: float = Field(0.1, ge=0, lt=1)
     drop_path_rate: float = Field(0.0, ge=0, lt=1)
+    patch_size: Literal[1, 2, 4] = Field(4, description="ConvNeXt stem stride: 4 (timm's) starts the first stage at "
+                            "a quarter of the crop's side, 1 at full resolution (more compute); with 2 timm's first "
+                            "stage downsamples again, so 2 is 4's resolution")
     pretrained: str | None = Field(None, description="local checkpoint file; hub weights are not fetched")
 
 

@@ -108,14 +108,14 @@ def build_model(cfg: ModelConfig, in_chans: int, n_classes: int) -> nn.Module:
             raise ModelError(f"model.dims and model.depths must be positive, got dims={cfg.dims} depths={cfg.depths}")
         model: nn.Module = ConvNeXt(
             in_chans=in_chans, num_classes=n_classes, dims=tuple(cfg.dims), depths=tuple(cfg.depths),
-            drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+            drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, patch_size=cfg.patch_size,
         )
     elif name == SPARCS_VGG:
         model = SparcsVGG(in_chans, n_classes, drop_rate=cfg.drop_rate)
     elif name in timm.list_models("convnext*"):
         model = timm.create_model(
             name, pretrained=False, in_chans=in_chans, num_classes=n_classes,
-            drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate,
+            drop_rate=cfg.drop_rate, drop_path_rate=cfg.drop_path_rate, patch_size=cfg.patch_size,
         )
     else:
         raise ModelError(f"model.name: unknown model '{name}'; choose one of: {', '.join(model_names())}")
