@@ -162,3 +162,46 @@ def test_same_seed_same_machine_same_metrics(tiny_manifest, tmp_path, one_thread
     assert spec_a.info["novelty_val_quantiles"] == spec_b.info["novelty_val_quantiles"]
     for key in ("mean_probs", "epistemic", "novelty"):
         np.testing.assert_array_equal(pred_a[key], pred_b[key])
+
+
+def _calibration_run(seed: int, ece: float, ece_ci_low: float, pooled: float, novel: float) -> dict:
+    nov = {"heldout_pooled": pooled, "novel_vs_screen_trained_states": novel}
+    return {"seed": seed, "pooled": {"ece": ece, "nll": 0.1, "balanced_accuracy": 0.97, "ece_diff": ece_ci_low + 0.002,
+                                     "ece_diff_ci_low": ece_ci_low},
+            "novelty": {"multistage_knn": nov, "energy_multistage": {k: v - 0.1 for k, v in nov.items()}}}
+
+
+def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_path):
+    """benchmarks/uncertainty_seeds.py: files of one trained model take the seed given after @, the difference to the
+    baseline is paired by seed, and an ensemble meets the ECE target only if its member-worse interval does not
+    exclude zero from above."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "uncertainty_seeds.py"
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"runs": [_calibration_run(s, 0.02, -0.01, 0.6, 0.8) for s in range(3)]}))
+    runs = [("a.json", _calibration_run(0, 0.014, -0.003, 0.90, 0.96)),   # meets all three
+            ("b.json", _calibration_run(0, 0.012, 0.001, 0.86, 0.94)),    # ECE low but worse than its members
+            ("c.json", _calibration_run(0, 0.016, -0.002, 0.84, 0.97))]
+    args = [sys.executable, str(script), "--baseline", "convnext", "--novelty", "multistage_knn",
+            "--run", f"convnext={base}", "--out", str(tmp_path / "out.json")]
+    for seed, (name, run) in enumerate(runs):
+        (tmp_path / name).write_text(json.dumps({"runs": [run]}))
+        args += ["--run", f"vgg={tmp_path / name}@{seed}"]
+    done = subprocess.run(args, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["targets"]["vgg"] == {
+        "0": {"ece": True, "heldout_pooled": True, "novel_vs_screen": True},
+        "1": {"ece": False, "heldout_pooled": True, "novel_vs_screen": False},
+        "2": {"ece": False, "heldout_pooled": False, "novel_vs_screen": True}}
+    assert out["arms"]["vgg"]["ece"]["mean"] == pytest.approx(0.014)
+    assert out["differences"]["multistage_knn/heldout_pooled"]["vgg/diff_mean"] == pytest.approx(0.8667 - 0.6, abs=1e-4)
+    assert out["differences"]["ece"]["vgg/diff_excludes_zero"] is True
+    assert "seed 0: targets met: ece, heldout_pooled, novel_vs_screen" in done.stdout
+
+    bad = subprocess.run([*args[:8], "--run", f"vgg={base}@1"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "@SEED needs a file of one run, it has 3" in bad.stderr
+    assert "Traceback" not in bad.stderr

@@ -1,0 +1,109 @@
+"""Several ``uncertainty_study.py --part calibration`` runs read together: per arm, mean and 95 % t-interval over
+seeds; per other arm, the paired difference to the baseline arm; per run, which of issue 13's targets it meets.
+
+    python benchmarks/uncertainty_seeds.py --baseline convnext \\
+        --run convnext=reports/uncertainty_study/intel/scratch/calibration.json \\
+        --run vgg=reports/uncertainty_study/intel/vgg_m3/calibration.json@0 \\
+        --run vgg=reports/uncertainty_study/intel/vgg_m3_s1/calibration.json@1 \\
+        --novelty multistage_knn --out reports/uncertainty_study/intel/vgg_seeds.json
+
+``ARM=FILE`` takes every run in the file with the seed it recorded; ``ARM=FILE@SEED`` takes a file of one run (a
+study of a trained ``--model``, which records seed 0) as that seed. Prints a table; ``--out`` writes the JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from training.evaluation.seeds import compare_arms, mean_interval
+
+TARGETS = {  # issue 13: ECE <= 0.015 and never worse than the mean member beyond noise; novelty >= 0.85 / 0.95
+    "ece": ("<=", 0.015),
+    "heldout_pooled": (">=", 0.85),
+    "novel_vs_screen": (">=", 0.95),
+}
+
+
+def run_metrics(run: dict, novelty: str) -> dict[str, float]:
+    """The figures issue 13 reads from one ensemble's row of a calibration study."""
+    pooled, nov = run["pooled"], run["novelty"]
+    out = {"ece": pooled["ece"], "nll": pooled["nll"], "balanced_accuracy": pooled["balanced_accuracy"],
+           "ece_minus_mean_member": pooled["ece_diff"], "ece_minus_mean_member_ci_low": pooled["ece_diff_ci_low"]}
+    for score in dict.fromkeys([novelty, "energy_multistage"]):
+        if score not in nov:
+            raise SystemExit(f"novelty score '{score}' not in this study (it has {', '.join(nov)})")
+        out[f"{score}/heldout_pooled"] = nov[score]["heldout_pooled"]
+        out[f"{score}/novel_vs_screen"] = nov[score]["novel_vs_screen_trained_states"]
+    return out
+
+
+def meets(metrics: dict[str, float], novelty: str) -> dict[str, bool]:
+    """Each target of issue 13 for one ensemble (ECE also needs no member-worse interval above zero)."""
+    ok = {}
+    for key, (op, bound) in TARGETS.items():
+        value = metrics[key if key == "ece" else f"{novelty}/{key}"]
+        ok[key] = value <= bound if op == "<=" else value >= bound
+    ok["ece"] = ok["ece"] and metrics["ece_minus_mean_member_ci_low"] <= 0
+    return ok
+
+
+def load_runs(specs: list[str]) -> dict[str, dict[int, dict]]:
+    arms: dict[str, dict[int, dict]] = {}
+    for spec in specs:
+        arm, sep, rest = spec.partition("=")
+        if not sep or not arm:
+            raise SystemExit(f"--run {spec}: expected ARM=FILE or ARM=FILE@SEED")
+        path, _, seed = rest.partition("@")
+        try:
+            runs = json.loads(Path(path).read_text())["runs"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise SystemExit(f"--run {spec}: cannot read a calibration study's runs ({exc})") from None
+        if seed:
+            if len(runs) != 1:
+                raise SystemExit(f"--run {spec}: @SEED needs a file of one run, it has {len(runs)}")
+            runs = [{**runs[0], "seed": int(seed)}]
+        for run in runs:
+            if run["seed"] in arms.setdefault(arm, {}):
+                raise SystemExit(f"arm '{arm}' has seed {run['seed']} twice")
+            arms[arm][run["seed"]] = run
+    return arms
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--run", action="append", required=True, help="ARM=FILE or ARM=FILE@SEED (repeat)")
+    ap.add_argument("--baseline", required=True, help="the arm the others are compared with, seed by seed")
+    ap.add_argument("--novelty", default="energy_multistage", help="the score the novelty targets are read on")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    arms = load_runs(args.run)
+    if args.baseline not in arms:
+        raise SystemExit(f"--baseline {args.baseline}: no such arm ({', '.join(arms)})")
+    per_run = {arm: {s: run_metrics(r, args.novelty) for s, r in sorted(runs.items())} for arm, runs in arms.items()}
+    keys = [k for k in next(iter(next(iter(per_run.values())).values())) if not k.endswith("_ci_low")]
+    out: dict = {"novelty_score": args.novelty, "baseline": args.baseline, "per_run": per_run, "targets": {},
+                 "arms": {}, "differences": {}}
+    for arm, runs in per_run.items():
+        out["targets"][arm] = {s: meets(m, args.novelty) for s, m in runs.items()}
+        out["arms"][arm] = {k: mean_interval([m[k] for m in runs.values()]) for k in keys}
+    for key in keys:
+        cmp = compare_arms({arm: {s: m[key] for s, m in runs.items()} for arm, runs in per_run.items()}, args.baseline)
+        out["differences"][key] = {k: v for k, v in cmp.items() if "/diff_" in k}
+    print(f"{'arm':<12} {'figure':<36} {'mean [95 % interval]':<28} per seed")
+    for arm, stats in out["arms"].items():
+        for key, st in stats.items():
+            seeds = " ".join(f"{per_run[arm][s][key]:.4f}" for s in per_run[arm])
+            print(f"{arm:<12} {key:<36} {st['mean']:.4f} [{st['ci_low']:.4f}, {st['ci_high']:.4f}]   {seeds}")
+        for s, ok in out["targets"][arm].items():
+            print(f"{arm:<12} seed {s}: targets met: {', '.join(k for k, v in ok.items() if v) or 'none'}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2, sort_keys=True))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
