@@ -10,6 +10,21 @@ from pathlib import Path
 PACKAGES = ("training", "serving", "tuning")
 
 
+def parse(path: Path) -> ast.Module:
+    """``ast.parse`` of a file. CPython 3.11 shares the AST constructor's recursion counter between threads
+    (python/cpython#106905): while a server or Ray thread of an earlier test parses too, a parse can fail with
+    "AST constructor recursion depth mismatch" (seen once in a CI run sharing 2 cores). The counter is reset at
+    every call, so a few retries parse the same, unchanged text."""
+    text = path.read_text()
+    for attempt in range(5):
+        try:
+            return ast.parse(text)
+        except SystemError:
+            if attempt == 4:
+                raise
+    raise AssertionError("unreachable")
+
+
 def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
     """Dotted module name -> file, for every ``.py`` file of ``packages`` under ``root``."""
     out: dict[str, Path] = {}
@@ -51,7 +66,7 @@ def imports(tree: ast.AST, module: str, is_pkg: bool, known: set[str], top_level
 def import_graph(root: Path, top_level_only: bool = False) -> dict[str, set[str]]:
     files = module_files(root)
     known = set(files)
-    return {m: imports(ast.parse(f.read_text()), m, f.name == "__init__.py", known, top_level_only)
+    return {m: imports(parse(f), m, f.name == "__init__.py", known, top_level_only)
             for m, f in files.items()}
 
 
@@ -108,7 +123,7 @@ def command_modules(root: Path) -> dict[str, tuple[str, list[ast.AST]]]:
     for m, f in module_files(root, ("training",)).items():
         if not m.startswith("training.cli."):
             continue
-        tree = ast.parse(f.read_text())
+        tree = parse(f)
         funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
         found: dict[str, ast.FunctionDef] = {}
         for node in ast.walk(tree):
@@ -161,7 +176,7 @@ def closure(root: Path, command: str) -> set[str]:
     script = next((w for w in words if w.endswith(".py")), None)
     if script is None:
         return set()
-    tree = ast.parse((root / script).read_text())
+    tree = parse(root / script)
     todo = sorted(imports(tree, "__main__", False, known))
     seen = set()
     while todo:
@@ -174,7 +189,7 @@ def closure(root: Path, command: str) -> set[str]:
 
 def has_code(path: Path) -> bool:
     """False for a package ``__init__`` that holds only a docstring / ``__all__`` (a module map)."""
-    body = ast.parse(path.read_text()).body
+    body = parse(path).body
     return any(not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
                and not (isinstance(n, ast.Assign) and all(getattr(t, "id", "") == "__all__" for t in n.targets))
                and not (isinstance(n, ast.ImportFrom) and n.module == "__future__")
