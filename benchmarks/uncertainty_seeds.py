@@ -83,7 +83,8 @@ def main() -> int:
     if args.baseline not in arms:
         raise SystemExit(f"--baseline {args.baseline}: no such arm ({', '.join(arms)})")
     per_run = {arm: {s: run_metrics(r, args.novelty) for s, r in sorted(runs.items())} for arm, runs in arms.items()}
-    keys = [k for k in next(iter(next(iter(per_run.values())).values())) if not k.endswith("_ci_low")]
+    first_run = next(iter(next(iter(per_run.values())).values()))
+    keys = [k for k in first_run if not k.endswith("_ci_low")]
     out: dict = {"novelty_score": args.novelty, "baseline": args.baseline, "per_run": per_run, "targets": {},
                  "arms": {}, "differences": {}}
     for arm, runs in per_run.items():
