@@ -8,7 +8,9 @@ seeds; per other arm, the paired difference to the baseline arm; per run, which 
         --novelty multistage_knn --out reports/uncertainty_study/intel/vgg_seeds.json
 
 ``ARM=FILE`` takes every run in the file with the seed it recorded; ``ARM=FILE@SEED`` takes a file of one run (a
-study of a trained ``--model``, which records seed 0) as that seed. Prints a table; ``--out`` writes the JSON.
+study of a trained ``--model``, which records seed 0) as that seed. ``--all`` adds the mean and interval over every run
+of every arm, for arms that are replicates of one recipe (the slide folds of a cross-validation): the interval then
+treats all runs as independent, so it reads as a description, not a test. Prints a table; ``--out`` writes the JSON.
 """
 
 from __future__ import annotations
@@ -77,6 +79,7 @@ def main() -> int:
     ap.add_argument("--run", action="append", required=True, help="ARM=FILE or ARM=FILE@SEED (repeat)")
     ap.add_argument("--baseline", required=True, help="the arm the others are compared with, seed by seed")
     ap.add_argument("--novelty", default="energy_multistage", help="the score the novelty targets are read on")
+    ap.add_argument("--all", action="store_true", help="also mean and interval over every run of every arm")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     arms = load_runs(args.run)
@@ -90,6 +93,10 @@ def main() -> int:
     for arm, runs in per_run.items():
         out["targets"][arm] = {s: meets(m, args.novelty) for s, m in runs.items()}
         out["arms"][arm] = {k: mean_interval([m[k] for m in runs.values()]) for k in keys}
+    if args.all:
+        every = [m for runs in per_run.values() for m in runs.values()]
+        out["all_runs"] = {k: mean_interval([m[k] for m in every]) for k in keys}
+        out["all_runs_meeting_ece"] = sum(ok["ece"] for t in out["targets"].values() for ok in t.values())
     for key in keys:
         cmp = compare_arms({arm: {s: m[key] for s, m in runs.items()} for arm, runs in per_run.items()}, args.baseline)
         out["differences"][key] = {k: v for k, v in cmp.items() if "/diff_" in k}
@@ -100,6 +107,10 @@ def main() -> int:
             print(f"{arm:<12} {key:<36} {st['mean']:.4f} [{st['ci_low']:.4f}, {st['ci_high']:.4f}]   {seeds}")
         for s, ok in out["targets"][arm].items():
             print(f"{arm:<12} seed {s}: targets met: {', '.join(k for k, v in ok.items() if v) or 'none'}")
+    for key, st in out.get("all_runs", {}).items():
+        print(f"{'all runs':<12} {key:<36} {st['mean']:.4f} [{st['ci_low']:.4f}, {st['ci_high']:.4f}]   n={st['n']}")
+    if args.all:
+        print(f"all runs: {out['all_runs_meeting_ece']} of {sum(len(r) for r in per_run.values())} meet the ECE target")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, sort_keys=True))

@@ -202,6 +202,14 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
     assert out["differences"]["ece"]["vgg/diff_excludes_zero"] is True
     assert "seed 0: targets met: ece, heldout_pooled, novel_vs_screen" in done.stdout
 
+    pooled = subprocess.run([*args, "--all"], capture_output=True, text=True)
+    assert pooled.returncode == 0, pooled.stderr
+    every = json.loads((tmp_path / "out.json").read_text())
+    assert every["all_runs"]["ece"]["n"] == 6
+    assert every["all_runs"]["ece"]["mean"] == pytest.approx((3 * 0.02 + 0.014 + 0.012 + 0.016) / 6)
+    assert every["all_runs_meeting_ece"] == 1 and "1 of 6 meet the ECE target" in pooled.stdout
+    assert "all_runs" not in out
+
     bad = subprocess.run([*args[:8], "--run", f"vgg={base}@1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "@SEED needs a file of one run, it has 3" in bad.stderr
     assert "Traceback" not in bad.stderr
