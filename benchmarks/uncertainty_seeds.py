@@ -34,6 +34,12 @@ def run_metrics(run: dict, novelty: str) -> dict[str, float]:
     pooled, nov = run["pooled"], run["novelty"]
     out = {"ece": pooled["ece"], "nll": pooled["nll"], "balanced_accuracy": pooled["balanced_accuracy"],
            "ece_minus_mean_member": pooled["ece_diff"], "ece_minus_mean_member_ci_low": pooled["ece_diff_ci_low"]}
+    if "none" in run:  # the uncalibrated ensemble
+        out["ece_uncalibrated"] = run["none"]["ece"]
+    if "pooled_at_test_temperature" in run:  # studies since the slide folds: the temperature the test cells want
+        out["ece_at_test_temperature"] = run["pooled_at_test_temperature"]["ece"]
+        out["temperature_validation"] = run["pooled_temperature"]
+        out["temperature_test"] = run["pooled_temperature_fitted_on_test"]
     for score in dict.fromkeys([novelty, "energy_multistage"]):
         if score not in nov:
             raise SystemExit(f"novelty score '{score}' not in this study (it has {', '.join(nov)})")
@@ -86,15 +92,14 @@ def main() -> int:
     if args.baseline not in arms:
         raise SystemExit(f"--baseline {args.baseline}: no such arm ({', '.join(arms)})")
     per_run = {arm: {s: run_metrics(r, args.novelty) for s, r in sorted(runs.items())} for arm, runs in arms.items()}
-    first_run = next(iter(next(iter(per_run.values())).values()))
-    keys = [k for k in first_run if not k.endswith("_ci_low")]
+    every = [m for runs in per_run.values() for m in runs.values()]
+    keys = [k for k in every[0] if not k.endswith("_ci_low") and all(k in m for m in every)]  # what all runs report
     out: dict = {"novelty_score": args.novelty, "baseline": args.baseline, "per_run": per_run, "targets": {},
                  "arms": {}, "differences": {}}
     for arm, runs in per_run.items():
         out["targets"][arm] = {s: meets(m, args.novelty) for s, m in runs.items()}
         out["arms"][arm] = {k: mean_interval([m[k] for m in runs.values()]) for k in keys}
     if args.all:
-        every = [m for runs in per_run.values() for m in runs.values()]
         out["all_runs"] = {k: mean_interval([m[k] for m in every]) for k in keys}
         out["all_runs_meeting_ece"] = sum(ok["ece"] for t in out["targets"].values() for ok in t.values())
     for key in keys:

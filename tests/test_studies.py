@@ -168,6 +168,7 @@ def _calibration_run(seed: int, ece: float, ece_ci_low: float, pooled: float, no
     nov = {"heldout_pooled": pooled, "novel_vs_screen_trained_states": novel}
     return {"seed": seed, "pooled": {"ece": ece, "nll": 0.1, "balanced_accuracy": 0.97, "ece_diff": ece_ci_low + 0.002,
                                      "ece_diff_ci_low": ece_ci_low},
+            "none": {"ece": ece + 0.005},
             "novelty": {"multistage_knn": nov, "energy_multistage": {k: v - 0.1 for k, v in nov.items()}}}
 
 
@@ -181,7 +182,9 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
 
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "uncertainty_seeds.py"
     base = tmp_path / "base.json"
-    base.write_text(json.dumps({"runs": [_calibration_run(s, 0.02, -0.01, 0.6, 0.8) for s in range(3)]}))
+    oracle = {"pooled_at_test_temperature": {"ece": 0.01, "nll": 0.1}, "pooled_temperature": 0.9,
+              "pooled_temperature_fitted_on_test": 1.1}  # only the baseline's runs have it: not compared
+    base.write_text(json.dumps({"runs": [{**_calibration_run(s, 0.02, -0.01, 0.6, 0.8), **oracle} for s in range(3)]}))
     runs = [("a.json", _calibration_run(0, 0.014, -0.003, 0.90, 0.96)),   # meets all three
             ("b.json", _calibration_run(0, 0.012, 0.001, 0.86, 0.94)),    # ECE low but worse than its members
             ("c.json", _calibration_run(0, 0.016, -0.002, 0.84, 0.97))]
@@ -198,6 +201,8 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
         "1": {"ece": False, "heldout_pooled": True, "novel_vs_screen": False},
         "2": {"ece": False, "heldout_pooled": False, "novel_vs_screen": True}}
     assert out["arms"]["vgg"]["ece"]["mean"] == pytest.approx(0.014)
+    assert out["arms"]["vgg"]["ece_uncalibrated"]["mean"] == pytest.approx(0.019)
+    assert "ece_at_test_temperature" not in out["arms"]["convnext"]
     assert out["differences"]["multistage_knn/heldout_pooled"]["vgg/diff_mean"] == pytest.approx(0.8667 - 0.6, abs=1e-4)
     assert out["differences"]["ece"]["vgg/diff_excludes_zero"] is True
     assert "seed 0: targets met: ece, heldout_pooled, novel_vs_screen" in done.stdout
