@@ -40,6 +40,8 @@ def run_metrics(run: dict, novelty: str) -> dict[str, float]:
         out["ece_at_test_temperature"] = run["pooled_at_test_temperature"]["ece"]
         out["temperature_validation"] = run["pooled_temperature"]
         out["temperature_test"] = run["pooled_temperature_fitted_on_test"]
+    for k, recal in run.get("recalibrated_on_test_cells", {}).items():  # the temperature refitted on k labeled cells
+        out[f"ece_recalibrated_on_{k}_cells"] = recal["ece_mean"]
     for score in dict.fromkeys([novelty, "energy_multistage"]):
         if score not in nov:
             raise SystemExit(f"novelty score '{score}' not in this study (it has {', '.join(nov)})")
