@@ -68,6 +68,25 @@ def test_decompose_pooled_keeps_the_identity_and_equals_decompose_at_t1():
     assert np.all(out["entropy"] > plain["entropy"])  # T > 1 softens every cell
 
 
+def test_refit_on_labeled_cells_finds_the_temperature_the_new_slides_want():
+    """``spatial recalibrate``'s core: the refit equals the pooled NLL optimum on those cells, lowers their NLL
+    against what the model served (a training-time temperature of 1), and refuses too few or error-free cells."""
+    from training.errors import DataError
+    from training.uncertainty.recalibration import refit
+
+    logits, y = _overconfident_members(seed=4, n=1500)
+    served = softmax(pooled_log_probs(logits))
+    res = refit(logits, y, served, 1.0, "pooled")
+    assert res.temperature == pytest.approx(fit_pooled_temperature(logits, y))
+    assert res.n_cells == 1500 and res.n_errors == int((served.argmax(axis=1) != y).sum()) > 0
+    assert res.nll_after < res.nll_before - 0.1 and res.ece_after < res.ece_before
+    with pytest.raises(DataError, match="99 labeled cell.*at least 100"):
+        refit(logits[:99], y[:99], served[:99], 1.0, "pooled")
+    right = pooled_log_probs(logits).argmax(axis=1) == y
+    with pytest.raises(DataError, match="0 misclassified"):
+        refit(logits[right], y[right], served[right], 1.0, "pooled")
+
+
 # -- novelty scores ------------------------------------------------------------------------------------
 def test_knn_is_distance_to_kth_neighbour_on_the_unit_sphere():
     bank = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

@@ -230,6 +230,69 @@ def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):
     assert proc.returncode == 2 and "unknown active learning strategy 'oracle'" in proc.stderr
 
 
+# -- spatial recalibrate ------------------------------------------------------------------------------------------
+def _spatial(monkeypatch, *args: str) -> int:
+    import training.cli.main as cli
+
+    monkeypatch.setattr(sys, "argv", ["spatial", *map(str, args)])
+    try:
+        cli.main()
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+def test_recalibrate_refits_the_served_temperature_on_labels_of_new_slides(tmp_path, tiny_manifest, tiny_ensemble,
+                                                                           ens, monkeypatch, capsys, one_thread):
+    """Labels that contradict the model on 1 cell in 8 make it over-confident there: the copy serves a pooled
+    temperature softer than the one it had, exactly softmax(log mean member probability / T), with a lower NLL on those cells; the model it
+    came from is untouched; too few cells or an unknown slide are clear errors that write nothing."""
+    import json
+
+    from training.data.cellindex import build_index
+    from training.data.loader import CellLoader
+    from training.uncertainty.calibration import pooled_log_probs
+    from training.uncertainty.decompose import softmax
+    from training.uncertainty.ensemble import Ensemble
+
+    idx = build_index(tiny_manifest, progress=False)
+    new = idx[idx["group"].isin(["bright_s1", "spotty_s1"])].reset_index(drop=True)
+    truth = new["label"].astype(str).to_numpy()
+    flip = np.arange(len(new)) % 8 == 0
+    given = np.where(flip, np.where(truth == "bright", "spotty", "bright"), truth)
+    other = idx[idx["group"] == "bright_s0"].head(5)  # labeled, but on a slide left out with --group
+    labels = write_labels(tmp_path / "labels.csv",
+                          [(f, int(c), lab, "ann", "t") for f, c, lab in zip(new["source_file"].astype(str),
+                                                                             new["cell_id"], given, strict=True)]
+                          + [(f, int(c), "bright", "ann", "t") for f, c in zip(other["source_file"].astype(str),
+                                                                              other["cell_id"], strict=True)])
+    before = json.loads((tiny_ensemble / "spec.json").read_text())
+    common = ["recalibrate", "--model", tiny_ensemble, "--manifest", tiny_manifest, "--labels", labels,
+              "--group", "bright_s1", "--group", "spotty_s1", "--no-progress"]
+    out = tmp_path / "recalibrated"
+    assert _spatial(monkeypatch, *common, "--min-cells", "50", "--out", out, "--metrics", tmp_path / "m.json") == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    spec = json.loads((out / "spec.json").read_text())
+    assert spec["pooled_temperature"] == m["temperature"] and spec["calibration"] == "pooled"
+    assert m["n_cells"] == len(new) and m["cells_per_group"] == {"bright_s1": 60, "spotty_s1": 60}
+    assert m["temperature"] > m["previous_temperature"] and m["nll_after"] < m["nll_before"]  # softer than served
+    assert spec["info"]["recalibration"]["labels"] == str(labels)
+    assert json.loads((tiny_ensemble / "spec.json").read_text()) == before
+
+    cells = new[["source_file", "row", "cell_id"]].assign(source_file=lambda t: t["source_file"].astype(str))
+    raw = ens.predict_batches(CellLoader(cells, ens.preprocess, batch_size=64), raw=True)
+    served = Ensemble.load(out).predict_batches(CellLoader(cells, ens.preprocess, batch_size=64))
+    np.testing.assert_allclose(served["mean_probs"], softmax(pooled_log_probs(raw["logits"]) / m["temperature"]),
+                               rtol=1e-5, atol=1e-6)
+
+    capsys.readouterr()
+    assert _spatial(monkeypatch, *common, "--min-cells", "500", "--out", tmp_path / "few") == 2
+    assert "120 labeled cell(s) of the model's classes; a temperature needs at least 500" in capsys.readouterr().err
+    assert _spatial(monkeypatch, *common[:-1], "--group", "plate_9", "--out", tmp_path / "bad", "--no-progress") == 2
+    assert "unknown group(s) plate_9" in capsys.readouterr().err
+    assert not (tmp_path / "few").exists() and not (tmp_path / "bad").exists()
+
+
 # -- the labeling API: bad input ----------------------------------------------------------------------------------
 def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_manifest):
     from starlette.testclient import TestClient

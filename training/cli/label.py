@@ -1,4 +1,5 @@
-"""``spatial query | label | report``: a person in the loop (ask, label in the browser) and the screen report."""
+"""``spatial query | label | recalibrate | report``: a person in the loop (ask, label in the browser, refit the
+temperature on the labels of new slides) and the screen report."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from training.cli.options import ModelOpt, ParamsOpt, ProgressOpt, SetOpt, defau
 
 
 def add_commands(app: typer.Typer) -> None:
-    """Register ``query``, ``label`` and ``report`` on the ``spatial`` typer app."""
+    """Register ``query``, ``label``, ``recalibrate`` and ``report`` on the ``spatial`` typer app."""
 
     @app.command()
     def query(
@@ -88,6 +89,49 @@ def add_commands(app: typer.Typer) -> None:
         h, prt = host or cfg.host, port or cfg.port
         typer.echo(f"labeling {len(session.cells)} cells -> {labels or cfg.labels} on http://{h}:{prt}/", err=True)
         serve(create_app(session, remote), h, prt, remote)
+
+    @app.command()
+    def recalibrate(
+        out: Annotated[Path, typer.Option(help="directory for the recalibrated copy of the ensemble")],
+        model: ModelOpt = None,
+        manifest: Annotated[Path | None, typer.Option(help="manifest CSV (default index.manifest)")] = None,
+        labels: Annotated[Path | None, typer.Option(help="labels history (default label.labels)")] = None,
+        group: Annotated[list[str] | None, typer.Option(
+            "--group", help="use only the labeled cells of this slide (repeatable; default: every labeled cell)")] = None,
+        min_cells: Annotated[int, typer.Option(help="refuse with fewer labeled cells")] = 100,
+        metrics: Annotated[Path | None, typer.Option(help="JSON with the temperatures and NLL / ECE before and after")
+                           ] = None,
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+        progress: ProgressOpt = True,
+    ) -> None:
+        """Refit the ensemble's pooled temperature on random cells a person labeled on new slides (label them with
+        `spatial query --strategy random` and `spatial label`); writes a copy of the ensemble that serves it."""
+        from dataclasses import asdict
+
+        from training.data.cellindex import build_index
+        from training.data.labels import current_labels
+        from training.engine import select_device
+        from training.tracking import resolve_model
+        from training.uncertainty.ensemble import Ensemble
+        from training.uncertainty.recalibration import labeled_cells, recalibrate, write_recalibrated
+
+        p = params_for(params, set_)
+        labels = labels or Path(p.label.labels)
+        index = build_index(manifest or p.index.manifest, progress=False)
+        with tempfile.TemporaryDirectory(prefix="spatial-recalibrate-") as cache:
+            path, _ = resolve_model(model or default_model_uri(p), p.mlflow, cache_dir=cache)
+            ens = Ensemble.load(path, device=select_device(p.score.device))
+            cells = labeled_cells(index, current_labels(labels), list(ens.spec.classes), group)
+            result = recalibrate(ens, cells, batch_size=p.score.batch_size, num_workers=p.score.num_workers,
+                                 min_cells=min_cells, progress=progress)
+            write_recalibrated(path, out, result, str(labels))
+        if metrics:
+            write_json(metrics, asdict(result))
+        typer.echo(f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f} "
+                   f"on {result.n_cells} labeled cells ({result.n_errors} misclassified); there NLL "
+                   f"{result.nll_before:.4f} -> {result.nll_after:.4f}, ECE {result.ece_before:.4f} -> "
+                   f"{result.ece_after:.4f}")
 
     @app.command()
     def report(
