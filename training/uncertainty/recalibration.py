@@ -4,7 +4,7 @@ Why: the temperature fitted at training time comes from validation cells of the 
 want another one. In slide cross-validation on the simulated screen the temperature new slides wanted ranged from
 0.77 to 1.20 while validation fitted 0.86-0.91; refitting on 200 random labeled cells of the new slides lowered the
 ECE from 0.024 to 0.017 on average, 100 cells to 0.020, and 50 cells made it worse (0.028): with 96-98 % accuracy
-50 cells hold about one error, too few to fit a temperature (benchmarks/FINDINGS.md, "Is the default split's test
+50 cells hold one or two errors, too few to fit a temperature (benchmarks/FINDINGS.md, "Is the default split's test
 pair an unlucky draw?"). Hence ``MIN_CELLS``.
 
 Label a random sample of the new slides (``spatial query --strategy random``): cells picked because the model was
