@@ -30,6 +30,7 @@ import numpy as np
 import pandas as pd
 import torch
 import yaml
+from scipy import optimize, special
 from sklearn.metrics import roc_auc_score
 
 from training.config import parse_override, resolve
@@ -37,7 +38,7 @@ from training.data.loader import loader_for
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data
 from training.engine import predict
-from training.evaluation.metrics import balanced_accuracy, calibration_report, paired_bootstrap
+from training.evaluation.metrics import balanced_accuracy, calibration_report, ece_if_calibrated, paired_bootstrap
 from training.io.tables import read_table
 from training.regimes.ensemble_training import train_member
 from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
@@ -195,25 +196,47 @@ RECALIBRATION_CELLS = (50, 100, 200)
 RECALIBRATION_DRAWS = 20
 
 
+def fit_temperature_and_class_bias(logp: np.ndarray, y: np.ndarray) -> tuple[float, np.ndarray]:
+    """One temperature and a bias per class (the first fixed at 0) on log-probabilities, by NLL: a new slide can
+    shift the classes' confidences apart, which one temperature cannot follow (vector scaling with tied scales)."""
+    k = logp.shape[1]
+
+    def nll(theta: np.ndarray) -> float:
+        z = logp / np.exp(theta[0]) + np.concatenate([[0.0], theta[1:]])
+        return float(-special.log_softmax(z, axis=1)[np.arange(len(y)), y].mean())
+
+    res = optimize.minimize(nll, np.zeros(k), method="L-BFGS-B", bounds=[(np.log(0.05), np.log(20.0))] + [(-10, 10)] * (k - 1))
+    return float(np.exp(res.x[0])), np.concatenate([[0.0], res.x[1:]])
+
+
 def recalibration_draws(logits: np.ndarray, y: np.ndarray, t_val: float, seed: int) -> dict[str, dict[str, float]]:
     """A person labels ``k`` random cells of the new slides and the pooled temperature is refitted on them: per ``k``,
     over ``RECALIBRATION_DRAWS`` draws, the ECE on the other test cells, the validation temperature's ECE on the same
-    cells, the share of draws at or below 0.015 and the median temperature fitted."""
+    cells, the share of draws at or below 0.015, the median temperature fitted, the ECE a perfectly calibrated model
+    with the refitted confidences would show on those cells (median of 200 draws: the sampling-noise floor), and the
+    same refit with a bias per class as well (``class_bias_*``)."""
     logp = pooled_log_probs(logits)
     rng = np.random.default_rng(seed)
     out = {}
     for k in RECALIBRATION_CELLS:
-        fitted, refit, kept = [], [], []
-        for _ in range(RECALIBRATION_DRAWS):
+        fitted, refit, kept, floor, biased = [], [], [], [], []
+        for draw in range(RECALIBRATION_DRAWS):
             order = rng.permutation(len(y))
             few, rest = order[:k], order[k:]
             t = fit_temperature(logp[few], y[few])
+            probs = softmax(logp[rest] / t)
             fitted.append(t)
-            refit.append(calibration_report(softmax(logp[rest] / t), y[rest], 15)["ece"])
+            refit.append(calibration_report(probs, y[rest], 15)["ece"])
             kept.append(calibration_report(softmax(logp[rest] / t_val), y[rest], 15)["ece"])
+            floor.append(ece_if_calibrated(probs, 15, draws=200, seed=draw)["ece_if_calibrated_median"])
+            tb, bias = fit_temperature_and_class_bias(logp[few], y[few])
+            biased.append(calibration_report(softmax(logp[rest] / tb + bias), y[rest], 15)["ece"])
         out[str(k)] = {"ece_mean": float(np.mean(refit)), "ece_validation_temperature_mean": float(np.mean(kept)),
                        "share_at_most_0.015": float(np.mean(np.array(refit) <= 0.015)),
-                       "temperature_median": float(np.median(fitted))}
+                       "temperature_median": float(np.median(fitted)),
+                       "ece_if_calibrated_median_mean": float(np.mean(floor)),
+                       "class_bias_ece_mean": float(np.mean(biased)),
+                       "class_bias_share_at_most_0.015": float(np.mean(np.array(biased) <= 0.015))}
     return out
 
 
