@@ -45,6 +45,7 @@ def run_metrics(run: dict, novelty: str) -> dict[str, float]:
         if "class_bias_ece_mean" in recal:  # the refit with a bias per class, and the sampling-noise floor
             out[f"ece_recalibrated_with_class_bias_on_{k}_cells"] = recal["class_bias_ece_mean"]
             out[f"ece_if_calibrated_after_refit_on_{k}_cells"] = recal["ece_if_calibrated_median_mean"]
+            out[f"class_bias_minus_temperature_on_{k}_cells"] = recal["class_bias_ece_mean"] - recal["ece_mean"]
     for score in dict.fromkeys([novelty, "energy_multistage"]):
         if score not in nov:
             raise SystemExit(f"novelty score '{score}' not in this study (it has {', '.join(nov)})")

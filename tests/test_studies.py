@@ -184,7 +184,8 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
     base = tmp_path / "base.json"
     oracle = {"pooled_at_test_temperature": {"ece": 0.01, "nll": 0.1}, "pooled_temperature": 0.9,
               "pooled_temperature_fitted_on_test": 1.1,  # only the baseline's runs have these: not compared
-              "recalibrated_on_test_cells": {"100": {"ece_mean": 0.012}}}
+              "recalibrated_on_test_cells": {"100": {"ece_mean": 0.012, "class_bias_ece_mean": 0.010,
+                                                     "ece_if_calibrated_median_mean": 0.009}}}
     base.write_text(json.dumps({"runs": [{**_calibration_run(s, 0.02, -0.01, 0.6, 0.8), **oracle} for s in range(3)]}))
     runs = [("a.json", _calibration_run(0, 0.014, -0.003, 0.90, 0.96)),   # meets all three
             ("b.json", _calibration_run(0, 0.012, 0.001, 0.86, 0.94)),    # ECE low but worse than its members
@@ -204,7 +205,9 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
     assert out["arms"]["vgg"]["ece"]["mean"] == pytest.approx(0.014)
     assert out["arms"]["vgg"]["ece_uncalibrated"]["mean"] == pytest.approx(0.019)
     assert "ece_at_test_temperature" not in out["arms"]["convnext"]
-    assert out["per_run"]["convnext"]["1"]["ece_recalibrated_on_100_cells"] == 0.012
+    refit = out["per_run"]["convnext"]["1"]
+    assert refit["ece_recalibrated_on_100_cells"] == 0.012 and refit["ece_if_calibrated_after_refit_on_100_cells"] == 0.009
+    assert refit["class_bias_minus_temperature_on_100_cells"] == pytest.approx(-0.002)
     assert out["differences"]["multistage_knn/heldout_pooled"]["vgg/diff_mean"] == pytest.approx(0.8667 - 0.6, abs=1e-4)
     assert out["differences"]["ece"]["vgg/diff_excludes_zero"] is True
     assert "seed 0: targets met: ece, heldout_pooled, novel_vs_screen" in done.stdout
