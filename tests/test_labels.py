@@ -277,6 +277,7 @@ def test_recalibrate_refits_the_served_temperature_on_labels_of_new_slides(tmp_p
     assert m["n_cells"] == len(new) and m["cells_per_group"] == {"bright_s1": 60, "spotty_s1": 60}
     assert m["temperature"] > m["previous_temperature"] and m["nll_after"] < m["nll_before"]  # softer than served
     assert spec["info"]["recalibration"]["labels"] == str(labels)
+    assert spec["info"]["recalibration"]["from"] == str(tiny_ensemble)
     assert json.loads((tiny_ensemble / "spec.json").read_text()) == before
 
     cells = new[["source_file", "row", "cell_id"]].assign(source_file=lambda t: t["source_file"].astype(str))

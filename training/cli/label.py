@@ -119,13 +119,14 @@ def add_commands(app: typer.Typer) -> None:
         p = params_for(params, set_)
         labels = labels or Path(p.label.labels)
         index = build_index(manifest or p.index.manifest, progress=False)
+        uri = model or default_model_uri(p)
         with tempfile.TemporaryDirectory(prefix="spatial-recalibrate-") as cache:
-            path, _ = resolve_model(model or default_model_uri(p), p.mlflow, cache_dir=cache)
+            path, _ = resolve_model(uri, p.mlflow, cache_dir=cache)
             ens = Ensemble.load(path, device=select_device(p.score.device))
             cells = labeled_cells(index, current_labels(labels), list(ens.spec.classes), group)
             result = recalibrate(ens, cells, batch_size=p.score.batch_size, num_workers=p.score.num_workers,
                                  min_cells=min_cells, progress=progress)
-            write_recalibrated(path, out, result, str(labels))
+            write_recalibrated(path, out, result, str(labels), source=str(uri))
         if metrics:
             write_json(metrics, asdict(result))
         typer.echo(f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f} "

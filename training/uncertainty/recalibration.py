@@ -111,9 +111,11 @@ def recalibrate(ensemble, cells: pd.DataFrame, *, batch_size: int = 256, num_wor
                  spec.calibration, cells["group"], min_cells)
 
 
-def write_recalibrated(src: Path, out: Path, result: Recalibration, labels_file: str) -> Path:
+def write_recalibrated(src: Path, out: Path, result: Recalibration, labels_file: str, source: str | None = None
+                       ) -> Path:
     """A copy of the ensemble directory ``src`` at ``out`` whose spec uses the refitted pooled temperature; what
-    was refitted, on what, is in ``spec.info["recalibration"]``. Written atomically (all or nothing)."""
+    was refitted, on what, and from which model (``source``: its URI, default ``src``) is in
+    ``spec.info["recalibration"]``. Written atomically (all or nothing)."""
     if out.resolve() == src.resolve():
         raise DataError(f"--out {out} is the model directory itself; write the recalibrated copy elsewhere")
     with atomic_path(out, suffix="") as tmp:
@@ -122,6 +124,6 @@ def write_recalibrated(src: Path, out: Path, result: Recalibration, labels_file:
         spec = json.loads(spec_file.read_text())
         spec["calibration"] = "pooled"
         spec["pooled_temperature"] = result.temperature
-        spec.setdefault("info", {})["recalibration"] = {**asdict(result), "labels": labels_file, "from": str(src)}
+        spec.setdefault("info", {})["recalibration"] = {**asdict(result), "labels": labels_file, "from": source or str(src)}
         spec_file.write_text(json.dumps(spec, indent=2))
     return out
