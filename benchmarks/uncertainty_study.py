@@ -41,7 +41,12 @@ from training.engine import predict
 from training.evaluation.metrics import balanced_accuracy, calibration_report, ece_if_calibrated, paired_bootstrap
 from training.io.tables import read_table
 from training.regimes.ensemble_training import train_member
-from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
+from training.uncertainty.calibration import (
+    TEMPERATURE_BOUNDS,
+    fit_pooled_temperature,
+    fit_temperature,
+    pooled_log_probs,
+)
 from training.uncertainty.decompose import softmax
 from training.uncertainty.ensemble import Ensemble
 from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, novelty_inputs, stage_features
@@ -134,11 +139,12 @@ def calibration_part(seeds: int, members: int, params_path: str | None, partial:
                                     ("screen", screen))}
         logits = np.stack([o["logits"] for o in outs["test"]], axis=1)  # (N, M, K)
         t_pool = fit_pooled_temperature(val_logits, val_y)
+        test_logp = pooled_log_probs(logits)
         member_probs = [softmax(logits[:, k] / temps[k]) for k in range(members)]
         views = {
             "none": softmax(logits).mean(axis=1),
             "member": np.mean(member_probs, axis=0),
-            "pooled": softmax(pooled_log_probs(logits) / t_pool),
+            "pooled": softmax(test_logp / t_pool),
         }
         row = {"seed": seed, "member_temperatures": temps.tolist(), "pooled_temperature": t_pool,
                "train_seconds": time.time() - t0}
@@ -151,18 +157,18 @@ def calibration_part(seeds: int, members: int, params_path: str | None, partial:
                          "balanced_accuracy": float(balanced_accuracy(y, probs.argmax(axis=1))), **diff}
         # slide shift: the pooled temperature each test slide / each training slide's validation cells would choose
         row["pooled_temperature_per_test_slide"] = {
-            g: fit_temperature(pooled_log_probs(logits[(test["group"] == g).to_numpy()]), y[(test["group"] == g).to_numpy()])
+            g: fit_temperature(test_logp[(test["group"] == g).to_numpy()], y[(test["group"] == g).to_numpy()])
             for g in sorted(test["group"].astype(str).unique())}
         val = data.split("val")
         row["pooled_temperature_per_val_slide"] = {
             g: fit_temperature(pooled_log_probs(val_logits[(val["group"] == g).to_numpy()]), val_y[(val["group"] == g).to_numpy()])
             for g in sorted(val["group"].astype(str).unique())}
-        t_test = fit_temperature(pooled_log_probs(logits), y)
+        t_test = fit_temperature(test_logp, y)
         row["pooled_temperature_fitted_on_test"] = t_test
         # not a method (it reads the test labels): the best any one temperature could do on these slides
-        oracle = calibration_report(softmax(pooled_log_probs(logits) / t_test), y, 15)
+        oracle = calibration_report(softmax(test_logp / t_test), y, 15)
         row["pooled_at_test_temperature"] = {"nll": oracle["nll"], "ece": oracle["ece"]}
-        row["recalibrated_on_test_cells"] = recalibration_draws(logits, y, t_pool, seed)
+        row["recalibrated_on_test_cells"] = recalibration_draws(test_logp, y, t_pool, seed)
         # novelty, averaged over members
         scores: dict[str, dict[str, list]] = {}
         train_y = data.split("train")["y"].to_numpy()
@@ -205,17 +211,16 @@ def fit_temperature_and_class_bias(logp: np.ndarray, y: np.ndarray) -> tuple[flo
         z = logp / np.exp(theta[0]) + np.concatenate([[0.0], theta[1:]])
         return float(-special.log_softmax(z, axis=1)[np.arange(len(y)), y].mean())
 
-    res = optimize.minimize(nll, np.zeros(k), method="L-BFGS-B", bounds=[(np.log(0.05), np.log(20.0))] + [(-10, 10)] * (k - 1))
+    res = optimize.minimize(nll, np.zeros(k), method="L-BFGS-B", bounds=[tuple(np.log(TEMPERATURE_BOUNDS))] + [(-10, 10)] * (k - 1))
     return float(np.exp(res.x[0])), np.concatenate([[0.0], res.x[1:]])
 
 
-def recalibration_draws(logits: np.ndarray, y: np.ndarray, t_val: float, seed: int) -> dict[str, dict[str, float]]:
+def recalibration_draws(logp: np.ndarray, y: np.ndarray, t_val: float, seed: int) -> dict[str, dict[str, float]]:
     """A person labels ``k`` random cells of the new slides and the pooled temperature is refitted on them: per ``k``,
     over ``RECALIBRATION_DRAWS`` draws, the ECE on the other test cells, the validation temperature's ECE on the same
     cells, the share of draws at or below 0.015, the median temperature fitted, the ECE a perfectly calibrated model
     with the refitted confidences would show on those cells (median of 200 draws: the sampling-noise floor), and the
-    same refit with a bias per class as well (``class_bias_*``)."""
-    logp = pooled_log_probs(logits)
+    same refit with a bias per class as well (``class_bias_*``). ``logp``: the ensemble's pooled log-probabilities."""
     rng = np.random.default_rng(seed)
     out = {}
     for k in RECALIBRATION_CELLS:

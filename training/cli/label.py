@@ -123,7 +123,7 @@ def add_commands(app: typer.Typer) -> None:
         with tempfile.TemporaryDirectory(prefix="spatial-recalibrate-") as cache:
             path, _ = resolve_model(uri, p.mlflow, cache_dir=cache)
             ens = Ensemble.load(path, device=select_device(p.score.device))
-            cells = labeled_cells(index, current_labels(labels), list(ens.spec.classes), group)
+            cells = labeled_cells(index, current_labels(labels), list(ens.spec.classes), group, str(labels))
             result = recalibrate(ens, cells, batch_size=p.score.batch_size, num_workers=p.score.num_workers,
                                  min_cells=min_cells, progress=progress)
             write_recalibrated(path, out, result, str(labels), source=str(uri))

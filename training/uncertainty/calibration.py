@@ -21,7 +21,10 @@ def temperature_nll(logits: np.ndarray, labels: np.ndarray, temperature: float) 
     return float(-logp[np.arange(y.size), y].mean())
 
 
-def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+TEMPERATURE_BOUNDS = (0.05, 20.0)  # the range every temperature fit searches (over log T)
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray, bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """The temperature T in ``bounds`` that minimises the NLL of ``labels`` under ``softmax(logits / T)``.
 
     Optimises over log T (bounded Brent), so the search is symmetric between sharpening and softening.
@@ -75,7 +78,7 @@ def pooled_log_probs(member_logits: np.ndarray) -> np.ndarray:
 
 
 def fit_pooled_temperature(member_logits: np.ndarray, labels: np.ndarray,
-                           bounds: tuple[float, float] = (0.05, 20.0)) -> float:
+                           bounds: tuple[float, float] = TEMPERATURE_BOUNDS) -> float:
     """Pool-then-calibrate: the one temperature that minimises the NLL of the ensemble's averaged log-probabilities.
 
     Fit it on validation cells pooled across the validation groups (slides): a temperature from one slide does not

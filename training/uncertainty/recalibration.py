@@ -21,15 +21,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from training.data.labels import abs_keys
+from training.data.labels import abs_keys, check_known
 from training.errors import DataError
 from training.evaluation.metrics import calibration_report
 from training.io.atomic import atomic_path
-from training.uncertainty.calibration import fit_pooled_temperature, pooled_log_probs
+from training.uncertainty.calibration import TEMPERATURE_BOUNDS, fit_temperature, pooled_log_probs
 from training.uncertainty.decompose import softmax
 
 MIN_CELLS = 100  # fewer labeled cells fit a temperature that is worse than none (see the module docstring)
-BOUNDS = (0.05, 20.0)
 
 
 @dataclass
@@ -49,16 +48,15 @@ class Recalibration:
 
 
 def labeled_cells(index: pd.DataFrame, labels: pd.DataFrame, classes: list[str],
-                  groups: list[str] | None = None) -> pd.DataFrame:
+                  groups: list[str] | None = None, path: str = "labels.csv") -> pd.DataFrame:
     """Index rows (``source_file, row, cell_id, group``) of the cells labeled with one of ``classes``, with ``y``
-    (class index); ``groups`` restricts them to those slides. Other labels (``unsure``, ``new:...``) are skipped."""
+    (class index); ``groups`` restricts them to those slides. Other labels (``unsure``, ``new:...``) are skipped;
+    a labeled cell that is not in the index is an error naming ``path``."""
     use = labels[labels["label"].isin(classes)]
     if use.empty:
-        raise DataError(f"no cell is labeled with one of the model's classes ({', '.join(classes)})")
+        raise DataError(f"{path}: no cell is labeled with one of the model's classes ({', '.join(classes)})")
+    check_known(use, index, set(classes), path)
     pos = abs_keys(index["source_file"], index["cell_id"]).get_indexer(abs_keys(use["source_file"], use["cell_id"]))
-    if (pos < 0).any():
-        miss = use.loc[pos < 0, ["source_file", "cell_id"]].head(3).to_records(index=False).tolist()
-        raise DataError(f"{int((pos < 0).sum())} labeled cell(s) are not in the manifest's files, e.g. {miss}")
     cells = index.iloc[pos][["source_file", "row", "cell_id", "group"]].reset_index(drop=True)
     cells["source_file"] = cells["source_file"].astype(str)
     cells["group"] = cells["group"].astype(str)
@@ -87,8 +85,8 @@ def refit(logits: np.ndarray, y: np.ndarray, served: np.ndarray, previous: float
     check_enough(len(y), min_cells)
     logp = pooled_log_probs(logits)
     errors = int((logp.argmax(axis=1) != y).sum())
-    t = fit_pooled_temperature(logits, y, BOUNDS)
-    if errors == 0 or np.isclose(t, BOUNDS, rtol=1e-3).any():
+    t = fit_temperature(logp, y)
+    if errors == 0 or np.isclose(t, TEMPERATURE_BOUNDS, rtol=1e-3).any():
         raise DataError(f"the {len(y)} labeled cells hold {errors} misclassified cell(s) and the fitted temperature "
                         f"{t:.3g} sits at a bound: label more random cells of the new slides")
     before, after = calibration_report(served, y), calibration_report(softmax(logp / t), y)
