@@ -46,6 +46,14 @@ def run_metrics(run: dict, novelty: str) -> dict[str, float]:
             out[f"ece_recalibrated_with_class_bias_on_{k}_cells"] = recal["class_bias_ece_mean"]
             out[f"ece_if_calibrated_after_refit_on_{k}_cells"] = recal["ece_if_calibrated_median_mean"]
             out[f"class_bias_minus_temperature_on_{k}_cells"] = recal["class_bias_ece_mean"] - recal["ece_mean"]
+    for arm in ("label_free", "label_free_per_slide"):  # ATC's temperature from the unlabeled test cells
+        if arm in run:
+            out[f"ece_{arm}"] = run[arm]["ece"]
+            out[f"ece_{arm}_minus_validation_temperature"] = run[arm]["ece_diff_vs_validation_temperature"]
+            out[f"ece_{arm}_minus_mean_member"] = run[arm]["ece_diff"]
+    if "label_free" in run:
+        out["temperature_label_free"] = run["label_free"]["temperature"]
+        out["label_free_predicted_minus_actual_error"] = run["label_free"]["predicted_error"] - run["label_free"]["error"]
     for score in dict.fromkeys([novelty, "energy_multistage"]):
         if score not in nov:
             raise SystemExit(f"novelty score '{score}' not in this study (it has {', '.join(nov)})")

@@ -3,7 +3,8 @@
 Part ``calibration`` (the default two-class task, ``--seeds`` ensembles of ``--members`` members): test NLL / ECE of
 the ensemble calibrated ``none`` / ``member`` / ``pooled`` against the mean member (each member scaled by its own
 temperature), with the 95 % paired bootstrap interval ``evaluate`` computes; the pooled temperature fitted on the
-validation cells, on each test slide alone, and on the validation cells of each training slide (slide shift).
+validation cells, on each test slide alone, and on the validation cells of each training slide (slide shift); the
+temperature refitted on a few labeled test cells, and the one ATC sets from the unlabeled test cells (label-free).
 The same members give every novelty score's AUROC for the held-out classes and the screen's novel phenotype.
 
 Part ``loco`` (how the novelty default is chosen, without the held-out classes or the novel phenotype): leave one of
@@ -14,7 +15,8 @@ against the test cells of the three.
     python benchmarks/uncertainty_study.py --part loco --check                      # floor: the chosen score >= 0.5
     python benchmarks/uncertainty_study.py --part calibration --model models/ensemble   # the pipeline's ensemble
 
-Needs ``dvc repro split`` (data/raw, data/index). Prints JSON; writes ``<out>/calibration.json`` / ``loco.json``.
+Needs ``dvc repro split`` (data/raw, data/index). Prints JSON; writes ``<out>/calibration.json`` / ``loco.json``, and
+per ensemble ``<out>/logits_seed<k>.npz`` (validation and test member logits, labels and slides).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from training.uncertainty.calibration import (
 from training.uncertainty.decompose import softmax
 from training.uncertainty.ensemble import Ensemble
 from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, novelty_inputs, stage_features
+from training.uncertainty.shift import atc_threshold, label_free_temperature
 
 SETS: dict = {}  # --set overrides, applied to every run
 RAW: dict = {}  # params.yaml, read once (an edit while the study runs does not change it)
@@ -116,7 +119,7 @@ def trained_members(model_dir: Path, splits: pd.DataFrame, classes: list[str], p
 
 
 def calibration_part(seeds: int, members: int, params_path: str | None, partial: Path | None = None,
-                     model_dir: Path | None = None) -> dict:
+                     model_dir: Path | None = None, logits_dir: Path | None = None) -> dict:
     base = load_params(params_path)
     splits, _ = read_table(base.split.out)
     index, _ = read_table(base.index.out)
@@ -169,6 +172,12 @@ def calibration_part(seeds: int, members: int, params_path: str | None, partial:
         oracle = calibration_report(softmax(test_logp / t_test), y, 15)
         row["pooled_at_test_temperature"] = {"nll": oracle["nll"], "ece": oracle["ece"]}
         row["recalibrated_on_test_cells"] = recalibration_draws(test_logp, y, t_pool, seed)
+        row.update(label_free(pooled_log_probs(val_logits), val_y, test_logp, y, test["group"].astype(str).to_numpy(),
+                              views["pooled"], member_probs))
+        if logits_dir is not None:  # per-cell outputs, so later label-free methods can be measured without retraining
+            np.savez_compressed(logits_dir / f"logits_seed{seed}.npz", val_logits=val_logits, val_y=val_y,
+                                val_group=val["group"].astype(str).to_numpy(), test_logits=logits, test_y=y,
+                                test_group=test["group"].astype(str).to_numpy(), member_temperatures=temps)
         # novelty, averaged over members
         scores: dict[str, dict[str, list]] = {}
         train_y = data.split("train")["y"].to_numpy()
@@ -196,6 +205,38 @@ def calibration_part(seeds: int, members: int, params_path: str | None, partial:
         print(json.dumps({"seed": seed, "pooled": row["pooled"], "member": row["member"], "none": row["none"]}),
               file=sys.stderr, flush=True)
     return {"seeds": seeds, "members": members, "runs": results, "summary": summarise(results)}
+
+
+def label_free(val_logp: np.ndarray, val_y: np.ndarray, test_logp: np.ndarray, y: np.ndarray, groups: np.ndarray,
+               validation_probs: np.ndarray, member_probs: list[np.ndarray]) -> dict:
+    """The temperature ATC sets from the test cells without their labels (``training/uncertainty/shift.py``): once
+    for the test slides together (``label_free``) and once per test slide (``label_free_per_slide``), each with its
+    NLL / ECE, the ECE minus the mean member's and minus the validation temperature's (paired bootstrap intervals),
+    and the predicted against the actual error rate."""
+    threshold = atc_threshold(val_logp, val_y)
+    wrong = test_logp.argmax(axis=1) != y
+
+    def entry(probs: np.ndarray, **info) -> dict:
+        cal = calibration_report(probs, y, 15)
+        vs_member = paired_bootstrap(probs, member_probs, y, 15)
+        vs_val = paired_bootstrap(probs, [validation_probs], y, 15)
+        return {**info, "nll": cal["nll"], "ece": cal["ece"], **vs_member,
+                **{f"{k}_vs_validation_temperature": v for k, v in vs_val.items()}}
+
+    pooled = label_free_temperature(test_logp, threshold)
+    per_slide, probs = {}, np.empty_like(test_logp)
+    for g in sorted(set(groups)):
+        rows = groups == g
+        fit = label_free_temperature(test_logp[rows], threshold)
+        probs[rows] = softmax(test_logp[rows] / fit.temperature)
+        per_slide[g] = {"temperature": fit.temperature, "predicted_error": fit.predicted_error,
+                        "error": float(wrong[rows].mean())}
+    return {
+        "atc_threshold": threshold,
+        "label_free": entry(softmax(test_logp / pooled.temperature), temperature=pooled.temperature,
+                            predicted_error=pooled.predicted_error, error=float(wrong.mean())),
+        "label_free_per_slide": entry(probs, slides=per_slide),
+    }
 
 
 RECALIBRATION_CELLS = (50, 100, 200)
@@ -309,7 +350,8 @@ def main() -> int:
         print(json.dumps({"loco_mean_auroc": loco["mean_auroc"], "chosen": loco["chosen"]}, indent=2))
         ok &= loco["mean_auroc"][loco["chosen"]] >= 0.5
     if a.part in ("calibration", "both"):
-        cal = calibration_part(a.seeds, a.members, a.params, partial=out / "calibration_partial.json", model_dir=a.model)
+        cal = calibration_part(a.seeds, a.members, a.params, partial=out / "calibration_partial.json", model_dir=a.model,
+                               logits_dir=out)
         (out / "calibration.json").write_text(json.dumps(cal, indent=2))
         print(json.dumps(cal["summary"], indent=2))
     return 1 if a.check and not ok else 0

@@ -87,6 +87,42 @@ def test_refit_on_labeled_cells_finds_the_temperature_the_new_slides_want():
         refit(logits[right], y[right], served[right], 1.0, "pooled")
 
 
+def test_atc_predicts_the_error_share_and_sets_the_temperature_that_matches_it():
+    """Label-free temperature (ATC): the validation threshold leaves exactly as many cells below it as are wrong,
+    the new cells' predicted error is the share below it, and the temperature makes their mean confidence equal
+    the predicted accuracy; none of it depends on a temperature applied to both sets."""
+    from training.uncertainty.shift import atc_threshold, label_free_temperature, predicted_error
+
+    margins = np.linspace(0.1, 6.0, 100)  # two classes, logits [m, 0]: confidence rises with m
+    val = np.c_[margins, np.zeros(100)]
+    y = np.zeros(100, dtype=np.int64)
+    y[:10] = 1  # the 10 least confident cells are the misclassified ones
+    t = atc_threshold(val, y)
+    conf = -np.log1p(np.exp(-margins))  # the largest log-probability of [m, 0]
+    assert conf[9] < t < conf[10]
+    new = np.c_[np.r_[np.full(8, 0.3), np.full(32, 4.0)], np.zeros(40)]  # 8 of 40 below the threshold
+    fit = label_free_temperature(new, t)
+    assert fit.predicted_error == pytest.approx(0.2) and fit.n_cells == 40
+    assert softmax(new / fit.temperature).max(axis=1).mean() == pytest.approx(0.8, abs=1e-6)
+    for scale in (0.5, 3.0):  # a temperature keeps the cells' order: the same threshold position, the same share
+        assert predicted_error(new * scale, atc_threshold(val * scale, y)) == pytest.approx(0.2)
+    assert atc_threshold(val, np.zeros(100, dtype=np.int64)) == -np.inf  # no errors: nothing predicted wrong
+    assert predicted_error(new, -np.inf) == 0.0
+
+
+def test_temperature_for_accuracy_has_the_closed_form_and_stops_at_the_bounds():
+    from training.uncertainty.shift import temperature_for_accuracy
+
+    d = 3.0  # every cell has logits [d, 0]: confidence sigmoid(d / T) = a  <=>  T = d / logit(a)
+    logits = np.tile([d, 0.0], (5, 1))
+    for a in (0.7, 0.9, 0.99):
+        assert temperature_for_accuracy(logits, a) == pytest.approx(d / np.log(a / (1 - a)), rel=1e-6)
+    assert temperature_for_accuracy(logits, 1.0) == 0.05  # unreachable: the sharpest bound
+    assert temperature_for_accuracy(logits, 0.5) == 20.0  # two classes never fall below 1/2: the softest bound
+    with pytest.raises(ValueError, match="accuracy must be in"):
+        temperature_for_accuracy(logits, 1.2)
+
+
 # -- novelty scores ------------------------------------------------------------------------------------
 def test_knn_is_distance_to_kth_neighbour_on_the_unit_sphere():
     bank = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
