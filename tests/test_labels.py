@@ -294,6 +294,62 @@ def test_recalibrate_refits_the_served_temperature_on_labels_of_new_slides(tmp_p
     assert not (tmp_path / "few").exists() and not (tmp_path / "bad").exists()
 
 
+def test_recalibrate_unlabeled_serves_the_temperature_atc_predicts(tmp_path, tiny_manifest, tiny_ensemble, ens,
+                                                                    monkeypatch, capsys, one_thread):
+    """Without labels: the copy serves the temperature at which the new slides' mean confidence equals the accuracy
+    ATC predicts from the threshold the model stored (here set so that 1 cell in 10 falls below it); a model without a
+    threshold, no --group, or --labels with --unlabeled are clear errors that write nothing."""
+    import json
+    import shutil
+
+    from training.data.cellindex import build_index
+    from training.data.loader import CellLoader
+    from training.uncertainty.calibration import pooled_log_probs
+    from training.uncertainty.decompose import softmax
+    from training.uncertainty.ensemble import Ensemble
+    from training.uncertainty.shift import confidence, temperature_for_accuracy
+
+    assert "atc_threshold" in json.loads((tiny_ensemble / "spec.json").read_text())["info"]  # stored at training
+    idx = build_index(tiny_manifest, progress=False)
+    new = idx[idx["group"].isin(["bright_s1", "spotty_s1"])].reset_index(drop=True)
+    cells = new[["source_file", "row", "cell_id"]].assign(source_file=lambda t: t["source_file"].astype(str))
+    logp = pooled_log_probs(ens.predict_batches(CellLoader(cells, ens.preprocess, batch_size=64), raw=True)["logits"])
+    conf = np.sort(confidence(logp))
+    k = len(conf) // 10
+    model = tmp_path / "model"
+    shutil.copytree(tiny_ensemble, model)
+    spec = json.loads((model / "spec.json").read_text())
+    spec["info"]["atc_threshold"] = float((conf[k - 1] + conf[k]) / 2)
+    (model / "spec.json").write_text(json.dumps(spec))
+
+    common = ["recalibrate", "--model", model, "--manifest", tiny_manifest, "--unlabeled", "--no-progress"]
+    out = tmp_path / "recalibrated"
+    assert _spatial(monkeypatch, *common, "--group", "bright_s1", "--group", "spotty_s1", "--min-cells", "50",
+                    "--out", out, "--metrics", tmp_path / "m.json") == 0
+    m = json.loads((tmp_path / "m.json").read_text())
+    assert m["method"] == "atc" and m["n_cells"] == len(new) == 120
+    assert m["predicted_error"] == pytest.approx(k / len(conf))
+    assert m["cells_per_group"] == {"bright_s1": 60, "spotty_s1": 60} and m["from"] == str(model)
+    t = temperature_for_accuracy(logp, 1 - k / len(conf))
+    assert m["temperature"] == pytest.approx(t, rel=1e-5)
+    served = Ensemble.load(out).predict_batches(CellLoader(cells, ens.preprocess, batch_size=64))["mean_probs"]
+    np.testing.assert_allclose(served, softmax(logp / m["temperature"]), rtol=1e-5, atol=1e-6)
+    assert served.max(axis=1).mean() == pytest.approx(1 - k / len(conf), abs=1e-4)
+    assert json.loads((out / "spec.json").read_text())["info"]["recalibration"]["method"] == "atc"
+
+    capsys.readouterr()
+    assert _spatial(monkeypatch, *common, "--out", tmp_path / "nogroup") == 2
+    assert "name the new slides" in capsys.readouterr().err
+    assert _spatial(monkeypatch, *common, "--group", "bright_s1", "--labels", tmp_path / "l.csv",
+                    "--out", tmp_path / "both") == 2
+    assert "--labels and --unlabeled exclude each other" in capsys.readouterr().err
+    spec["info"]["atc_threshold"] = None  # e.g. no validation cell was misclassified
+    (model / "spec.json").write_text(json.dumps(spec))
+    assert _spatial(monkeypatch, *common, "--group", "bright_s1", "--min-cells", "50", "--out", tmp_path / "old") == 2
+    assert "no ATC threshold" in capsys.readouterr().err
+    assert not any((tmp_path / d).exists() for d in ("nogroup", "both", "old"))
+
+
 # -- the labeling API: bad input ----------------------------------------------------------------------------------
 def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_manifest):
     from starlette.testclient import TestClient

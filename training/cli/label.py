@@ -97,42 +97,69 @@ def add_commands(app: typer.Typer) -> None:
         manifest: Annotated[Path | None, typer.Option(help="manifest CSV (default index.manifest)")] = None,
         labels: Annotated[Path | None, typer.Option(help="labels history (default label.labels)")] = None,
         group: Annotated[list[str] | None, typer.Option(
-            "--group", help="use only the labeled cells of this slide (repeatable; default: every labeled cell)")] = None,
-        min_cells: Annotated[int, typer.Option(help="refuse with fewer labeled cells")] = 100,
-        metrics: Annotated[Path | None, typer.Option(help="JSON with the temperatures and NLL / ECE before and after")
+            "--group", help="use only the cells of this slide (repeatable; default: every labeled cell; "
+                            "needed with --unlabeled)")] = None,
+        unlabeled: Annotated[bool, typer.Option(
+            "--unlabeled", help="no labels: set the temperature from the --group slides' unlabeled cells (ATC)")] = False,
+        max_cells: Annotated[int, typer.Option(help="with --unlabeled: a seeded sample of at most this many cells")
+                             ] = 2000,
+        min_cells: Annotated[int, typer.Option(help="refuse with fewer cells")] = 100,
+        metrics: Annotated[Path | None, typer.Option(help="JSON with the temperatures and what they were fitted on")
                            ] = None,
         params: ParamsOpt = None,
         set_: SetOpt = None,
         progress: ProgressOpt = True,
     ) -> None:
-        """Refit the ensemble's pooled temperature on random cells a person labeled on new slides (label them with
-        `spatial query --strategy random` and `spatial label`); writes a copy of the ensemble that serves it."""
+        """Refit the ensemble's pooled temperature for new slides: on random cells a person labeled there (label them
+        with `spatial query --strategy random` and `spatial label`), or with --unlabeled from the slides' unlabeled
+        cells (ATC predicts their error rate); writes a copy of the ensemble that serves it."""
         from dataclasses import asdict
 
         from training.data.cellindex import build_index
         from training.data.labels import current_labels
         from training.engine import select_device
+        from training.errors import DataError
         from training.tracking import resolve_model
         from training.uncertainty.ensemble import Ensemble
-        from training.uncertainty.recalibration import labeled_cells, recalibrate, write_recalibrated
+        from training.uncertainty.recalibration import (
+            labeled_cells,
+            recalibrate,
+            recalibrate_unlabeled,
+            unlabeled_cells,
+            write_recalibrated,
+        )
 
         p = params_for(params, set_)
+        if unlabeled and labels:
+            raise DataError("--labels and --unlabeled exclude each other: refit on labeled cells or on unlabeled ones")
         labels = labels or Path(p.label.labels)
         index = build_index(manifest or p.index.manifest, progress=False)
         uri = model or default_model_uri(p)
         with tempfile.TemporaryDirectory(prefix="spatial-recalibrate-") as cache:
             path, _ = resolve_model(uri, p.mlflow, cache_dir=cache)
             ens = Ensemble.load(path, device=select_device(p.score.device))
-            cells = labeled_cells(index, current_labels(labels), list(ens.spec.classes), group, str(labels))
-            result = recalibrate(ens, cells, batch_size=p.score.batch_size, num_workers=p.score.num_workers,
-                                 min_cells=min_cells, progress=progress)
-            write_recalibrated(path, out, result, str(labels), source=str(uri))
+            opts = {"batch_size": p.score.batch_size, "num_workers": p.score.num_workers, "min_cells": min_cells,
+                    "progress": progress}
+            if unlabeled:
+                cells = unlabeled_cells(index, group or [], max_cells, seed=0)
+                result = recalibrate_unlabeled(ens, cells, **opts)
+                record = {**asdict(result), "from": str(uri)}
+            else:
+                cells = labeled_cells(index, current_labels(labels), list(ens.spec.classes), group, str(labels))
+                result = recalibrate(ens, cells, **opts)
+                record = {**asdict(result), "method": "labels", "labels": str(labels), "from": str(uri)}
+            write_recalibrated(path, out, result.temperature, record)
         if metrics:
-            write_json(metrics, asdict(result))
-        typer.echo(f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f} "
-                   f"on {result.n_cells} labeled cells ({result.n_errors} misclassified); there NLL "
-                   f"{result.nll_before:.4f} -> {result.nll_after:.4f}, ECE {result.ece_before:.4f} -> "
-                   f"{result.ece_after:.4f}")
+            write_json(metrics, record)
+        if unlabeled:
+            typer.echo(f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f} "
+                       f"from {result.n_cells} unlabeled cells (ATC predicts {result.predicted_error:.1%} errors); "
+                       f"mean confidence {result.mean_confidence_before:.4f} -> {result.mean_confidence_after:.4f}")
+        else:
+            typer.echo(f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f} "
+                       f"on {result.n_cells} labeled cells ({result.n_errors} misclassified); there NLL "
+                       f"{result.nll_before:.4f} -> {result.nll_after:.4f}, ECE {result.ece_before:.4f} -> "
+                       f"{result.ece_after:.4f}")
 
     @app.command()
     def report(

@@ -28,9 +28,10 @@ from training.errors import DataError, ModelError
 from training.models.factory import build_model
 from training.regimes.objectives import make_objective
 from training.regimes.semisupervised import training_stream
-from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature
+from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
 from training.uncertainty.ensemble import Ensemble, EnsembleSpec
 from training.uncertainty.novelty import NoveltyModel, make_novelty, novelty_inputs, stage_features
+from training.uncertainty.shift import atc_threshold, finite_or_none
 
 NOVELTY_QUANTILES = (0.5, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
 
@@ -160,7 +161,10 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
         pooled_temperature=float(pooled_t),
         info={"regime": params.train.regime, "best_epochs": [r.best_epoch for r in results],
               "best_val_loss": [float(r.best_val_loss) for r in results],
-              "mlflow_run_id": tracker.run_id if tracker else None},
+              "mlflow_run_id": tracker.run_id if tracker else None,
+              # what `spatial recalibrate --unlabeled` predicts a new slide's error rate with (ATC; None when no
+              # validation cell is misclassified, which leaves nothing to set the threshold on)
+              "atc_threshold": finite_or_none(atc_threshold(pooled_log_probs(val_logits), val_y))},
     )
     ens = Ensemble(spec, members, novelty, encoders=[e.cpu() for e in encoders])
     if novelty:  # the validation cells' novelty: the reference a novelty threshold is set on (discovery queue)

@@ -9,26 +9,33 @@ pair an unlucky draw?"). Hence ``MIN_CELLS``.
 
 Label a random sample of the new slides (``spatial query --strategy random``): cells picked because the model was
 unsure of them are not representative, and a temperature fitted on them comes out too soft.
+
+Without labels (``--unlabeled``), the temperature comes from the new slides' unlabeled cells by ATC
+(``training/uncertainty/shift.py``), with the threshold the ensemble stored from its validation cells at training
+time; see benchmarks/FINDINGS.md, "Can the new slides' own unlabeled cells set the temperature?", for what it does on
+new slides.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from training.data.labels import abs_keys, check_known
-from training.errors import DataError
+from training.errors import DataError, ModelError
 from training.evaluation.metrics import calibration_report
 from training.io.atomic import atomic_path
 from training.uncertainty.calibration import TEMPERATURE_BOUNDS, fit_temperature, pooled_log_probs
 from training.uncertainty.decompose import softmax
+from training.uncertainty.shift import label_free_temperature
 
 MIN_CELLS = 100  # fewer labeled cells fit a temperature that is worse than none (see the module docstring)
+UNLABELED_MAX_CELLS = 2000  # a seeded sample of the new slides' cells is enough to predict their error rate
 
 
 @dataclass
@@ -47,6 +54,29 @@ class Recalibration:
     cells_per_group: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass
+class LabelFreeRecalibration:
+    """What ATC found on the unlabeled cells of new slides (no NLL or ECE: there are no labels to measure them)."""
+
+    temperature: float
+    previous_temperature: float
+    previous_calibration: str
+    n_cells: int
+    predicted_error: float
+    atc_threshold: float
+    mean_confidence_before: float
+    mean_confidence_after: float
+    cells_per_group: dict[str, int] = field(default_factory=dict)
+    method: str = "atc"
+
+
+def check_groups(index: pd.DataFrame, groups: list[str]) -> None:
+    unknown = sorted(set(groups) - set(index["group"].astype(str)))
+    if unknown:
+        raise DataError(f"unknown group(s) {', '.join(unknown)}; the manifest has "
+                        f"{', '.join(sorted(index['group'].astype(str).unique()))}")
+
+
 def labeled_cells(index: pd.DataFrame, labels: pd.DataFrame, classes: list[str],
                   groups: list[str] | None = None, path: str = "labels.csv") -> pd.DataFrame:
     """Index rows (``source_file, row, cell_id, group``) of the cells labeled with one of ``classes``, with ``y``
@@ -62,18 +92,31 @@ def labeled_cells(index: pd.DataFrame, labels: pd.DataFrame, classes: list[str],
     cells["group"] = cells["group"].astype(str)
     cells["y"] = pd.Categorical(use["label"].to_numpy(), categories=classes).codes.astype(np.int64)
     if groups:
-        unknown = sorted(set(groups) - set(index["group"].astype(str)))
-        if unknown:
-            raise DataError(f"unknown group(s) {', '.join(unknown)}; the manifest has "
-                            f"{', '.join(sorted(index['group'].astype(str).unique()))}")
+        check_groups(index, groups)
         cells = cells[cells["group"].isin(groups)].reset_index(drop=True)
     return cells
 
 
-def check_enough(n: int, min_cells: int = MIN_CELLS) -> None:
+def unlabeled_cells(index: pd.DataFrame, groups: list[str], max_cells: int = UNLABELED_MAX_CELLS, seed: int = 0
+                    ) -> pd.DataFrame:
+    """Index rows (``source_file, row, cell_id, group``) of the slides ``groups``: all of them, or a seeded random
+    sample of ``max_cells``."""
+    if not groups:
+        raise DataError("name the new slides whose unlabeled cells set the temperature (--group)")
+    check_groups(index, groups)
+    cells = index[index["group"].astype(str).isin(groups)][["source_file", "row", "cell_id", "group"]]
+    if len(cells) > max_cells:
+        cells = cells.sample(n=max_cells, random_state=seed).sort_index()
+    cells = cells.reset_index(drop=True)
+    cells["source_file"] = cells["source_file"].astype(str)
+    cells["group"] = cells["group"].astype(str)
+    return cells
+
+
+def check_enough(n: int, min_cells: int = MIN_CELLS, what: str = "labeled cell(s) of the model's classes") -> None:
     if n < min_cells:
-        raise DataError(f"{n} labeled cell(s) of the model's classes; a temperature needs at least {min_cells} "
-                        "random cells of the new slides (fewer make calibration worse than none)")
+        raise DataError(f"{n} {what}; a temperature needs at least {min_cells} random cells of the new slides "
+                        "(fewer make calibration worse than none)")
 
 
 def refit(logits: np.ndarray, y: np.ndarray, served: np.ndarray, previous: float, previous_calibration: str,
@@ -109,11 +152,46 @@ def recalibrate(ensemble, cells: pd.DataFrame, *, batch_size: int = 256, num_wor
                  spec.calibration, cells["group"], min_cells)
 
 
-def write_recalibrated(src: Path, out: Path, result: Recalibration, labels_file: str, source: str | None = None
-                       ) -> Path:
-    """A copy of the ensemble directory ``src`` at ``out`` whose spec uses the refitted pooled temperature; what
-    was refitted, on what, and from which model (``source``: its URI, default ``src``) is in
-    ``spec.info["recalibration"]``. Written atomically (all or nothing)."""
+def refit_unlabeled(logits: np.ndarray, threshold: float, served: np.ndarray, previous: float,
+                    previous_calibration: str, groups: pd.Series | None = None, min_cells: int = MIN_CELLS
+                    ) -> LabelFreeRecalibration:
+    """The pooled temperature of member logits ``(N, M[, S], K)`` of unlabeled cells, set by ATC from the
+    validation ``threshold``; a clear error when there are too few cells or no temperature in range matches."""
+    check_enough(len(logits), min_cells, "cell(s) on the named slides")
+    fit = label_free_temperature(pooled_log_probs(logits), threshold)
+    if np.isclose(fit.temperature, TEMPERATURE_BOUNDS, rtol=1e-3).any():
+        raise DataError(f"ATC predicts {fit.predicted_error:.1%} errors on the {fit.n_cells} cells and no temperature "
+                        f"in {TEMPERATURE_BOUNDS} makes the model that confident; label random cells instead")
+    after = softmax(pooled_log_probs(logits) / fit.temperature).max(axis=1).mean()
+    per_group = {} if groups is None else {str(k): int(v) for k, v in groups.value_counts().sort_index().items()}
+    return LabelFreeRecalibration(fit.temperature, float(previous), previous_calibration, fit.n_cells,
+                                  fit.predicted_error, fit.threshold, float(served.max(axis=1).mean()), float(after),
+                                  per_group)
+
+
+def recalibrate_unlabeled(ensemble, cells: pd.DataFrame, *, batch_size: int = 256, num_workers: int = 0,
+                          min_cells: int = MIN_CELLS, progress: bool = False) -> LabelFreeRecalibration:
+    """Score the unlabeled ``cells`` (from :func:`unlabeled_cells`) with ``ensemble`` and set its pooled temperature
+    by ATC, with the threshold the ensemble stored from its validation cells."""
+    from training.data.loader import CellLoader
+
+    threshold = ensemble.spec.info.get("atc_threshold")
+    if threshold is None:
+        raise ModelError("this ensemble has no ATC threshold (trained before spatiAL stored one, or no validation "
+                         "cell was misclassified): retrain it, or recalibrate on labeled cells")
+    check_enough(len(cells), min_cells, "cell(s) on the named slides")  # before reading any image
+    loader = CellLoader(cells, ensemble.preprocess, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        cache=False)
+    logits = ensemble.predict_batches(loader, total=len(loader), progress=progress, raw=True)["logits"]
+    spec = ensemble.spec
+    return refit_unlabeled(logits, float(threshold), ensemble.combine(logits)["mean_probs"], spec.pooled_temperature,
+                           spec.calibration, cells["group"], min_cells)
+
+
+def write_recalibrated(src: Path, out: Path, temperature: float, record: dict) -> Path:
+    """A copy of the ensemble directory ``src`` at ``out`` whose spec uses the pooled ``temperature``; ``record``
+    (what was refitted, on what, and from which model) goes to ``spec.info["recalibration"]``. Written atomically
+    (all or nothing)."""
     if out.resolve() == src.resolve():
         raise DataError(f"--out {out} is the model directory itself; write the recalibrated copy elsewhere")
     with atomic_path(out, suffix="") as tmp:
@@ -121,7 +199,7 @@ def write_recalibrated(src: Path, out: Path, result: Recalibration, labels_file:
         spec_file = tmp / "spec.json"
         spec = json.loads(spec_file.read_text())
         spec["calibration"] = "pooled"
-        spec["pooled_temperature"] = result.temperature
-        spec.setdefault("info", {})["recalibration"] = {**asdict(result), "labels": labels_file, "from": source or str(src)}
+        spec["pooled_temperature"] = float(temperature)
+        spec.setdefault("info", {})["recalibration"] = record
         spec_file.write_text(json.dumps(spec, indent=2))
     return out

@@ -49,6 +49,11 @@ def atc_threshold(logp: np.ndarray, labels: np.ndarray) -> float:
     return float((s[n_errors - 1] + s[n_errors]) / 2)
 
 
+def finite_or_none(threshold: float) -> float | None:
+    """A threshold as stored in an ensemble's spec (JSON has no infinities): ``None`` when it is not finite."""
+    return float(threshold) if np.isfinite(threshold) else None
+
+
 def predicted_error(logp: np.ndarray, threshold: float) -> float:
     """ATC's error rate for unlabeled cells: the share whose confidence is below ``threshold``."""
     return float((confidence(logp) < threshold).mean())
