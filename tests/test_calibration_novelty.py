@@ -123,6 +123,26 @@ def test_temperature_for_accuracy_has_the_closed_form_and_stops_at_the_bounds():
         temperature_for_accuracy(logits, 1.2)
 
 
+def test_evaluate_reports_what_the_label_free_refit_would_serve_on_the_test_cells():
+    """``label_free/*`` in ``spatial evaluate``: ATC's temperature on the test cells' own member logits with the
+    stored threshold, and the NLL / ECE it gives there; nothing when the model stored no threshold."""
+    from types import SimpleNamespace
+
+    from training.evaluation.evaluate import label_free_metrics
+    from training.evaluation.metrics import calibration_report
+    from training.uncertainty.shift import confidence, temperature_for_accuracy
+
+    logits, y = _overconfident_members(seed=5, n=600, k=2)
+    logp = pooled_log_probs(logits)
+    threshold = float(np.quantile(confidence(logp), 0.25))
+    out = label_free_metrics(SimpleNamespace(spec=SimpleNamespace(info={"atc_threshold": threshold})), logits, y, 15)
+    assert out["label_free/predicted_error"] == pytest.approx(np.mean(confidence(logp) < threshold))
+    t = temperature_for_accuracy(logp, 1 - out["label_free/predicted_error"])
+    assert out["label_free/temperature"] == pytest.approx(t) and t > 1  # 3x too sharp members: ATC softens them
+    assert out["label_free/ece"] == pytest.approx(calibration_report(softmax(logp / t), y, 15)["ece"])
+    assert label_free_metrics(SimpleNamespace(spec=SimpleNamespace(info={})), logits, y, 15) == {}
+
+
 # -- novelty scores ------------------------------------------------------------------------------------
 def test_knn_is_distance_to_kth_neighbour_on_the_unit_sphere():
     bank = np.array([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])

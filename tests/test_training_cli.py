@@ -72,6 +72,9 @@ def test_train_evaluate_register_outputs(trained):
     test = preds[preds["split"] == "test"][["prob_bright", "prob_spotty"]].to_numpy()
     assert ev["ece_if_calibrated_q95"] == pytest.approx(ece_if_calibrated(test, seed=0)["ece_if_calibrated_q95"],
                                                         rel=0.01)
+    # the tiny model gets every validation cell right: no ATC threshold, so no label-free figure (not a made-up one)
+    spec = json.loads((trained / "ens" / "spec.json").read_text())
+    assert spec["info"]["atc_threshold"] is None and not any(k.startswith("label_free/") for k in ev)
 
 
 def test_mlflow_run_layout_and_champion(trained):

@@ -30,7 +30,10 @@ from training.evaluation.metrics import (
 )
 from training.evaluation.plots import plot_confusion, plot_embedding, plot_reliability, plot_uncertainty_hist
 from training.io.tables import write_table
+from training.uncertainty.calibration import pooled_log_probs
+from training.uncertainty.decompose import softmax
 from training.uncertainty.ensemble import Ensemble
+from training.uncertainty.shift import label_free_temperature
 
 OOD_SCORES = {
     "max_prob": lambda o: 1.0 - o["confidence"],
@@ -115,6 +118,7 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     metrics.update(single_member_metrics(ens, logits[test_mask], y[test_mask], n_bins,
                                          ens_out["mean_probs"][test_mask]))
     metrics.update(calibration_modes(ens, logits[test_mask], y[test_mask], n_bins))
+    metrics.update(label_free_metrics(ens, logits[test_mask], y[test_mask], n_bins))
     metrics.update(heldout_metrics(cells, ens_out, test_mask))
     held = cells["split"].to_numpy() == "heldout"
     # per-cell predictions
@@ -182,6 +186,21 @@ def calibration_modes(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bins: 
         res.update({f"calibration/{mode}/nll": cal["nll"], f"calibration/{mode}/ece": cal["ece"]})
         res.update({f"calibration/{mode}/{k}": v for k, v in paired_bootstrap(probs, member_probs, y, n_bins).items()})
     return res
+
+
+def label_free_metrics(ens: Ensemble, logits: np.ndarray, y: np.ndarray, n_bins: int) -> dict[str, float]:
+    """``label_free/{temperature,predicted_error,nll,ece}``: what ``spatial recalibrate --unlabeled`` would serve on
+    these cells (ATC's temperature from their outputs alone, with the threshold the ensemble stored at training), so
+    the pipeline shows the label-free figure beside the validation temperature's. Empty when the artifact has no
+    threshold."""
+    threshold = ens.spec.info.get("atc_threshold")
+    if threshold is None:
+        return {}
+    logp = pooled_log_probs(logits)
+    fit = label_free_temperature(logp, float(threshold))
+    cal = calibration_report(softmax(logp / fit.temperature), y, n_bins)
+    return {"label_free/temperature": fit.temperature, "label_free/predicted_error": fit.predicted_error,
+            "label_free/nll": cal["nll"], "label_free/ece": cal["ece"]}
 
 
 def _reference(table: pd.DataFrame, path: str, classes: list[str]) -> dict[str, float]:
