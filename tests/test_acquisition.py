@@ -14,6 +14,8 @@ from training.active.acquisition import (
     least_confidence,
     margin,
     power_sample,
+    probcover,
+    probcover_radius,
     select,
     typiclust,
     typiclust_query,
@@ -150,6 +152,43 @@ def test_typiclust_query_takes_the_centres_of_the_largest_uncovered_clusters():
     pos, _ = typiclust_query(pool, labeled, 5, np.random.default_rng(0), neighbors=100)
     blob = np.searchsorted([30, 50], pos, side="right")
     assert len(set(pos.tolist())) == 5 and set(blob.tolist()) == {0, 1, 2}
+
+
+def _on_circle(angles_deg: list[float], scale: float = 3.0) -> np.ndarray:
+    """Points on the unit circle (ProbCover normalises; the scale must not matter)."""
+    a = np.radians(angles_deg)
+    return scale * np.c_[np.cos(a), np.sin(a)]
+
+
+def test_probcover_radius_keeps_95_percent_of_the_balls_pure():
+    from scipy.spatial.distance import cdist
+
+    rng = np.random.default_rng(0)
+    pool = _on_circle(list(rng.normal(0, 8, 60)) + list(rng.normal(120, 8, 60)))  # two arcs, 120 degrees apart
+    delta = probcover_radius(pool, 2, np.random.default_rng(1))
+    unit = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    arc = np.r_[np.zeros(60, int), np.ones(60, int)]  # k-means finds the two arcs
+    d = cdist(unit, unit)
+    to_other = np.where(arc[:, None] != arc[None, :], d, np.inf).min(axis=1)
+    assert delta == pytest.approx(np.quantile(to_other, 0.05))
+    pure = [(d[i, arc != arc[i]] >= delta).all() for i in range(120)]
+    assert np.mean(pure) >= 0.95 and np.mean(pure) < 1.0  # the largest such radius: one step more loses purity
+
+
+def test_probcover_covers_the_densest_uncovered_ball_first_then_fills_at_random():
+    dense, sparse = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18], [100, 104, 108]
+    pool = _on_circle(dense + sparse)
+    delta = 2 * np.sin(np.radians(10))  # the chord of 20 degrees: a ball at 8 degrees covers the whole dense arc
+    pos, gain = probcover(pool, None, 3, delta, np.random.default_rng(0))
+    assert pos[0] in range(10) and pos[1] in (10, 11, 12)  # the dense arc's ball first, then the sparse arc's
+    assert gain.tolist() == [10.0, 3.0, 0.0]  # then everything is covered: a random pick, scored 0
+    assert pos[2] not in pos[:2]
+    # a labeled point in the dense arc covers it: the first query goes to the sparse arc
+    pos, _ = select("probcover", 1, np.random.default_rng(0), embeddings=pool,
+                    labeled_embeddings=_on_circle([9.0]), probs=np.full((13, 2), 0.5))
+    assert pos[0] in (10, 11, 12)
+    with pytest.raises(ValueError, match="probcover needs pool embeddings"):
+        select("probcover", 2, np.random.default_rng(0), probs=PROBS)
 
 
 def test_typiclust_query_needs_embeddings():

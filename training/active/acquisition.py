@@ -19,6 +19,10 @@ Inputs are posteriors over the scored pool: ``probs`` (N, K) class probabilities
   and pool embeddings into ``|labeled| + k`` clusters, then the most typical pool point (highest typicality within
   its cluster) of each of the largest clusters that hold no labeled point. It needs no class probabilities, so it
   does not depend on a model that has not yet converged; its cold start is :func:`typiclust`.
+* ``probcover``: ProbCover (Yehuda, Dekel, Hacohen & Weinshall, NeurIPS 2022), the other low-budget strategy: on
+  L2-normalised embeddings, balls of radius delta (the largest at which 95 % of the balls hold points of one k-means
+  cluster, k = classes); greedily the pool point whose ball covers the most points no labeled or picked point covers
+  yet (random once everything is covered).
 """
 
 from __future__ import annotations
@@ -31,10 +35,11 @@ from training.uncertainty.decompose import entropy as _entropy
 
 STRATEGIES = (
     "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "balanced_bald", "coreset",
-    "typiclust",
+    "typiclust", "probcover",
 )
 NEEDS_SAMPLES = frozenset({"bald", "power_bald", "balanced_bald"})
-NEEDS_EMBEDDINGS = frozenset({"coreset", "typiclust"})
+NEEDS_EMBEDDINGS = frozenset({"coreset", "typiclust", "probcover"})
+PROBCOVER_PURITY = 0.95  # share of pure balls the radius keeps (the paper's alpha)
 _EPS = 1e-12
 _CHUNK = 8192
 
@@ -248,6 +253,72 @@ def typiclust_query(embeddings: np.ndarray, labeled: np.ndarray | None, k: int, 
     return pos, typ[pos]
 
 
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
+
+
+def probcover_radius(embeddings: np.ndarray, n_classes: int, rng: np.random.Generator,
+                     purity: float = PROBCOVER_PURITY) -> float:
+    """ProbCover's ball radius: the largest delta at which a share ``purity`` of the points' delta-balls (L2-normalised
+    embeddings) hold no point of another k-means cluster (``n_classes`` clusters stand in for the unknown classes).
+    A ball is pure while delta is at most the distance to the nearest point of another cluster, so delta is that
+    distance's (1 - purity) quantile."""
+    from sklearn.cluster import KMeans
+    from sklearn.neighbors import NearestNeighbors
+
+    x = _unit(embeddings)
+    if n_classes < 2 or x.shape[0] <= n_classes:
+        raise ValueError(f"probcover needs more than {n_classes} points and at least 2 classes")
+    clusters = KMeans(n_classes, n_init=3, random_state=int(rng.integers(2**31 - 1))).fit_predict(x)
+    other = np.full(x.shape[0], np.inf)
+    for c in np.unique(clusters):
+        inside = clusters == c
+        if inside.all():
+            continue
+        dist, _ = NearestNeighbors(n_neighbors=1).fit(x[~inside]).kneighbors(x[inside])
+        other[inside] = dist[:, 0]
+    return float(np.quantile(other[np.isfinite(other)], 1.0 - purity))
+
+
+def probcover(embeddings: np.ndarray, labeled: np.ndarray | None, k: int, delta: float, rng: np.random.Generator
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """ProbCover's greedy max coverage: ``k`` pool positions and how many uncovered points each covered when picked.
+
+    A point is covered when it lies within ``delta`` of a labeled or picked point (L2-normalised embeddings); each
+    pick is the pool point whose ball holds the most uncovered points. Once everything is covered, random pool
+    points fill the batch (score 0)."""
+    from sklearn.neighbors import NearestNeighbors
+
+    x = _unit(embeddings)
+    n = x.shape[0]
+    k = min(k, n)
+    nn = NearestNeighbors(radius=delta).fit(x)
+    graph = nn.radius_neighbors_graph(x, mode="connectivity").tocsr()  # row i: the points i's ball covers
+    covered = np.zeros(n, dtype=bool)
+    if labeled is not None and len(labeled):
+        for idx in nn.radius_neighbors(_unit(np.asarray(labeled).reshape(-1, x.shape[1])), return_distance=False):
+            covered[idx] = True
+    chosen: list[int] = []
+    gains: list[float] = []
+    taken = np.zeros(n, dtype=bool)
+    while len(chosen) < k:
+        gain = np.asarray(graph @ (~covered).astype(np.float64)).ravel()
+        gain[taken] = -1.0
+        i = int(np.argmax(gain))
+        if gain[i] <= 0:
+            rest = np.nonzero(~taken)[0]
+            fill = rng.choice(rest, size=k - len(chosen), replace=False)
+            chosen += [int(j) for j in fill]
+            gains += [0.0] * len(fill)
+            break
+        chosen.append(i)
+        gains.append(float(gain[i]))
+        taken[i] = True
+        covered[graph.indices[graph.indptr[i]:graph.indptr[i + 1]]] = True
+    return np.asarray(chosen, dtype=np.int64), np.asarray(gains)
+
+
 def scores_for(strategy: str, probs: np.ndarray | None = None, samples: np.ndarray | None = None) -> np.ndarray:
     """The per-cell score a (non-random, non-coreset) strategy ranks by."""
     if strategy in NEEDS_SAMPLES:
@@ -287,6 +358,12 @@ def select(strategy: str, k: int, rng: np.random.Generator, n_pool: int | None =
         if embeddings is None:
             raise ValueError("typiclust needs pool embeddings (N, D)")
         return typiclust_query(embeddings, labeled_embeddings, k, rng, neighbors)
+    if strategy == "probcover":
+        if embeddings is None or probs is None:
+            raise ValueError("probcover needs pool embeddings (N, D) and class probabilities (N, K)")
+        both = embeddings if labeled_embeddings is None else np.concatenate([labeled_embeddings, embeddings])
+        delta = probcover_radius(both, np.asarray(probs).shape[1], rng)
+        return probcover(embeddings, labeled_embeddings, k, delta, rng)
     scores = scores_for(strategy, probs, samples)
     if strategy == "balanced_bald":
         classes = probs if probs is not None else np.asarray(samples).mean(axis=0)
