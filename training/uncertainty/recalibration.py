@@ -158,11 +158,12 @@ def refit_unlabeled(logits: np.ndarray, threshold: float, served: np.ndarray, pr
     """The pooled temperature of member logits ``(N, M[, S], K)`` of unlabeled cells, set by ATC from the
     validation ``threshold``; a clear error when there are too few cells or no temperature in range matches."""
     check_enough(len(logits), min_cells, "cell(s) on the named slides")
-    fit = label_free_temperature(pooled_log_probs(logits), threshold)
+    logp = pooled_log_probs(logits)
+    fit = label_free_temperature(logp, threshold)
     if np.isclose(fit.temperature, TEMPERATURE_BOUNDS, rtol=1e-3).any():
         raise DataError(f"ATC predicts {fit.predicted_error:.1%} errors on the {fit.n_cells} cells and no temperature "
-                        f"in {TEMPERATURE_BOUNDS} makes the model that confident; label random cells instead")
-    after = softmax(pooled_log_probs(logits) / fit.temperature).max(axis=1).mean()
+                        f"in {TEMPERATURE_BOUNDS} matches that accuracy; label random cells of the new slides instead")
+    after = softmax(logp / fit.temperature).max(axis=1).mean()
     per_group = {} if groups is None else {str(k): int(v) for k, v in groups.value_counts().sort_index().items()}
     return LabelFreeRecalibration(fit.temperature, float(previous), previous_calibration, fit.n_cells,
                                   fit.predicted_error, fit.threshold, float(served.max(axis=1).mean()), float(after),
