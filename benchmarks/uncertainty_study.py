@@ -119,14 +119,14 @@ def trained_members(model_dir: Path, splits: pd.DataFrame, classes: list[str], p
 
 
 def calibration_part(seeds: int, members: int, params_path: str | None, partial: Path | None = None,
-                     model_dir: Path | None = None, logits_dir: Path | None = None) -> dict:
+                     model_dir: Path | None = None, logits_dir: Path | None = None, first_seed: int = 0) -> dict:
     base = load_params(params_path)
     splits, _ = read_table(base.split.out)
     index, _ = read_table(base.index.out)
     screen = screen_cells(index, Path(base.synth.out))
     classes = list(base.split.classes)
     results = []
-    for seed in range(1 if model_dir else seeds):
+    for seed in range(first_seed, first_seed + (1 if model_dir else seeds)):
         params = load_params(params_path, {"train.seed": seed, "uncertainty.novelty": "none"})
         t0 = time.time()
         if model_dir:
@@ -329,6 +329,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["calibration", "loco", "both"], default="both")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="train.seed of the first ensemble (then +1, +2, ...)")
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--model", type=Path, default=None,
                     help="measure this trained ensemble (e.g. models/ensemble) instead of training --seeds ensembles")
@@ -351,7 +352,7 @@ def main() -> int:
         ok &= loco["mean_auroc"][loco["chosen"]] >= 0.5
     if a.part in ("calibration", "both"):
         cal = calibration_part(a.seeds, a.members, a.params, partial=out / "calibration_partial.json", model_dir=a.model,
-                               logits_dir=out)
+                               logits_dir=out, first_seed=a.first_seed)
         (out / "calibration.json").write_text(json.dumps(cal, indent=2))
         print(json.dumps(cal["summary"], indent=2))
     return 1 if a.check and not ok else 0
