@@ -113,6 +113,11 @@ def unlabeled_cells(index: pd.DataFrame, groups: list[str], max_cells: int = UNL
     return cells
 
 
+def cells_per_group(groups: pd.Series | None) -> dict[str, int]:
+    """How many of the cells come from each slide (sorted by slide)."""
+    return {} if groups is None else {str(k): int(v) for k, v in groups.value_counts().sort_index().items()}
+
+
 def check_enough(n: int, min_cells: int = MIN_CELLS, what: str = "labeled cell(s) of the model's classes") -> None:
     if n < min_cells:
         raise DataError(f"{n} {what}; a temperature needs at least {min_cells} random cells of the new slides "
@@ -133,9 +138,8 @@ def refit(logits: np.ndarray, y: np.ndarray, served: np.ndarray, previous: float
         raise DataError(f"the {len(y)} labeled cells hold {errors} misclassified cell(s) and the fitted temperature "
                         f"{t:.3g} sits at a bound: label more random cells of the new slides")
     before, after = calibration_report(served, y), calibration_report(softmax(logp / t), y)
-    per_group = {} if groups is None else {str(k): int(v) for k, v in groups.value_counts().sort_index().items()}
     return Recalibration(float(t), float(previous), previous_calibration, len(y), errors, before["nll"],
-                         after["nll"], before["ece"], after["ece"], per_group)
+                         after["nll"], before["ece"], after["ece"], cells_per_group(groups))
 
 
 def recalibrate(ensemble, cells: pd.DataFrame, *, batch_size: int = 256, num_workers: int = 0,
@@ -164,10 +168,9 @@ def refit_unlabeled(logits: np.ndarray, threshold: float, served: np.ndarray, pr
         raise DataError(f"ATC predicts {fit.predicted_error:.1%} errors on the {fit.n_cells} cells and no temperature "
                         f"in {TEMPERATURE_BOUNDS} matches that accuracy; label random cells of the new slides instead")
     after = softmax(logp / fit.temperature).max(axis=1).mean()
-    per_group = {} if groups is None else {str(k): int(v) for k, v in groups.value_counts().sort_index().items()}
     return LabelFreeRecalibration(fit.temperature, float(previous), previous_calibration, fit.n_cells,
                                   fit.predicted_error, fit.threshold, float(served.max(axis=1).mean()), float(after),
-                                  per_group)
+                                  cells_per_group(groups))
 
 
 def recalibrate_unlabeled(ensemble, cells: pd.DataFrame, *, batch_size: int = 256, num_workers: int = 0,
