@@ -228,6 +228,12 @@ def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):
     proc = subprocess.run([sys.executable, "-m", "training.cli", *args[:-1], "--strategy", "oracle"],
                           capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "unknown active learning strategy 'oracle'" in proc.stderr
+    for bad in ("0", "-5"):  # not the default count, not a traceback: a clear error, nothing written
+        out = tmp_path / f"q{bad}.parquet"
+        proc = subprocess.run([sys.executable, "-m", "training.cli", *args[:5], "--n", bad, "--out", str(out),
+                               "--no-progress"], capture_output=True, text=True, cwd=tmp_path,
+                              env={"PYTHONPATH": str(ROOT)})
+        assert proc.returncode == 2 and f"--n must be at least 1, got {bad}" in proc.stderr and not out.exists()
 
 
 # -- spatial recalibrate ------------------------------------------------------------------------------------------
@@ -340,6 +346,8 @@ def test_recalibrate_unlabeled_serves_the_temperature_atc_predicts(tmp_path, tin
     capsys.readouterr()
     assert _spatial(monkeypatch, *common, "--out", tmp_path / "nogroup") == 2
     assert "name the new slides" in capsys.readouterr().err
+    assert _spatial(monkeypatch, *common, "--group", "bright_s1", "--max-cells", "-5", "--out", tmp_path / "neg") == 2
+    assert "--max-cells must be at least 1, got -5" in capsys.readouterr().err
     assert _spatial(monkeypatch, *common, "--group", "bright_s1", "--labels", tmp_path / "l.csv",
                     "--out", tmp_path / "both") == 2
     assert "--labels and --unlabeled exclude each other" in capsys.readouterr().err
@@ -347,7 +355,7 @@ def test_recalibrate_unlabeled_serves_the_temperature_atc_predicts(tmp_path, tin
     (model / "spec.json").write_text(json.dumps(spec))
     assert _spatial(monkeypatch, *common, "--group", "bright_s1", "--min-cells", "50", "--out", tmp_path / "old") == 2
     assert "no ATC threshold" in capsys.readouterr().err
-    assert not any((tmp_path / d).exists() for d in ("nogroup", "both", "old"))
+    assert not any((tmp_path / d).exists() for d in ("nogroup", "neg", "both", "old"))
 
 
 # -- the labeling API: bad input ----------------------------------------------------------------------------------

@@ -9,7 +9,16 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ModelOpt, ParamsOpt, ProgressOpt, SetOpt, default_model_uri, params_for, write_json
+from training.cli.options import (
+    ModelOpt,
+    ParamsOpt,
+    ProgressOpt,
+    SetOpt,
+    check_at_least_one,
+    default_model_uri,
+    params_for,
+    write_json,
+)
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -42,6 +51,8 @@ def add_commands(app: typer.Typer) -> None:
         from training.uncertainty.ensemble import Ensemble
 
         p = params_for(params, set_)
+        n = p.label.n if n is None else n
+        check_at_least_one(n=n)
         labels = labels or Path(p.label.labels)
         index = build_index(manifest or p.index.manifest, progress=False)
         exclude = None
@@ -54,7 +65,7 @@ def add_commands(app: typer.Typer) -> None:
         with tempfile.TemporaryDirectory(prefix="spatial-query-") as cache:
             path, info = resolve_model(model or default_model_uri(p), p.mlflow, cache_dir=cache)
             ens = Ensemble.load(path, device=select_device(p.score.device))
-            res = run_query(ens, index, strategy or p.label.strategy, n or p.label.n,
+            res = run_query(ens, index, strategy or p.label.strategy, n,
                             labeled=current_labels(labels), exclude=exclude, pool_subsample=p.al.pool_subsample,
                             seed=p.al.seed, round_=round_, temperature=p.al.power_temperature,
                             batch_size=p.score.batch_size, num_workers=p.score.num_workers, progress=progress)
@@ -132,6 +143,7 @@ def add_commands(app: typer.Typer) -> None:
         p = params_for(params, set_)
         if unlabeled and labels:
             raise DataError("--labels and --unlabeled exclude each other: refit on labeled cells or on unlabeled ones")
+        check_at_least_one(max_cells=max_cells, min_cells=min_cells)
         labels = labels or Path(p.label.labels)
         index = build_index(manifest or p.index.manifest, progress=False)
         uri = model or default_model_uri(p)

@@ -12,7 +12,7 @@ from typing import Annotated
 import typer
 
 from training.config import Params, load_params
-from training.errors import SpatialError
+from training.errors import DataError, SpatialError
 
 ParamsOpt = Annotated[Path | None, typer.Option("--params", help="params YAML (default: ./params.yaml if present)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a param: key=value (repeatable)")]
@@ -32,6 +32,14 @@ def default_model_uri(p: Params) -> str:
     from training.tracking import default_model_uri as from_registry
 
     return from_registry(p.registry)
+
+
+def check_at_least_one(**options: int) -> None:
+    """A clear error (exit 2) for a count option below 1, named as on the command line (``max_cells`` ->
+    ``--max-cells``)."""
+    for name, value in options.items():
+        if value < 1:
+            raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
 def write_json(path: str | Path, obj: object) -> None:
