@@ -32,6 +32,7 @@ from scipy.spatial.distance import cdist
 
 from training.uncertainty.decompose import decompose
 from training.uncertainty.decompose import entropy as _entropy
+from training.uncertainty.novelty import l2_normalize
 
 STRATEGIES = (
     "random", "least_confidence", "margin", "entropy", "bald", "power_margin", "power_bald", "balanced_bald", "coreset",
@@ -253,11 +254,6 @@ def typiclust_query(embeddings: np.ndarray, labeled: np.ndarray | None, k: int, 
     return pos, typ[pos]
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float64)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
-
-
 def probcover_radius(embeddings: np.ndarray, n_classes: int, rng: np.random.Generator,
                      purity: float = PROBCOVER_PURITY) -> float:
     """ProbCover's ball radius: the largest delta at which a share ``purity`` of the points' delta-balls (L2-normalised
@@ -267,7 +263,7 @@ def probcover_radius(embeddings: np.ndarray, n_classes: int, rng: np.random.Gene
     from sklearn.cluster import KMeans
     from sklearn.neighbors import NearestNeighbors
 
-    x = _unit(embeddings)
+    x = l2_normalize(embeddings)
     if n_classes < 2 or x.shape[0] <= n_classes:
         raise ValueError(f"probcover needs more than {n_classes} points and at least 2 classes")
     clusters = KMeans(n_classes, n_init=3, random_state=int(rng.integers(2**31 - 1))).fit_predict(x)
@@ -290,14 +286,14 @@ def probcover(embeddings: np.ndarray, labeled: np.ndarray | None, k: int, delta:
     points fill the batch (score 0)."""
     from sklearn.neighbors import NearestNeighbors
 
-    x = _unit(embeddings)
+    x = l2_normalize(embeddings)
     n = x.shape[0]
     k = min(k, n)
     nn = NearestNeighbors(radius=delta).fit(x)
     graph = nn.radius_neighbors_graph(x, mode="connectivity").tocsr()  # row i: the points i's ball covers
     covered = np.zeros(n, dtype=bool)
     if labeled is not None and len(labeled):
-        for idx in nn.radius_neighbors(_unit(np.asarray(labeled).reshape(-1, x.shape[1])), return_distance=False):
+        for idx in nn.radius_neighbors(l2_normalize(np.asarray(labeled).reshape(-1, x.shape[1])), return_distance=False):
             covered[idx] = True
     chosen: list[int] = []
     gains: list[float] = []

@@ -163,13 +163,13 @@ def add_commands(app: typer.Typer) -> None:
             write_recalibrated(path, out, result.temperature, record)
         if metrics:
             write_json(metrics, record)
+        head = f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f}"
         if unlabeled:
-            typer.echo(f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f} "
-                       f"from {result.n_cells} unlabeled cells (ATC predicts {result.predicted_error:.1%} errors); "
-                       f"mean confidence {result.mean_confidence_before:.4f} -> {result.mean_confidence_after:.4f}")
+            typer.echo(f"{head} from {result.n_cells} unlabeled cells (ATC predicts {result.predicted_error:.1%} "
+                       f"errors); mean confidence {result.mean_confidence_before:.4f} -> "
+                       f"{result.mean_confidence_after:.4f}")
         else:
-            typer.echo(f"wrote {out}: pooled temperature {result.previous_temperature:.3f} -> {result.temperature:.3f} "
-                       f"on {result.n_cells} labeled cells ({result.n_errors} misclassified); there NLL "
+            typer.echo(f"{head} on {result.n_cells} labeled cells ({result.n_errors} misclassified); there NLL "
                        f"{result.nll_before:.4f} -> {result.nll_after:.4f}, ECE {result.ece_before:.4f} -> "
                        f"{result.ece_after:.4f}")
 

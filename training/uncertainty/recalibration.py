@@ -124,6 +124,20 @@ def check_enough(n: int, min_cells: int = MIN_CELLS, what: str = "labeled cell(s
                         "(fewer make calibration worse than none)")
 
 
+def at_bound(temperature: float) -> bool:
+    """Whether a fitted temperature sits on an end of ``TEMPERATURE_BOUNDS`` (the fit had nothing to go on)."""
+    return bool(np.isclose(temperature, TEMPERATURE_BOUNDS, rtol=1e-3).any())
+
+
+def member_logits(ensemble, cells: pd.DataFrame, batch_size: int, num_workers: int, progress: bool) -> np.ndarray:
+    """The members' raw logits for ``cells`` (index rows), in table order."""
+    from training.data.loader import CellLoader
+
+    loader = CellLoader(cells, ensemble.preprocess, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        cache=False)
+    return ensemble.predict_batches(loader, total=len(loader), progress=progress, raw=True)["logits"]
+
+
 def refit(logits: np.ndarray, y: np.ndarray, served: np.ndarray, previous: float, previous_calibration: str,
           groups: pd.Series | None = None, min_cells: int = MIN_CELLS) -> Recalibration:
     """The pooled temperature of member logits ``(N, M[, S], K)`` refitted on labels ``y`` (``served``: the
@@ -134,7 +148,7 @@ def refit(logits: np.ndarray, y: np.ndarray, served: np.ndarray, previous: float
     logp = pooled_log_probs(logits)
     errors = int((logp.argmax(axis=1) != y).sum())
     t = fit_temperature(logp, y)
-    if errors == 0 or np.isclose(t, TEMPERATURE_BOUNDS, rtol=1e-3).any():
+    if errors == 0 or at_bound(t):
         raise DataError(f"the {len(y)} labeled cells hold {errors} misclassified cell(s) and the fitted temperature "
                         f"{t:.3g} sits at a bound: label more random cells of the new slides")
     before, after = calibration_report(served, y), calibration_report(softmax(logp / t), y)
@@ -145,12 +159,8 @@ def refit(logits: np.ndarray, y: np.ndarray, served: np.ndarray, previous: float
 def recalibrate(ensemble, cells: pd.DataFrame, *, batch_size: int = 256, num_workers: int = 0,
                 min_cells: int = MIN_CELLS, progress: bool = False) -> Recalibration:
     """Score ``cells`` (from :func:`labeled_cells`) with ``ensemble`` and refit its pooled temperature on them."""
-    from training.data.loader import CellLoader
-
     check_enough(len(cells), min_cells)  # before reading any image
-    loader = CellLoader(cells, ensemble.preprocess, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        cache=False)
-    logits = ensemble.predict_batches(loader, total=len(loader), progress=progress, raw=True)["logits"]
+    logits = member_logits(ensemble, cells, batch_size, num_workers, progress)
     spec = ensemble.spec
     return refit(logits, cells["y"].to_numpy(), ensemble.combine(logits)["mean_probs"], spec.pooled_temperature,
                  spec.calibration, cells["group"], min_cells)
@@ -164,7 +174,7 @@ def refit_unlabeled(logits: np.ndarray, threshold: float, served: np.ndarray, pr
     check_enough(len(logits), min_cells, "cell(s) on the named slides")
     logp = pooled_log_probs(logits)
     fit = label_free_temperature(logp, threshold)
-    if np.isclose(fit.temperature, TEMPERATURE_BOUNDS, rtol=1e-3).any():
+    if at_bound(fit.temperature):
         raise DataError(f"ATC predicts {fit.predicted_error:.1%} errors on the {fit.n_cells} cells and no temperature "
                         f"in {TEMPERATURE_BOUNDS} matches that accuracy; label random cells of the new slides instead")
     after = softmax(logp / fit.temperature).max(axis=1).mean()
@@ -177,16 +187,12 @@ def recalibrate_unlabeled(ensemble, cells: pd.DataFrame, *, batch_size: int = 25
                           min_cells: int = MIN_CELLS, progress: bool = False) -> LabelFreeRecalibration:
     """Score the unlabeled ``cells`` (from :func:`unlabeled_cells`) with ``ensemble`` and set its pooled temperature
     by ATC, with the threshold the ensemble stored from its validation cells."""
-    from training.data.loader import CellLoader
-
     threshold = ensemble.spec.info.get("atc_threshold")
     if threshold is None:
         raise ModelError("this ensemble has no ATC threshold (trained before spatiAL stored one, or no validation "
                          "cell was misclassified): retrain it, or recalibrate on labeled cells")
     check_enough(len(cells), min_cells, "cell(s) on the named slides")  # before reading any image
-    loader = CellLoader(cells, ensemble.preprocess, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        cache=False)
-    logits = ensemble.predict_batches(loader, total=len(loader), progress=progress, raw=True)["logits"]
+    logits = member_logits(ensemble, cells, batch_size, num_workers, progress)
     spec = ensemble.spec
     return refit_unlabeled(logits, float(threshold), ensemble.combine(logits)["mean_probs"], spec.pooled_temperature,
                            spec.calibration, cells["group"], min_cells)
