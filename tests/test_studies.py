@@ -223,3 +223,37 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
     bad = subprocess.run([*args[:8], "--run", f"vgg={base}@1"], capture_output=True, text=True)
     assert bad.returncode != 0 and "@SEED needs a file of one run, it has 3" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_label_free_posthoc_matches_each_predicted_error_and_reads_the_study_files(tmp_path):
+    """benchmarks/label_free_posthoc.py on a study's logits file: the ATC arm is what shift.py gives, the 'true' arm
+    matches the test cells' own error rate, identical members never disagree, and the slide names stored as objects
+    in the file do not stop it."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training.evaluation.metrics import calibration_report
+    from training.uncertainty.calibration import pooled_log_probs
+    from training.uncertainty.decompose import softmax
+    from training.uncertainty.shift import atc_threshold, predicted_error, temperature_for_accuracy
+
+    rng = np.random.default_rng(0)
+    one = rng.normal(0, 2.0, (300, 1, 2))
+    val, test = np.repeat(one[:120], 3, axis=1)[:, :, None], np.repeat(one[120:], 3, axis=1)  # 3 identical members
+    yv, yt = (rng.random(120) < 0.3).astype(np.int64), (rng.random(180) < 0.3).astype(np.int64)
+    np.savez_compressed(tmp_path / "logits_seed4.npz", val_logits=val, val_y=yv, test_logits=test, test_y=yt,
+                        val_group=np.array(["a"] * 120, dtype=object), test_group=np.array(["b"] * 180, dtype=object))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "label_free_posthoc.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "logits_seed4.npz"), "--out",
+                           str(tmp_path / "out.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    run = json.loads((tmp_path / "out.json").read_text())["runs"][0]
+    lv, lt = pooled_log_probs(val), pooled_log_probs(test)
+    err = {"atc": predicted_error(lt, atc_threshold(lv, yv)), "true": float((lt.argmax(1) != yt).mean())}
+    for arm, e in err.items():
+        assert run["predicted_error"][arm] == pytest.approx(e)
+        t = temperature_for_accuracy(lt, 1 - e)
+        assert run["ece"][arm] == pytest.approx(calibration_report(softmax(lt / t), yt, 15)["ece"])
+    assert run["predicted_error"]["disagreement"] == 0.0
+    assert set(run["labeled"]) == {"50", "100", "200"}
