@@ -11,6 +11,7 @@ from training.evaluation.metrics import (
     calibration_report,
     classification_report,
     ece_if_calibrated,
+    ece_null_draws,
     ood_report,
     reference_agreement,
     reliability_bins,
@@ -230,6 +231,32 @@ def test_ece_if_calibrated_tells_noise_from_miscalibration():
         over.append(calibration_report(sharp, y)["ece"] > ece_if_calibrated(sharp, draws=200)["ece_if_calibrated_q95"])
     assert 0.9 <= np.mean(below) <= 0.99
     assert np.mean(over) == 1.0
+
+
+def test_ece_calibration_p_is_the_share_of_perfect_draws_at_or_above_the_observed_ece():
+    # one bin at confidence 0.5: the null ECEs are |Binomial(400, 0.5) / 400 - 0.5|, so the p-value of an observed
+    # ECE e is P(|acc - 0.5| >= e), about 2 * (1 - Phi(e / 0.025)) (1.96 sd: 0.05; 0 sd: 1)
+    probs = np.full((400, 2), 0.5)
+    draws = ece_null_draws(probs, draws=20000, seed=1)
+    at = lambda e: ece_if_calibrated(probs, draws=20000, seed=1, observed=e)["ece_calibration_p"]  # noqa: E731
+    assert at(1.96 * 0.025) == pytest.approx(0.05, abs=0.01)
+    assert at(0.0) == 1.0
+    assert at(0.3) == 1 / 20001  # never 0: the observed ECE counts as one draw
+    assert at(0.02) == (1 + np.count_nonzero(draws >= 0.02)) / 20001
+    assert np.isnan(at(float("nan"))) and "ece_calibration_p" not in ece_if_calibrated(probs, draws=10)
+    # calibrated labels give p-values spread over (0, 1]; an over-confident model's are all below 0.05
+    rng = np.random.default_rng(0)
+    probs = rng.dirichlet([0.3, 0.3, 0.3], size=800)
+    sharp = probs**3 / (probs**3).sum(axis=1, keepdims=True)
+    calibrated, over = [], []
+    for _ in range(100):
+        y = _sample_labels(rng, probs)
+        calibrated.append(ece_if_calibrated(probs, draws=200, observed=calibration_report(probs, y)["ece"])
+                          ["ece_calibration_p"])
+        over.append(ece_if_calibrated(sharp, draws=200, observed=calibration_report(sharp, y)["ece"])
+                    ["ece_calibration_p"])
+    assert 0.85 <= np.mean(np.array(calibrated) > 0.05) <= 0.99 and 0.35 <= np.median(calibrated) <= 0.65
+    assert max(over) < 0.05
 
 
 def test_heldout_metrics_per_class_and_per_timepoint():

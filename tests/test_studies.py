@@ -257,3 +257,51 @@ def test_label_free_posthoc_matches_each_predicted_error_and_reads_the_study_fil
         assert run["ece"][arm] == pytest.approx(calibration_report(softmax(lt / t), yt, 15)["ece"])
     assert run["predicted_error"]["disagreement"] == 0.0
     assert set(run["labeled"]) == {"50", "100", "200"}
+
+
+def test_calibration_noise_tells_calibrated_from_overconfident_ensembles(tmp_path):
+    """benchmarks/calibration_noise.py on two study logits files: test labels drawn from the probabilities the
+    validation temperature serves are consistent with perfect calibration, labels unrelated to confident
+    predictions are not; each figure is the metrics module's, seeded by the file's train.seed, and the summary
+    counts and multiplies them."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from training.evaluation.metrics import calibration_report, ece_if_calibrated
+    from training.uncertainty.calibration import fit_temperature, pooled_log_probs
+    from training.uncertainty.decompose import softmax
+
+    rng = np.random.default_rng(0)
+
+    def draw(logits: np.ndarray) -> np.ndarray:
+        p = softmax(pooled_log_probs(logits))
+        return (rng.random(len(p)) < p[:, 1]).astype(np.int64)
+
+    files = []
+    for seed, honest in ((1, True), (2, False)):
+        val, test = rng.normal(0, 3.0, (400, 3, 2)), rng.normal(0, 3.0, (800, 3, 2))
+        yv = draw(val)
+        yt = draw(test) if honest else rng.integers(0, 2, 800)
+        files.append(tmp_path / f"logits_seed{seed}.npz")
+        np.savez_compressed(files[-1], val_logits=val, val_y=yv, test_logits=test, test_y=yt,
+                            test_group=np.array(["b"] * 800, dtype=object))
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_noise.py"
+    done = subprocess.run([sys.executable, str(script), *map(str, files), "--out", str(tmp_path / "out.json")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    out = json.loads((tmp_path / "out.json").read_text())
+    honest, noise = out["runs"]
+    assert honest["validation"]["ece_calibration_p"] >= 0.05
+    assert noise["validation"]["ece_calibration_p"] == 1 / 1001 and noise["atc"]["ece_calibration_p"] == 1 / 1001
+    with np.load(files[0]) as f:
+        lv, lt, yv, yt = pooled_log_probs(f["val_logits"]), pooled_log_probs(f["test_logits"]), f["val_y"], f["test_y"]
+    probs = softmax(lt / fit_temperature(lv, yv))
+    ece = calibration_report(probs, yt, 15)["ece"]
+    assert honest["validation"]["ece"] == pytest.approx(ece)
+    assert honest["validation"]["ece_calibration_p"] == ece_if_calibrated(probs, 15, 1000, 1, observed=ece)[
+        "ece_calibration_p"]
+    s = out["summary"]["validation"]
+    assert s["consistent_with_perfect_calibration"] == 1
+    assert s["perfect_models_all_at_most_target_probability"] == pytest.approx(
+        honest["validation"]["p_perfect_at_most_target"] * noise["validation"]["p_perfect_at_most_target"])

@@ -72,6 +72,10 @@ def test_train_evaluate_register_outputs(trained):
     test = preds[preds["split"] == "test"][["prob_bright", "prob_spotty"]].to_numpy()
     assert ev["ece_if_calibrated_q95"] == pytest.approx(ece_if_calibrated(test, seed=0)["ece_if_calibrated_q95"],
                                                         rel=0.01)
+    # every test cell right and near-certain: the observed ECE is what a perfect model shows, p = 1 (not 0.002 from
+    # float rounding of the probabilities)
+    assert ev["accuracy"] == 1.0 and ev["ece_calibration_p"] == 1.0
+    assert ece_if_calibrated(test, seed=0, observed=ev["ece"])["ece_calibration_p"] == 1.0
     # the tiny model gets every validation cell right: no ATC threshold, so no label-free figure (not a made-up one)
     spec = json.loads((trained / "ens" / "spec.json").read_text())
     assert spec["info"]["atc_threshold"] is None and not any(k.startswith("label_free/") for k in ev)

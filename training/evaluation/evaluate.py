@@ -114,7 +114,8 @@ def evaluate(ens: Ensemble, splits: pd.DataFrame, params: Params, out_dir: str |
     for prefix, v in views.items():
         cal = calibration_report(v["mean_probs"][test_mask], y[test_mask], n_bins)
         metrics.update({f"{prefix}{k}": cal[k] for k in ("nll", "brier", "ece")})
-    metrics.update(ece_if_calibrated(ens_out["mean_probs"][test_mask], n_bins, seed=params.seed))
+    metrics.update(ece_if_calibrated(ens_out["mean_probs"][test_mask], n_bins, seed=params.seed,
+                                     observed=metrics["ece"]))
     metrics.update(single_member_metrics(ens, logits[test_mask], y[test_mask], n_bins,
                                          ens_out["mean_probs"][test_mask]))
     metrics.update(calibration_modes(ens, logits[test_mask], y[test_mask], n_bins))

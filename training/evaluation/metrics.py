@@ -186,17 +186,20 @@ def paired_bootstrap(probs: np.ndarray, baselines: Sequence[np.ndarray], labels:
     return out
 
 
-def ece_if_calibrated(probs: np.ndarray, n_bins: int = 15, draws: int = 1000, seed: int = 0) -> dict[str, float]:
-    """The ECE that a *perfectly calibrated* model with these confidences would still show on this many cells:
-    each cell's top prediction drawn correct with probability its confidence, ``draws`` times (seeded).
-    ``ece_if_calibrated_median`` / ``_q95``: an observed ECE below the 95th percentile cannot be told apart
-    from perfect calibration on these cells (sampling noise, not miscalibration)."""
+ECE_TIE = 1e-6  # ECEs this close are ties: a draw with as many correct cells per bin as observed has its ECE
+#                 up to float rounding (summation order, float32 tables: ~1e-9)
+
+
+def ece_null_draws(probs: np.ndarray, n_bins: int = 15, draws: int = 1000, seed: int = 0) -> np.ndarray:
+    """The ECEs a *perfectly calibrated* model with these confidences would show on this many cells:
+    ``draws`` seeded draws, in each every cell's top prediction correct with probability its confidence
+    (consistency resampling, Broecker & Smith 2007). Same bins as ``calibration_report``."""
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or not np.all(np.isfinite(p)):
         raise ValueError(f"probs must be a finite (N, K) array, got shape {p.shape}")
     n = p.shape[0]
     if n == 0:
-        return {"ece_if_calibrated_median": float("nan"), "ece_if_calibrated_q95": float("nan")}
+        return np.full(draws, np.nan)
     conf = p.max(axis=1)
     bins = _bin_index(conf, n_bins)
     rng = np.random.default_rng(seed)
@@ -208,8 +211,29 @@ def ece_if_calibrated(probs: np.ndarray, n_bins: int = 15, draws: int = 1000, se
         offsets = (np.arange(rows) * n_bins)[:, None]
         per_bin = np.bincount((offsets + bins).ravel(), weights=gap.ravel(), minlength=rows * n_bins)
         ece.append(np.abs(per_bin.reshape(rows, n_bins)).sum(axis=1) / n)
-    e = np.concatenate(ece)
-    return {"ece_if_calibrated_median": float(np.median(e)), "ece_if_calibrated_q95": float(np.quantile(e, 0.95))}
+    return np.concatenate(ece)
+
+
+def ece_if_calibrated(probs: np.ndarray, n_bins: int = 15, draws: int = 1000, seed: int = 0,
+                      observed: float | None = None) -> dict[str, float]:
+    """How large an ECE sampling noise alone explains on these cells (``ece_null_draws``).
+
+    ``ece_if_calibrated_median`` / ``_q95``: an observed ECE below the 95th percentile cannot be told apart
+    from perfect calibration on these cells. With ``observed``, also ``ece_calibration_p``: the Monte Carlo
+    p-value ``(1 + #{draws >= observed}) / (1 + draws)`` (ties within ``ECE_TIE``) of the hypothesis that the
+    model is perfectly calibrated (small: the miscalibration is real)."""
+    e = ece_null_draws(probs, n_bins, draws, seed)
+    if np.isnan(e).all():
+        out = {"ece_if_calibrated_median": float("nan"), "ece_if_calibrated_q95": float("nan")}
+        return out | ({"ece_calibration_p": float("nan")} if observed is not None else {})
+    out = {"ece_if_calibrated_median": float(np.median(e)), "ece_if_calibrated_q95": float(np.quantile(e, 0.95))}
+    if observed is not None:
+        if not np.isfinite(observed):
+            out["ece_calibration_p"] = float("nan")
+        else:
+            tied_or_above = np.count_nonzero(e >= observed - ECE_TIE)
+            out["ece_calibration_p"] = float((1 + tied_or_above) / (1 + e.size))
+    return out
 
 
 def _scores(x: np.ndarray, name: str) -> np.ndarray:
