@@ -8,7 +8,9 @@ seeds; per other arm, the paired difference to the baseline arm; per run, which 
         --novelty multistage_knn --out reports/uncertainty_study/intel/vgg_seeds.json
 
 ``ARM=FILE`` takes every run in the file with the seed it recorded; ``ARM=FILE@SEED`` takes a file of one run (a
-study of a trained ``--model``, which records seed 0) as that seed. ``--all`` adds the mean and interval over every run
+study of a trained ``--model``, which records seed 0) as that seed; ``ARM=FILE@+N`` adds ``N`` to every recorded seed,
+so that the folds of a cross-validation (seeds 0-2 each) become one arm and two recipes pair by fold and seed
+(``--run scratch=s1s1/calibration.json@+10 --run encoder=enc/s1s1/calibration.json@+10 ...``). ``--all`` adds the mean and interval over every run
 of every arm, for arms that are replicates of one recipe (the slide folds of a cross-validation): the interval then
 treats all runs as independent, so it reads as a description, not a test. Prints a table; ``--out`` writes the JSON.
 """
@@ -77,13 +79,17 @@ def load_runs(specs: list[str]) -> dict[str, dict[int, dict]]:
     for spec in specs:
         arm, sep, rest = spec.partition("=")
         if not sep or not arm:
-            raise SystemExit(f"--run {spec}: expected ARM=FILE or ARM=FILE@SEED")
+            raise SystemExit(f"--run {spec}: expected ARM=FILE, ARM=FILE@SEED or ARM=FILE@+N")
         path, _, seed = rest.partition("@")
         try:
             runs = json.loads(Path(path).read_text())["runs"]
         except (OSError, ValueError, KeyError) as exc:
             raise SystemExit(f"--run {spec}: cannot read a calibration study's runs ({exc})") from None
-        if seed:
+        if seed.startswith("+"):
+            if not seed[1:].isdigit():
+                raise SystemExit(f"--run {spec}: expected @+N with N a whole number")
+            runs = [{**r, "seed": r["seed"] + int(seed[1:])} for r in runs]
+        elif seed:
             if len(runs) != 1:
                 raise SystemExit(f"--run {spec}: @SEED needs a file of one run, it has {len(runs)}")
             runs = [{**runs[0], "seed": int(seed)}]
@@ -96,7 +102,7 @@ def load_runs(specs: list[str]) -> dict[str, dict[int, dict]]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--run", action="append", required=True, help="ARM=FILE or ARM=FILE@SEED (repeat)")
+    ap.add_argument("--run", action="append", required=True, help="ARM=FILE, ARM=FILE@SEED or ARM=FILE@+N (repeat)")
     ap.add_argument("--baseline", required=True, help="the arm the others are compared with, seed by seed")
     ap.add_argument("--novelty", default="energy_multistage", help="the score the novelty targets are read on")
     ap.add_argument("--all", action="store_true", help="also mean and interval over every run of every arm")

@@ -224,6 +224,22 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
     assert bad.returncode != 0 and "@SEED needs a file of one run, it has 3" in bad.stderr
     assert "Traceback" not in bad.stderr
 
+    # folds: @+N shifts a file's seeds, so two recipes' folds pair by fold and seed and the folds make one arm
+    fold2 = tmp_path / "fold2.json"
+    fold2.write_text(json.dumps({"runs": [_calibration_run(s, 0.03, -0.01, 0.6, 0.8) for s in range(3)]}))
+    other = [tmp_path / f"other{k}.json" for k in (1, 2)]
+    for path, ece in zip(other, (0.015, 0.026), strict=True):
+        path.write_text(json.dumps({"runs": [_calibration_run(s, ece, -0.01, 0.6, 0.8) for s in range(3)]}))
+    folds = subprocess.run([*args[:6], "--run", f"convnext={base}@+10", "--run", f"convnext={fold2}@+20",
+                            "--run", f"enc={other[0]}@+10", "--run", f"enc={other[1]}@+20",
+                            "--out", str(tmp_path / "folds.json")], capture_output=True, text=True)
+    assert folds.returncode == 0, folds.stderr
+    paired = json.loads((tmp_path / "folds.json").read_text())
+    assert sorted(paired["per_run"]["enc"], key=int) == ["10", "11", "12", "20", "21", "22"]
+    assert paired["differences"]["ece"]["enc/diff_mean"] == pytest.approx(-0.0045)
+    bad = subprocess.run([*args[:6], "--run", f"convnext={base}@+x"], capture_output=True, text=True)
+    assert bad.returncode != 0 and "expected @+N" in bad.stderr and "Traceback" not in bad.stderr
+
 
 def test_label_free_posthoc_matches_each_predicted_error_and_reads_the_study_files(tmp_path):
     """benchmarks/label_free_posthoc.py on a study's logits file: the ATC arm is what shift.py gives, the 'true' arm
