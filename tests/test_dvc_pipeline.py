@@ -24,6 +24,7 @@ TINY = {
     "data": {"image_size": 32, "batch_size": 16},
     "model": {"dims": [8, 16, 16, 32], "depths": [1, 1, 1, 1]},
     "train": {"epochs": 2},
+    "pretrain": {"epochs": 1, "batch_size": 32, "max_cells": 128},
     "ensemble": {"members": 2},
     "al": {"seeds": 1, "initial": 4, "query_size": 4, "rounds": 1, "epochs": 2, "min_steps": 10, "pool_subsample": 200,
            "mc_samples": 4},
@@ -82,6 +83,10 @@ def test_repro_runs_every_default_stage(dvc_repo):
                  "data/screen/genotypes.csv", "reports/discovery/cells.parquet",
                  "reports/discovery/clusters.csv", "metrics/discovery.json", "reports/summary.md"):
         assert (root / path).exists(), path
+    # the members are fine-tuned from the pipeline's own self-supervised encoder
+    assert json.loads((root / "models/pretrain/pretrain.json").read_text())["cells"] == 128
+    spec = json.loads((root / "models/ensemble/spec.json").read_text())
+    assert spec["model"]["pretrained"] == "models/pretrain/encoder.pt"
     split = json.loads((root / "metrics/split.json").read_text())
     assert split["train"] > 0 and split["test"] > 0 and split["unlabeled"] == 120
     reg = json.loads((root / "metrics/register.json").read_text())
