@@ -214,26 +214,28 @@ def ece_null_draws(probs: np.ndarray, n_bins: int = 15, draws: int = 1000, seed:
     return np.concatenate(ece)
 
 
+def ece_noise_summary(null: np.ndarray, observed: float | None = None) -> dict[str, float]:
+    """Median and 95th percentile of ``ece_null_draws`` (``ece_if_calibrated_median`` / ``_q95``: an observed ECE
+    below the 95th percentile cannot be told apart from perfect calibration on these cells) and, with ``observed``,
+    ``ece_calibration_p``: the Monte Carlo p-value ``(1 + #{draws >= observed}) / (1 + draws)`` (ties within
+    ``ECE_TIE``) of the hypothesis that the model is perfectly calibrated (small: the miscalibration is real).
+    NaN without cells or without a finite ``observed``."""
+    empty = bool(np.isnan(null).all())
+    nan = float("nan")
+    out = {"ece_if_calibrated_median": nan if empty else float(np.median(null)),
+           "ece_if_calibrated_q95": nan if empty else float(np.quantile(null, 0.95))}
+    if observed is not None:
+        tied_or_above = np.count_nonzero(null >= observed - ECE_TIE)
+        out["ece_calibration_p"] = (float((1 + tied_or_above) / (1 + null.size))
+                                    if not empty and np.isfinite(observed) else nan)
+    return out
+
+
 def ece_if_calibrated(probs: np.ndarray, n_bins: int = 15, draws: int = 1000, seed: int = 0,
                       observed: float | None = None) -> dict[str, float]:
-    """How large an ECE sampling noise alone explains on these cells (``ece_null_draws``).
-
-    ``ece_if_calibrated_median`` / ``_q95``: an observed ECE below the 95th percentile cannot be told apart
-    from perfect calibration on these cells. With ``observed``, also ``ece_calibration_p``: the Monte Carlo
-    p-value ``(1 + #{draws >= observed}) / (1 + draws)`` (ties within ``ECE_TIE``) of the hypothesis that the
-    model is perfectly calibrated (small: the miscalibration is real)."""
-    e = ece_null_draws(probs, n_bins, draws, seed)
-    if np.isnan(e).all():
-        out = {"ece_if_calibrated_median": float("nan"), "ece_if_calibrated_q95": float("nan")}
-        return out | ({"ece_calibration_p": float("nan")} if observed is not None else {})
-    out = {"ece_if_calibrated_median": float(np.median(e)), "ece_if_calibrated_q95": float(np.quantile(e, 0.95))}
-    if observed is not None:
-        if not np.isfinite(observed):
-            out["ece_calibration_p"] = float("nan")
-        else:
-            tied_or_above = np.count_nonzero(e >= observed - ECE_TIE)
-            out["ece_calibration_p"] = float((1 + tied_or_above) / (1 + e.size))
-    return out
+    """How large an ECE sampling noise alone explains on these cells: :func:`ece_noise_summary` of
+    :func:`ece_null_draws`."""
+    return ece_noise_summary(ece_null_draws(probs, n_bins, draws, seed), observed)
 
 
 def _scores(x: np.ndarray, name: str) -> np.ndarray:

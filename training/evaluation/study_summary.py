@@ -12,8 +12,9 @@ import subprocess
 from pathlib import Path
 
 HEADLINE = {  # per metrics file: the keys shown in the main table (fnmatch patterns); everything is in the details
-    "evaluate.json": ["balanced_accuracy", "nll", "ece", "ece_if_calibrated_q95", "ece_calibration_p", "calibration/*/ece",
-                      "calibration/*/ece_diff*", "label_free/*", "heldout/density/auroc", "heldout_*/density/auroc", "heldout/mutual_info/auroc"],
+    "evaluate.json": ["balanced_accuracy", "nll", "ece", "ece_if_calibrated_q95", "ece_calibration_p",
+                      "calibration/*/ece", "calibration/*/ece_diff*", "label_free/*",
+                      "heldout/density/auroc", "heldout_*/density/auroc", "heldout/mutual_info/auroc"],
     "discovery.json": ["n_novel", "n_clusters", "top_cluster_n_cells", "top_cluster_top_gene",
                        "top_cluster_top_gene_fdr", "planted_novel_gene_is_top"],
     "hits.json": ["*"],  # `spatial seeds` results (ssl.json, al_seeds.json, ...) get the arm table instead
