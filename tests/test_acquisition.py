@@ -7,9 +7,11 @@ import pytest
 
 from training.active.acquisition import (
     STRATEGIES,
+    badge,
     bald,
     class_quotas,
     entropy,
+    gradient_embedding,
     k_center_greedy,
     least_confidence,
     margin,
@@ -17,6 +19,7 @@ from training.active.acquisition import (
     probcover,
     probcover_radius,
     select,
+    top_k,
     typiclust,
     typiclust_query,
 )
@@ -189,6 +192,41 @@ def test_probcover_covers_the_densest_uncovered_ball_first_then_fills_at_random(
     assert pos[0] in (10, 11, 12)
     with pytest.raises(ValueError, match="probcover needs pool embeddings"):
         select("probcover", 2, np.random.default_rng(0), probs=PROBS)
+
+
+def test_gradient_embedding_is_the_last_layer_gradient_at_the_predicted_label():
+    g = gradient_embedding(np.array([[0.7, 0.2, 0.1]]), np.array([[1.0, 2.0]]))
+    np.testing.assert_allclose(g, [[-0.3, -0.6, 0.2, 0.4, 0.1, 0.2]])  # (p - onehot) outer h, class-major
+    with pytest.raises(ValueError, match="embeddings must have shape"):
+        gradient_embedding(np.full((3, 2), 0.5), np.ones((2, 4)))
+
+
+def test_badge_spreads_its_batch_where_top_k_uncertainty_piles_into_one_cluster():
+    rng = np.random.default_rng(0)
+    # cluster A: 20 cells at p = (0.5, 0.5); cluster B: 20 cells slightly more confident, features orthogonal to A's
+    feats = np.concatenate([[1.0, 0.0] + 0.01 * rng.normal(size=(20, 2)), [0.0, 1.0] + 0.01 * rng.normal(size=(20, 2))])
+    probs = np.concatenate([np.tile([0.5, 0.5], (20, 1)), np.tile([0.6, 0.4], (20, 1))])
+    assert set(top_k(margin(probs), 2) // 20) == {0}  # pure uncertainty: both from A
+    for seed in range(20):
+        pos, norms = select("badge", 2, np.random.default_rng(seed), probs=probs, embeddings=feats)
+        assert sorted(pos // 20) == [0, 1]  # one from each cluster
+        np.testing.assert_allclose(norms, np.linalg.norm(gradient_embedding(probs, feats)[pos], axis=1))
+    a, _ = select("badge", 5, np.random.default_rng(3), probs=probs, embeddings=feats)
+    b, _ = select("badge", 5, np.random.default_rng(3), probs=probs, embeddings=feats)
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 5
+
+
+def test_badge_draws_zero_gradient_cells_last_and_at_random():
+    probs = np.concatenate([np.tile([1.0, 0.0], (8, 1)), np.tile([0.5, 0.5], (2, 1))])  # 8 certain, 2 uncertain
+    feats = np.random.default_rng(0).normal(size=(10, 3))
+    pos, norms = badge(probs, feats, 5, np.random.default_rng(0))
+    assert set(pos[:2].tolist()) == {8, 9} and (norms[:2] > 0).all()
+    assert len(set(pos.tolist())) == 5 and set(pos[2:].tolist()) <= set(range(8)) and (norms[2:] == 0).all()
+    # identical gradients: k-means++ has nothing left to spread over, the rest of the batch is random and distinct
+    pos, _ = badge(np.full((6, 2), 0.5), np.ones((6, 3)), 4, np.random.default_rng(1))
+    assert len(set(pos.tolist())) == 4
+    with pytest.raises(ValueError, match="badge needs pool embeddings"):
+        select("badge", 2, np.random.default_rng(0), probs=PROBS)
 
 
 def test_typiclust_query_needs_embeddings():

@@ -35,7 +35,7 @@ def _keys(df: pd.DataFrame) -> list[tuple[str, int]]:
     return list(zip(df["source_file"].astype(str), df["cell_id"].astype(int), strict=True))
 
 
-@pytest.mark.parametrize("strategy", ["margin", "coreset", "typiclust", "probcover"])
+@pytest.mark.parametrize("strategy", ["margin", "coreset", "typiclust", "probcover", "badge"])
 def test_campaign_bookkeeping(setup, strategy):
     p, index, data = setup
     reported = []

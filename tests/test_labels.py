@@ -214,6 +214,9 @@ def test_typiclust_query_covers_the_labeled_cells(ens, tiny_manifest, one_thread
     assert lab_shape == (9, pool_shape[1]) and len(q) == 5 and q["score"].gt(0).all()
     query.run_query(ens, idx, "margin", 5, labeled=labeled, pool_subsample=60, seed=1)
     assert seen["margin"][1] is None  # uncertainty strategies do not need them
+    q = query.run_query(ens, idx, "badge", 5, labeled=labeled, pool_subsample=60, seed=1).queries
+    assert seen["badge"] == (pool_shape, None)  # badge: the pool's features, not the labeled cells'
+    assert len(q) == 5 and q["cell_id"].is_unique
 
 
 def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):

@@ -32,7 +32,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.active.acquisition import NEEDS_EMBEDDINGS, NEEDS_SAMPLES, STRATEGIES, check_strategy, select, typiclust
+from training.active.acquisition import (
+    NEEDS_EMBEDDINGS,
+    NEEDS_LABELED_EMBEDDINGS,
+    NEEDS_SAMPLES,
+    STRATEGIES,
+    check_strategy,
+    select,
+    typiclust,
+)
 from training.active.oracle import NO_CLASS
 from training.config import Params
 from training.data.loader import loader_for
@@ -370,7 +378,7 @@ def acquire(strategy: str, models: list[nn.Module], pool: pd.DataFrame, store: P
     images = store.get(cand)
     post = posterior(models, images, params, samples=strategy in NEEDS_SAMPLES, features=strategy in NEEDS_EMBEDDINGS)
     lab_emb = None
-    if strategy in NEEDS_EMBEDDINGS:
+    if strategy in NEEDS_LABELED_EMBEDDINGS:
         lab_emb = posterior(models[:1], store.get(labeled), params, features=True)["features"]
     pos, scores = select(strategy, k, rng, probs=post["probs"], samples=post.get("samples"),
                          embeddings=post.get("features"), labeled_embeddings=lab_emb,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from training.active.acquisition import NEEDS_EMBEDDINGS, check_strategy, select
+from training.active.acquisition import NEEDS_EMBEDDINGS, NEEDS_LABELED_EMBEDDINGS, check_strategy, select
 from training.data.labels import abs_keys
 from training.errors import DataError
 
@@ -81,8 +81,8 @@ def run_query(ensemble, index: pd.DataFrame, strategy: str, n: int, *, labeled: 
     out = ensemble.combine(raw["logits"])
     out["novelty"] = raw["novelty"]
     lab_emb = None
-    if strategy in NEEDS_EMBEDDINGS and labeled is not None and not labeled.empty:
-        # coreset / typiclust cover what is labeled already: embed the labeled cells of the index too
+    if strategy in NEEDS_LABELED_EMBEDDINGS and labeled is not None and not labeled.empty:
+        # coreset / typiclust / probcover cover what is labeled already: embed the labeled cells of the index too
         keys = abs_keys(index["source_file"], index["cell_id"])
         lab = index.loc[np.asarray(keys.isin(abs_keys(labeled["source_file"], labeled["cell_id"]))),
                         ["source_file", "row", "cell_id"]].assign(source_file=lambda t: t["source_file"].astype(str))
