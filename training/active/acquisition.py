@@ -28,7 +28,8 @@ Inputs are posteriors over the scored pool: ``probs`` (N, K) class probabilities
   the uncertainty, its direction the diversity); then k-means++ seeding (D^2 sampling, scikit-learn's
   ``kmeans_plusplus`` with one trial per centre) picks the batch. Uncertainty and diversity in one draw, with no
   temperature to tune; the systematic low-budget benchmarks (Lüth et al., 2023) found it the most robust query
-  method. With several ensemble members the features are the first member's, the probabilities the mean.
+  method (on this simulator it did not beat random on unseen configurations: benchmarks/FINDINGS.md). The features
+  are a campaign's first member's (``spatial al``) or the members' mean (``spatial query``).
 """
 
 from __future__ import annotations
