@@ -10,7 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from training.cli.main import app
-from training.evaluation.seeds import al_aubc_per_seed, compare_arms, mean_interval, metrics_per_seed
+from training.errors import DataError
+from training.evaluation.seeds import al_per_seed, compare_arms, mean_interval, metrics_per_seed
 from training.evaluation.study_summary import machine, write_summary
 
 runner = CliRunner()
@@ -33,6 +34,7 @@ def test_paired_difference_excludes_zero_only_when_consistent():
     assert res["up/ci_low"] < res["sup/ci_high"]
     assert res["noisy/diff_excludes_zero"] is False
     assert "sup/diff_mean" not in res
+    assert res["up/diff_seeds_above"] == 3 and res["noisy/diff_seeds_above"] == 2
 
 
 def test_metrics_per_seed_and_the_cli(tmp_path):
@@ -49,11 +51,14 @@ def test_metrics_per_seed_and_the_cli(tmp_path):
     assert "fixmatch: 0.7500" in r.output
 
 
-def test_al_aubc_per_seed():
+def test_al_per_seed():
     curve = pd.DataFrame({"strategy": ["random"] * 4 + ["margin"] * 2, "seed": [0, 0, 1, 1, 0, 0],
                           "n_labels": [10, 20, 10, 20, 10, 20], "balanced_accuracy": [0.5, 0.7, 0.6, 0.6, 0.6, 0.8]})
-    assert al_aubc_per_seed(curve) == {"random": {0: pytest.approx(0.6), 1: pytest.approx(0.6)},
+    assert al_per_seed(curve) == {"random": {0: pytest.approx(0.6), 1: pytest.approx(0.6)},
                                        "margin": {0: pytest.approx(0.7)}}
+    assert al_per_seed(curve, at_labels=20) == {"random": {0: 0.7, 1: 0.6}, "margin": {0: 0.8}}
+    with pytest.raises(DataError, match="no round at 30 labels"):
+        al_per_seed(curve, at_labels=30)
 
 
 def test_summary_writes_the_table_from_metrics_files(tmp_path):

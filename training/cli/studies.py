@@ -22,16 +22,18 @@ def add_commands(app: typer.Typer) -> None:
         key: Annotated[str, typer.Option(help="the metric compared (with --arm)")] = "balanced_accuracy",
         al_curve: Annotated[Path | None, typer.Option(
             help="an AL campaign's curve.csv: compare the strategies' areas under the budget curve")] = None,
+        at_labels: Annotated[int | None, typer.Option(
+            help="with --al-curve: compare the balanced accuracy at this many labels instead")] = None,
     ) -> None:
         """Compare arms over seeds: mean, 95 % t-interval, paired difference to the baseline and whether it
         excludes zero."""
         import pandas as pd
 
         from training.errors import DataError
-        from training.evaluation.seeds import al_aubc_per_seed, compare_arms, metrics_per_seed
+        from training.evaluation.seeds import al_per_seed, compare_arms, metrics_per_seed
 
         if al_curve is not None:
-            per_seed = al_aubc_per_seed(pd.read_csv(al_curve))
+            per_seed = al_per_seed(pd.read_csv(al_curve), at_labels=at_labels)
         elif arm:
             per_seed = {}
             for item in arm:
@@ -47,7 +49,8 @@ def add_commands(app: typer.Typer) -> None:
             line = f"{name}: {result[f'{name}/mean']:.4f} [{result[f'{name}/ci_low']:.4f}, {result[f'{name}/ci_high']:.4f}]"
             if name != baseline:
                 line += (f", minus {baseline} {result[f'{name}/diff_mean']:+.4f} [{result[f'{name}/diff_ci_low']:+.4f}, "
-                         f"{result[f'{name}/diff_ci_high']:+.4f}]")
+                         f"{result[f'{name}/diff_ci_high']:+.4f}], above on {result[f'{name}/diff_seeds_above']} of "
+                         f"{result[f'{name}/n']} seeds")
             typer.echo(line)
 
     @app.command()

@@ -38,7 +38,8 @@ def mean_interval(values, confidence: float = 0.95) -> dict[str, float]:
 def compare_arms(per_seed: Mapping[str, Mapping[int, float]], baseline: str,
                  confidence: float = 0.95) -> dict[str, float | int | bool]:
     """Flat metrics ``<arm>/{mean,ci_low,ci_high,sd,n}`` and, for every other arm, ``<arm>/diff_{mean,ci_low,
-    ci_high}`` and ``<arm>/diff_excludes_zero`` against ``baseline`` over the seeds both have."""
+    ci_high}``, ``<arm>/diff_excludes_zero`` and ``<arm>/diff_seeds_above`` (on how many seeds the arm is above
+    the baseline) against ``baseline`` over the seeds both have."""
     if baseline not in per_seed:
         raise DataError(f"baseline arm '{baseline}' has no results (arms: {', '.join(per_seed)})")
     out: dict[str, float | int | bool] = {}
@@ -49,10 +50,12 @@ def compare_arms(per_seed: Mapping[str, Mapping[int, float]], baseline: str,
         common = sorted(set(values) & set(per_seed[baseline]))
         if not common:
             raise DataError(f"arm '{arm}' shares no seed with the baseline '{baseline}'")
-        d = mean_interval([values[s] - per_seed[baseline][s] for s in common], confidence)
+        diffs = [values[s] - per_seed[baseline][s] for s in common]
+        d = mean_interval(diffs, confidence)
         out.update({f"{arm}/diff_mean": d["mean"], f"{arm}/diff_ci_low": d["ci_low"],
                     f"{arm}/diff_ci_high": d["ci_high"],
-                    f"{arm}/diff_excludes_zero": bool(d["ci_low"] > 0 or d["ci_high"] < 0)})
+                    f"{arm}/diff_excludes_zero": bool(d["ci_low"] > 0 or d["ci_high"] < 0),
+                    f"{arm}/diff_seeds_above": int(sum(x > 0 for x in diffs))})
     return out
 
 
@@ -77,10 +80,18 @@ def metrics_per_seed(pattern: str, key: str) -> dict[int, float]:
     return out
 
 
-def al_aubc_per_seed(curve: pd.DataFrame, metric: str = "balanced_accuracy") -> dict[str, dict[int, float]]:
-    """Area under the budget curve per strategy and seed, from an AL campaign's ``curve.csv``."""
+def al_per_seed(curve: pd.DataFrame, metric: str = "balanced_accuracy",
+                at_labels: int | None = None) -> dict[str, dict[int, float]]:
+    """Per strategy and seed, from an AL campaign's ``curve.csv``: the area under the budget curve, or with
+    ``at_labels`` the metric at that many labels (one round)."""
     need = {"strategy", "seed", "n_labels", metric}
     if not need <= set(curve.columns):
         raise DataError(f"AL curve lacks column(s) {', '.join(sorted(need - set(curve.columns)))}")
+    if at_labels is not None:
+        at = curve[curve["n_labels"] == at_labels]
+        if at.empty:
+            raise DataError(f"AL curve has no round at {at_labels} labels (it has {sorted(set(curve['n_labels']))})")
+        return {str(s): dict(zip(df["seed"].astype(int), df[metric].astype(float), strict=True))
+                for s, df in at.groupby("strategy", sort=False)}
     return {str(s): {int(seed): aubc(g["n_labels"].to_numpy(), g[metric].to_numpy())
                      for seed, g in df.groupby("seed")} for s, df in curve.groupby("strategy", sort=False)}
