@@ -172,6 +172,9 @@ def test_al_command_writes_every_output(tiny_manifest, tmp_path, monkeypatch):
     ("query0", ["--query-size", "0"], "al.query_size"),
     ("cell", [], "not in the manifest"),
     ("class", [], "not configured classes"),
+    ("shares", ["--set", "al.pool_shares={bright: 1.0}"], "al.pool_shares must give a share for each class of the "
+                                                           "campaign (bright, spotty); missing: spotty"),
+    ("shares_sum", ["--set", "al.pool_shares={bright: 0.5, spotty: 0.6}"], "sum to 1"),
 ])
 def test_bad_input_exits_2(tiny_manifest, tmp_path, monkeypatch, capsys, case, args, message):
     params = _params_file(tmp_path)
@@ -190,6 +193,40 @@ def test_bad_input_exits_2(tiny_manifest, tmp_path, monkeypatch, capsys, case, a
     assert rc == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_share_positions_draw_the_largest_pool_with_the_shares():
+    from training.active.campaign import share_positions
+
+    y = np.repeat([0, 1, 2], [500, 40, 100])  # 500 / 40 / 100 cells of three slide classes
+    shares = {"a": 0.8, "b": 0.1, "c": 0.1}
+    pos = share_positions(y, ["a", "b", "c"], shares, np.random.default_rng(0))
+    # class b (40 cells at 10 %) limits the pool to 400 cells: 320 / 40 / 40
+    assert np.bincount(y[pos]).tolist() == [320, 40, 40]
+    assert len(np.unique(pos)) == len(pos) and (np.diff(pos) > 0).all()
+    assert pos.tolist() == share_positions(y, ["a", "b", "c"], shares, np.random.default_rng(0)).tolist()
+    assert pos.tolist() != share_positions(y, ["a", "b", "c"], shares, np.random.default_rng(1)).tolist()
+    with pytest.raises(DataError, match="slide class"):
+        share_positions(np.array([0, 1, -1]), ["a", "b"], {"a": 0.5, "b": 0.5}, np.random.default_rng(0))
+
+
+def test_campaign_pool_follows_al_pool_shares(setup):
+    """A pool dominated by one class: every campaign draws from (and the reference trains on) the same subset."""
+    p, index, data = setup
+    p = p.model_copy(update={"al": p.al.model_copy(update={"pool_shares": {"bright": 0.75, "spotty": 0.25},
+                                                            "full_data": True})})
+    oracle = ManifestOracle(index, data.classes)
+    from training.active.campaign import pool_table
+
+    pool = pool_table(data, p, oracle)
+    counts = pool["label"].value_counts()
+    train = data.split("train")["label"].value_counts()
+    assert train["bright"] == train["spotty"] == 48  # balanced: bright limits the pool, spotty is drawn down
+    assert (counts["bright"], counts["spotty"]) == (48, 16)
+    assert set(_keys(pool)) <= set(_keys(data.split("train")))
+    q = run_campaign(p, data, "entropy", 0, oracle, progress=False).attrs["queries"]
+    assert set(_keys(q)) <= set(_keys(pool))
+    assert full_data_reference(p, data, 0, oracle, progress=False)["n_labels"] == len(pool)
 
 
 def test_full_data_reference_uses_the_whole_pool(setup):

@@ -259,6 +259,9 @@ class ALConfig(Section):
     rounds: int = Field(4, ge=1, description="acquisition rounds after the initial set")
     pool: list[Literal["train", "unlabeled"]] = Field(["train"], min_length=1, description="splits that form the pool")
     pool_subsample: int | None = Field(2000, ge=1, description="pool cells scored per round (random subsample)")
+    pool_shares: dict[str, float] = Field(
+        default_factory=dict, description="class -> share of the pool ({} = the pool as it is): the largest pool "
+        "with these shares of slide classes, one draw per al.seed (a pool dominated by one phenotype, as a screen is)")
     power_temperature: float = Field(1.0, gt=0, description="power_*: sample with p ~ score^(1/T)")
     posterior: Literal["mc_dropout", "ensemble"] = Field("mc_dropout", description="samples for bald / power_bald")
     members: int = Field(1, ge=1, description="models per round (ensemble posterior)")
@@ -277,6 +280,13 @@ class ALConfig(Section):
     state_classes: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_STATE_CLASSES),
         description="simulated annotator: true state -> class name (other states: 'none of these')")
+
+    @field_validator("pool_shares")
+    @classmethod
+    def _shares_sum_to_one(cls, v: dict[str, float]) -> dict[str, float]:
+        if v and (any(not 0 < x <= 1 for x in v.values()) or abs(sum(v.values()) - 1) > 1e-6):
+            raise ValueError(f"al.pool_shares must be shares in (0, 1] that sum to 1, got {v}")
+        return v
 
     @field_validator("state_classes", mode="before")
     @classmethod

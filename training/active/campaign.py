@@ -147,7 +147,8 @@ class PoolImages:
 
 # -- pieces of a round --------------------------------------------------------------------------------------
 def pool_table(data, params: Params, oracle) -> pd.DataFrame:
-    """The campaign's pool: cells of the ``al.pool`` splits that the oracle can answer (never test cells)."""
+    """The campaign's pool: cells of the ``al.pool`` splits that the oracle can answer (never test cells), drawn
+    down to ``al.pool_shares`` when those are set."""
     pool = data.cells[data.cells["split"].isin(params.al.pool)].reset_index(drop=True)
     if pool.empty:
         raise DataError(f"the pool is empty: no cells in split(s) {', '.join(params.al.pool)}")
@@ -155,7 +156,32 @@ def pool_table(data, params: Params, oracle) -> pd.DataFrame:
     if not can.any():
         raise DataError(f"the oracle ({oracle.kind}) can label none of the {len(pool)} pool cells "
                         f"(al.pool={params.al.pool})")
-    return pool[can].reset_index(drop=True)
+    pool = pool[can].reset_index(drop=True)
+    if params.al.pool_shares:
+        pool = pool.iloc[share_positions(pool["y"].to_numpy(), list(data.classes), params.al.pool_shares,
+                                         np.random.default_rng([params.al.seed, 5]))].reset_index(drop=True)
+    return pool
+
+
+def share_positions(y: np.ndarray, classes: list[str], shares: dict[str, float],
+                    rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of the largest subset of cells (slide classes ``y``, indices into ``classes``) in which
+    class ``c`` makes up ``shares[c]`` (rounded down to whole cells)."""
+    if set(shares) != set(classes):
+        missing, unknown = sorted(set(classes) - set(shares)), sorted(set(shares) - set(classes))
+        raise ConfigError(f"al.pool_shares must give a share for each class of the campaign ({', '.join(classes)}); "
+                          + "; ".join(f"{what}: {', '.join(names)}" for what, names in
+                                      (("missing", missing), ("unknown", unknown)) if names))
+    if (y < 0).any():
+        raise DataError(f"al.pool_shares needs a slide class for every pool cell; {int((y < 0).sum())} have none "
+                        f"(al.pool includes unlabeled cells?)")
+    available = {c: np.nonzero(y == i)[0] for i, c in enumerate(classes)}
+    size = min(len(available[c]) / shares[c] for c in classes)
+    take = {c: int(math.floor(shares[c] * size + 1e-9)) for c in classes}
+    if not all(take.values()):
+        raise DataError(f"al.pool_shares {shares} leave a class without pool cells (available: "
+                        + ", ".join(f"{c} {len(available[c])}" for c in classes) + ")")
+    return np.sort(np.concatenate([rng.choice(available[c], take[c], replace=False) for c in classes]))
 
 
 def check_budget(params: Params, n_pool: int) -> int:

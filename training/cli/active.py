@@ -114,6 +114,7 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
     budget = check_budget(p, len(pool))
     seeds = [p.al.seed + i for i in range(p.al.seeds)]
     meta = {"strategies": strategies, "seeds": seeds, "pool": len(pool), "pool_splits": list(p.al.pool),
+            "pool_per_class": {c: int((pool["y"] == i).sum()) for i, c in enumerate(data.classes)},
             "oracle": oracle.kind, "classes": data.classes, "budget": budget, "test": int((data.cells["split"] == "test").sum()),
             "initial": p.al.initial, "initial_method": p.al.initial_method, "query_size": p.al.query_size,
             "rounds": p.al.rounds, "semisupervised": p.al.semisupervised}
