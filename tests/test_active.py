@@ -161,6 +161,10 @@ def test_al_command_writes_every_output(tiny_manifest, tmp_path, monkeypatch):
     s = summary["strategies"]["power_margin"]
     assert {"aubc", "aubc_ratio_to_random", "labels_to_target", "labels_to_target_ratio_to_random"} <= set(s)
     assert summary["full_data"]["seeds"] == 2
+    asked = q[q["round"] > 0]
+    assert summary["query_labels"]["random"] == pytest.approx(
+        asked[asked["strategy"] == "random"]["label"].fillna("(none of the classes)").value_counts(normalize=True)
+        .to_dict())
     assert (out / "learning_curve.png").stat().st_size > 0 and (out / "curve_mean.csv").is_file()
     metrics = json.loads((tmp_path / "m.json").read_text())
     assert "power_margin/labels_to_95" in metrics and "full_data_balanced_accuracy" in metrics
@@ -227,6 +231,15 @@ def test_campaign_pool_follows_al_pool_shares(setup):
     q = run_campaign(p, data, "entropy", 0, oracle, progress=False).attrs["queries"]
     assert set(_keys(q)) <= set(_keys(pool))
     assert full_data_reference(p, data, 0, oracle, progress=False)["n_labels"] == len(pool)
+
+
+def test_query_labels_are_the_answers_to_the_queries_after_the_initial_set():
+    from training.active.report import query_labels
+
+    q = pd.DataFrame({"strategy": ["random"] * 5 + ["margin"] * 5, "round": [0, 1, 1, 2, 2] * 2,
+                      "label": ["a", "a", "b", "a", None, "b", "b", "b", "c", "b"]})
+    assert query_labels(q) == {"random": {"(none of the classes)": 0.25, "a": 0.5, "b": 0.25},
+                               "margin": {"b": 0.75, "c": 0.25}}
 
 
 def test_full_data_reference_uses_the_whole_pool(setup):

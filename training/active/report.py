@@ -88,6 +88,19 @@ def summarize(curves: pd.DataFrame, reference: pd.DataFrame | None, target_fract
     return out
 
 
+NONE_OF_THE_CLASSES = "(none of the classes)"
+
+
+def query_labels(queries: pd.DataFrame) -> dict[str, dict[str, float]]:
+    """Per strategy, the share of each answer among the cells it queried after the initial set (rounds >= 1): whether
+    a strategy finds the rare classes of an imbalanced pool. Shares of all queried cells, in label order; answers
+    of none of the classes (no label) count as ``NONE_OF_THE_CLASSES``."""
+    asked = queries[queries["round"] > 0]
+    return {str(name): {str(k): float(v) for k, v in
+                        df["label"].fillna(NONE_OF_THE_CLASSES).value_counts(normalize=True).sort_index().items()}
+            for name, df in asked.groupby("strategy", sort=False)}
+
+
 def flat_metrics(summary: dict) -> dict[str, float | int | None]:
     """DVC metrics: ``full_data_balanced_accuracy``, ``<strategy>/aubc``, ``<strategy>/labels_to_95`` ..."""
     pct = round(100 * summary["target_fraction"])
@@ -152,6 +165,7 @@ def write_outputs(out_dir: str | Path, curves: pd.DataFrame, queries: pd.DataFra
         reference.to_csv(out / "reference.csv", index=False)
     queries.to_parquet(out / "queries.parquet", index=False)
     summary = summarize(curves, reference, target_fraction)
+    summary["query_labels"] = query_labels(queries)
     if meta:
         summary["campaign"] = meta
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
