@@ -326,3 +326,55 @@ def test_calibration_noise_tells_calibrated_from_overconfident_ensembles(tmp_pat
     assert s["consistent_with_perfect_calibration"] == 1
     assert s["perfect_models_all_at_most_target_probability"] == pytest.approx(
         honest["validation"]["p_perfect_at_most_target"] * noise["validation"]["p_perfect_at_most_target"])
+
+
+def _load_script(name: str):
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_path):
+    """benchmarks/al_tests.py: one row per test and configuration from its seeds.json, a test met only where both
+    configurations' intervals lie above zero, and the chance of one interval above zero among n with no effect."""
+    al_tests = _load_script("al_tests")
+    random = {s: 0.60 + 0.02 * s for s in range(4)}
+    arms = {"steady": {s: v + 0.03 + 0.001 * s for s, v in random.items()},       # +3 points on every seed
+            "noisy": {s: v + (0.05 if s % 2 else -0.04) for s, v in random.items()}}
+    for d, arm in (("a", "steady"), ("b", "noisy")):
+        for name in ("c1", "c2"):
+            out = tmp_path / d / name
+            out.mkdir(parents=True)
+            seeds = compare_arms({"random": random, arm: arms[arm]}, "random")
+            (out / "seeds.json").write_text(json.dumps(seeds))
+    tests = (al_tests.Test("a", "steady", "steady arm", ("c1", "c2")),
+             al_tests.Test("b", "noisy", "noisy arm", ("c1", "c2")),
+             al_tests.Test("a", "steady", "a replication", ("c1",), counts=False))
+    rows = al_tests.rows_of(tests, tmp_path)
+    assert [(r["test"], r["configuration"]) for r in rows] == [
+        ("steady arm", "c1"), ("steady arm", "c2"), ("noisy arm", "c1"), ("noisy arm", "c2"), ("a replication", "c1")]
+    assert rows[0]["diff"] == pytest.approx(0.0315) and rows[0]["above_zero"] and not rows[2]["above_zero"]
+    summary = al_tests.tally(rows)
+    assert summary["tests"] == 2 and summary["intervals"] == 4 and summary["above_zero"] == 2  # replication not counted
+    assert summary["tests_met_on_both"] == ["steady arm"]
+    assert summary["chance_of_one_or_more_above_zero"] == pytest.approx(1 - 0.975 ** 4)
+    assert summary["chance_of_as_many_above_zero"] == pytest.approx(1 - 0.975 ** 4 - 4 * 0.025 * 0.975 ** 3)
+    table = al_tests.markdown(rows, summary)
+    assert "| steady arm (steady) | `c1` | 0.630 | 0.662 | +3.2 [" in table and "| **yes** |" in table
+
+    (tmp_path / "b" / "c2" / "seeds.json").unlink()
+    with pytest.raises(FileNotFoundError, match="b/c2/seeds.json is missing"):
+        al_tests.rows_of(tests, tmp_path)
+
+    # the committed files of every declared test (the first from the pipeline's summary markdown) are all there
+    assert al_tests.main(["--out", str(tmp_path / "repo")]) == 0
+    written = json.loads((tmp_path / "repo" / "tests.json").read_text())
+    assert len(written["rows"]) == sum(len(t.configurations) for t in al_tests.TESTS)
+    assert written["rows"][0]["dir"].endswith("results_intel.md") and written["rows"][0]["seeds"] == 10

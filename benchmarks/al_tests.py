@@ -1,0 +1,143 @@
+"""Every declared test of active learning on the unseen configurations, tabled from the files each run wrote.
+
+Issue 13 asks that the default query strategy beat random with a 95 % interval that excludes zero on two simulator
+configurations not used to choose it. Each test below was declared in ``benchmarks/FINDINGS.md`` before it ran and
+wrote ``reports/<dir>/<configuration>/seeds.json`` (``spatial seeds --al-curve``: per arm the mean AUBC, per other
+arm the paired difference to random). This script reads them all and writes one table, so the README quotes a file
+rather than copying numbers, and counts how often chance alone would put an interval above zero.
+
+    python benchmarks/al_tests.py [--out reports/al_tests]      # writes table.md and tests.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from scipy.stats import binom
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Test:
+    """One declared test: its reports directory (or a ``spatial summary`` markdown file), the arm compared with
+    random and what it measured."""
+
+    dir: str
+    arm: str
+    what: str
+    configurations: tuple[str, ...] = ("seed1_weak", "seed2_basal")
+    counts: bool = True  # a test of the target on both configurations (False: a replication of one interval)
+
+
+TESTS = (
+    Test("benchmarks/studies/results_intel.md", "power_bald",
+         "the `al_transfer` stage: the default, 20 + 3 x 20, 10 seeds"),
+    Test("al_transfer_issue_budget", "power_bald", "the issue's budget, 30 + 4 x 30, 10 seeds"),
+    Test("al_transfer_encoder", "power_bald", "rounds fine-tuned from a SimCLR encoder of the pool, 10 seeds"),
+    Test("al_transfer_badge", "badge", "BADGE from the same encoders, 10 seeds"),
+    Test("al_first_round", "badge", "BADGE's first query round (20 + 20), 30 fresh seeds"),
+    Test("al_encoder_replication", "power_bald", "the one interval above zero, rerun on 30 fresh seeds",
+         ("seed2_basal",), counts=False),
+    Test("al_transfer_imbalanced", "power_bald", "a pool 70 % stimulated, 10 seeds"),
+    Test("al_transfer_320", "power_bald", "20 + 6 x 50 labels, 10 seeds"),
+    Test("al_transfer_skewed90", "power_bald", "a pool 90 % stimulated, 20 seeds",
+         ("seed1_weak_2000", "seed2_basal")),
+)
+
+
+def summary_metrics(path: Path, section: str) -> dict[str, float]:
+    """The "all metrics" table under ``## <section>`` of a ``spatial summary`` markdown file, as numbers."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing")
+    metrics, inside = {}, False
+    for line in path.read_text().splitlines():
+        if line.startswith("## "):
+            inside = line[3:].strip() == section
+        elif inside and line.startswith("| ") and line.count("|") == 3:
+            key, value = (c.strip() for c in line.strip("|").split("|"))
+            try:
+                metrics[key] = float(value)
+            except ValueError:
+                continue  # the header and booleans
+    if not metrics:
+        raise FileNotFoundError(f"{path} has no metrics table under '## {section}'")
+    return metrics
+
+
+def rows_of(tests: tuple[Test, ...], reports: Path) -> list[dict]:
+    """One row per test and configuration: the paired difference of AUBC to random and its interval."""
+    rows = []
+    for t in tests:
+        for name in t.configurations:
+            if t.dir.endswith(".md"):
+                s = summary_metrics(reports.parent / t.dir, f"al_transfer_{name}.json")
+            else:
+                path = reports / t.dir / name / "seeds.json"
+                if not path.is_file():
+                    raise FileNotFoundError(f"{path} is missing: run the test as benchmarks/FINDINGS.md declares it")
+                s = json.loads(path.read_text())
+            a = t.arm
+            rows.append({"test": t.what, "dir": t.dir, "configuration": name, "arm": a, "counts": t.counts,
+                         "seeds": s[f"{a}/n"], "random": s["random/mean"], "strategy": s[f"{a}/mean"],
+                         "diff": s[f"{a}/diff_mean"], "ci_low": s[f"{a}/diff_ci_low"],
+                         "ci_high": s[f"{a}/diff_ci_high"], "above_zero": s[f"{a}/diff_ci_low"] > 0})
+    return rows
+
+
+def tally(rows: list[dict]) -> dict:
+    """How many intervals of the counted tests exclude zero from above, against what chance alone gives: with no
+    effect, each 95 % interval lies wholly above zero with probability 0.025 (treated as independent, which tests
+    sharing configurations only approximate)."""
+    counted = [r for r in rows if r["counts"]]
+    n, k = len(counted), sum(r["above_zero"] for r in counted)
+    met = {t: all(r["above_zero"] for r in counted if r["test"] == t) for t in dict.fromkeys(r["test"] for r in counted)}
+    return {"tests": len(met), "intervals": n, "above_zero": k,
+            "chance_of_one_or_more_above_zero": 1 - 0.975 ** n,
+            "chance_of_as_many_above_zero": float(binom.sf(k - 1, n, 0.025)) if k else 1.0,
+            "tests_met_on_both": [t for t, ok in met.items() if ok]}
+
+
+def markdown(rows: list[dict], summary: dict) -> str:
+    pts = 100  # AUBC differences in points of balanced accuracy
+    lines = ["| test (declared in benchmarks/FINDINGS.md) | configuration | random AUBC | strategy AUBC | "
+             "strategy minus random, points [95 % CI] | above zero |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['test']} ({r['arm']}) | `{r['configuration']}` | {r['random']:.3f} | {r['strategy']:.3f} "
+                     f"| {pts * r['diff']:+.1f} [{pts * r['ci_low']:+.1f}, {pts * r['ci_high']:+.1f}] "
+                     f"| {'**yes**' if r['above_zero'] else 'no'} |")
+    lines.append("")
+    lines.append(f"{summary['tests']} tests on both configurations, {summary['intervals']} intervals, "
+                 f"{summary['above_zero']} above zero; with no effect at all, at least one of {summary['intervals']} "
+                 f"would be above zero with probability {summary['chance_of_one_or_more_above_zero']:.2f}, "
+                 f"{summary['above_zero']} or more with probability {summary['chance_of_as_many_above_zero']:.3f}. "
+                 f"Tests "
+                 f"above zero on both configurations: {', '.join(summary['tests_met_on_both']) or 'none'}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reports", type=Path, default=ROOT / "reports")
+    ap.add_argument("--out", type=Path, default=ROOT / "reports" / "al_tests")
+    args = ap.parse_args(argv)
+    try:
+        rows = rows_of(TESTS, args.reports)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    summary = tally(rows)
+    text = markdown(rows, summary)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tests.json").write_text(json.dumps({"rows": rows, **summary}, indent=1) + "\n")
+    (args.out / "table.md").write_text(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
