@@ -47,6 +47,8 @@ TESTS = (
     Test("al_transfer_320", "power_bald", "20 + 6 x 50 labels, 10 seeds"),
     Test("al_transfer_skewed90", "power_bald", "a pool 90 % stimulated, 20 seeds",
          ("seed1_weak_2000", "seed2_basal")),
+    Test("al_skewed90_replication", "power_bald", "the 90 % pool's interval above zero, rerun on 30 fresh seeds",
+         ("seed2_basal",), counts=False),
 )
 
 
