@@ -49,6 +49,8 @@ TESTS = (
          ("seed1_weak_2000", "seed2_basal")),
     Test("al_skewed90_replication", "power_bald", "the 90 % pool's interval above zero, rerun on 30 fresh seeds",
          ("seed2_basal",), counts=False),
+    Test("al_transfer_skewed90", "power_bald",
+         "a pool 90 % stimulated, a third configuration added after the second missed, 20 seeds", ("seed3_default",)),
 )
 
 
@@ -97,11 +99,12 @@ def tally(rows: list[dict]) -> dict:
     sharing configurations only approximate)."""
     counted = [r for r in rows if r["counts"]]
     n, k = len(counted), sum(r["above_zero"] for r in counted)
-    met = {t: all(r["above_zero"] for r in counted if r["test"] == t) for t in dict.fromkeys(r["test"] for r in counted)}
+    per_test = {t: [r["above_zero"] for r in counted if r["test"] == t] for t in dict.fromkeys(r["test"] for r in counted)}
+    met = {t: len(v) >= 2 and all(v) for t, v in per_test.items()}  # the target asks for two configurations
     return {"tests": len(met), "intervals": n, "above_zero": k,
             "chance_of_one_or_more_above_zero": 1 - 0.975 ** n,
             "chance_of_as_many_above_zero": float(binom.sf(k - 1, n, 0.025)) if k else 1.0,
-            "tests_met_on_both": [t for t, ok in met.items() if ok]}
+            "tests_above_zero_on_two_configurations": [t for t, ok in met.items() if ok]}
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
@@ -113,12 +116,12 @@ def markdown(rows: list[dict], summary: dict) -> str:
                      f"| {pts * r['diff']:+.1f} [{pts * r['ci_low']:+.1f}, {pts * r['ci_high']:+.1f}] "
                      f"| {'**yes**' if r['above_zero'] else 'no'} |")
     lines.append("")
-    lines.append(f"{summary['tests']} tests on both configurations, {summary['intervals']} intervals, "
+    lines.append(f"{summary['tests']} tests, {summary['intervals']} intervals, "
                  f"{summary['above_zero']} above zero; with no effect at all, at least one of {summary['intervals']} "
                  f"would be above zero with probability {summary['chance_of_one_or_more_above_zero']:.2f}, "
                  f"{summary['above_zero']} or more with probability {summary['chance_of_as_many_above_zero']:.3f}. "
                  f"Tests "
-                 f"above zero on both configurations: {', '.join(summary['tests_met_on_both']) or 'none'}.")
+                 f"above zero on two configurations or more: {', '.join(summary['tests_above_zero_on_two_configurations']) or 'none'}.")
     return "\n".join(lines) + "\n"
 
 

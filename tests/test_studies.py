@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pandas as pd
@@ -356,16 +357,19 @@ def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_pat
             (out / "seeds.json").write_text(json.dumps(seeds))
     tests = (al_tests.Test("a", "steady", "steady arm", ("c1", "c2")),
              al_tests.Test("b", "noisy", "noisy arm", ("c1", "c2")),
-             al_tests.Test("a", "steady", "a replication", ("c1",), counts=False))
+             al_tests.Test("a", "steady", "a replication", ("c1",), counts=False),
+             al_tests.Test("a", "steady", "one configuration only", ("c2",)))
     rows = al_tests.rows_of(tests, tmp_path)
     assert [(r["test"], r["configuration"]) for r in rows] == [
-        ("steady arm", "c1"), ("steady arm", "c2"), ("noisy arm", "c1"), ("noisy arm", "c2"), ("a replication", "c1")]
+        ("steady arm", "c1"), ("steady arm", "c2"), ("noisy arm", "c1"), ("noisy arm", "c2"), ("a replication", "c1"),
+        ("one configuration only", "c2")]
     assert rows[0]["diff"] == pytest.approx(0.0315) and rows[0]["above_zero"] and not rows[2]["above_zero"]
     summary = al_tests.tally(rows)
-    assert summary["tests"] == 2 and summary["intervals"] == 4 and summary["above_zero"] == 2  # replication not counted
-    assert summary["tests_met_on_both"] == ["steady arm"]
-    assert summary["chance_of_one_or_more_above_zero"] == pytest.approx(1 - 0.975 ** 4)
-    assert summary["chance_of_as_many_above_zero"] == pytest.approx(1 - 0.975 ** 4 - 4 * 0.025 * 0.975 ** 3)
+    assert summary["tests"] == 3 and summary["intervals"] == 5 and summary["above_zero"] == 3  # replication not counted
+    assert summary["tests_above_zero_on_two_configurations"] == ["steady arm"]  # one configuration cannot meet it
+    assert summary["chance_of_one_or_more_above_zero"] == pytest.approx(1 - 0.975 ** 5)
+    p0, p1, p2 = (math.comb(5, k) * 0.025 ** k * 0.975 ** (5 - k) for k in range(3))
+    assert summary["chance_of_as_many_above_zero"] == pytest.approx(1 - p0 - p1 - p2)
     table = al_tests.markdown(rows, summary)
     assert "| steady arm (steady) | `c1` | 0.630 | 0.662 | +3.2 [" in table and "| **yes** |" in table
 
