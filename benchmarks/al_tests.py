@@ -102,8 +102,8 @@ def tally(rows: list[dict]) -> dict:
     per_test = {t: [r["above_zero"] for r in counted if r["test"] == t] for t in dict.fromkeys(r["test"] for r in counted)}
     met = {t: len(v) >= 2 and all(v) for t, v in per_test.items()}  # the target asks for two configurations
     return {"tests": len(met), "intervals": n, "above_zero": k,
-            "chance_of_one_or_more_above_zero": 1 - 0.975 ** n,
-            "chance_of_as_many_above_zero": float(binom.sf(k - 1, n, 0.025)) if k else 1.0,
+            "chance_of_one_or_more_above_zero": float(binom.sf(0, n, 0.025)),
+            "chance_of_as_many_above_zero": float(binom.sf(k - 1, n, 0.025)),
             "tests_above_zero_on_two_configurations": [t for t, ok in met.items() if ok]}
 
 
