@@ -4,9 +4,12 @@ Issue 13 asks that the default query strategy beat random with a 95 % interval t
 configurations not used to choose it. Each test below was declared in ``benchmarks/FINDINGS.md`` before it ran and
 wrote ``reports/<dir>/<configuration>/seeds.json`` (``spatial seeds --al-curve``: per arm the mean AUBC, per other
 arm the paired difference to random). This script reads them all and writes one table, so the README quotes a file
-rather than copying numbers, and counts how often chance alone would put an interval above zero.
+rather than copying numbers, and counts how often chance alone would put an interval above zero. For each row it
+also says what the test could see: the seed-to-seed spread of the paired difference (read back from its interval),
+the smallest true difference its seeds put above zero with probability 0.8 (``detectable``), and the seeds a rerun
+would need for a true difference of the first ``--effect`` (one point of AUBC unless told; ``seeds_needed``).
 
-    python benchmarks/al_tests.py [--out reports/al_tests]      # writes table.md and tests.json
+    python benchmarks/al_tests.py [--out reports/al_tests] [--effect 0.01 0.02]   # writes table.md and tests.json
 """
 
 from __future__ import annotations
@@ -17,9 +20,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from scipy.stats import binom
+import numpy as np
+from scipy.optimize import brentq
+from scipy.stats import binom, nct
+from scipy.stats import t as student_t
 
 ROOT = Path(__file__).resolve().parents[1]
+POWER = 0.8  # the chance an interval lies above zero, for ``detectable`` and ``seeds_needed``
+MOST_SEEDS = 5000  # seeds_needed searches up to here; beyond, it says ">5000"
 
 
 @dataclass(frozen=True)
@@ -87,10 +95,53 @@ def rows_of(tests: tuple[Test, ...], reports: Path) -> list[dict]:
                 s = json.loads(path.read_text())
             a = t.arm
             rows.append({"test": t.what, "dir": t.dir, "configuration": name, "arm": a, "counts": t.counts,
-                         "seeds": s[f"{a}/n"], "random": s["random/mean"], "strategy": s[f"{a}/mean"],
+                         "seeds": int(s[f"{a}/n"]), "random": s["random/mean"], "strategy": s[f"{a}/mean"],
                          "diff": s[f"{a}/diff_mean"], "ci_low": s[f"{a}/diff_ci_low"],
                          "ci_high": s[f"{a}/diff_ci_high"], "above_zero": s[f"{a}/diff_ci_low"] > 0})
     return rows
+
+
+def paired_sd(ci_low: float, ci_high: float, n: int) -> float:
+    """The seed-to-seed standard deviation of a paired difference, read back from its 95 % t-interval
+    (``training.evaluation.seeds.mean_interval``: half-width ``t(0.975, n-1) sd / sqrt(n)``)."""
+    return (ci_high - ci_low) / 2 * np.sqrt(n) / student_t.ppf(0.975, n - 1)
+
+
+def power(effect: float, sd: float, n: np.ndarray | int) -> np.ndarray:
+    """The probability that a paired 95 % t-interval over ``n`` seeds lies wholly above zero when the true mean
+    difference is ``effect`` and its seed-to-seed SD ``sd`` (noncentral t)."""
+    n = np.asarray(n)
+    return nct.sf(student_t.ppf(0.975, n - 1), n - 1, effect * np.sqrt(n) / sd)
+
+
+def detectable(sd: float, n: int, at: float = POWER) -> float:
+    """The smallest true mean difference that ``n`` seeds put above zero with probability ``at``."""
+    return float(brentq(lambda e: power(e, sd, n) - at, 1e-9, 100 * sd))
+
+
+def seeds_needed(effect: float, sd: float, at: float = POWER, most: int = MOST_SEEDS) -> int | None:
+    """The fewest seeds that put a true mean difference ``effect`` above zero with probability ``at``; None beyond
+    ``most``."""
+    n = np.arange(2, most + 1)
+    reached = power(effect, sd, n) >= at
+    return int(n[reached.argmax()]) if reached.any() else None
+
+
+def add_power(rows: list[dict], effect: float) -> list[dict]:
+    """Each row with ``sd`` (of the paired difference), ``detectable`` and ``seeds_needed`` (at ``effect``)."""
+    for r in rows:
+        r["sd"] = float(paired_sd(r["ci_low"], r["ci_high"], r["seeds"]))
+        r["detectable"] = detectable(r["sd"], r["seeds"])
+        r["seeds_needed"] = seeds_needed(effect, r["sd"])
+    return rows
+
+
+def pooled_spread(rows: list[dict], effects: list[float]) -> dict:
+    """The SD of the paired difference pooled over every row (variances weighted by their degrees of freedom), and
+    the seeds a test at that spread needs for each of ``effects``: figures steadier than any row's own."""
+    df = np.array([r["seeds"] - 1 for r in rows])
+    sd = float(np.sqrt(np.sum(df * np.array([r["sd"] for r in rows]) ** 2) / df.sum()))
+    return {"sd_pooled": sd, "seeds_needed_pooled": {str(e): seeds_needed(e, sd) for e in effects}}
 
 
 def tally(rows: list[dict]) -> dict:
@@ -107,21 +158,31 @@ def tally(rows: list[dict]) -> dict:
             "tests_above_zero_on_two_configurations": [t for t, ok in met.items() if ok]}
 
 
-def markdown(rows: list[dict], summary: dict) -> str:
+def markdown(rows: list[dict], summary: dict, effect: float) -> str:
     pts = 100  # AUBC differences in points of balanced accuracy
+    pooled = ", ".join(f"{pts * float(e):+.1f} points with {n or f'more than {MOST_SEEDS}'}"
+                       for e, n in summary["seeds_needed_pooled"].items())
+
     lines = ["| test (declared in benchmarks/FINDINGS.md) | configuration | random AUBC | strategy AUBC | "
-             "strategy minus random, points [95 % CI] | above zero |", "|---|---|---|---|---|---|"]
+             "strategy minus random, points [95 % CI] | above zero | seeds | SD of the difference, points | "
+             f"smallest difference its seeds find {100 * POWER:.0f} % of the time, points | "
+             f"seeds needed for {pts * effect:+.1f} points |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['test']} ({r['arm']}) | `{r['configuration']}` | {r['random']:.3f} | {r['strategy']:.3f} "
                      f"| {pts * r['diff']:+.1f} [{pts * r['ci_low']:+.1f}, {pts * r['ci_high']:+.1f}] "
-                     f"| {'**yes**' if r['above_zero'] else 'no'} |")
+                     f"| {'**yes**' if r['above_zero'] else 'no'} | {r['seeds']} | {pts * r['sd']:.1f} "
+                     f"| {pts * r['detectable']:.1f} | {r['seeds_needed'] or f'>{MOST_SEEDS}'} |")
     lines.append("")
     lines.append(f"{summary['tests']} tests, {summary['intervals']} intervals, "
                  f"{summary['above_zero']} above zero; with no effect at all, at least one of {summary['intervals']} "
                  f"would be above zero with probability {summary['chance_of_one_or_more_above_zero']:.2f}, "
                  f"{summary['above_zero']} or more with probability {summary['chance_of_as_many_above_zero']:.3f}. "
                  f"Tests "
-                 f"above zero on two configurations or more: {', '.join(summary['tests_above_zero_on_two_configurations']) or 'none'}.")
+                 f"above zero on two configurations or more: {', '.join(summary['tests_above_zero_on_two_configurations']) or 'none'}. "
+                 f"The seed-to-seed SD of the paired difference, pooled over the rows, is {pts * summary['sd_pooled']:.1f} "
+                 f"points; the seeds per configuration a test needs to find a true difference {100 * POWER:.0f} % of the "
+                 f"time: {pooled}.")
     return "\n".join(lines) + "\n"
 
 
@@ -129,16 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reports", type=Path, default=ROOT / "reports")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "al_tests")
+    ap.add_argument("--effect", type=float, nargs="+", default=[0.01, 0.02],
+                    help="true differences of AUBC to plan for (default 0.01 0.02: one and two points); the first "
+                         "sets the table's seeds-needed column")
     args = ap.parse_args(argv)
+    if not all(0 < e < 1 for e in args.effect):
+        print(f"error: --effect takes differences of AUBC between 0 and 1, got {args.effect}", file=sys.stderr)
+        return 2
     try:
-        rows = rows_of(TESTS, args.reports)
+        rows = add_power(rows_of(TESTS, args.reports), args.effect[0])
     except FileNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    summary = tally(rows)
-    text = markdown(rows, summary)
+    summary = {**tally(rows), **pooled_spread(rows, args.effect)}
+    text = markdown(rows, summary, args.effect[0])
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "tests.json").write_text(json.dumps({"rows": rows, **summary}, indent=1) + "\n")
+    (args.out / "tests.json").write_text(json.dumps({"rows": rows, "effects": args.effect, **summary}, indent=1) + "\n")
     (args.out / "table.md").write_text(text)
     print(text)
     return 0

@@ -370,7 +370,12 @@ def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_pat
     assert summary["chance_of_one_or_more_above_zero"] == pytest.approx(1 - 0.975 ** 5)
     p0, p1, p2 = (math.comb(5, k) * 0.025 ** k * 0.975 ** (5 - k) for k in range(3))
     assert summary["chance_of_as_many_above_zero"] == pytest.approx(1 - p0 - p1 - p2)
-    table = al_tests.markdown(rows, summary)
+    rows = al_tests.add_power(rows, effect=0.01)
+    diffs = [arms["steady"][s] - random[s] for s in random]
+    assert rows[0]["sd"] == pytest.approx(np.std(diffs, ddof=1))  # read back from the interval
+    spread = al_tests.pooled_spread(rows, effects=[0.01])  # every row has 4 seeds: the root of the mean variance
+    assert spread["sd_pooled"] == pytest.approx(np.sqrt(np.mean([r["sd"] ** 2 for r in rows])))
+    table = al_tests.markdown(rows, {**summary, **spread}, effect=0.01)
     assert "| steady arm (steady) | `c1` | 0.630 | 0.662 | +3.2 [" in table and "| **yes** |" in table
 
     (tmp_path / "b" / "c2" / "seeds.json").unlink()
@@ -382,3 +387,24 @@ def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_pat
     written = json.loads((tmp_path / "repo" / "tests.json").read_text())
     assert len(written["rows"]) == sum(len(t.configurations) for t in al_tests.TESTS)
     assert written["rows"][0]["dir"].endswith("results_intel.md") and written["rows"][0]["seeds"] == 10
+    assert al_tests.main(["--out", str(tmp_path / "repo"), "--effect", "0.01", "1.5"]) == 2  # a difference of AUBC is < 1
+
+
+def test_al_tests_seeds_needed_is_what_simulated_reruns_show():
+    """benchmarks/al_tests.py's power figures against simulation: paired differences drawn with a known mean and SD,
+    the interval of training.evaluation.seeds, and the share of reruns whose interval lies above zero."""
+    al_tests = _load_script("al_tests")
+    effect, sd = 0.017, 0.035
+    n = al_tests.seeds_needed(effect, sd)
+    assert 30 <= n <= 40  # the normal approximation, ((1.96 + 0.84) sd / effect)^2 = 33, plus the t's heavier tails
+    rng = np.random.default_rng(0)
+
+    def share_above_zero(seeds: int, reps: int = 4000) -> float:
+        draws = rng.normal(effect, sd, size=(reps, seeds))
+        return float(np.mean([mean_interval(d)["ci_low"] > 0 for d in draws]))
+
+    assert share_above_zero(n) == pytest.approx(0.8, abs=0.025)
+    assert share_above_zero(n // 2) < 0.6  # half the seeds: far from enough
+    assert al_tests.power(al_tests.detectable(sd, 20), sd, 20) == pytest.approx(0.8)
+    assert al_tests.detectable(sd, 80) < al_tests.detectable(sd, 20)
+    assert al_tests.seeds_needed(1e-6, sd) is None  # beyond the search
