@@ -59,6 +59,8 @@ TESTS = (
          ("seed2_basal",), counts=False),
     Test("al_transfer_skewed90", "power_bald",
          "a pool 90 % stimulated, a third configuration added after the second missed, 20 seeds", ("seed3_default",)),
+    Test("al_powered", "power_bald", "a pool 90 % stimulated, two new configurations, 35 seeds sized for +1.7 points",
+         ("seed4_default", "seed5_3000")),
 )
 
 
