@@ -164,7 +164,6 @@ def markdown(rows: list[dict], summary: dict, effect: float) -> str:
     pts = 100  # AUBC differences in points of balanced accuracy
     pooled = ", ".join(f"{pts * float(e):+.1f} points with {n or f'more than {MOST_SEEDS}'}"
                        for e, n in summary["seeds_needed_pooled"].items())
-
     lines = ["| test (declared in benchmarks/FINDINGS.md) | configuration | random AUBC | strategy AUBC | "
              "strategy minus random, points [95 % CI] | above zero | seeds | SD of the difference, points | "
              f"smallest difference its seeds find {100 * POWER:.0f} % of the time, points | "
