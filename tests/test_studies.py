@@ -355,15 +355,20 @@ def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_pat
             out.mkdir(parents=True)
             seeds = compare_arms({"random": random, arm: arms[arm]}, "random")
             (out / "seeds.json").write_text(json.dumps(seeds))
+    last = {s: v + 0.05 + 0.01 * s for s, v in random.items()}  # the steady arm at the last budget: +6.5, SD 1.3
+    (tmp_path / "a" / "c1" / "seeds_at80.json").write_text(json.dumps(compare_arms({"random": random, "steady": last},
+                                                                                  "random")))
     tests = (al_tests.Test("a", "steady", "steady arm", ("c1", "c2")),
              al_tests.Test("b", "noisy", "noisy arm", ("c1", "c2")),
              al_tests.Test("a", "steady", "a replication", ("c1",), counts=False),
-             al_tests.Test("a", "steady", "one configuration only", ("c2",)))
+             al_tests.Test("a", "steady", "one configuration only", ("c2",)),
+             al_tests.Test("a", "steady", "at the last budget", ("c1",), counts=False, measure="at80"))
     rows = al_tests.rows_of(tests, tmp_path)
     assert [(r["test"], r["configuration"]) for r in rows] == [
         ("steady arm", "c1"), ("steady arm", "c2"), ("noisy arm", "c1"), ("noisy arm", "c2"), ("a replication", "c1"),
-        ("one configuration only", "c2")]
+        ("one configuration only", "c2"), ("at the last budget", "c1")]
     assert rows[0]["diff"] == pytest.approx(0.0315) and rows[0]["above_zero"] and not rows[2]["above_zero"]
+    assert rows[-1]["measure"] == "at80" and rows[-1]["diff"] == pytest.approx(0.065)  # read from seeds_at80.json
     summary = al_tests.tally(rows)
     assert summary["tests"] == 3 and summary["intervals"] == 5 and summary["above_zero"] == 3  # replication not counted
     assert summary["tests_above_zero_on_two_configurations"] == ["steady arm"]  # one configuration cannot meet it
@@ -373,10 +378,12 @@ def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_pat
     rows = al_tests.add_power(rows, effect=0.01)
     diffs = [arms["steady"][s] - random[s] for s in random]
     assert rows[0]["sd"] == pytest.approx(np.std(diffs, ddof=1))  # read back from the interval
-    spread = al_tests.pooled_spread(rows, effects=[0.01])  # every row has 4 seeds: the root of the mean variance
-    assert spread["sd_pooled"] == pytest.approx(np.sqrt(np.mean([r["sd"] ** 2 for r in rows])))
-    table = al_tests.markdown(rows, {**summary, **spread}, effect=0.01)
-    assert "| steady arm (steady) | `c1` | 0.630 | 0.662 | +3.2 [" in table and "| **yes** |" in table
+    spread = al_tests.spread_by_measure(rows, effects=[0.01])  # every row has 4 seeds: the root of the mean variance
+    assert spread["aubc"]["sd_pooled"] == pytest.approx(np.sqrt(np.mean([r["sd"] ** 2 for r in rows[:-1]])))
+    assert spread["at80"]["sd_pooled"] == pytest.approx(np.std([last[s] - random[s] for s in random], ddof=1))
+    table = al_tests.markdown(rows, {**summary, "spread": spread}, effect=0.01)
+    assert "| steady arm (steady) | `c1` | AUBC | 0.630 | 0.662 | +3.2 [" in table and "| **yes** |" in table
+    assert "| at the last budget (steady) | `c1` | at 80 labels | 0.630 | 0.695 | +6.5 [" in table
 
     (tmp_path / "b" / "c2" / "seeds.json").unlink()
     with pytest.raises(FileNotFoundError, match="b/c2/seeds.json is missing"):
