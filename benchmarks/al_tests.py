@@ -47,6 +47,12 @@ class Test:
     counts: bool = True  # a test of the target on both configurations (False: a replication, or an observation)
     measure: str = "aubc"
 
+    def __post_init__(self) -> None:
+        if self.measure not in MEASURES:
+            raise ValueError(f"measure {self.measure!r} is not one of {sorted(MEASURES)}")
+        if self.dir.endswith(".md") and self.measure != "aubc":
+            raise ValueError(f"{self.dir}: a pipeline summary holds the AUBC only, not {self.measure!r}")
+
 
 TESTS = (
     Test("benchmarks/studies/results_intel.md", "power_bald",
@@ -113,8 +119,8 @@ def rows_of(tests: tuple[Test, ...], reports: Path) -> list[dict]:
                 s = json.loads(path.read_text())
             a = t.arm
             rows.append({"test": t.what, "dir": t.dir, "configuration": name, "arm": a, "counts": t.counts,
-                         "measure": t.measure, "seeds": int(s[f"{a}/n"]), "random": s["random/mean"], "strategy": s[f"{a}/mean"],
-                         "diff": s[f"{a}/diff_mean"], "ci_low": s[f"{a}/diff_ci_low"],
+                         "measure": t.measure, "seeds": int(s[f"{a}/n"]), "random": s["random/mean"],
+                         "strategy": s[f"{a}/mean"], "diff": s[f"{a}/diff_mean"], "ci_low": s[f"{a}/diff_ci_low"],
                          "ci_high": s[f"{a}/diff_ci_high"], "above_zero": s[f"{a}/diff_ci_low"] > 0})
     return rows
 

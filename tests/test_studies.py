@@ -385,6 +385,10 @@ def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_pat
     assert "| steady arm (steady) | `c1` | AUBC | 0.630 | 0.662 | +3.2 [" in table and "| **yes** |" in table
     assert "| at the last budget (steady) | `c1` | at 80 labels | 0.630 | 0.695 | +6.5 [" in table
 
+    with pytest.raises(ValueError, match="'at40' is not one of"):
+        al_tests.Test("a", "steady", "a measure no run wrote", measure="at40")
+    with pytest.raises(ValueError, match="holds the AUBC only"):
+        al_tests.Test("results.md", "steady", "a summary read at 80 labels", measure="at80")
     (tmp_path / "b" / "c2" / "seeds.json").unlink()
     with pytest.raises(FileNotFoundError, match="b/c2/seeds.json is missing"):
         al_tests.rows_of(tests, tmp_path)
