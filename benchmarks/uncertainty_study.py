@@ -52,6 +52,7 @@ from training.uncertainty.calibration import (
 from training.uncertainty.decompose import softmax
 from training.uncertainty.ensemble import Ensemble
 from training.uncertainty.novelty import NOVELTY_KINDS, make_novelty, novelty_inputs, stage_features
+from training.uncertainty.pixel_descriptor import pixel_descriptor
 from training.uncertainty.shift import atc_threshold, label_free_temperature
 
 SETS: dict = {}  # --set overrides, applied to every run
@@ -64,11 +65,12 @@ CONTROL_CLASSES = ["stimulated", "unstimulated", "atg5_ko", "ei24_ko"]
 
 
 def member_outputs(model: torch.nn.Module, cells: pd.DataFrame, params, channels: list[str]) -> dict[str, np.ndarray]:
-    """Penultimate features, logits and multi-stage pooled features of ``cells`` (table order)."""
+    """Penultimate features, logits, multi-stage pooled features and the pixel descriptor of ``cells`` (table
+    order)."""
     loader = loader_for(cells, params.data, channels, shuffle=False, seed=0, cache=False, batch_size=256)
-    out = predict(model, loader, with_features=True, pool_stages=stage_features)
+    out = predict(model, loader, with_features=True, pool_stages=stage_features, describe_pixels=pixel_descriptor)
     order = np.argsort(out["idx"], kind="stable")
-    return {k: out[k][order] for k in ("features", "logits", "stages")}
+    return {k: out[k][order] for k in ("features", "logits", "stages", "pixels")}
 
 
 def novelty_by_kind(train: dict, train_y: np.ndarray, queries: dict[str, dict], params, seed: int
@@ -325,10 +327,20 @@ def loco_part(params_path: str | None, seed: int = 0, partial: Path | None = Non
     return {"folds": folds, "mean_auroc": mean, "chosen": max(mean, key=mean.get)}
 
 
+def loco_over_seeds(runs: list[dict]) -> dict:
+    """Several seeds' ``loco_part``: per kind the mean over every (fold, seed), each seed's mean, and the pick."""
+    kinds = list(runs[0]["mean_auroc"])
+    mean = {k: float(np.mean([f[k] for r in runs for f in r["folds"].values()])) for k in kinds}
+    return {"seeds": runs, "mean_auroc": mean, "mean_auroc_per_seed": {k: [r["mean_auroc"][k] for r in runs] for k in kinds},
+            "chosen": max(mean, key=mean.get)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--part", choices=["calibration", "loco", "both"], default="both")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--loco-seeds", type=int, default=1,
+                    help="leave-one-class-out with train.seed 0..N-1; the pick is the best mean over every fold and seed")
     ap.add_argument("--first-seed", type=int, default=0, help="train.seed of the first ensemble (then +1, +2, ...)")
     ap.add_argument("--members", type=int, default=3)
     ap.add_argument("--model", type=Path, default=None,
@@ -346,7 +358,8 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     ok = True
     if a.part in ("loco", "both"):
-        loco = loco_part(a.params, partial=out / "loco_partial.json")
+        runs = [loco_part(a.params, seed, partial=out / f"loco_partial_seed{seed}.json") for seed in range(a.loco_seeds)]
+        loco = runs[0] if len(runs) == 1 else loco_over_seeds(runs)
         (out / "loco.json").write_text(json.dumps(loco, indent=2))
         print(json.dumps({"loco_mean_auroc": loco["mean_auroc"], "chosen": loco["chosen"]}, indent=2))
         ok &= loco["mean_auroc"][loco["chosen"]] >= 0.5

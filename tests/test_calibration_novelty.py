@@ -14,16 +14,18 @@ from training.uncertainty.calibration import (
 from training.uncertainty.decompose import decompose, decompose_pooled, softmax
 from training.uncertainty.novelty import (
     NOVELTY_KINDS,
-    EnergyMultistage,
     EnergyNovelty,
     KNNNovelty,
+    PixelKNN,
     RelativeMahalanobis,
     energy_score,
     make_novelty,
     novelty_from_dict,
+    novelty_inputs,
     novelty_to_dict,
     stage_features,
 )
+from training.uncertainty.pixel_descriptor import feature_names, pixel_descriptor
 
 
 def _overconfident_members(seed: int = 0, n: int = 4000, m: int = 3, k: int = 3):
@@ -178,7 +180,7 @@ def test_knn_leave_self_out_measures_training_cells_like_new_ones():
 def test_energy_multistage_is_the_sum_of_both_scores_scaled_by_their_training_iqr():
     rng = np.random.default_rng(2)
     train = {"logits": rng.normal(0, 2, (300, 2)), "stages": rng.normal(0, 1, (300, 5))}
-    nov = EnergyMultistage(k=3).fit(train)
+    nov = make_novelty("energy_multistage", k=3).fit(train)
     e = energy_score(train["logits"])
     kd = KNNNovelty(k=3).fit(train["stages"]).score(train["stages"], leave_self_out=True)
     for got, raw in zip(nov.centre_, (e, kd), strict=True):
@@ -213,15 +215,72 @@ def test_every_kind_flags_a_far_cluster_and_round_trips(kind):
     outlier = np.array([0, 0, 4.0, 0]) + rng.normal(0, 0.5, (50, 4))
     nov = make_novelty(kind, k=5)
     w = centres.T  # energy: logits of a linear head on the same features
-    if nov.input == "logits":
-        train, inlier, outlier = train @ w, inlier @ w, outlier @ w
-    elif nov.input == "logits+stages":
-        train, inlier, outlier = ({"logits": v @ w, "stages": v} for v in (train, inlier, outlier))
-    nov.fit(train, labels)
-    assert nov.score(outlier).min() > np.median(nov.score(inlier))
+
+    def outputs(v: np.ndarray) -> dict[str, np.ndarray]:  # what a member's forward pass hands each kind
+        return novelty_inputs(nov, {"features": v, "stages": v, "pixels": v, "logits": v @ w})
+
+    nov.fit(outputs(train), labels)
+    assert nov.score(outputs(outlier)).min() > np.median(nov.score(outputs(inlier)))
     again = novelty_from_dict({k: np.asarray(v) for k, v in novelty_to_dict(nov).items()})
     assert again.kind == kind
-    np.testing.assert_allclose(again.score(outlier), nov.score(outlier), rtol=1e-6)
+    np.testing.assert_allclose(again.score(outputs(outlier)), nov.score(outputs(outlier)), rtol=1e-6)
+
+
+def test_energy_multistage_saved_before_the_sums_were_general_still_loads():
+    rng = np.random.default_rng(3)
+    train = {"logits": rng.normal(0, 2, (100, 2)), "stages": rng.normal(0, 1, (100, 5))}
+    nov = make_novelty("energy_multistage", k=3).fit(train)
+    knn = nov.parts[1].to_dict()  # the earlier layout: the kNN's keys unprefixed beside centre and scale
+    old = {"kind": np.asarray("energy_multistage"), **{k: np.asarray(v) for k, v in knn.items()},
+           "centre": nov.centre_, "scale": nov.scale_}
+    np.testing.assert_allclose(novelty_from_dict(old).score(train), nov.score(train), rtol=1e-6)
+    with pytest.raises(ModelError, match="'centre' and 'scale' need 2 entries"):
+        novelty_from_dict({**old, "centre": np.zeros(3)})
+
+
+def test_pixel_knn_keeps_the_brightness_that_unit_vectors_drop():
+    """A cell whose every statistic is 4x a training cell's points the same way (unit-vector kNN: 0 away) but is
+    far brighter: the pixel kNN, on log-compressed standardised statistics, flags it."""
+    rng = np.random.default_rng(4)
+    train = rng.uniform(1.0, 2.0, (300, 6))
+    brighter = 4.0 * train[:20]
+    knn, pix = KNNNovelty(k=1).fit(train), PixelKNN(k=1).fit(train)
+    np.testing.assert_allclose(knn.score(brighter), 0.0, atol=1e-3)
+    assert pix.score(brighter).min() > np.quantile(pix.score(train, leave_self_out=True), 0.99)
+    np.testing.assert_allclose(pix.score(train[:5]), 0.0, atol=1e-6)  # each training cell finds itself
+    z = pix.transform(train)  # signed log of x / its median magnitude, then standardised on the training cells
+    ref = np.log1p(train / np.median(train, axis=0))
+    np.testing.assert_allclose(z, (ref - ref.mean(0)) / ref.std(0), rtol=1e-9)
+    with pytest.raises(ValueError, match=r"features must have shape \(N, 6\)"):
+        pix.score(train[:, :5])
+    with pytest.raises(ModelError, match="missing keys"):
+        novelty_from_dict({"kind": np.asarray("pixel_knn"), "bank": train})
+
+
+def test_pixel_descriptor_statistics_of_known_images():
+    flat = np.full((1, 1, 32, 32), 0.25, dtype=np.float32)
+    d = dict(zip(feature_names(1), pixel_descriptor(flat)[0], strict=True))
+    assert len(d) == 25
+    assert d["c0/image/mean"] == pytest.approx(0.25) and d["c0/image/q99"] == pytest.approx(0.25)
+    assert d["c0/image/std"] == pytest.approx(0.0, abs=1e-7)
+    for name in ("dog_1_2", "dog_2_4", "dog_4_8", "gradient"):  # a flat image has no blobs and no edges
+        assert abs(d[f"c0/{name}/mean"]) < 1e-6 and d[f"c0/{name}/q99"] < 1e-6
+    # a puncta-sized spot (sigma 1 px) answers the 1-2 px band most; an aggregate (sigma 6 px) the 4-8 px band
+    yy, xx = np.mgrid[:64, :64]
+    bands = {}
+    for sigma in (1.0, 6.0):
+        img = np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / (2 * sigma**2)).astype(np.float32)[None, None]
+        got = dict(zip(feature_names(1), pixel_descriptor(img)[0], strict=True))
+        bands[sigma] = [got[f"c0/dog_{b}/std"] for b in ("1_2", "2_4", "4_8")]
+    assert bands[1.0][0] > bands[1.0][1] > bands[1.0][2] > 0
+    assert bands[6.0][2] > bands[6.0][1] > bands[6.0][0] > 0
+    spot = np.exp(-((yy - 32) ** 2 + (xx - 32) ** 2) / 2.0).astype(np.float32)[None, None]
+    flat = np.full((1, 1, 64, 64), 0.25, dtype=np.float32)
+    two = pixel_descriptor(np.concatenate([np.repeat(flat, 2, 1), np.repeat(spot, 2, 1)]))
+    assert two.shape == (2, 50)  # channels one after the other
+    np.testing.assert_allclose(two[1, :25], two[1, 25:])
+    with pytest.raises(ValueError, match=r"shape \(N, C, H, W\)"):
+        pixel_descriptor(np.zeros((32, 32)))
 
 
 def test_old_files_without_kind_are_mahalanobis_and_unknown_kind_is_refused():
@@ -271,3 +330,36 @@ def test_refit_novelty_switches_the_score_without_retraining(tiny_ensemble, tiny
     with torch.no_grad():
         logits = [m(again.preprocess(again.select_channels(x))).numpy() for m in again.members]
     np.testing.assert_allclose(out["novelty"], np.mean([energy_score(z) for z in logits], axis=0), rtol=1e-5)
+
+
+def test_an_ensemble_scores_the_pixel_knn_of_its_own_input(tiny_ensemble, tiny_manifest, tmp_path):
+    """Refit to ``energy_multistage_pixel`` and back from disk: the served novelty is the members' mean of the sum
+    whose pixel part reads the descriptor of the model-ready image (the same for every member)."""
+    import torch
+    from conftest import tiny_params
+
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.regimes.ensemble_training import refit_novelty
+    from training.uncertainty.ensemble import Ensemble
+
+    params = tiny_params(tmp_path, uncertainty={"novelty": "energy_multistage_pixel"})
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), params.split)
+    data = prepare_data(table, summary["classes"], params)
+    refit_novelty(Ensemble.load(tiny_ensemble), data, params).save(tmp_path / "e")
+    ens = Ensemble.load(tmp_path / "e")
+    assert [n.kind for n in ens.novelty] == ["energy_multistage_pixel"] * ens.spec.n_members
+    x = np.random.default_rng(1).uniform(0, 1, (5, 1, 32, 32)).astype(np.float32)
+    ready = ens.preprocess(ens.select_channels(x))
+    with torch.no_grad():
+        pixel_part = [nov.parts[2].score(pixel_descriptor(ready)) for nov in ens.novelty]
+        expected = []
+        for model, nov in zip(ens.members, ens.novelty, strict=True):
+            feats, maps = model.forward_intermediates(ready)  # the stage maps the ensemble pools
+            logits = model.forward_head(feats).numpy()
+            raw = np.c_[energy_score(logits), nov.parts[1].score(stage_features(maps)), nov.parts[2].score(
+                pixel_descriptor(ready))]
+            expected.append(((raw - nov.centre_) / nov.scale_).sum(axis=1))
+    np.testing.assert_allclose(ens.predict_images(x)["novelty"], np.mean(expected, axis=0), rtol=1e-5)
+    assert np.ptp(pixel_part[0]) > 0  # the pixel part tells these cells apart

@@ -475,11 +475,13 @@ def forward(model: nn.Module, x: Tensor, mc_dropout: int = 0, with_features: boo
 def predict(
     model: nn.Module, data: Iterable[dict], device: torch.device | str | None = None, mc_dropout: int = 0,
     with_features: bool = True, amp: bool = True, pool_stages: Callable[[list], np.ndarray] | None = None,
+    describe_pixels: Callable[[Tensor], np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """Logits (N, K) — or (S, N, K) with ``mc_dropout=S`` (see :func:`forward`) — plus penultimate ``features``
     (N, D, dropout off), ``idx`` and ``label`` (N,) over every batch of ``data``. With ``pool_stages`` (e.g.
     ``training.uncertainty.novelty.stage_features``) also ``stages``: its rows for the backbone stage maps of the
-    same forward pass."""
+    same forward pass; with ``describe_pixels`` (``training.uncertainty.pixel_descriptor.pixel_descriptor``) also
+    ``pixels``: its rows for the input images."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
     was_training = model.training
@@ -495,6 +497,8 @@ def predict(
             out["logits"].append(logits.cpu())
             if maps is not None:
                 out["stages"].append(torch.from_numpy(pool_stages(maps)))
+            if describe_pixels is not None:
+                out["pixels"].append(torch.from_numpy(describe_pixels(x)))
             if with_features:
                 out["features"].append(feats.cpu())
             idx = batch.get("idx")
@@ -515,4 +519,6 @@ def predict(
         res["features"] = torch.cat(out["features"]).numpy()
     if pool_stages is not None:
         res["stages"] = torch.cat(out["stages"]).numpy()
+    if describe_pixels is not None:
+        res["pixels"] = torch.cat(out["pixels"]).numpy()
     return res

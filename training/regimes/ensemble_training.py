@@ -31,6 +31,7 @@ from training.regimes.semisupervised import training_stream
 from training.uncertainty.calibration import fit_pooled_temperature, fit_temperature, pooled_log_probs
 from training.uncertainty.ensemble import Ensemble, EnsembleSpec
 from training.uncertainty.novelty import NoveltyModel, make_novelty, novelty_inputs, stage_features
+from training.uncertainty.pixel_descriptor import pixel_descriptor
 from training.uncertainty.shift import atc_threshold, finite_or_none
 
 NOVELTY_QUANTILES = (0.5, 0.9, 0.95, 0.975, 0.99, 0.995, 0.999)
@@ -90,7 +91,8 @@ def fit_novelty(model, loader: CellLoader, params: Params, seed: int, device) ->
     """The ``uncertainty.novelty`` model of one member, fitted on the cells of ``loader`` (the training cells)."""
     nov = make_novelty(params.uncertainty.novelty, params.uncertainty.knn_k, params.uncertainty.knn_bank, seed)
     tr = predict(model, loader, device=device, with_features="features" in nov.input,
-                 pool_stages=stage_features if "stages" in nov.input else None)
+                 pool_stages=stage_features if "stages" in nov.input else None,
+                 describe_pixels=pixel_descriptor if "pixels" in nov.input else None)
     return nov.fit(novelty_inputs(nov, tr), tr["label"])
 
 

@@ -38,6 +38,7 @@ from training.errors import DataError, ModelError
 from training.models.factory import build_model
 from training.uncertainty.decompose import decompose, decompose_pooled, softmax
 from training.uncertainty.novelty import NoveltyModel, novelty_from_dict, novelty_to_dict, stage_features
+from training.uncertainty.pixel_descriptor import pixel_descriptor
 
 SPEC_VERSION = 1
 OUTPUT_FIELDS = ("predicted_class", "confidence", "entropy", "aleatoric", "epistemic", "novelty")
@@ -143,9 +144,11 @@ class Ensemble:
 
     @staticmethod
     def _novelty_input(kind: str, model: torch.nn.Module, x: torch.Tensor, features: np.ndarray,
-                       logits: torch.Tensor, stages: list) -> np.ndarray | dict[str, np.ndarray]:
+                       logits: torch.Tensor, stages: list, pixels: np.ndarray | None = None
+                       ) -> np.ndarray | dict[str, np.ndarray]:
         """What a member's novelty model scores: penultimate ``features``, deterministic ``logits`` (the MC-dropout
-        samples are not: one more head pass then), pooled ``stages`` (the maps of the same forward pass), or a dict
+        samples are not: one more head pass then), pooled ``stages`` (the maps of the same forward pass), the
+        batch's ``pixels`` descriptor (the same for every member: computed once per batch by the caller), or a dict
         of several (``logits+stages``)."""
         if kind == "features":
             return features
@@ -154,7 +157,10 @@ class Ensemble:
             return det.cpu().numpy()
         if kind == "stages":
             return stage_features(stages)
-        return {part: Ensemble._novelty_input(part, model, x, features, logits, stages) for part in kind.split("+")}
+        if kind == "pixels":
+            return pixels
+        return {part: Ensemble._novelty_input(part, model, x, features, logits, stages, pixels)
+                for part in kind.split("+")}
 
     @torch.no_grad()
     def raw_outputs(self, x: torch.Tensor, with_features: bool = False) -> dict[str, np.ndarray]:
@@ -165,6 +171,7 @@ class Ensemble:
         samples = self.spec.mc_samples if self.spec.posterior == "mc_dropout" else 0
         logits, novelty, feats = [], [], []
         member_novelty, encoder_novelty = ([], self.novelty) if self.encoders else (self.novelty, [])
+        pixels = pixel_descriptor(x) if any("pixels" in n.input for n in member_novelty) else None
         for k, model in enumerate(self.members):
             maps: list | None = [] if member_novelty and "stages" in member_novelty[k].input else None
             lg, f = forward(model, x, mc_dropout=samples, with_features=True, stages=maps)
@@ -173,7 +180,7 @@ class Ensemble:
             f = f.cpu().numpy()
             if member_novelty:
                 nov = member_novelty[k]
-                novelty.append(nov.score(self._novelty_input(nov.input, model, x, f, lg, maps)))
+                novelty.append(nov.score(self._novelty_input(nov.input, model, x, f, lg, maps, pixels)))
             if with_features:
                 feats.append(f)
         for encoder, nov in zip(self.encoders, encoder_novelty, strict=True):

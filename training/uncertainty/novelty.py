@@ -12,8 +12,11 @@
   spatial standard deviation, L2-normalised, concatenated), so early intensity statistics and local structure count
   beside the penultimate morphology.
 - ``energy``: the negative free energy ``-logsumexp(logits)`` (Liu et al. 2020); nothing to fit.
-- ``energy_multistage``: ``energy`` and ``multistage_knn``, each scaled by its training cells' median and
-  interquartile range, summed (:class:`EnergyMultistage`).
+- ``pixel_knn``: distance to the k-th nearest training cell in a fixed, untrained description of the pixels at full
+  resolution (``training.uncertainty.pixel_descriptor``: intensity, blob and edge statistics), log-compressed and
+  standardised on the training cells (:class:`PixelKNN`).
+- ``energy_multistage``, ``energy_pixel``, ``energy_multistage_pixel``: the named scores, each scaled by its
+  training cells' median and interquartile range, summed (:class:`ScaledSum`).
 
 The fitted state is plain arrays (``to_dict`` / ``from_dict``) so it can be saved in an ``.npz`` next to a
 checkpoint; ``novelty_from_dict`` rebuilds any kind (files without a ``kind`` are ``mahalanobis``).
@@ -176,7 +179,8 @@ class GaussianDensity:
 
 # -- the other scores ------------------------------------------------------------------------------------
 
-NOVELTY_KINDS = ("mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "energy_multistage")
+NOVELTY_KINDS = ("mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "energy_multistage",
+                 "pixel_knn", "energy_pixel", "energy_multistage_pixel")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -310,56 +314,156 @@ class EnergyNovelty:
         return cls()
 
 
-class EnergyMultistage:
-    """``energy_multistage``: ``energy`` plus ``multistage_knn``, each centred on the median of its training-cell
-    scores and divided by their interquartile range, summed. The two fail in opposite places: energy flags cells the
-    logits fit badly (in-between phenotypes) but not a new structure the classifier maps onto a class; the
-    multi-stage kNN flags local structure no training cell has but not a cell between two classes. Training cells
-    are scored against the kNN bank leaving their own entry out."""
+class PixelKNN:
+    """``pixel_knn``: distance to the k-th nearest training cell in :func:`pixel_descriptor` space (no learned
+    features). Each statistic is compressed by a signed log (``sign(x) log(1 + |x| / m)``, ``m`` its median magnitude
+    on the training cells) and standardised on them; the distance is Euclidean, not on unit vectors, because how
+    bright and how large a cell's structures are is the signal (a few large aggregates, no puncta at all)."""
 
-    kind = "energy_multistage"
-    input = "logits+stages"
+    kind = "pixel_knn"
+    input = "pixels"
 
     def __init__(self, k: int = 10, max_bank: int = 5000, seed: int = 0) -> None:
-        self.knn = KNNNovelty(k, max_bank, seed, input="stages")
-        self.centre_: np.ndarray | None = None  # (2,): energy, kNN
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        self.k, self.max_bank, self.seed = int(k), int(max_bank), int(seed)
+        self.magnitude_: np.ndarray | None = None
+        self.mean_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+        self.bank_: np.ndarray | None = None
+
+    def _compress(self, x: np.ndarray) -> np.ndarray:
+        return np.sign(x) * np.log1p(np.abs(x) / self.magnitude_)
+
+    def transform(self, pixels: np.ndarray) -> np.ndarray:
+        """Descriptor rows -> the standardised space the bank lives in."""
+        if self.bank_ is None:
+            raise ModelError("PixelKNN is not fitted: call fit() or from_dict() first")
+        return (self._compress(_check_rows(pixels, self.bank_.shape[1])) - self.mean_) / self.scale_
+
+    def fit(self, pixels: np.ndarray, labels: np.ndarray | None = None) -> PixelKNN:
+        x = _check_rows(pixels)
+        if x.shape[0] == 0:
+            raise ValueError("pixel kNN novelty needs at least one training cell")
+        magnitude = np.median(np.abs(x), axis=0)
+        self.magnitude_ = np.where(magnitude > 0, magnitude, 1.0)
+        z = self._compress(x)
+        sd = z.std(axis=0)
+        self.mean_, self.scale_ = z.mean(axis=0), np.where(sd > 1e-12, sd, 1.0)
+        if x.shape[0] > self.max_bank:
+            z = z[np.sort(np.random.default_rng(self.seed).choice(x.shape[0], self.max_bank, replace=False))]
+        self.bank_ = (z - self.mean_) / self.scale_
+        return self
+
+    def score(self, pixels: np.ndarray, leave_self_out: bool = False) -> np.ndarray:
+        """Distance to the k-th nearest bank entry; ``leave_self_out``: a cell in the bank skips its own entry."""
+        z = self.transform(pixels)
+        bank = self.bank_
+        k = min(self.k, bank.shape[0])
+        bank_sq = (bank**2).sum(axis=1)
+        out = np.empty(z.shape[0])
+        for i in range(0, z.shape[0], 4096):  # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one BLAS product per chunk
+            q = z[i : i + 4096]
+            d = np.sqrt(np.clip((q**2).sum(axis=1)[:, None] + bank_sq[None] - 2.0 * (q @ bank.T), 0.0, None))
+            if leave_self_out:
+                nearest = d.argmin(axis=1)
+                own = d[np.arange(len(d)), nearest] < 1e-3
+                d[np.flatnonzero(own), nearest[own]] = np.inf
+            out[i : i + 4096] = np.partition(d, k - 1, axis=1)[:, k - 1]
+        return out
+
+    def to_dict(self) -> dict[str, np.ndarray | float]:
+        if self.bank_ is None:
+            raise ModelError("PixelKNN is not fitted")
+        return {"bank": self.bank_, "k": self.k, "magnitude": self.magnitude_, "mean": self.mean_,
+                "scale": self.scale_}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PixelKNN:
+        missing = [k for k in ("bank", "k", "magnitude", "mean", "scale") if k not in d]
+        if missing:
+            raise ModelError(f"pixel_knn novelty model is missing keys {missing}")
+        bank = np.asarray(d["bank"], dtype=np.float64)
+        obj = cls(k=int(np.asarray(d["k"])), max_bank=max(1, bank.shape[0]))
+        obj.bank_ = bank
+        obj.magnitude_, obj.mean_, obj.scale_ = (np.asarray(d[k], dtype=np.float64) for k in ("magnitude", "mean", "scale"))
+        if bank.ndim != 2 or any(a.shape != (bank.shape[1],) for a in (obj.magnitude_, obj.mean_, obj.scale_)):
+            raise ModelError(f"pixel_knn novelty model arrays have inconsistent shapes: bank {bank.shape}")
+        return obj
+
+
+_KNN = (KNNNovelty, PixelKNN)
+# a sum's parts, in order; the kNN parts score the training cells leaving their own bank entry out
+SUMS = {
+    "energy_multistage": ("energy", "multistage_knn"),
+    "energy_pixel": ("energy", "pixel_knn"),
+    "energy_multistage_pixel": ("energy", "multistage_knn", "pixel_knn"),
+}
+
+
+class ScaledSum:
+    """A sum of scores (``SUMS``), each centred on the median of its training-cell scores and divided by their
+    interquartile range. They fail in different places: energy flags cells the logits fit badly (in-between
+    phenotypes) but not a new structure the classifier maps onto a class; the multi-stage kNN flags local structure no
+    training cell has; the pixel kNN what the pixels show whatever the classifier learned. Training cells are scored
+    against a kNN bank leaving their own entry out."""
+
+    def __init__(self, kind: str, k: int = 10, max_bank: int = 5000, seed: int = 0) -> None:
+        if kind not in SUMS:
+            raise ModelError(f"unknown summed novelty score '{kind}'; expected one of {', '.join(SUMS)}")
+        self.kind = kind
+        self.parts = [make_novelty(p, k, max_bank, seed) for p in SUMS[kind]]
+        self.input = "+".join(dict.fromkeys(p.input for p in self.parts))
+        self.centre_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
 
-    def fit(self, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None) -> EnergyMultistage:
-        stages = _check_rows(inputs["stages"])
-        self.knn.fit(stages)
-        raw = np.c_[energy_score(inputs["logits"]), self.knn.score(stages, leave_self_out=True)]
+    def _raw(self, inputs: dict[str, np.ndarray], leave_self_out: bool = False) -> np.ndarray:
+        return np.stack([p.score(inputs[p.input], leave_self_out=True) if leave_self_out and isinstance(p, _KNN)
+                         else p.score(inputs[p.input]) for p in self.parts], axis=1)
+
+    def fit(self, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None) -> ScaledSum:
+        for p in self.parts:
+            p.fit(inputs[p.input], labels)
+        raw = self._raw(inputs, leave_self_out=True)
         q25, q50, q75 = np.quantile(raw, [0.25, 0.5, 0.75], axis=0)
         self.centre_, self.scale_ = q50, np.where(q75 - q25 > 0, q75 - q25, 1.0)
         return self
 
     def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         if self.centre_ is None:
-            raise ModelError("EnergyMultistage is not fitted: call fit() or from_dict() first")
-        raw = np.c_[energy_score(inputs["logits"]), self.knn.score(inputs["stages"])]
-        return ((raw - self.centre_) / self.scale_).sum(axis=1)
+            raise ModelError(f"{self.kind} is not fitted: call fit() or from_dict() first")
+        return ((self._raw(inputs) - self.centre_) / self.scale_).sum(axis=1)
 
     def to_dict(self) -> dict[str, np.ndarray | float]:
         if self.centre_ is None:
-            raise ModelError("EnergyMultistage is not fitted")
-        return {**self.knn.to_dict(), "centre": self.centre_, "scale": self.scale_}
+            raise ModelError(f"{self.kind} is not fitted")
+        parts = {f"{p.kind}/{key}": v for p in self.parts for key, v in p.to_dict().items()}
+        return {**parts, "centre": self.centre_, "scale": self.scale_}
 
     @classmethod
-    def from_dict(cls, d: dict) -> EnergyMultistage:
+    def from_dict(cls, kind: str, d: dict) -> ScaledSum:
         if "centre" not in d or "scale" not in d:
-            raise ModelError("energy_multistage novelty model needs the keys 'centre' and 'scale'")
-        obj = cls()
-        obj.knn = KNNNovelty.from_dict(d)
+            raise ModelError(f"{kind} novelty model needs the keys 'centre' and 'scale'")
+        obj = cls(kind)
+        legacy = kind == "energy_multistage" and "bank" in d  # saved before the sums were general: unprefixed kNN
+        parts = []
+        for p in obj.parts:
+            own = d if legacy else {key.split("/", 1)[1]: v for key, v in d.items() if key.startswith(f"{p.kind}/")}
+            parts.append(novelty_from_dict({"kind": p.kind, **own}))
+        obj.parts = parts
         obj.centre_ = np.asarray(d["centre"], dtype=np.float64)
         obj.scale_ = np.asarray(d["scale"], dtype=np.float64)
+        if obj.centre_.shape != (len(parts),) or obj.scale_.shape != (len(parts),):
+            raise ModelError(f"{kind} novelty model: 'centre' and 'scale' need {len(parts)} entries")
         return obj
 
 
-NoveltyModel = GaussianDensity | RelativeMahalanobis | KNNNovelty | EnergyNovelty | EnergyMultistage
+NoveltyModel = GaussianDensity | RelativeMahalanobis | KNNNovelty | EnergyNovelty | PixelKNN | ScaledSum
 
 
 def novelty_inputs(model: NoveltyModel, outputs: dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
-    """What ``model`` fits and scores, taken from a member's ``outputs`` (``features``, ``logits``, ``stages``)."""
+    """What ``model`` fits and scores, taken from a member's ``outputs`` (``features``, ``logits``, ``stages``,
+    ``pixels``)."""
     keys = model.input.split("+")
     return outputs[keys[0]] if len(keys) == 1 else {k: outputs[k] for k in keys}
 
@@ -374,8 +478,10 @@ def make_novelty(kind: str, k: int = 10, max_bank: int = 5000, seed: int = 0) ->
         return KNNNovelty(k, max_bank, seed, input="features" if kind == "knn" else "stages")
     if kind == "energy":
         return EnergyNovelty()
-    if kind == "energy_multistage":
-        return EnergyMultistage(k, max_bank, seed)
+    if kind == "pixel_knn":
+        return PixelKNN(k, max_bank, seed)
+    if kind in SUMS:
+        return ScaledSum(kind, k, max_bank, seed)
     raise ModelError(f"unknown novelty score '{kind}'; expected one of {', '.join(NOVELTY_KINDS)}")
 
 
@@ -396,8 +502,10 @@ def novelty_from_dict(d: dict) -> NoveltyModel:
         return KNNNovelty.from_dict(rest)
     if kind == "energy":
         return EnergyNovelty()
-    if kind == "energy_multistage":
-        return EnergyMultistage.from_dict(rest)
+    if kind == "pixel_knn":
+        return PixelKNN.from_dict(rest)
+    if kind in SUMS:
+        return ScaledSum.from_dict(kind, rest)
     raise ModelError(f"unknown novelty score '{kind}' in a saved model; expected one of {', '.join(NOVELTY_KINDS)}")
 
 
