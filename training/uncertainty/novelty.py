@@ -199,6 +199,25 @@ def _check_rows(x: np.ndarray, dim: int | None = None) -> np.ndarray:
     return x
 
 
+def kth_nearest(x: np.ndarray, bank: np.ndarray, k: int, leave_self_out: bool = False, own_below: float = 1e-3
+                ) -> np.ndarray:
+    """Euclidean distance of each row of ``x`` to its ``k``-th nearest row of ``bank`` (k capped at the bank's size),
+    one BLAS product per chunk (``|a - b|^2 = |a|^2 + |b|^2 - 2 a.b``). ``leave_self_out`` (scoring the bank's own
+    cells): a row whose nearest entry is closer than ``own_below`` (itself, up to the bank's rounding) skips it."""
+    k = min(k, bank.shape[0])
+    bank_sq = (bank**2).sum(axis=1)
+    out = np.empty(x.shape[0])
+    for i in range(0, x.shape[0], 4096):
+        q = x[i : i + 4096]
+        d = np.sqrt(np.clip((q**2).sum(axis=1)[:, None] + bank_sq[None] - 2.0 * (q @ bank.T), 0.0, None))
+        if leave_self_out:
+            nearest = d.argmin(axis=1)
+            own = d[np.arange(len(d)), nearest] < own_below
+            d[np.flatnonzero(own), nearest[own]] = np.inf
+        out[i : i + 4096] = np.partition(d, k - 1, axis=1)[:, k - 1]
+    return out
+
+
 def energy_score(logits: np.ndarray) -> np.ndarray:
     """Negative free energy ``-logsumexp(logits)`` (N,): low for cells the classifier's logits fit well."""
     return -special.logsumexp(np.asarray(logits, dtype=np.float64), axis=-1)
@@ -267,17 +286,8 @@ class KNNNovelty:
         if self.bank_ is None:
             raise ModelError("KNNNovelty is not fitted: call fit() or from_dict() first")
         x = l2_normalize(_check_rows(features, self.bank_.shape[1]))
-        bank = self.bank_
-        k = min(self.k, bank.shape[0])
-        out = np.empty(x.shape[0])
-        for i in range(0, x.shape[0], 4096):  # unit vectors: |a - b|^2 = 2 - 2 a.b, one BLAS product per chunk
-            d = np.sqrt(np.clip(2.0 - 2.0 * (x[i : i + 4096] @ bank.T), 0.0, None))
-            if leave_self_out:  # its own entry: equal up to the bank's float32 rounding (cosine > 1 - 2e-6)
-                nearest = d.argmin(axis=1)
-                own = d[np.arange(len(d)), nearest] < 2e-3
-                d[np.flatnonzero(own), nearest[own]] = np.inf
-            out[i : i + 4096] = np.partition(d, k - 1, axis=1)[:, k - 1]
-        return out
+        # its own entry: equal up to the bank's float32 rounding (cosine > 1 - 2e-6)
+        return kth_nearest(x, self.bank_, self.k, leave_self_out, own_below=2e-3)
 
     def to_dict(self) -> dict[str, np.ndarray | float]:
         if self.bank_ is None:
@@ -357,20 +367,7 @@ class PixelKNN:
 
     def score(self, pixels: np.ndarray, leave_self_out: bool = False) -> np.ndarray:
         """Distance to the k-th nearest bank entry; ``leave_self_out``: a cell in the bank skips its own entry."""
-        z = self.transform(pixels)
-        bank = self.bank_
-        k = min(self.k, bank.shape[0])
-        bank_sq = (bank**2).sum(axis=1)
-        out = np.empty(z.shape[0])
-        for i in range(0, z.shape[0], 4096):  # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b: one BLAS product per chunk
-            q = z[i : i + 4096]
-            d = np.sqrt(np.clip((q**2).sum(axis=1)[:, None] + bank_sq[None] - 2.0 * (q @ bank.T), 0.0, None))
-            if leave_self_out:
-                nearest = d.argmin(axis=1)
-                own = d[np.arange(len(d)), nearest] < 1e-3
-                d[np.flatnonzero(own), nearest[own]] = np.inf
-            out[i : i + 4096] = np.partition(d, k - 1, axis=1)[:, k - 1]
-        return out
+        return kth_nearest(self.transform(pixels), self.bank_, self.k, leave_self_out)
 
     def to_dict(self) -> dict[str, np.ndarray | float]:
         if self.bank_ is None:

@@ -11,9 +11,10 @@ and 50th / 90th / 99th percentiles. It is the classic hand-made texture descript
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 SCALES = (1.0, 2.0, 4.0, 8.0)
 QUANTILES = (0.5, 0.9, 0.99)
@@ -21,16 +22,27 @@ STATISTICS = ("mean", "std", *(f"q{int(q * 100)}" for q in QUANTILES))
 RESPONSES = ("image", *(f"dog_{a:g}_{b:g}" for a, b in zip(SCALES, SCALES[1:], strict=False)), "gradient")
 
 
+@functools.lru_cache(maxsize=32)
+def _blur_matrix(n: int, sigma: float) -> torch.Tensor:
+    """``(n, n)`` matrix of a 1-D Gaussian blur (radius 3 sigma, at most n - 1) with reflected borders (the edge
+    pixel not repeated), so a separable 2-D blur is two small matrix products: much faster than a thin convolution."""
+    radius = min(int(3 * sigma + 0.5), n - 1)
+    t = np.arange(-radius, radius + 1)
+    weights = np.exp(-(t**2) / (2 * sigma**2))
+    weights /= weights.sum()
+    cols = np.arange(n)[:, None] + t[None, :]
+    cols = np.abs(cols)  # reflect below 0: -j -> j
+    cols = np.where(cols > n - 1, 2 * (n - 1) - cols, cols)  # and above n - 1
+    m = np.zeros((n, n))
+    np.add.at(m, (np.repeat(np.arange(n), t.size), cols.ravel()), np.tile(weights, n))
+    return torch.from_numpy(m).float()
+
+
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of ``(N, C, H, W)`` with reflected borders (radius 3 sigma, at most the crop)."""
-    radius = min(int(3 * sigma + 0.5), x.shape[-1] - 1, x.shape[-2] - 1)
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
-    kernel = torch.exp(-(t**2) / (2 * sigma**2))
-    kernel = kernel / kernel.sum()
-    c = x.shape[1]
-    x = F.conv2d(F.pad(x, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
-    return F.conv2d(F.pad(x, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1).repeat(c, 1, 1, 1),
-                    groups=c)
+    """Separable Gaussian blur of ``(N, C, H, W)``, borders reflected."""
+    rows = _blur_matrix(x.shape[-2], sigma).to(x.device, x.dtype)
+    cols = _blur_matrix(x.shape[-1], sigma).to(x.device, x.dtype)
+    return rows @ x @ cols.T
 
 
 def feature_names(channels: int) -> list[str]:
@@ -49,11 +61,12 @@ def pixel_descriptor(images: torch.Tensor | np.ndarray) -> np.ndarray:
     blurred = [_gaussian_blur(x, s) for s in SCALES]
     gy, gx = torch.gradient(blurred[0], dim=(2, 3))
     responses = [x, *(a - b for a, b in zip(blurred, blurred[1:], strict=False)), torch.sqrt(gx**2 + gy**2)]
-    q = torch.tensor(QUANTILES, dtype=x.dtype, device=x.device)
-    per_channel = []
-    for c in range(x.shape[1]):
-        for r in responses:
-            flat = r[:, c].flatten(1)
-            sd, mean = torch.std_mean(flat, dim=1, correction=0)
-            per_channel += [mean[:, None], sd[:, None], torch.quantile(flat, q, dim=1).T]
-    return torch.cat(per_channel, dim=1).double().cpu().numpy()
+    stats = []
+    for r in responses:
+        flat = r.flatten(2)  # (N, C, H * W)
+        sd, mean = torch.std_mean(flat, dim=2, correction=0)
+        # numpy's selection-based quantile: the same linear interpolation as torch.quantile, about 2x faster on CPU
+        q = np.quantile(flat.cpu().numpy(), QUANTILES, axis=2)  # (Q, N, C)
+        stats.append(np.concatenate([mean.cpu().numpy()[None], sd.cpu().numpy()[None], q]))  # (S, N, C)
+    out = np.stack(stats)  # (R, S, N, C) -> (N, C, R, S): the order of feature_names
+    return out.transpose(2, 3, 0, 1).reshape(x.shape[0], -1).astype(np.float64)
