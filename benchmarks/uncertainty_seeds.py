@@ -31,8 +31,9 @@ TARGETS = {  # issue 13: ECE <= 0.015 and never worse than the mean member beyon
 }
 
 
-def run_metrics(run: dict, novelty: str) -> dict[str, float]:
-    """The figures issue 13 reads from one ensemble's row of a calibration study."""
+def run_metrics(run: dict, novelty: str, others: tuple[str, ...] = ()) -> dict[str, float]:
+    """The figures issue 13 reads from one ensemble's row of a calibration study; for each of ``others`` (novelty
+    scores fitted on the same members) also its figures and ``novelty`` minus it, so scores pair by ensemble."""
     pooled, nov = run["pooled"], run["novelty"]
     out = {"ece": pooled["ece"], "nll": pooled["nll"], "balanced_accuracy": pooled["balanced_accuracy"],
            "ece_minus_mean_member": pooled["ece_diff"], "ece_minus_mean_member_ci_low": pooled["ece_diff_ci_low"]}
@@ -56,11 +57,15 @@ def run_metrics(run: dict, novelty: str) -> dict[str, float]:
     if "label_free" in run:
         out["temperature_label_free"] = run["label_free"]["temperature"]
         out["label_free_predicted_minus_actual_error"] = run["label_free"]["predicted_error"] - run["label_free"]["error"]
-    for score in dict.fromkeys([novelty, "energy_multistage"]):
+    for score in dict.fromkeys([novelty, "energy_multistage", *others]):
         if score not in nov:
             raise SystemExit(f"novelty score '{score}' not in this study (it has {', '.join(nov)})")
         out[f"{score}/heldout_pooled"] = nov[score]["heldout_pooled"]
         out[f"{score}/novel_vs_screen"] = nov[score]["novel_vs_screen_trained_states"]
+    for score in dict.fromkeys(others):
+        if score != novelty:
+            for key in ("heldout_pooled", "novel_vs_screen"):
+                out[f"{novelty}_minus_{score}/{key}"] = out[f"{novelty}/{key}"] - out[f"{score}/{key}"]
     return out
 
 
@@ -105,13 +110,15 @@ def main() -> int:
     ap.add_argument("--run", action="append", required=True, help="ARM=FILE, ARM=FILE@SEED or ARM=FILE@+N (repeat)")
     ap.add_argument("--baseline", required=True, help="the arm the others are compared with, seed by seed")
     ap.add_argument("--novelty", default="energy_multistage", help="the score the novelty targets are read on")
+    ap.add_argument("--compare-novelty", nargs="*", default=[], metavar="SCORE",
+                    help="other novelty scores of the same members: their figures and --novelty minus each, paired")
     ap.add_argument("--all", action="store_true", help="also mean and interval over every run of every arm")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     arms = load_runs(args.run)
     if args.baseline not in arms:
         raise SystemExit(f"--baseline {args.baseline}: no such arm ({', '.join(arms)})")
-    per_run = {arm: {s: run_metrics(r, args.novelty) for s, r in sorted(runs.items())} for arm, runs in arms.items()}
+    per_run = {arm: {s: run_metrics(r, args.novelty, tuple(args.compare_novelty)) for s, r in sorted(runs.items())} for arm, runs in arms.items()}
     every = [m for runs in per_run.values() for m in runs.values()]
     keys = [k for k in every[0] if not k.endswith("_ci_low") and all(k in m for m in every)]  # what all runs report
     out: dict = {"novelty_score": args.novelty, "baseline": args.baseline, "per_run": per_run, "targets": {},

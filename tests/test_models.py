@@ -64,8 +64,8 @@ def test_real_forward_and_embedding(name: str, in_chans: int) -> None:
 
 @pytest.mark.parametrize("name", ["convnext_custom", "sparcs_vgg"])
 def test_stage_maps_for_the_multistage_novelty(name: str) -> None:
-    """Every model name gives the stage maps the default novelty (``energy_multistage``) pools, from the same pass as
-    the logits: the SPARCS VGG baseline could not train with that default before it had them."""
+    """Every model name gives the stage maps the multi-stage novelty scores pool, from the same pass as the logits:
+    the SPARCS VGG baseline could not train with ``energy_multistage`` (then the default) before it had them."""
     from training.engine import forward, predict
     from training.uncertainty.novelty import stage_features
 

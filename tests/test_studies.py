@@ -230,6 +230,17 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
     assert bad.returncode != 0 and "@SEED needs a file of one run, it has 3" in bad.stderr
     assert "Traceback" not in bad.stderr
 
+    # two scores of the same members, paired by ensemble
+    both = subprocess.run([*args[:8], "--compare-novelty", "energy_multistage", "--out", str(tmp_path / "both.json")],
+                          capture_output=True, text=True)
+    assert both.returncode == 0, both.stderr
+    paired = json.loads((tmp_path / "both.json").read_text())["arms"]["convnext"]
+    gap = paired["multistage_knn_minus_energy_multistage/novel_vs_screen"]
+    assert gap["mean"] == pytest.approx(0.1) and gap["n"] == 3
+    assert paired["energy_multistage/heldout_pooled"]["mean"] == pytest.approx(0.5)
+    unknown = subprocess.run([*args[:8], "--compare-novelty", "lof"], capture_output=True, text=True)
+    assert unknown.returncode != 0 and "novelty score 'lof' not in this study" in unknown.stderr
+
     # folds: @+N shifts a file's seeds, so two recipes' folds pair by fold and seed and the folds make one arm
     fold2 = tmp_path / "fold2.json"
     fold2.write_text(json.dumps({"runs": [_calibration_run(s, 0.03, -0.01, 0.6, 0.8) for s in range(3)]}))

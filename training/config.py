@@ -147,7 +147,7 @@ class UncertaintyConfig(Section):
         "member: one temperature per member before averaging; none")
     novelty: Literal["mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "energy_multistage",
                      "pixel_knn", "energy_pixel", "energy_multistage_pixel", "none"] = Field(
-        "energy_multistage", description="chosen by leave-one-class-out on the control classes (README)")
+        "energy_pixel", description="chosen by leave-one-class-out on the control classes, three seeds (README)")
     knn_k: int = Field(10, ge=1, description="k of the kNN novelty scores")
     knn_bank: int = Field(5000, ge=1, description="training cells kept per member for the kNN scores")
     encoders: list[str] = Field(
