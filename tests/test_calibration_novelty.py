@@ -363,3 +363,16 @@ def test_an_ensemble_scores_the_pixel_knn_of_its_own_input(tiny_ensemble, tiny_m
             expected.append(((raw - nov.centre_) / nov.scale_).sum(axis=1))
     np.testing.assert_allclose(ens.predict_images(x)["novelty"], np.mean(expected, axis=0), rtol=1e-5)
     assert np.ptp(pixel_part[0]) > 0  # the pixel part tells these cells apart
+
+
+def test_the_accelerator_quantiles_are_numpys():
+    """``pixel_descriptor`` takes numpy's quantiles on CPU and ``sorted_quantiles`` (a sort on the device) elsewhere:
+    the same linear interpolation, checked here on CPU."""
+    import torch
+
+    from training.uncertainty.pixel_descriptor import QUANTILES, sorted_quantiles
+
+    x = torch.rand(6, 2, 1000, generator=torch.Generator().manual_seed(0)) ** 3
+    np.testing.assert_allclose(sorted_quantiles(x).numpy(), np.quantile(x.numpy(), QUANTILES, axis=-1), rtol=1e-6)
+    np.testing.assert_allclose(sorted_quantiles(torch.arange(11.0), (0.0, 0.25, 0.99, 1.0)).numpy(),
+                               [0.0, 2.5, 9.9, 10.0], rtol=1e-6)
