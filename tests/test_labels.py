@@ -219,6 +219,29 @@ def test_typiclust_query_covers_the_labeled_cells(ens, tiny_manifest, one_thread
     assert len(q) == 5 and q["cell_id"].is_unique
 
 
+def test_label_check_queues_the_cells_whose_slide_label_the_model_disputes(ens, tiny_manifest, one_thread):
+    """Cells moved to the other class's slide label (as a knockout control's escapers carry the wrong label) come
+    first; only cells with a slide label of the model's classes are asked about; the score is 1 - p(slide class)."""
+    from training.active.query import run_query
+    from training.data.cellindex import build_index
+    from training.errors import DataError
+
+    idx = build_index(tiny_manifest, progress=False)
+    spotty = idx.index[idx["label"] == "spotty"][:4]
+    idx["label"] = idx["label"].astype(object)
+    idx.loc[spotty, "label"] = "bright"  # four spotty cells now say "bright"
+    res = run_query(ens, idx, "label_check", 4, pool_subsample=None)
+    q = res.queries
+    assert res.pool == int(idx["label"].isin(["bright", "spotty"]).sum())  # screen cells (no slide label) left out
+    assert set(q["cell_id"].astype(int)) == set(idx.loc[spotty, "cell_id"].astype(int))
+    assert set(q["source_file"]) == set(idx.loc[spotty, "source_file"].astype(str))
+    np.testing.assert_allclose(q["score"], 1 - q["prob_bright"], atol=1e-6)
+    assert (q["predicted_class"] == "spotty").all() and (q["score"] > 0.5).all()
+    assert (np.diff(q["score"].to_numpy()) <= 1e-12).all()
+    with pytest.raises(DataError, match="label_check: no unlabeled cell"):
+        run_query(ens, idx[idx["label"].isna()], "label_check", 4)
+
+
 def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):
     args = ["query", "--model", str(tiny_ensemble), "--manifest", str(tiny_manifest), "--strategy", "margin",
             "--n", "7", "--out", str(tmp_path / "q.parquet"), "--labels", str(tmp_path / "none.csv"),

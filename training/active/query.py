@@ -6,6 +6,12 @@ default, minus the fixed test split. A random subsample of ``al.pool_subsample``
 them through the trained ensemble (member logits kept, so BALD has its samples), and the same acquisition functions
 as the simulated campaigns (:mod:`training.active.acquisition`) pick ``n`` of them.
 
+``label_check`` (query only, not an acquisition function) asks about the cells whose slide label the ensemble disputes:
+the pool is restricted to cells whose slide (manifest) label is one of the model's classes, and the score is the
+ensemble's probability that the cell is *not* its slide's class, highest first. Knockout control slides hold cells
+the knockout missed, which look wild-type; a person's label wins over the slide label outside the test split
+(``spatial split``), so confirming them cleans the training and validation labels.
+
 Output (one row per queried cell, in query order): the columns of ``spatial al``'s ``queries.parquet``
 (``strategy, seed, round, source_file, cell_id, score, label`` with ``label`` empty: a person answers), plus
 ``query_rank, row``, the model's ``prob_<class>``, ``predicted_class``, ``confidence, entropy, aleatoric, epistemic,
@@ -25,6 +31,7 @@ from training.data.labels import abs_keys
 from training.errors import DataError
 
 log = logging.getLogger(__name__)
+LABEL_CHECK = "label_check"
 QUERY_COLUMNS = ["strategy", "seed", "round", "source_file", "cell_id", "score", "label", "query_rank", "row"]
 
 
@@ -44,7 +51,8 @@ def query_pool(index: pd.DataFrame, labeled: pd.DataFrame | None = None, exclude
     for other in (labeled, exclude):
         if other is not None and not other.empty:
             drop |= keys.isin(abs_keys(other["source_file"], other["cell_id"]))
-    pool = index.loc[~drop, ["source_file", "row", "cell_id"]].reset_index(drop=True)
+    pool = index.loc[~drop, ["source_file", "row", "cell_id", *(["label"] if "label" in index else [])]]
+    pool = pool.reset_index(drop=True)
     pool["source_file"] = pool["source_file"].astype(str)
     return pool
 
@@ -66,11 +74,19 @@ def run_query(ensemble, index: pd.DataFrame, strategy: str, n: int, *, labeled: 
 
     from training.data.loader import CellLoader
 
-    check_strategy(strategy)
+    label_check = strategy == LABEL_CHECK
+    if not label_check:
+        check_strategy(strategy)
     rng = np.random.default_rng([seed, round_])
     pool = query_pool(index, labeled, exclude)
     if pool.empty:
         raise DataError("nothing left to query: every cell of the pool is labeled or in the test split")
+    classes = list(ensemble.spec.classes)
+    if label_check:
+        pool = pool[pool["label"].isin(classes)].reset_index(drop=True) if "label" in pool else pool.iloc[:0]
+        if pool.empty:
+            raise DataError(f"label_check: no unlabeled cell outside the test split has a slide label among the "
+                            f"model's classes ({', '.join(classes)})")
     cells = subsample(pool, pool_subsample, rng)
     t0 = time.perf_counter()
     loader = CellLoader(cells, ensemble.preprocess, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -91,9 +107,12 @@ def run_query(ensemble, index: pd.DataFrame, strategy: str, n: int, *, labeled: 
             lab_emb = ensemble.predict_batches(CellLoader(lab, ensemble.preprocess, batch_size=batch_size,
                                                           shuffle=False, num_workers=num_workers, cache=False),
                                                raw=True, with_features=True)["features"]
-    pos, scores = select(strategy, min(n, len(cells)), rng, n_pool=len(cells), probs=out["mean_probs"],
-                         samples=member_probs(ensemble, raw["logits"]), embeddings=raw.get("features"),
-                         labeled_embeddings=lab_emb, temperature=temperature)
+    if label_check:
+        pos, scores = disputed(out["mean_probs"], cells["label"].astype(str).map(classes.index).to_numpy(), n)
+    else:
+        pos, scores = select(strategy, min(n, len(cells)), rng, n_pool=len(cells), probs=out["mean_probs"],
+                             samples=member_probs(ensemble, raw["logits"]), embeddings=raw.get("features"),
+                             labeled_embeddings=lab_emb, temperature=temperature)
     picked = cells.iloc[pos].reset_index(drop=True)
     frame = ensemble.to_frame({k: v[pos] for k, v in out.items()}, picked)
     q = pd.DataFrame({"strategy": strategy, "seed": seed, "round": round_,
@@ -106,6 +125,14 @@ def run_query(ensemble, index: pd.DataFrame, strategy: str, n: int, *, labeled: 
     log.info("query: %d of %d pool cells scored (%.0f cells/s), %d picked with %s", len(cells), len(pool),
              len(cells) / max(seconds, 1e-9), len(q), strategy)
     return QueryResult(q, len(pool), len(cells), seconds)
+
+
+def disputed(probs: np.ndarray, slide_class: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``n`` cells the ensemble least believes belong to their slide's class: positions and ``1 - p(slide class)``,
+    highest first (ties in pool order)."""
+    score = 1.0 - probs[np.arange(len(probs)), slide_class]
+    pos = np.argsort(-score, kind="stable")[:n]
+    return pos.astype(np.int64), score[pos]
 
 
 def member_probs(ensemble, logits: np.ndarray) -> np.ndarray:

@@ -29,7 +29,9 @@ def add_commands(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="queries Parquet (the cells to label, in query order)")],
         model: ModelOpt = None,
         manifest: Annotated[Path | None, typer.Option(help="manifest CSV (default index.manifest)")] = None,
-        strategy: Annotated[str | None, typer.Option(help="acquisition function (default label.strategy)")] = None,
+        strategy: Annotated[str | None, typer.Option(
+            help="acquisition function (default label.strategy), or label_check: the cells whose slide label the "
+                 "model disputes")] = None,
         n: Annotated[int | None, typer.Option(help="cells to query (default label.n)")] = None,
         labels: Annotated[Path | None, typer.Option(help="labels history; its cells are never queried again "
                                                     "(default label.labels)")] = None,
