@@ -375,7 +375,8 @@ class LabelConfig(Section):
     labels: str = Field("labels.csv", description="the labels history (source_file,cell_id,label,annotator,time); "
                         "absent or empty = no cell labels")
     strategy: str = Field("power_bald", description="acquisition function of spatial query (as al.strategies; "
-                          "power_bald was the best in the al study)")
+                          "power_bald was the best in the al study), or label_check: the cells whose slide "
+                          "label the model disputes")
     n: int = Field(96, ge=1, description="cells per query")
     exclude_test: bool = Field(True, description="never query cells of the fixed test split (split.out)")
     host: str = Field("127.0.0.1", description="spatial label: loopback unless allow_remote")
