@@ -15,6 +15,10 @@ label-free one (both set from the validation cells' slide labels, as ``spatial e
   autophagy-on state) labeled as the class they look like;
 * the test errors and the confident ones (confidence >= 0.9), counted by the cell's true state.
 
+A fold split made with a labels history (``spatial split --set label.labels=FILE``) is rebuilt with ``--labels
+FILE``; ``--baseline OTHER.json`` adds each figure's difference to another run of this script, paired by fold and
+seed.
+
     python benchmarks/calibration_truth.py --raw data/raw --index data/index/cells.parquet \\
         reports/uncertainty_study/intel/folds_encoder*/*/logits_seed*.npz \\
         --out reports/uncertainty_study/intel/calibration_truth.json
@@ -36,9 +40,11 @@ import pandas as pd
 import yaml
 
 from training.config import resolve
+from training.data.labels import current_labels
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data
 from training.evaluation.metrics import calibration_report
+from training.evaluation.seeds import mean_interval
 from training.io.tables import read_table
 from training.uncertainty.calibration import fit_temperature, pooled_log_probs
 from training.uncertainty.decompose import softmax
@@ -49,14 +55,15 @@ CONFIDENT = 0.9
 ON_STATES = ("on", "partial")  # autophagy states of a wild-type stimulated cell
 
 
-def fold_test_cells(fold: str, index: pd.DataFrame, raw: Path, params_raw: dict) -> pd.DataFrame:
+def fold_test_cells(fold: str, index: pd.DataFrame, raw: Path, params_raw: dict,
+                    cell_labels: pd.DataFrame | None = None) -> pd.DataFrame:
     """The fold's test table in the study's order, with each cell's true state and its phenotype label."""
     m = re.fullmatch(r"s(\d)s(\d)", fold)
     if m is None:
         raise SystemExit(f"fold directory {fold!r} is not named s<k>s<j> (test slides atg5_ko_s<k>, stimulated_s<j>)")
     groups = [f"atg5_ko_s{m.group(1)}", f"stimulated_s{m.group(2)}"]
     params = resolve(params_raw, {"split.test_groups": groups})
-    splits, _ = make_splits(index, params.split)
+    splits, _ = make_splits(index, params.split, cell_labels)
     classes = list(params.split.classes)
     test = prepare_data(splits, classes, params).split("test").reset_index(drop=True)
     truth = pd.read_parquet(raw / "truth.parquet")
@@ -122,12 +129,28 @@ def summarize(runs: list[dict], target: float) -> dict:
     return out
 
 
+def paired(runs: list[dict], baseline: list[dict]) -> dict:
+    """This file's ensembles minus the baseline's, paired by fold and seed: mean and 95 % t-interval per figure."""
+    def key(r: dict) -> tuple[str, str]:
+        return r["fold"], re.search(r"seed(\d+)", r["file"]).group(1)
+
+    base = {key(r): r for r in baseline}
+    pairs = [(r, base[key(r)]) for r in runs if key(r) in base]
+    if not pairs:
+        raise SystemExit("--baseline: no ensemble of the same fold and seed")
+    return {f"{t}/{m}": mean_interval(a[t][m] - b[t][m] for a, b in pairs)
+            for t in ("validation", "atc") for m in ("ece_slide_labels", "ece_phenotype")}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("logits", nargs="+", type=Path, help="<fold>/logits_seed<k>.npz files")
     ap.add_argument("--raw", type=Path, default=Path("data/raw"), help="the screen's raw folder (truth.parquet)")
     ap.add_argument("--index", type=Path, default=Path("data/index/cells.parquet"))
     ap.add_argument("--params", type=Path, default=Path("params.yaml"))
+    ap.add_argument("--labels", type=Path, default=None, help="the labels history the fold splits were made with")
+    ap.add_argument("--baseline", type=Path, default=None,
+                    help="another output of this script: differences paired by fold and seed")
     ap.add_argument("--target", type=float, default=0.015)
     ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
@@ -138,9 +161,13 @@ def main() -> int:
     for path in sorted(a.logits):
         fold = path.parent.name
         if fold not in tables:
-            tables[fold] = fold_test_cells(fold, index, a.raw, params_raw)
+            tables[fold] = fold_test_cells(fold, index, a.raw, params_raw,
+                                           current_labels(a.labels) if a.labels else None)
         runs.append({"fold": fold, **one_ensemble(path, tables[fold])})
     result = {"summary": summarize(runs, a.target), "runs": runs}
+    if a.baseline:
+        result["summary"]["minus_baseline"] = {"baseline": str(a.baseline),
+                                               **paired(runs, json.loads(a.baseline.read_text())["runs"])}
     print(json.dumps(result["summary"], indent=2))
     if a.out:
         a.out.parent.mkdir(parents=True, exist_ok=True)
