@@ -430,3 +430,92 @@ def test_al_tests_seeds_needed_is_what_simulated_reruns_show():
     assert al_tests.power(al_tests.detectable(sd, 20), sd, 20) == pytest.approx(0.8)
     assert al_tests.detectable(sd, 80) < al_tests.detectable(sd, 20)
     assert al_tests.seeds_needed(1e-6, sd) is None  # beyond the search
+
+
+def test_escaper_labels_and_calibration_truth_on_a_simulated_screen(tmp_path):
+    """benchmarks/escaper_labels.py relabels exactly the knockout escapers outside the test slides;
+    benchmarks/calibration_truth.py rebuilds a fold's test table, counts every error of a model that calls each cell
+    by its phenotype as an escaper, scores ECE against the slide labels and the phenotype as the metrics module does,
+    pairs with a baseline by fold and seed, and refuses logits of another test table."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from training.config import SynthConfig, resolve
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.evaluation.metrics import calibration_report
+    from training.io.tables import write_table
+    from training.sim.synth import synthesize
+    from training.uncertainty.calibration import fit_temperature, pooled_log_probs
+    from training.uncertainty.decompose import softmax
+
+    raw = tmp_path / "raw"
+    synthesize(SynthConfig(image_size=16, cells_per_class=90, cells_per_timepoint=3, screen_slides=1,
+                           cells_per_screen_slide=30, workers=1, phenotype={"control_escape": 0.3}), raw,
+               progress=False)
+    index = build_index(raw / "manifest.csv", progress=False)
+    write_table(index, tmp_path / "cells.parquet", {})
+    truth = pd.read_parquet(raw / "truth.parquet")
+    escaper = (truth["condition"] == "atg5_ko") & ~truth["knockout"] & truth["state"].isin(["on", "partial"])
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+
+    def run(script: str, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(bench / script), *args], capture_output=True, text=True,
+                              cwd=tmp_path)
+
+    done = run("escaper_labels.py", "--raw", str(raw), "--test-group", "atg5_ko_s1", "--test-group", "stimulated_s1",
+               "--out", "labels.csv")
+    assert done.returncode == 0, done.stderr
+    labels = pd.read_csv(tmp_path / "labels.csv")
+    want = truth[escaper & (truth["group"] != "atg5_ko_s1")]
+    assert len(want) > 5 and (labels["label"] == "stimulated").all()
+    assert set(zip(labels["source_file"], labels["cell_id"], strict=True)) == {
+        (str((raw / p).resolve()), c) for p, c in zip(want["path"], want["cell_id"], strict=True)}
+
+    # a model that calls every test cell by its phenotype, at the study's test order for fold s1s1
+    params_raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    params = resolve(params_raw, {"split.test_groups": ["atg5_ko_s1", "stimulated_s1"]})
+    data = prepare_data(make_splits(index, params.split)[0], list(params.split.classes), params)
+    test, val = data.split("test"), data.split("val")
+    truth["source_file"] = [str(raw / p) for p in truth["path"]]
+    keyed = truth.assign(escaper=escaper).set_index(["source_file", "cell_id"])["escaper"]
+    test_escaper = keyed.loc[list(zip(test["source_file"].astype(str), test["cell_id"], strict=True))].to_numpy()
+    phenotype = np.where(test_escaper, 0, test["y"].to_numpy())  # classes: stimulated (0), atg5_ko (1)
+    rng = np.random.default_rng(0)
+
+    def logits(y: np.ndarray) -> np.ndarray:
+        z = np.zeros((len(y), 3, 2))
+        z[np.arange(len(y)), :, y] = rng.normal(3.0, 0.5, (len(y), 3))
+        return z
+
+    fold = tmp_path / "s1s1"
+    fold.mkdir()
+    lt, lv = logits(phenotype), logits(val["y"].to_numpy())
+    np.savez_compressed(fold / "logits_seed0.npz", val_logits=lv, val_y=val["y"].to_numpy(), test_logits=lt,
+                        test_y=test["y"].to_numpy(), test_group=test["group"].astype(str).to_numpy().astype(object))
+    args = ["--raw", str(raw), "--index", "cells.parquet", "--params",
+            str(Path(__file__).resolve().parents[1] / "params.yaml"), str(fold / "logits_seed0.npz")]
+    done = run("calibration_truth.py", *args, "--out", "truth.json")
+    assert done.returncode == 0, done.stderr
+    r = json.loads((tmp_path / "truth.json").read_text())["runs"][0]
+    assert r["n_escapers"] == int(test_escaper.sum()) > 5
+    assert r["validation"]["errors"] == {"escaper": int(test_escaper.sum())}
+    t = fit_temperature(pooled_log_probs(lv), val["y"].to_numpy())
+    probs = softmax(pooled_log_probs(lt) / t)
+    assert r["validation"]["temperature"] == pytest.approx(t)
+    assert r["validation"]["ece_slide_labels"] == pytest.approx(calibration_report(probs, test["y"].to_numpy())["ece"])
+    assert r["validation"]["ece_phenotype"] == pytest.approx(calibration_report(probs, phenotype)["ece"])
+    assert r["validation"]["ece_phenotype"] < r["validation"]["ece_slide_labels"]
+    # the split a labels history makes (escapers of the training slides relabeled) keeps the same test table
+    done = run("calibration_truth.py", *args, "--labels", "labels.csv", "--baseline", "truth.json", "--out", "again.json")
+    assert done.returncode == 0, done.stderr
+    paired = json.loads((tmp_path / "again.json").read_text())["summary"]["minus_baseline"]
+    assert paired["atc/ece_phenotype"]["mean"] == 0 and paired["atc/ece_phenotype"]["n"] == 1
+    np.savez_compressed(fold / "logits_seed0.npz", val_logits=lv, val_y=val["y"].to_numpy(), test_logits=lt,
+                        test_y=1 - test["y"].to_numpy(), test_group=test["group"].astype(str).to_numpy().astype(object))
+    done = run("calibration_truth.py", *args)
+    assert done.returncode != 0 and "do not match the rebuilt test table" in done.stderr
