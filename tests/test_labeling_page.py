@@ -28,6 +28,8 @@ def server(tmp_path_factory, tiny_ensemble, tiny_manifest):
     d = tmp_path_factory.mktemp("label")
     q = run_query(Ensemble.load(tiny_ensemble), build_index(tiny_manifest, progress=False), "margin", N_QUERIED,
                   pool_subsample=200).queries
+    q["slide_label"] = None  # as label_check writes it, on one cell, with markup that must show as text
+    q.loc[3, "slide_label"] = "spotty <i>x</i>"
     q.to_parquet(d / "queries.parquet")
     labels, port = d / "labels.csv", free_port()
     proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(d / "queries.parquet"),
@@ -64,6 +66,8 @@ def test_keyboard_labels_undo_and_reload(chromium, server):  # noqa: F811
     page = open_page(chromium, server["url"], "alice")
     assert page.locator(".cell").count() == N_QUERIED
     assert page.locator("#progress").text_content() == f"labeled 0 / {N_QUERIED}"
+    assert "slide says spotty <i>x</i>" in page.locator("#cell-3 .meta").text_content()
+    assert "slide says" not in page.locator("#cell-0 .meta").text_content()
     page.keyboard.press("1")            # cell 0 -> bright, moves on
     page.wait_for_function("document.querySelector('#cell-0 .badge').textContent === 'bright'")
     page.keyboard.press("2")            # cell 1 -> spotty

@@ -237,6 +237,7 @@ def test_label_check_queues_the_cells_whose_slide_label_the_model_disputes(ens, 
     assert set(q["source_file"]) == set(idx.loc[spotty, "source_file"].astype(str))
     np.testing.assert_allclose(q["score"], 1 - q["prob_bright"], atol=1e-6)
     assert (q["predicted_class"] == "spotty").all() and (q["score"] > 0.5).all()
+    assert (q["slide_label"] == "bright").all()  # the label the person is asked to confirm
     assert (np.diff(q["score"].to_numpy()) <= 1e-12).all()
     with pytest.raises(DataError, match="label_check: no unlabeled cell"):
         run_query(ens, idx[idx["label"].isna()], "label_check", 4)

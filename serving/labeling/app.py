@@ -32,7 +32,7 @@ from training.errors import DataError, SpatialError
 
 STATIC = Path(__file__).parent / "static"
 REQUIRED = ("source_file", "cell_id")
-MODEL_FIELDS = ("predicted_class", "confidence", "entropy", "aleatoric", "epistemic", "novelty", "score")
+MODEL_FIELDS = ("predicted_class", "confidence", "entropy", "aleatoric", "epistemic", "novelty", "score", "slide_label")
 
 
 def read_queries(path: str | os.PathLike) -> pd.DataFrame:

@@ -15,7 +15,7 @@ the knockout missed, which look wild-type; a person's label wins over the slide 
 Output (one row per queried cell, in query order): the columns of ``spatial al``'s ``queries.parquet``
 (``strategy, seed, round, source_file, cell_id, score, label`` with ``label`` empty: a person answers), plus
 ``query_rank, row``, the model's ``prob_<class>``, ``predicted_class``, ``confidence, entropy, aleatoric, epistemic,
-novelty``.
+novelty``; ``label_check`` adds ``slide_label``.
 """
 
 from __future__ import annotations
@@ -122,6 +122,8 @@ def run_query(ensemble, index: pd.DataFrame, strategy: str, n: int, *, labeled: 
                       "query_rank": np.arange(len(picked), dtype=np.int64),
                       "row": picked["row"].to_numpy(np.int64)})
     q = pd.concat([q, frame.drop(columns=["source_file", "cell_id"])], axis=1)
+    if label_check:  # the label the person is asked to confirm or correct
+        q["slide_label"] = picked["label"].astype(str).to_numpy()
     log.info("query: %d of %d pool cells scored (%.0f cells/s), %d picked with %s", len(cells), len(pool),
              len(cells) / max(seconds, 1e-9), len(q), strategy)
     return QueryResult(q, len(pool), len(cells), seconds)
