@@ -38,7 +38,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import yaml
+from escaper_labels import is_escaper
 
+from training.cli.options import write_json
 from training.config import resolve
 from training.data.labels import current_labels
 from training.data.splits import make_splits
@@ -52,7 +54,6 @@ from training.uncertainty.shift import atc_threshold, label_free_temperature
 
 N_BINS = 15
 CONFIDENT = 0.9
-ON_STATES = ("on", "partial")  # autophagy states of a wild-type stimulated cell
 
 
 def fold_test_cells(fold: str, index: pd.DataFrame, raw: Path, params_raw: dict,
@@ -73,7 +74,7 @@ def fold_test_cells(fold: str, index: pd.DataFrame, raw: Path, params_raw: dict,
     if test["state"].isna().any():
         raise SystemExit(f"{int(test['state'].isna().sum())} test cells of fold {fold} have no truth row in {raw}")
     wt_class = classes.index("stimulated")
-    escaper = (test["label"] == "atg5_ko") & ~test["knockout"].astype(bool) & test["state"].isin(ON_STATES)
+    escaper = is_escaper(test)  # the test slides keep their slide labels: ``condition`` is the slide's class
     test["escaper"] = escaper.to_numpy()
     test["phenotype_y"] = np.where(escaper, wt_class, test["y"].to_numpy())
     return test
@@ -170,8 +171,7 @@ def main() -> int:
                                                **paired(runs, json.loads(a.baseline.read_text())["runs"])}
     print(json.dumps(result["summary"], indent=2))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2))
+        write_json(a.out, result)
     return 0
 
 

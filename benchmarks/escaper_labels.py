@@ -25,11 +25,16 @@ from training.io.atomic import atomic_path
 ON_STATES = ("on", "partial")
 
 
+def is_escaper(cells: pd.DataFrame, knockouts: tuple[str, ...] | list[str] = ("atg5_ko",)) -> pd.Series:
+    """Cells (columns of ``truth.parquet``: ``condition, knockout, state``) of a knockout control slide whose
+    knockout missed and whose autophagy is on."""
+    return (cells["condition"].astype(str).isin(knockouts) & ~cells["knockout"].astype(bool)
+            & cells["state"].isin(ON_STATES))
+
+
 def escapers(raw: Path, test_groups: list[str], knockout_classes: list[str], phenotype: str) -> pd.DataFrame:
     truth = pd.read_parquet(raw / "truth.parquet")
-    ko = truth["condition"].isin(knockout_classes) & ~truth["group"].astype(str).isin(test_groups)
-    hit = ko & ~truth["knockout"].astype(bool) & truth["state"].isin(ON_STATES)
-    cells = truth[hit]
+    cells = truth[is_escaper(truth, knockout_classes) & ~truth["group"].astype(str).isin(test_groups)]
     return pd.DataFrame({"source_file": [str((raw / p).resolve()) for p in cells["path"]],
                          "cell_id": cells["cell_id"].astype("int64").to_numpy(), "label": phenotype,
                          "annotator": "oracle", "time": "2026-01-01T00:00:00Z"})[list(COLUMNS)]

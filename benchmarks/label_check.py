@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from escaper_labels import is_escaper
 
 from training.active.query import LABEL_CHECK, run_query
+from training.cli.options import write_json
 from training.data.cellindex import build_index
 from training.io.tables import read_table
 from training.uncertainty.ensemble import Ensemble
-
-ON_STATES = ("on", "partial")
 
 
 def main() -> int:
@@ -41,11 +41,7 @@ def main() -> int:
     res = run_query(ens, index, LABEL_CHECK, 10**9, exclude=splits[splits["split"] == "test"], pool_subsample=None)
     truth = pd.read_parquet(a.raw / "truth.parquet")
     truth["source_file"] = [str((a.raw / p).resolve()) for p in truth["path"]]
-    slide = index[["source_file", "cell_id", "label"]].assign(source_file=lambda t: t["source_file"].astype(str))
-    slide["source_file"] = [str(Path(p).resolve()) for p in slide["source_file"]]
-    cells = slide.merge(truth[["source_file", "cell_id", "state", "knockout"]], on=["source_file", "cell_id"])
-    cells["escaper"] = (cells["label"].astype(str).str.endswith("_ko") & ~cells["knockout"].astype(bool)
-                        & cells["state"].isin(ON_STATES))
+    cells = truth[["source_file", "cell_id", "condition", "state", "knockout"]].assign(escaper=is_escaper(truth))
     q = res.queries.assign(source_file=lambda t: t["source_file"].map(lambda p: str(Path(p).resolve())))
     q = q.merge(cells, on=["source_file", "cell_id"], how="left", validate="one_to_one")
     kind = np.where(q["escaper"], "escaper", q["state"].astype(str))
@@ -58,8 +54,7 @@ def main() -> int:
     out["disputed_over_half"] = int((q["score"] > 0.5).sum())
     print(json.dumps(out, indent=2))
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(out, indent=2))
+        write_json(a.out, out)
     return 0
 
 

@@ -29,6 +29,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from training.cli.options import write_json
 from training.config import resolve
 from training.data.loader import loader_for
 from training.data.splits import make_splits
@@ -142,8 +143,7 @@ def main() -> int:
             result["supervised_ceiling"][f"{name}/{c}"] = float(roc_auc_score(y, p))
         print(name, "ceiling", {k: round(v, 3) for k, v in result["supervised_ceiling"].items() if k.startswith(name)})
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=2))
+        write_json(a.out, result)
     return 0
 
 
