@@ -140,6 +140,20 @@ def test_screen_stages_write_bins_counts_and_hits(dvc_repo):
     assert {"cells_soft/n_called", "cells_threshold/n_called"} <= set(cells)
 
 
+def test_rerunning_synth_writes_the_same_bytes(dvc_repo):
+    """`dvc repro -f -s synth` rewrites data/raw: its hash in dvc.lock stays, so nothing downstream goes stale."""
+    root, env = dvc_repo
+
+    def raw_hash() -> str:
+        lock = yaml.safe_load((root / "dvc.lock").read_text())
+        return next(o["md5"] for o in lock["stages"]["synth"]["outs"] if o["path"] == "data/raw")
+
+    before = raw_hash()
+    run(["dvc", "repro", "-f", "-s", "synth"], root, env)
+    assert raw_hash() == before
+    assert "index" not in run(["dvc", "status", "index"], root, env).stdout
+
+
 def test_data_stages_rerun_only_downstream_of_a_param_change(dvc_repo):
     root, env = dvc_repo
     dry = run(["dvc", "repro", "--dry", "-s", "split"], root, env).stdout
