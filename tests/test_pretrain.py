@@ -78,10 +78,11 @@ def test_pretrain_then_fine_tune_from_the_encoder(tiny_data, tmp_path, one_threa
     torch.manual_seed(params.train.seed)
     fresh = build_model(params.model, len(tiny_data.channels), len(tiny_data.classes))
     assert not torch.equal(fresh.stages[0].blocks[0].conv_dw.weight, model.stages[0].blocks[0].conv_dw.weight)
-    # the same seed gives the same encoder, bit for bit
+    # the same seed gives the same encoder, bit for bit, and the same file, byte for byte (DVC's hash of it holds)
     again = pretrain_encoder(tiny_data, params, tmp_path / "again", progress=False)
     assert again["history"] == summary["history"]
     assert all(torch.equal(v, torch.load(tmp_path / "again" / ENCODER)["state_dict"][k]) for k, v in saved.items())
+    assert (tmp_path / "again" / ENCODER).read_bytes() == (tmp_path / "pre" / ENCODER).read_bytes()
 
 
 def test_pretraining_never_sees_validation_or_test_pixels(tiny_data, tmp_path, monkeypatch, one_thread):

@@ -27,7 +27,7 @@ from training.config import TrainConfig
 from training.data.augment import Augmenter
 from training.errors import ConfigError, TrainingError
 from training.evaluation.metrics import balanced_accuracy
-from training.io.atomic import atomic_path
+from training.io.atomic import save_torch
 from training.models.factory import classifier_prefixes
 
 log = logging.getLogger(__name__)
@@ -401,12 +401,11 @@ def fit(
             if log_metrics is not None:
                 log_metrics(metrics, epoch)
             if ckpt is not None:
-                with atomic_path(ckpt) as tmp:
-                    torch.save({
-                        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
-                        "state": st, "rng": _rng_state(gen), "config": cfg.model_dump(mode="json"),
-                    }, tmp)
+                save_torch({
+                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "objective": objective.state_dict(),
+                    "state": st, "rng": _rng_state(gen), "config": cfg.model_dump(mode="json"),
+                }, ckpt)
             if on_epoch_end is not None:
                 on_epoch_end(epoch, dict(metrics), ckpt)
             if progress:

@@ -34,3 +34,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+
+
+def save_torch(obj: object, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically, through a file object: the archive's records are then named ``archive/...``
+    rather than after the temporary file's random name, so the same tensors give the same bytes."""
+    import torch
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(obj, f)
+    return Path(path)

@@ -32,7 +32,7 @@ from training.data.trainset import TrainData, keep_label_fraction
 from training.engine import StepContext, fit, predict, seed_everything, select_device
 from training.errors import TrainingError
 from training.evaluation.metrics import balanced_accuracy
-from training.io.atomic import atomic_path
+from training.io.atomic import atomic_path, save_torch
 from training.models.factory import build_model, feature_dim
 
 log = logging.getLogger(__name__)
@@ -174,8 +174,7 @@ def pretrain_encoder(data: TrainData, params: Params, out: str | Path, progress:
         "history": [{k: float(v) for k, v in h.items()} for h in result.history],
     }
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out / ENCODER) as tmp:
-        torch.save({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, tmp)
+    save_torch({"state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, out / ENCODER)
     with atomic_path(out / SUMMARY) as tmp:
         Path(tmp).write_text(json.dumps(summary, indent=2))
     log.info("pretrained %d epochs on %d cells: loss %.3f, linear probe %.3f (random init %.3f)", result.epochs_run,
