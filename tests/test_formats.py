@@ -15,15 +15,16 @@ def _cells(n: int = 12, c: int = 5, size: int = 16, seed: int = 0) -> np.ndarray
     return np.random.default_rng(seed).random((n, c, size, size)).astype(np.float32)
 
 
+@pytest.mark.parametrize("compression", ["gzip", "lzf"])  # lzf: what scPortrait usually writes
 @pytest.mark.parametrize("writer", [write_h5sc, write_sparcspy])
-def test_round_trip_keeps_pixels_ids_and_channels(tmp_path, writer):
+def test_round_trip_keeps_pixels_ids_and_channels(tmp_path, writer, compression):
     x = _cells()
     ids = np.arange(12) * 5 + 1000
-    path = writer(tmp_path / "cells", x, ids)
+    path = writer(tmp_path / "cells", x, ids, compression=compression)
     with CellFile(path) as f:
         assert f.info.channel_names == ["nucleus_mask", "cytosol_mask", "nucleus", "membrane", "LC3B"]
         assert f.info.image_channels == [2, 3, 4]
-        assert f.info.chunks == (1, 1, 16, 16) and f.info.compression == "gzip"
+        assert f.info.chunks == (1, 1, 16, 16) and f.info.compression == compression
         np.testing.assert_array_equal(f.cell_ids(), ids)
         got = f.read(3, 9, f.resolve_channels(["LC3B", "nucleus"]))
         np.testing.assert_allclose(got, x[3:9][:, [4, 2]], atol=1e-3)  # float16 storage
@@ -65,9 +66,9 @@ def test_reads_file_written_by_anndata_like_scportrait(tmp_path):
         "n_image_channels": 3,
     }
     path = tmp_path / "single_cells.h5sc"
-    adata.write_h5ad(path)
+    adata.write_h5ad(path, compression="lzf")  # scPortrait's choice
     with CellFile(path) as f:
-        assert f.format == "h5sc"
+        assert f.format == "h5sc" and f.info.compression == "lzf"
         np.testing.assert_array_equal(f.cell_ids(), obs["scportrait_cell_id"].to_numpy())
         assert f.info.channel_names == list(var.index)
         assert f.resolve_channels([]) == [2, 3, 4]
