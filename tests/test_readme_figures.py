@@ -1,0 +1,79 @@
+"""The README quotes figures from files the pipeline and the timed runs wrote; these tests keep the two in step.
+
+The first release's README drifted from what a clean clone measured. Here each quoted figure is formatted from the
+committed file it comes from and looked up in the README, so a rerun that moves a metric, or a timing written by
+hand, fails until the README says what the files say.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+README = (REPO / "README.md").read_text()
+
+# (the README's phrase, formatted from the file's keys; the committed file that `make run` wrote)
+PIPELINE_FIGURES = [
+    ("balanced accuracy {balanced_accuracy:.3f}, NLL {nll:.3f}, ECE {ece:.3f}", "metrics/evaluate.json"),
+    ("fine-tuned from its SimCLR encoder: {ece:.4f}", "metrics/evaluate.json"),
+    ("(`ece_calibration_p` {ece_calibration_p:.2f}:", "metrics/evaluate.json"),
+    ("held-out classes {heldout/density/auroc:.2f} pooled with the pipeline's ensemble", "metrics/evaluate.json"),
+    ("the pipeline's ensemble on the default screen {heldout/density/auroc:.3f} /", "metrics/evaluate.json"),
+]
+
+
+@pytest.mark.parametrize(("phrase", "source"), PIPELINE_FIGURES, ids=[p for p, _ in PIPELINE_FIGURES])
+def test_the_readme_quotes_the_committed_pipeline_metrics(phrase: str, source: str) -> None:
+    expected = phrase.format_map(json.loads((REPO / source).read_text()))
+    assert expected in README, f"README should say {expected!r} (from {source})"
+
+
+def test_the_discovery_claim_matches_its_metric() -> None:
+    metrics = json.loads((REPO / "metrics/discovery.json").read_text())
+    assert metrics["planted_novel_gene_is_top"] is True  # the README's "yes" in issue 13's targets
+    assert "| the planted novel gene is the top gene of the top cluster |" in README
+
+
+def _table_row(first_cell: str) -> str:
+    rows = [line for line in README.splitlines() if line.startswith(f"| {first_cell} |")]
+    assert len(rows) == 1, f"one README table row should start with {first_cell!r}"
+    return rows[0]
+
+
+def test_make_run_timings_match_their_records() -> None:
+    """Every timed run the README's `make run` row names reads as its record's seconds."""
+    row = _table_row("`make run` (`make install` with pip's cache warm, then `dvc repro`)")
+    checked = 0
+    for record in sorted((REPO / "reports/make_run").glob("intel_*.json")):
+        run = json.loads(record.read_text())
+        sha, seconds = run["commit"], run.get("seconds")
+        if f"`{sha}`" not in row or not isinstance(seconds, int):
+            continue
+        said = re.search(rf"(\d+) min (\d+) s (?:at|for) `{sha}`", row)
+        assert said, f"the make run row names {sha} without a time"
+        assert (int(said[1]), int(said[2])) == divmod(seconds, 60), f"{sha}: README {said[0]!r}, record {seconds} s"
+        checked += 1
+    assert checked >= 5
+
+
+def test_ci_timings_and_counts_match_their_records() -> None:
+    """The README's CI row: each run's wall clock and test counts as `reports/make_run/ci_intel.json` has them."""
+    row = _table_row("`.ci/run` (install, then `make test`'s suite)")
+    runs = json.loads((REPO / "reports/make_run/ci_intel.json").read_text())["runs"]
+    latest = runs[-1]
+    minutes, seconds = re.match(r"(\d+)m(\d+)", latest["wall"]).groups()
+    counts = re.match(r"(\d+ passed, \d+ skipped)", latest["pytest"])[1]
+    assert row.startswith(f"| `.ci/run` (install, then `make test`'s suite) | {minutes} min {int(seconds)} s "), row[:120]
+    assert counts in row and f"`{latest['commit']}`" in row
+    walls: dict[str, list[tuple[str, str]]] = {}
+    for run in runs:  # a commit run twice has two records; the README quotes one of them
+        if f"`{run['commit']}`" in row and (wall := re.match(r"(\d+)m([\d.]+)s", run["wall"])):
+            m, s = int(wall[1]), float(wall[2])
+            walls.setdefault(run["commit"], []).extend({(m, int(s)), (m, round(s))})  # truncated or rounded
+    for sha, options in walls.items():
+        assert any(re.search(rf"{m} min {s} s[^|]*?`{sha}`", row) for m, s in options), (sha, options)
+    assert len(walls) >= 5
