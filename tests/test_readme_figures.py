@@ -16,13 +16,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
 
-# (the README's phrase, formatted from the file's keys; the committed file that `make run` wrote)
+# (the README's phrase, formatted from the file's keys; the committed file `make run` or a benchmark wrote)
 PIPELINE_FIGURES = [
     ("balanced accuracy {balanced_accuracy:.3f}, NLL {nll:.3f}, ECE {ece:.3f}", "metrics/evaluate.json"),
     ("fine-tuned from its SimCLR encoder: {ece:.4f}", "metrics/evaluate.json"),
     ("(`ece_calibration_p` {ece_calibration_p:.2f}:", "metrics/evaluate.json"),
     ("held-out classes {heldout/density/auroc:.2f} pooled with the pipeline's ensemble", "metrics/evaluate.json"),
     ("the pipeline's ensemble on the default screen {heldout/density/auroc:.3f} /", "metrics/evaluate.json"),
+    ("the SPARCS VGG baseline {balanced_accuracy:.3f} at", "metrics/baseline_vgg.json"),
+    ("top gene of the top cluster on {planted_gene_on_top_at_default} of {screens} simulated screens",
+     "reports/discovery_transfer.json"),
 ]
 
 
