@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -86,6 +88,30 @@ def test_summary_writes_the_table_from_metrics_files(tmp_path):
     assert "| arm |" not in text[:text.index("## ssl.json")]  # only results of `spatial seeds` get the arm table
     real = machine()
     assert real["torch"] and real["platform"] and real["commit"]
+
+
+def test_the_commit_is_dirty_only_when_more_than_the_runs_outputs_changed(tmp_path):
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True,
+                       env={**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t",
+                            "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"})
+
+    for name in ("dvc.lock", "metrics/evaluate.json", "reports/summary.md", "params.yaml", "training/x.py"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("0\n")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "init")
+    clean = machine(tmp_path)["commit"]
+    assert len(clean) == 12 and not clean.endswith("-dirty")
+    for name in ("dvc.lock", "metrics/evaluate.json", "reports/summary.md"):  # what make run rewrites
+        (tmp_path / name).write_text("1\n")
+    (tmp_path / "new_untracked.py").write_text("")
+    assert machine(tmp_path)["commit"] == clean
+    for name in ("params.yaml", "training/x.py"):
+        (tmp_path / name).write_text("1\n")
+        assert machine(tmp_path)["commit"] == f"{clean}-dirty", name
+        git("checkout", "--", name)
 
 
 def test_summary_tables_the_al_transfer_study(tmp_path):

@@ -28,15 +28,22 @@ def headline(name: str) -> list[str]:
     return next((v for k, v in HEADLINE.items() if fnmatch.fnmatch(name, k)), [])
 
 
-def machine() -> dict[str, str]:
-    """Commit (with ``-dirty`` when the work tree differs), platform, CPU model, Python and torch versions."""
+RUN_OUTPUTS = ("dvc.lock", "metrics/", "reports/")  # what a run itself writes into the work tree
+
+
+def machine(root: str | os.PathLike | None = None) -> dict[str, str]:
+    """Commit, platform, CPU model, Python and torch versions.
+
+    The commit gets ``-dirty`` when a tracked file other than a run's own outputs (:data:`RUN_OUTPUTS`) differs from
+    it: a ``make run`` rewrites ``dvc.lock`` and the metrics, which says nothing about the code that ran."""
     def git(*args: str) -> str:
         try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, cwd=root).stdout
         except (OSError, subprocess.SubprocessError):
             return ""
-    commit = git("rev-parse", "--short=12", "HEAD") or "unknown"
-    if git("status", "--porcelain", "--untracked-files=no"):
+    commit = git("rev-parse", "--short=12", "HEAD").strip() or "unknown"
+    changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
+    if any(not line[3:].split(" -> ")[-1].startswith(RUN_OUTPUTS) for line in changed):
         commit += "-dirty"
     cpu = platform.processor() or ""
     try:
