@@ -72,7 +72,7 @@ def test_ci_timings_and_counts_match_their_records() -> None:
     counts = re.match(r"(\d+ passed, \d+ skipped)", latest["pytest"])[1]
     assert row.startswith(f"| `.ci/run` (install, then `make test`'s suite) | {minutes} min {int(seconds)} s "), row[:120]
     assert counts in row and f"`{latest['commit']}`" in row
-    walls: dict[str, list[tuple[str, str]]] = {}
+    walls: dict[str, list[tuple[int, int]]] = {}
     for run in runs:  # a commit run twice has two records; the README quotes one of them
         if f"`{run['commit']}`" in row and (wall := re.match(r"(\d+)m([\d.]+)s", run["wall"])):
             m, s = int(wall[1]), float(wall[2])

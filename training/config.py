@@ -43,7 +43,7 @@ class SynthConfig(Section):
     batch_size: int = Field(256, ge=1, description="cells rendered at once (memory vs speed)")
     compression: Literal["gzip", "lzf", "none"] = Field(
         "gzip", description="HDF5 compression of the images. gzip writes the same bytes for the same pixels, so "
-        "data/raw's DVC hash is stable. lzf (scPortrait's usual choice) reads about 1.5x faster, but h5py's LZF "
+        "data/raw's DVC hash is stable. lzf (scPortrait's usual choice) reads about 1.3x faster, but h5py's LZF "
         "compressor leaves its hash table uninitialised (liblzf's INIT_HTAB 0), so its bytes can differ from run to "
         "run while the pixels do not")
     workers: int = Field(2, ge=1, description="threads generating files in parallel (same output for any number)")
