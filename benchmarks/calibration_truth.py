@@ -13,7 +13,8 @@ label-free one (both set from the validation cells' slide labels, as ``spatial e
 * ``ece_slide_labels``: the ECE against the slide labels (what the study reported);
 * ``ece_phenotype``: against each cell's phenotype, escapers (knockout-slide cells the knockout missed, in an
   autophagy-on state) labeled as the class they look like;
-* the test errors and the confident ones (confidence >= 0.9), counted by the cell's true state.
+* the test errors and the confident ones (confidence >= 0.9), counted by the cell's true state;
+* the balanced accuracy against the slide labels and against the phenotype (the same at any temperature).
 
 A fold split made with a labels history (``spatial split --set label.labels=FILE``) is rebuilt with ``--labels
 FILE``; ``--baseline OTHER.json`` adds each figure's difference to another run of this script, paired by fold and
@@ -45,7 +46,7 @@ from training.config import resolve
 from training.data.labels import current_labels
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data
-from training.evaluation.metrics import calibration_report
+from training.evaluation.metrics import balanced_accuracy, calibration_report
 from training.evaluation.seeds import mean_interval
 from training.io.tables import read_table
 from training.uncertainty.calibration import fit_temperature, pooled_log_probs
@@ -98,7 +99,10 @@ def one_ensemble(path: Path, test: pd.DataFrame) -> dict:
     temps = {"validation": fit_temperature(lv, yv),
              "atc": label_free_temperature(lt, atc_threshold(lv, yv)).temperature}
     kinds = category(test)
-    out: dict = {"file": str(path), "n_test": int(len(yt)), "n_escapers": int(test["escaper"].sum())}
+    predicted = lt.argmax(1)  # the same at any temperature
+    out: dict = {"file": str(path), "n_test": int(len(yt)), "n_escapers": int(test["escaper"].sum()),
+                 "balanced_accuracy_slide_labels": balanced_accuracy(yt, predicted),
+                 "balanced_accuracy_phenotype": balanced_accuracy(test["phenotype_y"].to_numpy(), predicted)}
     for name, t in temps.items():
         probs = softmax(lt / t)
         wrong = probs.argmax(1) != yt
@@ -115,6 +119,8 @@ def one_ensemble(path: Path, test: pd.DataFrame) -> dict:
 
 def summarize(runs: list[dict], target: float) -> dict:
     out: dict = {"n_ensembles": len(runs), "target": target, "confident_at": CONFIDENT}
+    for m in ("balanced_accuracy_slide_labels", "balanced_accuracy_phenotype"):
+        out[f"{m}_mean"] = float(np.mean([r[m] for r in runs]))
     for name in ("validation", "atc"):
         slide = np.array([r[name]["ece_slide_labels"] for r in runs])
         pheno = np.array([r[name]["ece_phenotype"] for r in runs])
@@ -139,8 +145,11 @@ def paired(runs: list[dict], baseline: list[dict]) -> dict:
     pairs = [(r, base[key(r)]) for r in runs if key(r) in base]
     if not pairs:
         raise SystemExit("--baseline: no ensemble of the same fold and seed")
-    return {f"{t}/{m}": mean_interval(a[t][m] - b[t][m] for a, b in pairs)
-            for t in ("validation", "atc") for m in ("ece_slide_labels", "ece_phenotype")}
+    diffs = {f"{t}/{m}": mean_interval(a[t][m] - b[t][m] for a, b in pairs)
+             for t in ("validation", "atc") for m in ("ece_slide_labels", "ece_phenotype")}
+    for m in ("balanced_accuracy_slide_labels", "balanced_accuracy_phenotype"):
+        diffs[m] = mean_interval(a[m] - b[m] for a, b in pairs)
+    return diffs
 
 
 def main() -> int:

@@ -536,11 +536,16 @@ def test_escaper_labels_and_calibration_truth_on_a_simulated_screen(tmp_path):
     assert r["validation"]["ece_slide_labels"] == pytest.approx(calibration_report(probs, test["y"].to_numpy())["ece"])
     assert r["validation"]["ece_phenotype"] == pytest.approx(calibration_report(probs, phenotype)["ece"])
     assert r["validation"]["ece_phenotype"] < r["validation"]["ece_slide_labels"]
+    # right about every phenotype; against the slide labels the knockout slide's escapers count as its errors
+    assert r["balanced_accuracy_phenotype"] == 1.0
+    ko = test["y"].to_numpy() == 1
+    assert r["balanced_accuracy_slide_labels"] == pytest.approx((1 + 1 - test_escaper[ko].mean()) / 2)
     # the split a labels history makes (escapers of the training slides relabeled) keeps the same test table
     done = run("calibration_truth.py", *args, "--labels", "labels.csv", "--baseline", "truth.json", "--out", "again.json")
     assert done.returncode == 0, done.stderr
     paired = json.loads((tmp_path / "again.json").read_text())["summary"]["minus_baseline"]
     assert paired["atc/ece_phenotype"]["mean"] == 0 and paired["atc/ece_phenotype"]["n"] == 1
+    assert paired["balanced_accuracy_phenotype"]["mean"] == 0 and paired["balanced_accuracy_phenotype"]["n"] == 1
     np.savez_compressed(fold / "logits_seed0.npz", val_logits=lv, val_y=val["y"].to_numpy(), test_logits=lt,
                         test_y=1 - test["y"].to_numpy(), test_group=test["group"].astype(str).to_numpy().astype(object))
     done = run("calibration_truth.py", *args)
