@@ -35,6 +35,37 @@ def test_the_readme_quotes_the_committed_pipeline_metrics(phrase: str, source: s
     assert expected in README, f"README should say {expected!r} (from {source})"
 
 
+README_FLAT = " ".join(README.split())  # phrases may wrap across lines
+
+
+def points(x: float) -> str:
+    return f"{100 * x:+.1f}"
+
+
+@pytest.mark.parametrize("config", ["seed6_2500", "seed7_ei24"])
+def test_active_learnings_last_budget_gains_match_their_seed_files(config: str) -> None:
+    """Issue 13's "yes" for active learning: power_bald minus random at 80 labels, 40 seeds, per configuration."""
+    d = json.loads((REPO / f"reports/al_last_budget/{config}/seeds_at80.json").read_text())
+    gain = (f"`{config}` {points(d['power_bald/diff_mean'])} [{points(d['power_bald/diff_ci_low'])}, "
+            f"{points(d['power_bald/diff_ci_high'])}]")
+    assert d["power_bald/diff_excludes_zero"] and gain in README_FLAT, gain
+
+
+def test_the_semi_supervised_gain_matches_the_study_table() -> None:
+    """Issue 13's "yes" for SSL: the lpft_dlr arm minus supervised in the study summary the pipeline wrote."""
+    table = (REPO / "benchmarks/studies/results_intel.md").read_text()
+    row = next(line for line in table.splitlines() if line.startswith("| lpft_dlr | 3 |"))
+    diff, low, high = re.search(r"\| ([+-][\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\] \| yes \|", row).groups()
+    assert f"{points(float(diff))} [{points(float(low))}, {points(float(high))}]" in README_FLAT
+
+
+def test_the_label_check_figures_match_their_file() -> None:
+    d = json.loads((REPO / "reports/label_check.json").read_text())
+    said = (f"{d['pool']:,} training and validation cells hold {d['escapers_in_pool']} escapers; all "
+            f"{d['first']['40']['escapers']} are in the first 40")
+    assert d["first"]["40"]["escapers"] == d["escapers_in_pool"] and said in README_FLAT, said
+
+
 def test_the_discovery_claim_matches_its_metric() -> None:
     metrics = json.loads((REPO / "metrics/discovery.json").read_text())
     assert metrics["planted_novel_gene_is_top"] is True  # the README's "yes" in issue 13's targets
