@@ -55,6 +55,7 @@ from training.uncertainty.shift import atc_threshold, label_free_temperature
 
 N_BINS = 15
 CONFIDENT = 0.9
+ACCURACIES = ("balanced_accuracy_slide_labels", "balanced_accuracy_phenotype")
 
 
 def fold_test_cells(fold: str, index: pd.DataFrame, raw: Path, params_raw: dict,
@@ -119,7 +120,7 @@ def one_ensemble(path: Path, test: pd.DataFrame) -> dict:
 
 def summarize(runs: list[dict], target: float) -> dict:
     out: dict = {"n_ensembles": len(runs), "target": target, "confident_at": CONFIDENT}
-    for m in ("balanced_accuracy_slide_labels", "balanced_accuracy_phenotype"):
+    for m in ACCURACIES:
         out[f"{m}_mean"] = float(np.mean([r[m] for r in runs]))
     for name in ("validation", "atc"):
         slide = np.array([r[name]["ece_slide_labels"] for r in runs])
@@ -147,7 +148,7 @@ def paired(runs: list[dict], baseline: list[dict]) -> dict:
         raise SystemExit("--baseline: no ensemble of the same fold and seed")
     diffs = {f"{t}/{m}": mean_interval(a[t][m] - b[t][m] for a, b in pairs)
              for t in ("validation", "atc") for m in ("ece_slide_labels", "ece_phenotype")}
-    for m in ("balanced_accuracy_slide_labels", "balanced_accuracy_phenotype"):
+    for m in ACCURACIES:
         diffs[m] = mean_interval(a[m] - b[m] for a, b in pairs)
     return diffs
 
