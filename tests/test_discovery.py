@@ -171,11 +171,15 @@ def test_bad_inputs_name_the_file_and_leave_nothing(tiny_manifest, tmp_path):
     with pytest.raises(DataError, match="--embeddings"):
         discover(tmp_path / "noemb.parquet", {}, "LC3B", tmp_path / "q", threshold=2.0)
     write_table(df, tmp_path / "s.parquet")
-    pd.DataFrame({"source_file": ["x"], "cell_id": [1]}).to_csv(tmp_path / "g.csv", index=False)
-    pd.DataFrame({"grna": ["a"], "gene": ["A"], "is_control": [False]}).to_csv(tmp_path / "l.csv", index=False)
-    with pytest.raises(DataError, match="g.csv: genotypes CSV lacks column"):
-        discover(tmp_path / "s.parquet", {}, "LC3B", tmp_path / "q", genotypes=tmp_path / "g.csv",
-                 library=tmp_path / "l.csv", threshold=2.0)
+    pd.DataFrame({"grna": ["a", "nt"], "gene": ["A", "NT"], "is_control": [False, True]}).to_csv(tmp_path / "l.csv",
+                                                                                                 index=False)
+    for table, message in (({"source_file": ["x"], "cell_id": [1]}, "g.csv: missing column.s. grna"),
+                           ({"source_file": ["x"], "cell_id": ["c7"], "grna": ["a"]}, "cell_id must be an integer"),
+                           ({"source_file": ["x"], "cell_id": [1], "grna": ["b"]}, "gRNA.s. missing from .*l.csv")):
+        pd.DataFrame(table).to_csv(tmp_path / "g.csv", index=False)
+        with pytest.raises(DataError, match=message):
+            discover(tmp_path / "s.parquet", {}, "LC3B", tmp_path / "q", genotypes=tmp_path / "g.csv",
+                     library=tmp_path / "l.csv", threshold=2.0)
     geno, lib = _genotypes(df, planted, np.random.default_rng(5), tmp_path)
     with pytest.raises(DataError, match="reference=controls needs the model"):
         discover(tmp_path / "s.parquet", {}, "LC3B", tmp_path / "q", genotypes=geno, library=lib)

@@ -4,6 +4,7 @@ null calibration on small simulated nulls, and every bad input of ``spatial bins
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import numpy as np
@@ -12,7 +13,14 @@ import pytest
 from scipy import stats
 
 from serving.screen.bins import assign, make_bins
-from serving.screen.counts import SampleSheet, check_library, read_count_table, read_library, read_sample_sheet
+from serving.screen.counts import (
+    SampleSheet,
+    check_library,
+    read_count_table,
+    read_genotypes,
+    read_library,
+    read_sample_sheet,
+)
 from serving.screen.hits import (
     CellsInput,
     CountsInput,
@@ -348,12 +356,37 @@ def test_unknown_class_exits_2(tmp_path, monkeypatch, capsys):
         assert not (tmp_path / "out").exists()
 
 
-def test_cells_genotypes_with_unknown_grna_exit_2(tmp_path, monkeypatch, capsys):
+GENOTYPE_CASES = {
+    "unknown gRNA": ([("a", 1, "Z_9")], "1 cell(s) carry gRNA(s) missing from"),
+    "cell id not an integer": ([("a", "c1", "NT1")], "cell_id must be an integer, got 'c1'"),
+    "fractional cell id": ([("a", 1.5, "NT1")], "cell_id must be an integer, got '1.5'"),
+    "a cell twice": ([("a", 1, "NT1"), ("./a", 1, "NT1")], "is listed twice"),
+    "no cell in the scores": ([("b", 1, "NT1")], "no genotyped cell is in"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENOTYPE_CASES))
+def test_cells_genotypes_bad_input_exit_2(case, tmp_path, monkeypatch, capsys):
+    rows, message = GENOTYPE_CASES[case]
+    monkeypatch.chdir(tmp_path)
     pd.DataFrame({"source_file": ["a"], "cell_id": [1], "prob_off": [0.7]}).to_parquet(tmp_path / "s.parquet")
-    pd.DataFrame({"source_file": ["a"], "cell_id": [1], "grna": ["Z_9"]}).to_csv(tmp_path / "g.csv", index=False)
+    pd.DataFrame(rows, columns=["source_file", "cell_id", "grna"]).to_csv(tmp_path / "g.csv", index=False)
     library = write_library(tmp_path, [("NT1", "NT", True)])
     code, err = run_cli(monkeypatch, capsys, "hits", "--cells", tmp_path / "s.parquet", "--genotypes",
                         tmp_path / "g.csv", "--library", library, "--class", "off", "--out", tmp_path / "out")
-    assert code == 2 and "missing from" in err, err
-    with pytest.raises(DataError):
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_genotypes_leaves_out_cells_without_a_barcode_and_joins_the_library(tmp_path):
+    library = read_library(write_library(tmp_path, [("NT1", "NT", True), ("A_1", "A", False)]))
+    (tmp_path / "g.csv").write_text("source_file,cell_id,grna\nx.h5,3,A_1\nx.h5,4,\ny.h5,3,NT1\n")
+    g = read_genotypes(tmp_path / "g.csv", library, "library.csv")
+    assert g["cell_id"].tolist() == [3, 3] and g["gene"].tolist() == ["A", "NT"]
+    assert g["is_control"].tolist() == [False, True] and g["source_file"].tolist() == [
+        os.path.abspath("x.h5"), os.path.abspath("y.h5")]
+
+
+def test_read_library_refuses_an_unknown_control_word(tmp_path):
+    with pytest.raises(DataError, match="is_control must be true/false, got 'maybe'"):
         read_library(write_library(tmp_path, [("X", "X", "maybe")], "bad.csv"))

@@ -26,9 +26,10 @@ import pandas as pd
 from serving.discovery.controls import controls_queue
 from serving.discovery.enrichment import cluster_gene_enrichment
 from serving.discovery.gallery import plot_gallery, read_cells
-from serving.discovery.genotypes import attach_genotypes, read_csv
+from serving.discovery.genotypes import attach_genotypes
 from serving.discovery.queue import NOT_NOVEL, cluster_table, novel_clusters, novelty_threshold
 from serving.model import ServedModel
+from serving.screen.counts import read_truth
 from training.config import DiscoverConfig
 from training.errors import DataError
 from training.io.atomic import atomic_path
@@ -101,7 +102,7 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         metrics["top_cluster_top_gene"] = str(top["gene"].iloc[0]) if len(top) else None
         metrics["top_cluster_top_gene_fdr"] = float(top["fdr"].iloc[0]) if len(top) else None
         if truth_genes is not None:
-            truth = read_csv(truth_genes, ["gene", "role"], "truth genes")
+            truth = read_truth(truth_genes, ("gene", "role"))
             planted = sorted(truth.loc[truth["role"] == "novel", "gene"].astype(str))
             metrics["planted_novel_genes"] = planted
             metrics["planted_novel_gene_is_top"] = metrics["top_cluster_top_gene"] in planted

@@ -6,13 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from serving.screen.counts import check_library, read_count_table, read_library, read_sample_sheet
+from serving.screen.counts import (
+    check_library,
+    read_count_table,
+    read_genotypes,
+    read_library,
+    read_sample_sheet,
+    read_truth,
+)
 from serving.screen.hits import (
     CellsInput,
     CountsInput,
@@ -47,51 +52,15 @@ def load_cells_input(scores: str | os.PathLike, genotypes: str | os.PathLike, li
     from serving.screen.bins import read_scores
 
     df, _ = read_scores(scores, class_name, extra=("epistemic",))
-    p = Path(genotypes)
-    if not p.is_file():
-        raise DataError(f"{p}: genotypes table not found")
-    try:
-        geno = pd.read_csv(p, dtype={"source_file": str, "grna": str}, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: not a readable CSV ({str(exc).splitlines()[0]})") from None
-    missing = [c for c in ("source_file", "cell_id", "grna") if c not in geno.columns]
-    if missing:
-        raise DataError(f"{p}: missing column(s) {', '.join(missing)}; expected source_file,cell_id,grna")
-    ids = pd.to_numeric(geno["cell_id"], errors="coerce")
-    if ids.isna().any():
-        raise DataError(f"{p}: cell_id must be an integer, got '{geno['cell_id'][ids.isna()].iloc[0]}'")
-    lib = read_library(library).set_index("grna")
-    unknown = geno["grna"][~geno["grna"].isin(lib.index)]
-    if len(unknown):
-        raise DataError(f"{p}: {len(unknown)} cell(s) carry gRNA(s) missing from {library} (e.g. {unknown.iloc[0]})")
-    geno = geno.assign(source_file=geno["source_file"].map(os.path.abspath), cell_id=ids.astype(np.int64))
-    if geno.duplicated(["source_file", "cell_id"]).any():
-        raise DataError(f"{p}: a cell is listed twice")
+    geno = read_genotypes(genotypes, read_library(library), library)
     df = df.assign(source_file=df["source_file"].astype(str).map(os.path.abspath))
     if "epistemic" not in df.columns:
         df["epistemic"] = 0.0
-    cells = df.merge(geno[["source_file", "cell_id", "grna"]], on=["source_file", "cell_id"], how="inner")
+    cells = df.merge(geno, on=["source_file", "cell_id"], how="inner")
     if cells.empty:
-        raise DataError(f"{p}: no genotyped cell is in {scores} (source_file and cell_id must match)")
-    cells["gene"] = lib.loc[cells["grna"], "gene"].to_numpy()
-    cells["is_control"] = lib.loc[cells["grna"], "is_control"].to_numpy(bool)
-    p_cls = cells[f"prob_{class_name}"].to_numpy(float)
-    if np.isnan(p_cls).any() or (p_cls < 0).any() or (p_cls > 1).any():
-        raise DataError(f"{scores}: prob_{class_name} must be probabilities in [0, 1]")
+        raise DataError(f"{genotypes}: no genotyped cell is in {scores} (source_file and cell_id must match)")
     return CellsInput(cells.rename(columns={f"prob_{class_name}": "p"})[
         ["source_file", "cell_id", "grna", "gene", "is_control", "p", "epistemic"]])
-
-
-def read_truth(path: str | os.PathLike | None) -> pd.DataFrame | None:
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: gene truth not found")
-    t = pd.read_csv(p, keep_default_na=False)
-    if not {"gene", "role", "effect"} <= set(t.columns):
-        raise DataError(f"{p}: expected columns gene,role,effect")
-    return t
 
 
 def compare_table(results: list[HitsResult]) -> pd.DataFrame:
@@ -155,7 +124,7 @@ def run_counts(counts: str | os.PathLike, samples: str | os.PathLike, library: s
                out_dir: str | os.PathLike, cfg: HitsConfig, truth: str | os.PathLike | None = None,
                method: str | None = None) -> dict[str, Any]:
     inp = load_counts_input(counts, samples, library, cfg)
-    gene_truth = read_truth(truth)
+    gene_truth = read_truth(truth) if truth is not None else None
     results = [call_counts(inp, cfg.fdr, cfg.min_library_reads, cfg.null_draws, cfg.seed, cfg.min_nt_cells),
                call_sparcs(inp, cfg.sparcs_p, cfg.fdr),
                call_rra(inp, cfg.rra_alpha, cfg.fdr, cfg.null_draws, cfg.seed, cfg.min_library_reads)]
@@ -168,7 +137,7 @@ def run_cells(scores: str | os.PathLike, genotypes: str | os.PathLike, library: 
               class_name: str, out_dir: str | os.PathLike, cfg: HitsConfig, truth: str | os.PathLike | None = None,
               method: str | None = None) -> dict[str, Any]:
     inp = load_cells_input(scores, genotypes, library, class_name)
-    gene_truth = read_truth(truth)
+    gene_truth = read_truth(truth) if truth is not None else None
     first = method or cfg.cells_method
     modes = [first, "threshold" if first == "soft" else "soft"]
     results = [call_cells(inp, m, cfg.fdr, cfg.min_cells, cfg.null_draws, cfg.seed) for m in modes]

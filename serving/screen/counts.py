@@ -1,10 +1,14 @@
-"""Screen read-out tables: the MAGeCK count table, the sample sheet and the gRNA library.
+"""Screen read-out tables: the MAGeCK count table, the sample sheet, the gRNA library, per-cell genotypes and the
+simulator's gene truth.
 
 - ``COUNTS.tsv`` (MAGeCK ``count`` format): tab-separated ``sgRNA``, ``Gene``, one non-negative integer column per
   sample, so tables from ``mageck count`` or any other counter work as they are.
 - ``SAMPLES.csv``: ``sample,kind,bin,replicate,cells`` (``kind`` = library | bin; ``bin`` 1 = most extreme, empty
   for a library sample; ``cells`` = cells cut for a bin, cells in the library sample otherwise).
 - ``LIBRARY.csv``: ``grna,gene,is_control`` (what ``spatial synth`` writes).
+- ``GENOTYPES.csv``: ``source_file,cell_id,grna``, one row per cell whose barcode was read (optical pooled screens);
+  an empty ``grna`` is a cell without a genotype.
+- ``truth_genes.csv`` (simulator only): ``gene,role,effect``.
 
 Every reader checks its file and raises :class:`training.errors.DataError` with one line naming the file.
 """
@@ -22,6 +26,8 @@ from training.errors import DataError
 
 SAMPLE_COLUMNS = ("sample", "kind", "bin", "replicate", "cells")
 LIBRARY_COLUMNS = ("grna", "gene", "is_control")
+GENOTYPE_COLUMNS = ("source_file", "cell_id", "grna")
+TRUTH_COLUMNS = ("gene", "role", "effect")
 KINDS = ("library", "bin")
 TRUE_WORDS = {"true", "1", "yes", "t", "y"}
 FALSE_WORDS = {"false", "0", "no", "f", "n", ""}
@@ -84,6 +90,47 @@ def read_library(path: str | os.PathLike) -> pd.DataFrame:
     if not out["is_control"].any():
         raise DataError(f"{path}: no non-targeting control gRNA (is_control true); NT gRNAs are the only honest null")
     return out
+
+
+def read_genotypes(path: str | os.PathLike, library: pd.DataFrame, library_path: str | os.PathLike
+                   ) -> pd.DataFrame:
+    """``source_file`` (absolute), ``cell_id`` (int64), ``grna``, ``gene``, ``is_control`` of every genotyped cell;
+    ``library`` is :func:`read_library`'s table. Rows with an empty ``grna`` (barcode not read) are left out."""
+    df = _read_csv(path, ",", "genotypes table")
+    missing = [c for c in GENOTYPE_COLUMNS if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected source_file,cell_id,grna")
+    df = df[df["grna"].str.strip() != ""]
+    ids = pd.to_numeric(df["cell_id"].str.strip(), errors="coerce")
+    bad = ids.isna() | (ids != np.floor(ids.fillna(0)))
+    if bad.any():
+        raise DataError(f"{path}: cell_id must be an integer, got '{df['cell_id'][bad].iloc[0]}'")
+    unknown = df["grna"][~df["grna"].isin(library["grna"])]
+    if len(unknown):
+        raise DataError(f"{path}: {len(unknown)} cell(s) carry gRNA(s) missing from {library_path} "
+                        f"(e.g. {unknown.iloc[0]})")
+    out = pd.DataFrame({"source_file": df["source_file"].map(os.path.abspath), "cell_id": ids.astype(np.int64),
+                        "grna": df["grna"]})
+    if out.duplicated(["source_file", "cell_id"]).any():
+        first = out[out.duplicated(["source_file", "cell_id"])].iloc[0]
+        raise DataError(f"{path}: cell {first['cell_id']} of {first['source_file']} is listed twice")
+    return out.merge(library, on="grna", how="left", validate="many_to_one").reset_index(drop=True)
+
+
+def read_truth(path: str | os.PathLike, columns: tuple[str, ...] = TRUTH_COLUMNS) -> pd.DataFrame:
+    """The simulator's ``truth_genes.csv`` (``gene, role, effect`` per gene); ``columns``: the ones the caller
+    needs. ``effect``, where present, is a number."""
+    df = _read_csv(path, ",", "gene truth")
+    missing = [c for c in columns if c not in df.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(TRUTH_COLUMNS)}")
+    if "effect" not in df.columns:
+        return df
+    effect = pd.to_numeric(df["effect"].str.strip(), errors="coerce")
+    if effect.isna().any():
+        raise DataError(f"{path}: effect must be a number, got '{df['effect'][effect.isna()].iloc[0]}' "
+                        f"(gene {df['gene'][effect.isna()].iloc[0]})")
+    return df.assign(effect=effect)
 
 
 @dataclass(frozen=True)
