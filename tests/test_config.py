@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -47,10 +48,21 @@ def test_profile_chosen_in_the_file() -> None:
     ({"profiles": {"gpu": {"train": {"epochs": -1}}}}, ["profile=gpu"], "train.epochs"),
     ({}, ["train.nonsense=1"], "train.nonsense"),
     ({}, ["train.epochs"], "key=value"),
+    ({}, ["split.classes=[a"], "--set split.classes: cannot parse value '[a': expected ',' or ']'"),
+    ({}, ["seed=-1"], "seed: Input should be greater than or equal to 0"),
+    ({}, ["synth.seed=-3"], "synth.seed: Input should be greater than or equal to 0"),
 ])
 def test_bad_profiles_and_overrides_name_the_problem(raw: dict, overrides: list[str], needle: str) -> None:
-    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+    with pytest.raises(ConfigError, match=re.escape(needle)):
         resolve(raw, overrides)
+
+
+def test_a_params_file_that_is_not_yaml_is_one_line_with_its_place(tmp_path) -> None:
+    (tmp_path / "params.yaml").write_text("train:\n  epochs: 3\n  lr: [0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "params.yaml")
+    assert str(err.value) == (f"{tmp_path / 'params.yaml'}: not valid YAML: expected ',' or ']', but got "
+                              "'<stream end>' at line 4, column 1")
 
 
 def test_balance_unlabeled_is_false_or_predicted() -> None:

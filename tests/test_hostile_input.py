@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hostile
 import numpy as np
@@ -12,6 +13,7 @@ import pandas as pd
 import pytest
 
 from training.errors import DataError
+from training.io.atomic import atomic_path
 from training.io.formats import CellFile
 from training.io.hdf5 import ENV_ALLOW_EXTERNAL, LimitExceeded, ReadLimits
 from training.io.pixels import bad_cells, describe_cell
@@ -109,6 +111,67 @@ def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
         code = int(exc.code or 0)
     captured = capsys.readouterr()
     return code, captured.err + captured.out
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["bins", "--scores", "x.parquet"], "No such option: --scores"),
+    (["score"], "Missing argument"),
+    (["query", "--n", "ten"], "Invalid value for '--n'"),
+    (["nosuchcommand"], "No such command 'nosuchcommand'"),
+])
+def test_cli_usage_errors_exit_2_with_usage_not_a_traceback(args, message, monkeypatch, capsys):
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2 and message in err and "--help' for help." in err and "Traceback" not in err, err
+
+
+def _nan_probability(tmp: Path) -> Path:
+    pd.DataFrame({"source_file": ["a.h5", "a.h5"], "cell_id": [4, 7], "prob_on": [0.2, np.nan],
+                  "prob_off": [0.8, 0.1]}).to_parquet(tmp / "scores.parquet")
+    return tmp / "scores.parquet"
+
+
+def _not_an_index(tmp: Path) -> Path:
+    pd.DataFrame({"source_file": ["a.h5"], "cell_id": [1]}).to_parquet(tmp / "index.parquet")
+    return tmp / "index.parquet"
+
+
+@pytest.mark.parametrize(("command", "make_input", "message"), [
+    (["bins", "{input}", "--class", "on", "--out", "{out}"], _nan_probability,
+     "prob_on of cell 7 (a.h5) is nan; probabilities must be in [0, 1]"),
+    (["split", "--index", "{input}", "--out", "{out}"], _not_an_index,
+     "missing column(s) row, label, group; expected a cell index"),
+    (["summary", "--metrics-dir", "{input}", "--out", "{out}"], lambda tmp: tmp / "no_such_folder",
+     "no such folder"),
+    (["summary", "--metrics-dir", "{input}", "--out", "{out}"], lambda tmp: tmp, "no metrics JSON files"),
+])
+def test_cli_bad_tables_exit_2_naming_the_file_and_write_nothing(command, make_input, message, tmp_path,
+                                                                   monkeypatch, capsys):
+    source, out = make_input(tmp_path), tmp_path / "out"
+    args = [a.format(input=source, out=out) for a in command]
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2 and f"error: {source}: " in err and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_atomic_output_never_swaps_a_folder_for_a_file_or_back(tmp_path):
+    folder, file = tmp_path / "reports", tmp_path / "out.csv"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("kept")
+    file.write_text("kept")
+    with pytest.raises(DataError, match="reports: is a folder; this writes a file there"), atomic_path(folder) as tmp:
+        tmp.write_text("new")
+    with pytest.raises(DataError, match="out.csv: is a file; this writes a folder there"), atomic_path(file) as tmp:
+        tmp.mkdir()
+    with pytest.raises(DataError, match="out.csv: is a file, not a folder"), atomic_path(file / "a.json") as tmp:
+        tmp.write_text("new")
+    assert (folder / "keep.txt").read_text() == "kept" and file.read_text() == "kept"
+    with atomic_path(folder) as tmp:  # a folder still replaces a folder, a file a file
+        tmp.mkdir()
+        (tmp / "new.txt").write_text("new")
+    with atomic_path(file) as tmp:
+        tmp.write_text("new")
+    assert [f.name for f in folder.iterdir()] == ["new.txt"] and file.read_text() == "new"
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["out.csv", "reports"]
 
 
 def test_cli_score_refuses_hostile_files_and_recovers(screen, tiny_ensemble, tmp_path, monkeypatch, capsys,

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,7 @@ import pytest
 from browser_util import chromium, keep_figure  # noqa: F401  (chromium is a fixture)
 
 from serving.report.build import build_report, timecourse_profile
+from training.errors import DataError
 
 matplotlib.use("Agg")
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,6 +124,22 @@ def test_sections_appear_only_with_their_inputs(tmp_path, project):
     html = (root / "r.html").read_text()
     assert "src=\"http" not in html and "<link" not in html  # self-contained: nothing fetched
     assert html.count('class="tile"') >= 2 * 8 + 8 + 2        # class galleries, novel cells, bin galleries
+
+
+@pytest.mark.parametrize(("file", "spoil", "message"), [
+    ("metrics/evaluate.json", lambda f: f.write_text('{"balanced_accuracy": '), "evaluate.json: not valid JSON"),
+    ("reports/screen/bins/bins.parquet", lambda f: f.write_bytes(b"PAR1"), "bins.parquet: not a readable Parquet"),
+    ("reports/screen/bins/bins.parquet", lambda f: pd.DataFrame({"x": [1]}).to_parquet(f),
+     "an input of the report's 'screen' section is not what the pipeline writes (KeyError"),
+    ("reports/screen/hits/genes.csv", lambda f: f.write_bytes(b"\xff\xfe\x00gene\n\x81"), "genes.csv: not a readable CSV"),
+])
+def test_a_spoiled_input_is_one_error_naming_it_and_no_report(file, spoil, message, tmp_path, project):
+    root = tmp_path / "proj"
+    shutil.copytree(project[0], root, ignore=shutil.ignore_patterns("*.html"))
+    spoil(root / file)
+    with pytest.raises(DataError, match=re.escape(message)):
+        build_report(root, root / "r.html")
+    assert not (root / "r.html").exists() and not list(root.glob(".r.html*"))
 
 
 def test_timecourse_profile_is_the_t_interval():

@@ -52,6 +52,9 @@ def test_metrics_per_seed_and_the_cli(tmp_path):
     m = json.loads(out.read_text())
     assert m["fixmatch/diff_mean"] == pytest.approx(0.05) and m["fixmatch/diff_excludes_zero"] is True
     assert "fixmatch: 0.7500" in r.output
+    (tmp_path / "ssl_fixmatch_s3.json").write_text('{"balanced_accuracy": 0.7')  # a run killed while writing
+    with pytest.raises(DataError, match="ssl_fixmatch_s3.json: not valid JSON"):
+        metrics_per_seed(str(tmp_path / "ssl_fixmatch_s*.json"), "balanced_accuracy")
 
 
 def test_al_per_seed():

@@ -9,12 +9,14 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.errors import ConfigError
+
+Seed = Annotated[int, Field(ge=0, description="random seed (numpy's generators take non-negative integers)")]
 
 
 class Section(BaseModel):
@@ -51,7 +53,7 @@ class SynthConfig(Section):
         default_factory=dict, description="overrides of the phenotype model's constants (training.sim.synth."
         "PhenotypeModel field -> number or [low, high]), e.g. {ei24_factor: [0.45, 0.8]} for a weaker EI24 KO; "
         "{} = the default model")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class IndexConfig(Section):
@@ -68,7 +70,7 @@ class SplitConfig(Section):
     test_fraction: float = Field(0.34, gt=0, lt=1)
     test_groups: list[str] = Field(default_factory=list, description="fixed held-out groups (slides)")
     unlabeled_max: int | None = Field(4000, ge=0, description="cap on unlabeled screen cells kept")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class AugmentConfig(Section):
@@ -135,7 +137,7 @@ class TrainConfig(Section):
     device: str = "auto"
     amp: bool = Field(True, description="bf16 autocast + channels_last on CUDA (ignored on CPU)")
     max_steps_per_epoch: int | None = Field(None, ge=1)
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EnsembleConfig(Section):
@@ -182,7 +184,7 @@ class DiscoverConfig(Section):
     max_clusters: int = Field(8, ge=1, description="Gaussian mixture components tried (1..max), chosen by BIC")
     pca_components: int = Field(10, ge=1)
     gallery_cells: int = Field(32, ge=1, description="most novel cells shown per cluster")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class EvaluateConfig(Section):
@@ -256,7 +258,7 @@ class ALConfig(Section):
     classes: list[str] = Field(default_factory=list, description="the campaign's classes; [] = split.classes. Other "
                                "classes make the campaign split the manifest itself with split.* (--splits unused)")
     seeds: int = Field(3, ge=1, description="campaigns per strategy (seeds al.seed, al.seed+1, ...)")
-    seed: int = 0
+    seed: Seed = 0
     initial: int = Field(20, ge=1, description="labels in the initial set")
     initial_method: Literal["random", "typicality"] = "random"
     query_size: int = Field(45, ge=1, description="labels acquired per round")
@@ -446,7 +448,7 @@ class SequenceConfig(Section):
                              "jackpotting")
     library_cells: int = Field(200000, ge=1, description="cells in the unsorted-library sample")
     library_reads_per_grna: float = Field(500.0, gt=0, description="library sequencing depth per gRNA")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class HitsConfig(Section):
@@ -465,11 +467,11 @@ class HitsConfig(Section):
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")
     rra_alpha: float = Field(0.25, gt=0, le=1, description="the RRA baseline's alpha: gRNAs ranked in this top share "
                              "count towards a gene's score")
-    seed: int = 0
+    seed: Seed = 0
 
 
 class Params(Section):
-    seed: int = 0
+    seed: Seed = 0
     profile: str = Field("cpu", description="the profile merged over these values (see ``profiles`` in params.yaml)")
     synth: SynthConfig = SynthConfig()
     index: IndexConfig = IndexConfig()
@@ -494,13 +496,6 @@ class Params(Section):
     bins: BinsConfig = BinsConfig()
     sequence: SequenceConfig = SequenceConfig()
     hits: HitsConfig = HitsConfig()
-
-    @field_validator("seed")
-    @classmethod
-    def _seed_non_negative(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("seed must be >= 0")
-        return v
 
     def flat(self) -> dict[str, Any]:
         """Dotted-key view (``train.lr`` ...), as logged to MLflow."""
@@ -540,8 +535,16 @@ def parse_override(item: str) -> tuple[str, Any]:
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: cannot parse value '{raw}': {exc}") from None
+        raise ConfigError(f"--set {key}: cannot parse value '{raw}': {yaml_problem(exc)}") from None
     return key, value
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line for a YAML error: what is wrong and where (line and column, counted from 1)."""
+    mark, problem = getattr(exc, "problem_mark", None), getattr(exc, "problem", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 BASE_PROFILES = ("cpu", "default")
@@ -600,7 +603,7 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | di
         try:
             raw = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"{p}: not valid YAML: {exc}") from None
+            raise ConfigError(f"{p}: not valid YAML: {yaml_problem(exc)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
     return resolve(raw, overrides)

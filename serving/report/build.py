@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import logging
 import os
 from collections.abc import Callable
@@ -28,7 +27,9 @@ import numpy as np
 import pandas as pd
 
 from training.config import Params
+from training.errors import DataError, SpatialError
 from training.io.atomic import atomic_path
+from training.io.tables import read_csv, read_json, read_table
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
@@ -124,7 +125,7 @@ def model_section(root: Path, p: Params) -> str | None:
         return None
     parts = []
     if mfile.is_file():
-        m = json.loads(mfile.read_text())
+        m = read_json(mfile)
         main = pd.DataFrame([(k, m[k]) for k in MODEL_METRICS if k in m], columns=["metric", "test split"])
         parts.append(table(main, "model-metrics"))
         held = [(k.split("/")[0], k.split("/")[1], v) for k, v in m.items()
@@ -151,7 +152,7 @@ def galleries_section(root: Path, p: Params) -> str | None:
     k, px = p.report.gallery_cells, p.report.thumbnail_px
     parts = []
     if pred_file.is_file():
-        pred = pd.read_parquet(pred_file)
+        pred = read_table(pred_file)[0]
         test = pred[pred["split"] == "test"] if "split" in pred else pred
         for cls in sorted(test["predicted_class"].unique()):
             c = test[test["predicted_class"] == cls].sort_values("confidence", ascending=False, kind="stable")
@@ -161,7 +162,7 @@ def galleries_section(root: Path, p: Params) -> str | None:
     novel_src = scores_file if scores_file.is_file() else pred_file if pred_file.is_file() else None
     if novel_src is not None:
         cols = ["source_file", "cell_id", "novelty"]
-        s = pd.read_parquet(novel_src, columns=cols).dropna(subset=["novelty"])
+        s = read_table(novel_src, columns=cols)[0].dropna(subset=["novelty"])
         top = s.sort_values("novelty", ascending=False, kind="stable").head(k)
         parts.append(f"<h3>most novel cells ({esc(novel_src.name)})</h3>"
                      + gallery(top, px, lambda r: f"novelty {r['novelty']:.1f}", root))
@@ -176,7 +177,7 @@ def studies_section(root: Path, p: Params) -> str | None:
             parts.append(figure(png, f"active learning: {png.stem.replace('_', ' ')} (bands: spread over seeds)"))
         summ = al / "summary.json"
         if summ.is_file():
-            s = json.loads(summ.read_text())
+            s = read_json(summ)
             flat = {k: v for k, v in s.items() if isinstance(v, int | float | str)}
             if flat:
                 parts.append(table(pd.DataFrame(list(flat.items()), columns=["AL summary", "value"])))
@@ -185,7 +186,7 @@ def studies_section(root: Path, p: Params) -> str | None:
     if ssl:
         rows = []
         for f in ssl:
-            m = json.loads(f.read_text())
+            m = read_json(f)
             rows.append({"arm": f.stem.removeprefix("ssl_"), **{k: m.get(k) for k in MODEL_METRICS if k in m}})
         parts.append("<h3>Semi-supervised vs supervised (same label budget)</h3>" + table(pd.DataFrame(rows), "ssl"))
     return section("studies", "Label efficiency", "".join(parts)) if parts else None
@@ -196,7 +197,7 @@ def screen_section(root: Path, p: Params) -> str | None:
     bins_file, hits = base / "bins/bins.parquet", base / "hits"
     parts = []
     if bins_file.is_file():
-        bins = pd.read_parquet(bins_file)
+        bins = read_table(bins_file)[0]
         counts = bins.groupby("bin", sort=True).agg(cells=("cell_id", "size"), min_score=("score", "min"),
                                                     max_score=("score", "max")).reset_index()
         parts.append("<h3>Excision bins</h3>" + table(counts, "bin-counts"))
@@ -206,7 +207,7 @@ def screen_section(root: Path, p: Params) -> str | None:
                          + gallery(top, p.report.thumbnail_px, lambda r: f"{r['score']:.5f}", root))
     genes_file = hits / "genes.csv"
     if genes_file.is_file():
-        genes = pd.read_csv(genes_file)
+        genes = read_csv(genes_file)
         if "rank" in genes:
             genes = genes.sort_values("rank", kind="stable")
         parts.append('<h3>Genes</h3><input id="gene-search" type="search" placeholder="search genes" '
@@ -216,7 +217,7 @@ def screen_section(root: Path, p: Params) -> str | None:
         parts.append('<div class="figs">' + "".join(figure(hits / n, c) for n, c in figs) + "</div>")
     summ = hits / "summary.json"
     if summ.is_file():
-        s = {k: v for k, v in json.loads(summ.read_text()).items() if isinstance(v, int | float | str)}
+        s = {k: v for k, v in read_json(summ).items() if isinstance(v, int | float | str)}
         if s:
             parts.append(table(pd.DataFrame(list(s.items()), columns=["hit calling", "value"]), "hits-summary"))
     return section("screen", "The screen", "".join(parts)) if parts else None
@@ -241,7 +242,7 @@ def timecourse_section(root: Path, p: Params) -> str | None:
                if f.is_file()]
     if not idx_file.is_file() or not sources:
         return None
-    idx = pd.read_parquet(idx_file)
+    idx = read_table(idx_file)[0]
     if "timepoint" not in idx:
         return None
     idx = idx[["source_file", "cell_id", "timepoint"]].astype({"source_file": str})
@@ -252,7 +253,7 @@ def timecourse_section(root: Path, p: Params) -> str | None:
     idx["key"] = [os.path.abspath(os.path.join(root, f)) for f in idx["source_file"]]
     frames = []
     for f in sources:
-        s = pd.read_parquet(f)
+        s = read_table(f)[0]
         s["key"] = [os.path.abspath(os.path.join(root, x)) for x in s["source_file"].astype(str)]
         frames.append(s.merge(idx[["key", "cell_id", "timepoint"]], on=["key", "cell_id"]))
     cells = pd.concat(frames, ignore_index=True).drop_duplicates(["key", "cell_id"])
@@ -295,7 +296,7 @@ def discovery_section(root: Path, p: Params) -> str | None:
         return None
     parts = []
     m_file = root / "metrics/discovery.json"
-    m = json.loads(m_file.read_text()) if m_file.is_file() else {}
+    m = read_json(m_file) if m_file.is_file() else {}
     if m.get("reference"):
         against = ("the non-targeting controls of the same slide" if m["reference"] == "controls"
                    else "the model's validation cells")
@@ -305,9 +306,9 @@ def discovery_section(root: Path, p: Params) -> str | None:
                      f"(over the {fmt(m['quantile'])} quantile of their novelty), in {m['n_clusters']} clusters, "
                      f"cluster 0 first in the queue{top}.</p>")
     if (d / "clusters.csv").is_file():
-        parts.append(table(pd.read_csv(d / "clusters.csv"), "clusters"))
+        parts.append(table(read_csv(d / "clusters.csv"), "clusters"))
     if (d / "cluster_genes.csv").is_file():
-        cg = pd.read_csv(d / "cluster_genes.csv")
+        cg = read_csv(d / "cluster_genes.csv")
         parts.append("<h3>Genes enriched per cluster</h3><p>The five most enriched genes of each cluster (every gene: "
                      "<code>reports/discovery/cluster_genes.csv</code>).</p>"
                      + table(cg.groupby("cluster", sort=False).head(5), "cluster-genes"))
@@ -324,11 +325,18 @@ SECTIONS: tuple[tuple[str, Callable[[Path, Params], str | None]], ...] = (
 
 
 def build_report(root: str | os.PathLike, out: str | os.PathLike, params: Params | None = None) -> list[str]:
-    """Write the report to ``out`` (atomically); returns the sections it holds."""
+    """Write the report to ``out`` (atomically); returns the sections it holds. An input that cannot be read, or
+    holds something other than the pipeline writes, is a :class:`DataError` naming it, and nothing is written."""
     root, p = Path(root), params or Params()
     done, bodies = [], []
     for name, fn in SECTIONS:
-        body = fn(root, p)
+        try:
+            body = fn(root, p)
+        except SpatialError:
+            raise
+        except (KeyError, ValueError, TypeError, IndexError) as exc:  # a readable file with other contents
+            raise DataError(f"{root}: an input of the report's '{name}' section is not what the pipeline writes "
+                            f"({type(exc).__name__}: {exc})") from None
         if body:
             done.append(name)
             bodies.append(body)

@@ -44,6 +44,13 @@ def read_scores(path: str | os.PathLike, class_name: str, extra: tuple[str, ...]
         raise DataError(f"{p}: no class '{class_name}' among the scored classes ({', '.join(classes) or 'none'})")
     cols = [*SCORE_COLUMNS, *[f"prob_{c}" for c in classes], *[c for c in extra if c in names]]
     df = pq.read_table(p, columns=cols).to_pandas()
+    for c in classes:
+        prob = df[f"prob_{c}"].to_numpy(float)
+        bad = ~((prob >= 0) & (prob <= 1))  # NaN included
+        if bad.any():
+            i = int(np.argmax(bad))
+            raise DataError(f"{p}: prob_{c} of cell {df['cell_id'].iloc[i]} ({df['source_file'].iloc[i]}) is "
+                            f"{prob[i]}; probabilities must be in [0, 1]")
     return df, classes
 
 

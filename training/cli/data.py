@@ -64,12 +64,13 @@ def add_commands(app: typer.Typer) -> None:
               out: Annotated[Path | None, typer.Option(help="splits Parquet (default split.out)")] = None,
               metrics: Annotated[Path | None, typer.Option(help="JSON with the split counts")] = None) -> None:
         """Group-wise train/val/test splits with class-balanced undersampling."""
+        from training.data.cellindex import read_index
+        from training.data.labels import current_labels
         from training.data.splits import make_splits
-        from training.io.tables import read_table, write_table
+        from training.io.tables import write_table
 
         p = params_for(params, set_)
-        idx, _ = read_table(index_path or p.index.out)
-        from training.data.labels import current_labels
+        idx = read_index(index_path or p.index.out)
 
         table, summary = make_splits(idx, p.split, current_labels(p.label.labels), p.label.labels)
         out = out or Path(p.split.out)

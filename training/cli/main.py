@@ -1,6 +1,7 @@
 """The ``spatial`` console entry: one typer app; each command module adds its commands to it.
 
-User errors (:class:`training.errors.SpatialError`) exit with code 2 and one line, without a traceback.
+User errors (:class:`training.errors.SpatialError`) and usage errors (typer's own click: an unknown option, a
+missing or mistyped value) exit with code 2 and a message, without a traceback.
 """
 
 from __future__ import annotations
@@ -32,13 +33,12 @@ def main() -> None:
     except typer.Abort:
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except typer.TyperException as exc:  # usage errors (an unknown option, a missing or mistyped value)
+        if hasattr(exc, "show"):
             exc.show()
-            sys.exit(2)
-        raise
+        else:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

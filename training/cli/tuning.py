@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
@@ -56,7 +55,9 @@ def tune_command(
     if best is not None:
         if not best.is_file():
             raise ConfigError(f"{best}: best config not found")
-        winner = json.loads(best.read_text())
+        from training.io.tables import read_json
+
+        winner = read_json(best)
     else:
         from tuning.sweep import run_sweep, write_outputs
 

@@ -81,6 +81,17 @@ def build_index(manifest: str | os.PathLike, progress: bool = True) -> pd.DataFr
     return index
 
 
+def read_index(path: str | os.PathLike) -> pd.DataFrame:
+    """The cell index ``spatial index`` wrote, checked for its columns."""
+    from training.io.tables import read_table
+
+    index, _ = read_table(path)
+    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected a cell index (`spatial index`)")
+    return index
+
+
 def labels_in(index: pd.DataFrame) -> list[str]:
     """Labels in order of first appearance (the default class order)."""
     return [str(x) for x in pd.unique(index["label"].dropna())]

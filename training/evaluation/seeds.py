@@ -8,11 +8,9 @@ One seed gives no interval (NaN) and never excludes zero.
 from __future__ import annotations
 
 import glob
-import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +18,7 @@ from scipy import stats
 
 from training.active.report import aubc
 from training.errors import DataError
+from training.io.tables import read_json
 
 
 def mean_interval(values, confidence: float = 0.95) -> dict[str, float]:
@@ -73,7 +72,7 @@ def metrics_per_seed(pattern: str, key: str) -> dict[int, float]:
         m = _SEED.search(os.path.basename(f))
         if not m:
             raise DataError(f"{f}: no seed in the file name (expected ..._s<seed>.json)")
-        data = json.loads(Path(f).read_text())
+        data = read_json(f)
         if key not in data:
             raise DataError(f"{f}: no metric '{key}'")
         out[int(m.group(1))] = float(data[key])

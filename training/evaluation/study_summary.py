@@ -11,6 +11,8 @@ import platform
 import subprocess
 from pathlib import Path
 
+from training.errors import DataError
+
 HEADLINE = {  # per metrics file: the keys shown in the main table (fnmatch patterns); everything is in the details
     "evaluate.json": ["balanced_accuracy", "nll", "ece", "ece_if_calibrated_q95", "ece_calibration_p",
                       "calibration/*/ece", "calibration/*/ece_diff*", "label_free/*",
@@ -99,8 +101,12 @@ def write_summary(metrics_dir: str | os.PathLike, out: str | os.PathLike, info: 
     """One section per ``metrics_dir/*.json``: the headline keys as a table, all keys in a collapsed block."""
     from training.io.atomic import atomic_path
 
-    info = info or machine()
+    if not Path(metrics_dir).is_dir():
+        raise DataError(f"{metrics_dir}: no such folder (the metrics JSON files the summary reads)")
     files = sorted(Path(metrics_dir).glob("*.json"))
+    if not files:
+        raise DataError(f"{metrics_dir}: no metrics JSON files (*.json) to summarise")
+    info = info or machine()
     lines = ["# spatiAL run summary", "",
              f"Written {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M UTC} from `{metrics_dir}/*.json` by the `summary` stage.",
              "", "| | |", "|---|---|"]

@@ -9,14 +9,19 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from training.errors import DataError
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to ``path``, on error delete it.
 
-    Works for files and directories alike (whatever the body writes at the yielded path).
+    Works for files and directories alike (whatever the body writes at the yielded path). A folder replaces a folder
+    and a file a file; anything else raises :class:`DataError` and leaves ``path`` as it was.
     """
     final = Path(path)
+    if final.parent.exists() and not final.parent.is_dir():
+        raise DataError(f"{final.parent}: is a file, not a folder; cannot write {final.name} inside it")
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{final.name}.", suffix=suffix if suffix is not None else ".tmp", dir=final.parent
@@ -26,6 +31,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp.unlink()
     try:
         yield tmp
+        if final.exists() and tmp.is_dir() != final.is_dir():
+            kinds = ("a folder", "a file") if final.is_dir() else ("a file", "a folder")
+            raise DataError(f"{final}: is {kinds[0]}; this writes {kinds[1]} there. Remove it or choose another path")
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         os.replace(tmp, final)

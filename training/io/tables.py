@@ -38,3 +38,25 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> tup
         raise DataError(f"{p}: not a readable Parquet table ({exc})") from None
     raw = (table.schema.metadata or {}).get(META_KEY)
     return table.to_pandas(), (json.loads(raw) if raw else {})
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A JSON file, or :class:`DataError` naming it when it is missing or not valid JSON."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: not found")
+    try:
+        return json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: not valid JSON ({exc})") from None
+
+
+def read_csv(path: str | os.PathLike, **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv``, or :class:`DataError` naming the file when it is missing or not a readable CSV."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: not found")
+    try:
+        return pd.read_csv(p, **kwargs)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DataError(f"{p}: not a readable CSV ({str(exc).splitlines()[0]})") from None
