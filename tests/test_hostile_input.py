@@ -201,6 +201,8 @@ def test_cli_score_refuses_hostile_files_and_recovers(screen, tiny_ensemble, tmp
     code, msg = run_main(["score", str(link), *base[:2], "--out", str(tmp_path / "linked.parquet"), "--allow-external-hdf5",
                           "--no-progress"], monkeypatch, capsys)
     assert code == 0 and "80 cells" in msg, msg
+    code, err = run_main(["score", str(path), *base[:2], "--out", str(tmp_path), "--no-progress"], monkeypatch, capsys)
+    assert code == 2 and f"{tmp_path}: is a folder; --out is the Parquet file" in err, err
 
 
 # -- failure isolation inside an adaptive batch, and the retry log -----------------------------------------------

@@ -194,6 +194,8 @@ def score_files(files: Sequence[str | os.PathLike], model: str | os.PathLike | S
     """Score every cell of ``files`` into the Parquet ``out`` (resumable; see the module docstring). ``model`` is an
     ensemble directory, ``models:/NAME@ALIAS`` (downloaded for the run, removed after) or a ``ServedModel``.
     ``channel_map``: model channel name -> file channel name (names also match ignoring case)."""
+    if Path(out).is_dir():  # before any cell is scored (atomic_path would refuse it only at the end)
+        raise DataError(f"{out}: is a folder; --out is the Parquet file the scores are written to")
     cfg = cfg or ScoreConfig()
     channel_map = dict(channel_map or {})
     if isinstance(model, ServedModel):
