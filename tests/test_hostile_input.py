@@ -124,6 +124,18 @@ def test_cli_usage_errors_exit_2_with_usage_not_a_traceback(args, message, monke
     assert code == 2 and message in err and "--help' for help." in err and "Traceback" not in err, err
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["serve", "--port", "99999"], "invalid params: serve.port: Input should be less than or equal to 65535"),
+    (["serve", "--port", "0"], "invalid params: serve.port: Input should be greater than or equal to 1"),
+    (["label", "--queries", "q.parquet", "--port", "70000"], "invalid params: label.port: Input should be less"),
+])
+def test_cli_options_standing_for_params_are_validated_like_set(args, message, monkeypatch, capsys):
+    """``--port`` is ``--set serve.port=``: an impossible port is one line before anything starts (it used to
+    bypass validation, and BentoML's workers then failed in a loop)."""
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
+
+
 def _nan_probability(tmp: Path) -> Path:
     pd.DataFrame({"source_file": ["a.h5", "a.h5"], "cell_id": [4, 7], "prob_on": [0.2, np.nan],
                   "prob_off": [0.8, 0.1]}).to_parquet(tmp / "scores.parquet")

@@ -94,14 +94,14 @@ def add_commands(app: typer.Typer) -> None:
         """Serve the labeling page for the queried cells (keyboard: digits = classes, u unsure, n new, z undo)."""
         from serving.labeling.app import Session, create_app, read_queries, serve
 
-        p = params_for(params, set_)
+        p = params_for(params, set_, {"label.host": host, "label.port": port})
         cfg = p.label
         remote = allow_remote or cfg.allow_remote
         session = Session(read_queries(queries), labels or cfg.labels, list(p.split.classes), cfg.thumbnail_px,
                           cfg.thumbnail_cache, cfg.confident, annotator)
-        h, prt = host or cfg.host, port or cfg.port
-        typer.echo(f"labeling {len(session.cells)} cells -> {labels or cfg.labels} on http://{h}:{prt}/", err=True)
-        serve(create_app(session, remote), h, prt, remote)
+        typer.echo(f"labeling {len(session.cells)} cells -> {labels or cfg.labels} on http://{cfg.host}:{cfg.port}/",
+                   err=True)
+        serve(create_app(session, remote), cfg.host, cfg.port, remote)
 
     @app.command()
     def recalibrate(

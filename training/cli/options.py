@@ -22,10 +22,14 @@ ModelOpt = Annotated[str | None, typer.Option(
     "models:/<registry.model_name>@<registry.alias>)")]
 
 
-def params_for(path: Path | None, overrides: list[str] | None) -> Params:
+def params_for(path: Path | None, overrides: list[str] | None, options: dict[str, object] | None = None) -> Params:
+    """The params of a command: ``path`` (default ``./params.yaml``), then ``--set`` overrides, then ``options``:
+    command-line options that stand for a param (``{"serve.port": port}``; None = not given). Options are validated
+    as ``--set`` is, so ``--port 99999`` is the same clear error as ``--set serve.port=99999``."""
     if path is None and Path("params.yaml").is_file():
         path = Path("params.yaml")
-    return load_params(path, overrides or [])
+    given = [f"{key}={json.dumps(value)}" for key, value in (options or {}).items() if value is not None]
+    return load_params(path, [*(overrides or []), *given])
 
 
 def default_model_uri(p: Params) -> str:

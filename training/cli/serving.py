@@ -86,8 +86,8 @@ def add_commands(app: typer.Typer) -> None:
         from serving.model import ENV_MODEL, ENV_MODEL_DIR, ENV_MODEL_INFO, ServedModel
         from serving.service.api import ENV_SERVE_CONFIG
 
-        p = params_for(params, set_)
-        cfg = p.serve.model_copy(update={k: v for k, v in {"host": host, "port": port}.items() if v is not None})
+        p = params_for(params, set_, {"serve.host": host, "serve.port": port})
+        cfg = p.serve
         uri = model or default_model_uri(p)
         with tempfile.TemporaryDirectory(prefix="spatial-serve-") as cache:
             served = ServedModel.resolve(uri, p.mlflow, cache_dir=cache)
