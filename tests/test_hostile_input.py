@@ -128,10 +128,11 @@ def test_cli_usage_errors_exit_2_with_usage_not_a_traceback(args, message, monke
     (["serve", "--port", "99999"], "invalid params: serve.port: Input should be less than or equal to 65535"),
     (["serve", "--port", "0"], "invalid params: serve.port: Input should be greater than or equal to 1"),
     (["label", "--queries", "q.parquet", "--port", "70000"], "invalid params: label.port: Input should be less"),
+    (["discover", "--scores", "s.parquet", "--out", "q", "--threshold", "nan"], "--threshold must be a finite number"),
 ])
-def test_cli_options_standing_for_params_are_validated_like_set(args, message, monkeypatch, capsys):
+def test_cli_options_are_validated_before_anything_starts(args, message, monkeypatch, capsys):
     """``--port`` is ``--set serve.port=``: an impossible port is one line before anything starts (it used to
-    bypass validation, and BentoML's workers then failed in a loop)."""
+    bypass validation, and BentoML's workers then failed in a loop); a NaN threshold used to flag nothing, silently."""
     code, err = run_main(args, monkeypatch, capsys)
     assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
 

@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from training.cli.options import ModelOpt, ParamsOpt, ProgressOpt, SetOpt, default_model_uri, params_for, write_json
+from training.errors import SpatialError
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -32,12 +33,15 @@ def add_commands(app: typer.Typer) -> None:
         progress: ProgressOpt = True,
     ) -> None:
         """Cells unlike the screen's controls (or the model's training cells), clustered; genes enriched per cluster."""
+        import math
         import tempfile
 
         from serving.discovery.run import discover as run_discover
         from serving.model import ServedModel
 
         p = params_for(params, set_)
+        if threshold is not None and not math.isfinite(threshold):
+            raise SpatialError(f"--threshold must be a finite number, got {threshold}")
         with tempfile.TemporaryDirectory(prefix="spatial-model-") as cache:
             served = ServedModel.resolve(str(model or default_model_uri(p)), p.mlflow, cache_dir=cache)
             result = run_discover(scores, served.spec.info, served.spec.channels[0], out, p.discover,
