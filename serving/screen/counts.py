@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from training.errors import DataError
+from training.io.tables import read_csv
 
 SAMPLE_COLUMNS = ("sample", "kind", "bin", "replicate", "cells")
 LIBRARY_COLUMNS = ("grna", "gene", "is_control")
@@ -33,19 +34,9 @@ TRUE_WORDS = {"true", "1", "yes", "t", "y"}
 FALSE_WORDS = {"false", "0", "no", "f", "n", ""}
 
 
-def _read_csv(path: str | os.PathLike, sep: str, what: str) -> pd.DataFrame:
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"{p}: {what} not found")
-    try:
-        return pd.read_csv(p, sep=sep, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: not a readable {what} ({str(exc).splitlines()[0]})") from None
-
-
 def read_count_table(path: str | os.PathLike) -> pd.DataFrame:
     """A MAGeCK count table: ``sgRNA`` and ``Gene`` as strings, every other column a non-negative int64."""
-    df = _read_csv(path, "\t", "count table")
+    df = read_csv(path, "count table", sep="\t", dtype=str, keep_default_na=False)
     if list(df.columns[:2]) != ["sgRNA", "Gene"]:
         raise DataError(f"{path}: expected a tab-separated MAGeCK count table starting with columns sgRNA, Gene; "
                         f"got {', '.join(map(str, df.columns[:3]))}")
@@ -75,7 +66,7 @@ def read_count_table(path: str | os.PathLike) -> pd.DataFrame:
 
 def read_library(path: str | os.PathLike) -> pd.DataFrame:
     """``grna, gene, is_control`` with at least one non-targeting control gRNA."""
-    df = _read_csv(path, ",", "gRNA library")
+    df = read_csv(path, "gRNA library", dtype=str, keep_default_na=False)
     missing = [c for c in LIBRARY_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected grna,gene,is_control")
@@ -96,7 +87,7 @@ def read_genotypes(path: str | os.PathLike, library: pd.DataFrame, library_path:
                    ) -> pd.DataFrame:
     """``source_file`` (absolute), ``cell_id`` (int64), ``grna``, ``gene``, ``is_control`` of every genotyped cell;
     ``library`` is :func:`read_library`'s table. Rows with an empty ``grna`` (barcode not read) are left out."""
-    df = _read_csv(path, ",", "genotypes table")
+    df = read_csv(path, "genotypes table", dtype=str, keep_default_na=False)
     missing = [c for c in GENOTYPE_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected source_file,cell_id,grna")
@@ -120,7 +111,7 @@ def read_genotypes(path: str | os.PathLike, library: pd.DataFrame, library_path:
 def read_truth(path: str | os.PathLike, columns: tuple[str, ...] = TRUTH_COLUMNS) -> pd.DataFrame:
     """The simulator's ``truth_genes.csv`` (``gene, role, effect`` per gene); ``columns``: the ones the caller
     needs. ``effect``, where present, is a number."""
-    df = _read_csv(path, ",", "gene truth")
+    df = read_csv(path, "gene truth", dtype=str, keep_default_na=False)
     missing = [c for c in columns if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(TRUTH_COLUMNS)}")
@@ -151,7 +142,7 @@ class SampleSheet:
 def read_sample_sheet(path: str | os.PathLike, count_columns: list[str], counts_path: str | os.PathLike = "COUNTS"
                       ) -> SampleSheet:
     """``sample,kind,bin,replicate,cells``; every sample must be a column of the count table and vice versa."""
-    df = _read_csv(path, ",", "sample sheet")
+    df = read_csv(path, "sample sheet", dtype=str, keep_default_na=False)
     missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(SAMPLE_COLUMNS)}")

@@ -24,6 +24,7 @@ import pandas as pd
 
 from training.data.cellindex import resolve_path
 from training.errors import ConfigError, DataError
+from training.io.tables import read_csv
 
 NO_CLASS = -1
 LABEL_COLUMNS = ("source_file", "cell_id", "label")
@@ -162,10 +163,7 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
         if cur.empty:
             raise DataError(f"{path}: no labels")
         return cur[list(LABEL_COLUMNS)].reset_index(drop=True)
-    try:
-        table = pd.read_csv(path, dtype={"source_file": str, "label": str}, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
+    table = read_csv(path, dtype={"source_file": str, "label": str}, keep_default_na=False)
     missing = [c for c in LABEL_COLUMNS if c not in table.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(LABEL_COLUMNS)}")

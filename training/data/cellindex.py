@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from training.errors import DataError
 from training.io.formats import CellFile
+from training.io.tables import read_csv, read_table
 
 REQUIRED_COLUMNS = ("path", "label", "group")
 METADATA_COLUMNS = ("condition", "timepoint", "replicate", "plate", "well", "treatment", "description")
@@ -26,12 +27,7 @@ def resolve_path(manifest: str | os.PathLike, path: str) -> str:
 def read_manifest(manifest: str | os.PathLike) -> pd.DataFrame:
     """Validate a manifest CSV (``path,label,group`` + optional metadata columns)."""
     m = Path(manifest)
-    if not m.is_file():
-        raise DataError(f"{m}: manifest not found")
-    try:
-        df = pd.read_csv(m, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{m}: not a readable CSV manifest ({exc})") from None
+    df = read_csv(m, "manifest", dtype=str, keep_default_na=False)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{m}: missing column(s) {', '.join(missing)}; expected path,label,group[,{','.join(METADATA_COLUMNS)}]")
@@ -83,8 +79,6 @@ def build_index(manifest: str | os.PathLike, progress: bool = True) -> pd.DataFr
 
 def read_index(path: str | os.PathLike) -> pd.DataFrame:
     """The cell index ``spatial index`` wrote, checked for its columns."""
-    from training.io.tables import read_table
-
     index, _ = read_table(path)
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from training.errors import DataError
+from training.io.tables import read_csv
 
 log = logging.getLogger(__name__)
 COLUMNS = ("source_file", "cell_id", "label", "annotator", "time")
@@ -38,10 +39,7 @@ def read_history(path: str | os.PathLike) -> pd.DataFrame:
     p = Path(path)
     if not p.is_file() or p.stat().st_size == 0:
         return empty_history()
-    try:
-        table = pd.read_csv(p, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: not a readable labels CSV ({exc})") from None
+    table = read_csv(p, "labels CSV", dtype=str, keep_default_na=False)
     unknown = [c for c in table.columns if c not in COLUMNS]
     missing = [c for c in COLUMNS if c not in table.columns]
     if unknown or missing:

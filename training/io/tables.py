@@ -51,12 +51,13 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{p}: not valid JSON ({exc})") from None
 
 
-def read_csv(path: str | os.PathLike, **kwargs: Any) -> pd.DataFrame:
-    """``pd.read_csv``, or :class:`DataError` naming the file when it is missing or not a readable CSV."""
+def read_csv(path: str | os.PathLike, what: str = "CSV", **kwargs: Any) -> pd.DataFrame:
+    """``pd.read_csv(path, **kwargs)``, or :class:`DataError` naming the file (as ``what``, e.g. "manifest") when it
+    is missing or cannot be parsed: the one way every checked table of the project is read."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: not found")
+        raise DataError(f"{p}: {what} not found")
     try:
         return pd.read_csv(p, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{p}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+        raise DataError(f"{p}: not a readable {what} ({str(exc).splitlines()[0]})") from None
