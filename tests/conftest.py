@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -107,3 +108,18 @@ def tiny_ensemble(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory)
     data = prepare_data(table, summary["classes"], params)
     train_ensemble(data, params, out / "ensemble", progress=False)
     return out / "ensemble"
+
+
+def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """Run ``spatial ARGS`` in-process, as the console script does (its error handling included): exit code and
+    stderr + stdout."""
+    from training.cli.main import main
+
+    monkeypatch.setattr(sys, "argv", ["spatial", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = int(exc.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.err + captured.out

@@ -4,13 +4,13 @@ failed `spatial score` recovered by the same command (the HTTP cases are in test
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import hostile
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import run_main
 
 from training.errors import DataError
 from training.io.atomic import atomic_path
@@ -100,19 +100,6 @@ def test_stored_values_outside_0_1_are_refused_with_the_row(screen, tmp_path):
 
 
 # -- the CLI: exit 2, one line, and the same command recovers -----------------------------------------------------
-def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    from training.cli.main import main
-
-    monkeypatch.setattr(sys, "argv", ["spatial", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    captured = capsys.readouterr()
-    return code, captured.err + captured.out
-
-
 @pytest.mark.parametrize(("args", "message"), [
     (["bins", "--scores", "x.parquet"], "No such option: --scores"),
     (["score"], "Missing argument"),
@@ -187,6 +174,54 @@ def test_atomic_output_never_swaps_a_folder_for_a_file_or_back(tmp_path):
     assert sorted(f.name for f in tmp_path.iterdir()) == ["out.csv", "reports"]
 
 
+# Each command's inputs are missing: a command that looked at its outputs only when writing them fails on the input
+# (or, worse, after its work); it must fail on the output first, before anything is read.
+@pytest.mark.parametrize("command", [
+    ["synth", "--out", "{file}"],
+    ["synth", "--out", "{file}/screen"],
+    ["split", "--index", "{missing}", "--out", "{folder}"],
+    ["split", "--index", "{missing}", "--out", "{new}", "--metrics", "{folder}"],
+    ["train", "--splits", "{missing}", "--out", "{file}"],
+    ["train", "--splits", "{missing}", "--out", "{new}", "--metrics", "{folder}"],
+    ["pretrain", "--splits", "{missing}", "--out", "{file}"],
+    ["evaluate", "--model", "{missing}", "--out", "{file}"],
+    ["register", "--model", "{missing}", "--out", "{folder}"],
+    ["al", "--manifest", "{missing}", "--out", "{file}"],
+    ["tune", "--splits", "{missing}", "--out", "{file}"],
+    ["bins", "{missing}", "--out", "{file}"],
+    ["hits", "--counts", "{missing}", "--samples", "{missing}", "--library", "{missing}", "--out", "{file}"],
+    ["discover", "--scores", "{missing}", "--model", "{missing}", "--out", "{file}"],
+    ["genotypes", "--truth", "{missing}", "--out", "{folder}"],
+    ["query", "--manifest", "{missing}", "--model", "{missing}", "--out", "{folder}"],
+    ["recalibrate", "--manifest", "{missing}", "--model", "{missing}", "--out", "{file}"],
+    ["report", "--root", "{missing}", "--out", "{folder}"],
+    ["seeds", "--al-curve", "{missing}", "--baseline", "random", "--out", "{folder}"],
+    ["score", "{missing}", "--model", "{missing}", "--out", "{new}", "--metrics", "{folder}"],
+])
+def test_cli_refuses_a_wrong_kind_of_output_before_its_work(command, tmp_path, monkeypatch, capsys):
+    folder, file = tmp_path / "folder", tmp_path / "file.csv"
+    folder.mkdir()
+    file.write_text("kept")
+    paths = {"file": file, "folder": folder, "missing": tmp_path / "missing", "new": tmp_path / "new"}
+    args = [a.format(**paths) for a in command]
+    code, err = run_main(args, monkeypatch, capsys)
+    wrong = next(a for a in args if a.startswith((str(file), str(folder))))
+    expected = (f"{file}: is a file, not a folder" if wrong.startswith(f"{file}/")
+                else f"{wrong}: is a {'file' if wrong == str(file) else 'folder'}; this writes")
+    assert code == 2 and err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file.csv", "folder"] and file.read_text() == "kept"
+
+
+def test_cli_what_the_system_refuses_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
+    """An OSError (here a file name over the file system's 255 bytes; as well permission denied, a full disk) is
+    the user's to fix: one line naming the path, exit 2."""
+    long_name = tmp_path / ("x" * 300)
+    for command in (["synth", "--out", str(long_name)], ["summary", "--metrics-dir", str(long_name)]):
+        code, err = run_main(command, monkeypatch, capsys)
+        assert code == 2 and err.startswith("error: [Errno 36] File name too long") and "x" * 300 in err, err
+        assert len(err.strip().splitlines()) == 1 and list(tmp_path.iterdir()) == [], err
+
+
 def test_cli_score_refuses_hostile_files_and_recovers(screen, tiny_ensemble, tmp_path, monkeypatch, capsys,
                                                       no_env_trust, one_thread):
     path, images, ids = screen
@@ -215,7 +250,7 @@ def test_cli_score_refuses_hostile_files_and_recovers(screen, tiny_ensemble, tmp
                           "--no-progress"], monkeypatch, capsys)
     assert code == 0 and "80 cells" in msg, msg
     code, err = run_main(["score", str(path), *base[:2], "--out", str(tmp_path), "--no-progress"], monkeypatch, capsys)
-    assert code == 2 and f"{tmp_path}: is a folder; --out is the Parquet file" in err, err
+    assert code == 2 and f"{tmp_path}: is a folder; this writes a file there" in err, err
 
 
 # -- failure isolation inside an adaptive batch, and the retry log -----------------------------------------------

@@ -176,3 +176,32 @@ def test_repo_root_escapes_dvc_temp_copies(tmp_path):
     (tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc").mkdir(parents=True)
     (tmp_path / ".git").mkdir()
     assert repo_root(tmp_path / ".dvc" / "tmp" / "exps" / "tmpabc") == tmp_path
+
+
+def test_a_split_table_made_with_other_split_params_is_refused(tmp_path, tiny_manifest, monkeypatch, capsys):
+    """`--set split.*` (or an edited params.yaml) beside a split table made without it used to be silently ignored:
+    the table fixed the split. Now the commands that read the table refuse it, naming both values."""
+    from conftest import run_main, tiny_params
+
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits, read_splits
+    from training.errors import ConfigError
+    from training.io.tables import write_table
+
+    p = tiny_params(tmp_path)
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), p.split)
+    write_table(table, tmp_path / "splits.parquet", summary)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(p.model_dump(mode="json")))
+    same, _ = read_splits(tmp_path / "splits.parquet", p.split.model_copy(update={"out": "elsewhere.parquet"}))
+    pd.testing.assert_frame_equal(same, table)
+    with pytest.raises(ConfigError, match=r"made with split.seed=0; the params say split.seed=3\. Split again"):
+        read_splits(tmp_path / "splits.parquet", p.split.model_copy(update={"seed": 3}))
+    for command in (["train", "--out", str(tmp_path / "m")], ["pretrain", "--out", str(tmp_path / "m")],
+                    ["al", "--out", str(tmp_path / "m")], ["tune", "--out", str(tmp_path / "m")]):
+        code, err = run_main([*command, "--params", str(tmp_path / "params.yaml"), "--splits",
+                              str(tmp_path / "splits.parquet"), "--set", "split.val_fraction=0.3",
+                              "--set", "split.test_groups=[bright_s0]"], monkeypatch, capsys)
+        assert code == 2 and len(err.strip().splitlines()) == 1, (command, err)
+        assert ("made with split.val_fraction=0.2, split.test_groups=[]; the params say split.val_fraction=0.3, "
+                'split.test_groups=["bright_s0"]') in err, (command, err)
+    assert not (tmp_path / "m").exists()

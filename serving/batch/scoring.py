@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 from serving.model import ServedModel
 from training.config import MlflowConfig, ScoreConfig
 from training.errors import DataError
+from training.io.atomic import atomic_path, check_destination
 from training.io.formats import CellFile
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,6 @@ def _check_or_write_plan(plan: Plan, parts: Path) -> list[str]:
                     parts, stale, ", ".join(changed) or "no plan")
         shutil.rmtree(parts)
         changed = changed or ["plan"]
-    from training.io.atomic import atomic_path
 
     parts.mkdir(parents=True, exist_ok=True)
     with atomic_path(plan_file, suffix=".json") as tmp:
@@ -194,8 +194,7 @@ def score_files(files: Sequence[str | os.PathLike], model: str | os.PathLike | S
     """Score every cell of ``files`` into the Parquet ``out`` (resumable; see the module docstring). ``model`` is an
     ensemble directory, ``models:/NAME@ALIAS`` (downloaded for the run, removed after) or a ``ServedModel``.
     ``channel_map``: model channel name -> file channel name (names also match ignoring case)."""
-    if Path(out).is_dir():  # before any cell is scored (atomic_path would refuse it only at the end)
-        raise DataError(f"{out}: is a folder; --out is the Parquet file the scores are written to")
+    check_destination(out, folder=False)  # before any cell is scored (atomic_path would refuse it only at the end)
     cfg = cfg or ScoreConfig()
     channel_map = dict(channel_map or {})
     if isinstance(model, ServedModel):
@@ -256,7 +255,6 @@ def assemble(parts: Path, plan: Plan, out: str | os.PathLike, meta: dict[str, An
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from training.io.atomic import atomic_path
     from training.io.tables import META_KEY
 
     writer = None

@@ -12,6 +12,7 @@ from training.cli.options import (
     ParamsOpt,
     ProgressOpt,
     SetOpt,
+    check_outputs,
     params_for,
     write_json,
 )
@@ -57,6 +58,7 @@ def add_commands(app: typer.Typer) -> None:
         if labels is not None:
             overrides += [f"al.labels_csv={labels}", "al.oracle=labels"]
         p = params_for(params, overrides)
+        check_outputs(folders=[out], files=[metrics])
         names = strategies_from(strategy, p.al.strategies)
         summary, flat = run_al(p, names, out, manifest, splits, progress)
         if metrics:
@@ -78,11 +80,10 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
     from training.active.oracle import make_oracle
     from training.active.report import flat_metrics, write_outputs
     from training.data.cellindex import build_index, labels_in
-    from training.data.splits import make_splits
+    from training.data.splits import make_splits, read_splits
     from training.data.trainset import prepare_data
     from training.errors import DataError
     from training.io.atomic import atomic_path
-    from training.io.tables import read_table
     from training.tracking import Tracker
 
     manifest = manifest or Path(p.index.manifest)
@@ -97,9 +98,7 @@ def run_al(p, strategies: list[str], out: Path, manifest: Path | None = None, sp
                         manifest, ", ".join(p.al.classes), splits)
         splits = None
     if splits is not None:
-        table, split_summary = read_table(splits)
-        if "split" not in table.columns:
-            raise DataError(f"{splits}: not a split table (no 'split' column); run `spatial split`")
+        table, split_summary = read_splits(splits, p.split)
     elif index is not None:
         from training.data.labels import current_labels
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ParamsOpt, ProgressOpt, SetOpt, params_for, write_json
+from training.cli.options import ParamsOpt, ProgressOpt, SetOpt, check_outputs, params_for, write_json
 from training.errors import SpatialError
 
 
@@ -20,7 +20,9 @@ def add_commands(app: typer.Typer) -> None:
         from training.sim.synth import synthesize
 
         p = params_for(params, set_)
-        manifest = synthesize(p.synth, out or p.synth.out, progress=progress)
+        out = out or Path(p.synth.out)
+        check_outputs(folders=[out])
+        manifest = synthesize(p.synth, out, progress=progress)
         typer.echo(f"wrote {manifest}")
 
 
@@ -53,6 +55,7 @@ def add_commands(app: typer.Typer) -> None:
         p = params_for(params, set_)
         manifest = manifest or Path(p.index.manifest)
         out = out or Path(p.index.out)
+        check_outputs(files=[out])
         idx = build_index(manifest, progress=progress)
         write_table(idx, out, {"manifest": str(manifest), "n_cells": len(idx)})
         typer.echo(f"wrote {out}: {len(idx)} cells from {idx['source_file'].nunique()} files")
@@ -70,10 +73,10 @@ def add_commands(app: typer.Typer) -> None:
         from training.io.tables import write_table
 
         p = params_for(params, set_)
-        idx = read_index(index_path or p.index.out)
-
-        table, summary = make_splits(idx, p.split, current_labels(p.label.labels), p.label.labels)
         out = out or Path(p.split.out)
+        check_outputs(files=[out, metrics])
+        idx = read_index(index_path or p.index.out)
+        table, summary = make_splits(idx, p.split, current_labels(p.label.labels), p.label.labels)
         write_table(table, out, summary)
         if metrics:
             write_json(metrics, {k: sum(v.values()) for k, v in summary["counts"].items()})

@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ModelOpt, ParamsOpt, ProgressOpt, SetOpt, default_model_uri, params_for, write_json
+from training.cli.options import (
+    ModelOpt,
+    ParamsOpt,
+    ProgressOpt,
+    SetOpt,
+    check_outputs,
+    default_model_uri,
+    params_for,
+    write_json,
+)
 from training.errors import SpatialError
 
 
@@ -40,6 +49,7 @@ def add_commands(app: typer.Typer) -> None:
         from serving.model import ServedModel
 
         p = params_for(params, set_)
+        check_outputs(folders=[out], files=[metrics])
         if threshold is not None and not math.isfinite(threshold):
             raise SpatialError(f"--threshold must be a finite number, got {threshold}")
         with tempfile.TemporaryDirectory(prefix="spatial-model-") as cache:
@@ -60,5 +70,6 @@ def add_commands(app: typer.Typer) -> None:
         """Simulated screen only: each screen cell's gRNA from the simulator's truth, as GENOTYPES.csv."""
         from serving.discovery.genotypes import genotypes_from_truth
 
+        check_outputs(files=[out])
         n = genotypes_from_truth(truth, truth.parent, out)
         typer.echo(f"wrote {out}: {n} cells")

@@ -15,6 +15,7 @@ from training.cli.options import (
     ProgressOpt,
     SetOpt,
     check_at_least_one,
+    check_outputs,
     default_model_uri,
     params_for,
     write_json,
@@ -47,20 +48,22 @@ def add_commands(app: typer.Typer) -> None:
         from training.active.query import run_query
         from training.data.cellindex import build_index
         from training.data.labels import current_labels
+        from training.data.splits import read_splits
         from training.engine import select_device
-        from training.io.tables import read_table, write_table
+        from training.io.tables import write_table
         from training.tracking import resolve_model
         from training.uncertainty.ensemble import Ensemble
 
         p = params_for(params, set_)
         n = p.label.n if n is None else n
         check_at_least_one(n=n)
+        check_outputs(files=[out, metrics])
         labels = labels or Path(p.label.labels)
         index = build_index(manifest or p.index.manifest, progress=False)
         exclude = None
         split_path = splits or Path(p.split.out)
         if p.label.exclude_test and split_path.is_file():
-            table, _ = read_table(split_path)
+            table, _ = read_splits(split_path)
             exclude = table[table["split"] == "test"]
         elif splits is not None:
             raise typer.BadParameter(f"{splits}: not found")
@@ -146,6 +149,7 @@ def add_commands(app: typer.Typer) -> None:
         if unlabeled and labels:
             raise DataError("--labels and --unlabeled exclude each other: refit on labeled cells or on unlabeled ones")
         check_at_least_one(max_cells=max_cells, min_cells=min_cells)
+        check_outputs(folders=[out], files=[metrics])
         labels = labels or Path(p.label.labels)
         index = build_index(manifest or p.index.manifest, progress=False)
         uri = model or default_model_uri(p)
@@ -187,5 +191,6 @@ def add_commands(app: typer.Typer) -> None:
 
         p = params_for(params, set_)
         out = out or Path(p.report.out)
+        check_outputs(files=[out])
         sections = build_report(root, out, p)
         typer.echo(f"wrote {out}: sections {', '.join(sections) or 'none (no inputs found)'}")

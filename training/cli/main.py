@@ -1,7 +1,8 @@
 """The ``spatial`` console entry: one typer app; each command module adds its commands to it.
 
-User errors (:class:`training.errors.SpatialError`) and usage errors (typer's own click: an unknown option, a
-missing or mistyped value) exit with code 2 and a message, without a traceback.
+User errors (:class:`training.errors.SpatialError`), usage errors (typer's own click: an unknown option, a
+missing or mistyped value) and what the system refuses (:class:`OSError`: permission denied, disk full, a file name too
+long) exit with code 2 and a message, without a traceback.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def main() -> None:
         rc = app(standalone_mode=False)
         if isinstance(rc, int) and rc:
             sys.exit(rc)
-    except SpatialError as exc:
+    except (SpatialError, OSError) as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except typer.Exit as exc:

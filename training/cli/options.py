@@ -6,13 +6,14 @@ Command modules import from here; nothing outside ``training.cli`` does.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from training.config import Params, load_params
-from training.errors import DataError, SpatialError
+from training.errors import DataError
 
 ParamsOpt = Annotated[Path | None, typer.Option("--params", help="params YAML (default: ./params.yaml if present)")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override a param: key=value (repeatable)")]
@@ -46,6 +47,17 @@ def check_at_least_one(**options: int) -> None:
             raise DataError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
 
 
+def check_outputs(folders: Iterable[str | Path | None] = (), files: Iterable[str | Path | None] = ()) -> None:
+    """Refuse, before a command does its work, outputs it could only fail to write at the end: a file where a folder
+    goes, a folder where a file goes, a path under a file (None = an output not asked for)."""
+    from training.io.atomic import check_destination
+
+    for folder, paths in ((True, folders), (False, files)):
+        for path in paths:
+            if path is not None:
+                check_destination(path, folder)
+
+
 def write_json(path: str | Path, obj: object) -> None:
     from training.io.atomic import atomic_path
 
@@ -56,8 +68,8 @@ def write_json(path: str | Path, obj: object) -> None:
 def load_split_table(p: Params, splits: Path | None, manifest: Path | None, out_dir: Path) -> tuple:
     """The split table: from ``--splits`` (a ``spatial split`` output) or built now from ``--manifest``."""
     from training.data.cellindex import build_index
-    from training.data.splits import make_splits
-    from training.io.tables import read_table, write_table
+    from training.data.splits import make_splits, read_splits
+    from training.io.tables import write_table
 
     if manifest is not None:
         from training.data.labels import current_labels
@@ -66,7 +78,4 @@ def load_split_table(p: Params, splits: Path | None, manifest: Path | None, out_
                                      current_labels(p.label.labels), p.label.labels)
         write_table(table, out_dir.parent / f"{out_dir.name}.splits.parquet", summary)
         return table, summary
-    table, summary = read_table(splits or p.split.out)
-    if "split" not in table.columns:
-        raise SpatialError(f"{splits or p.split.out}: not a split table (no 'split' column); run `spatial split`")
-    return table, summary
+    return read_splits(splits or p.split.out, p.split)

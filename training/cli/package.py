@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ModelOpt, ParamsOpt, SetOpt, default_model_uri, params_for, write_json
+from training.cli.options import ModelOpt, ParamsOpt, SetOpt, check_outputs, default_model_uri, params_for, write_json
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -28,6 +28,7 @@ def add_commands(app: typer.Typer) -> None:
         from serving.bento.package import package as do_package
 
         p = params_for(params, set_)
+        check_outputs(files=[out])
         repo = Path(__file__).resolve().parents[2]
         result = do_package(model or default_model_uri(p), p.mlflow, repo=repo, build=build)
         if out:

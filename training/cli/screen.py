@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ParamsOpt, SetOpt, params_for, write_json
+from training.cli.options import ParamsOpt, SetOpt, check_outputs, params_for, write_json
 from training.errors import SpatialError
 
 ClassOpt = Annotated[str | None, typer.Option("--class", help="phenotype class (default bins.class_name)")]
@@ -30,6 +30,7 @@ def add_commands(app: typer.Typer) -> None:
         from serving.screen.bins import make_bins, write_bins
 
         p = params_for(params, set_)
+        check_outputs(folders=[out])
         default = Path(p.bins.manifest) if p.bins.manifest else None
         man = manifest or (default if default is not None and default.is_file() else None)  # the default is optional
         result = make_bins(scores, p.bins, class_name, man)
@@ -56,6 +57,7 @@ def add_commands(app: typer.Typer) -> None:
         from training.sim.synth import load_gene_truth, load_library, load_truth
 
         p = params_for(params, set_)
+        check_outputs(folders=[out])
         man = manifest or Path(p.index.manifest)
         table, meta = read_table(bins_dir / "bins.parquet")
         class_name = meta.get("class") or p.bins.class_name
@@ -87,6 +89,7 @@ def add_commands(app: typer.Typer) -> None:
         from serving.screen.calling import flat_metrics, run_cells, run_counts
 
         p = params_for(params, set_)
+        check_outputs(folders=[out], files=[metrics])
         cfg = p.hits if fdr is None else p.hits.model_copy(update={"fdr": fdr})
         if not 0 < cfg.fdr < 1:
             raise SpatialError(f"--fdr must be in (0, 1), got {cfg.fdr}")

@@ -15,6 +15,7 @@ from training.cli.options import (
     ParamsOpt,
     ProgressOpt,
     SetOpt,
+    check_outputs,
     default_model_uri,
     params_for,
     write_json,
@@ -64,6 +65,7 @@ def add_commands(app: typer.Typer) -> None:
         if allow_external_hdf5:
             os.environ[ENV_ALLOW_EXTERNAL] = "1"  # inherited by loader workers and local Ray workers
         p = params_for(params, set_)
+        check_outputs(files=[metrics])
         result = score_files(files, model or default_model_uri(p), out, p.score, embeddings=embeddings,
                              ray_address=ray_address or None, mlflow=p.mlflow, progress=progress,
                              keep_parts=keep_parts, channel_map={**p.data.channel_map, **parse_map(channel_map)})

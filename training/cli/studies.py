@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import write_json
+from training.cli.options import check_outputs, write_json
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -32,6 +32,7 @@ def add_commands(app: typer.Typer) -> None:
         from training.errors import DataError
         from training.evaluation.seeds import al_per_seed, compare_arms, metrics_per_seed
 
+        check_outputs(files=[out])
         if al_curve is not None:
             per_seed = al_per_seed(pd.read_csv(al_curve), at_labels=at_labels)
         elif arm:
@@ -61,5 +62,6 @@ def add_commands(app: typer.Typer) -> None:
         """Write the run summary (every metrics file, with commit and machine) as Markdown."""
         from training.evaluation.study_summary import write_summary
 
+        check_outputs(files=[out])
         write_summary(metrics_dir, out)
         typer.echo(f"wrote {out}")

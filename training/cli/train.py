@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ParamsOpt, ProgressOpt, SetOpt, load_split_table, params_for, write_json
+from training.cli.options import ParamsOpt, ProgressOpt, SetOpt, check_outputs, load_split_table, params_for, write_json
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -26,6 +26,7 @@ def add_commands(app: typer.Typer) -> None:
         from training.tracking import Tracker
 
         p = params_for(params, set_)
+        check_outputs(folders=[out], files=[metrics])
         table, summary = load_split_table(p, splits, manifest, out)
         data = prepare_data(table, summary.get("classes") or p.split.classes, p)
         with Tracker(p, run_name=f"ensemble-{p.model.name}", tags={"stage": "train", "regime": p.train.regime}) as tr:
@@ -48,6 +49,7 @@ def add_commands(app: typer.Typer) -> None:
         from training.tracking import Tracker
 
         p = params_for(params, set_)
+        check_outputs(folders=[out])
         table, summary = load_split_table(p, splits, manifest, out)
         data = prepare_data(table, summary.get("classes") or p.split.classes, p)
         with Tracker(p, run_name=f"pretrain-{p.model.name}", tags={"stage": "pretrain"}) as tr:
@@ -73,6 +75,7 @@ def add_commands(app: typer.Typer) -> None:
         from training.uncertainty.ensemble import Ensemble
 
         p = params_for(params, set_)
+        check_outputs(folders=[out], files=[metrics])
         ens = Ensemble.load(model)
         table, _ = load_split_table(p, splits, manifest, out)
         with Tracker(p, run_name="evaluate", run_id=ens.spec.info.get("mlflow_run_id")) as tr:
@@ -94,6 +97,7 @@ def add_commands(app: typer.Typer) -> None:
         from training.uncertainty.ensemble import Ensemble
 
         p = params_for(params, set_)
+        check_outputs(files=[out])
         ens = Ensemble.load(model)
         with Tracker(p, run_name="register", run_id=ens.spec.info.get("mlflow_run_id")) as tr:
             result = workflow.register(model, p, tr, package=package_version)

@@ -11,6 +11,7 @@ from training.cli.options import (
     ParamsOpt,
     ProgressOpt,
     SetOpt,
+    check_outputs,
     load_split_table,
     params_for,
     write_json,
@@ -50,6 +51,7 @@ def tune_command(
     out_dir = out or Path(p.tune.out)
     if best is not None and not promote:
         raise ConfigError("--best is only used with --promote")
+    check_outputs(folders=[out_dir, (model_out or Path(p.tune.promote_out)) if promote else None])
     table, summary = load_split_table(p, splits, manifest, out_dir)
     classes = summary.get("classes") or p.split.classes
     if best is not None:

@@ -20,6 +20,9 @@ undersampled away and go to ``train`` (or ``heldout`` when their label is not a 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 
@@ -124,6 +127,29 @@ def make_splits(index: pd.DataFrame, cfg: SplitConfig, cell_labels: pd.DataFrame
     summary = {"classes": classes, "test_groups": sorted(test_groups), "counts": counts, "params": cfg.model_dump(),
                "cell_labels": int(person.sum())}
     return out, summary
+
+
+def read_splits(path: str | Path, cfg: SplitConfig | None = None) -> tuple[pd.DataFrame, dict]:
+    """A split table written by :func:`make_splits` (``spatial split``) and its summary.
+
+    With ``cfg`` (the split params in force) the table must have been made with them, ``out`` aside: otherwise a
+    ``--set split.*`` or an edited ``params.yaml`` would be silently ignored by a command that reads the table.
+    """
+    from training.io.tables import read_table
+
+    table, summary = read_table(path)
+    if "split" not in table.columns:
+        raise DataError(f"{path}: not a split table (no 'split' column); run `spatial split`")
+    made = summary.get("params") or {}
+    wanted = cfg.model_dump(mode="json") if cfg is not None else {}
+    differ = [key for key in wanted if key != "out" and key in made and made[key] != wanted[key]]
+    if differ:
+        raise ConfigError(
+            f"{path} was made with " + ", ".join(f"split.{k}={json.dumps(made[k])}" for k in differ) + "; the params say "
+            + ", ".join(f"split.{k}={json.dumps(wanted[k])}" for k in differ) + ". Split again with these params (`spatial "
+            "split`, or `dvc repro split`), or give --manifest to split now"
+        )
+    return table, summary
 
 
 def class_table(splits: pd.DataFrame, classes: list[str]) -> pd.Series:

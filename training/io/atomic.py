@@ -12,6 +12,26 @@ from pathlib import Path
 from training.errors import DataError
 
 
+def check_destination(path: str | os.PathLike, folder: bool) -> Path:
+    """``path`` if a ``folder`` (else a file) can be written there; otherwise :class:`DataError`.
+
+    Refused: an existing path of the other kind, and a path under a file. :func:`atomic_path` checks this when it
+    renames; a command checks its outputs before its work too, so a wrong ``--out`` costs nothing.
+    """
+    final = Path(path)
+    _check_ancestors(final)
+    if final.exists() and final.is_dir() != folder:
+        kinds = ("a folder", "a file") if final.is_dir() else ("a file", "a folder")
+        raise DataError(f"{final}: is {kinds[0]}; this writes {kinds[1]} there. Remove it or choose another path")
+    return final
+
+
+def _check_ancestors(final: Path) -> None:
+    ancestor = next((a for a in final.parents if a.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise DataError(f"{ancestor}: is a file, not a folder; cannot write {final} inside it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary sibling path; on success rename it to ``path``, on error delete it.
@@ -20,8 +40,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     and a file a file; anything else raises :class:`DataError` and leaves ``path`` as it was.
     """
     final = Path(path)
-    if final.parent.exists() and not final.parent.is_dir():
-        raise DataError(f"{final.parent}: is a file, not a folder; cannot write {final.name} inside it")
+    _check_ancestors(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{final.name}.", suffix=suffix if suffix is not None else ".tmp", dir=final.parent
@@ -31,9 +50,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     tmp.unlink()
     try:
         yield tmp
-        if final.exists() and tmp.is_dir() != final.is_dir():
-            kinds = ("a folder", "a file") if final.is_dir() else ("a file", "a folder")
-            raise DataError(f"{final}: is {kinds[0]}; this writes {kinds[1]} there. Remove it or choose another path")
+        check_destination(final, folder=tmp.is_dir())
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         os.replace(tmp, final)
