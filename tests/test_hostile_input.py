@@ -124,6 +124,25 @@ def test_cli_options_are_validated_before_anything_starts(args, message, monkeyp
     assert code == 2 and err.startswith(f"error: {message}") and len(err.strip().splitlines()) == 1, err
 
 
+def test_cli_servers_refuse_a_taken_port_before_loading_anything(tmp_path, monkeypatch, capsys):
+    """The model and the queries do not exist: the port is checked first. Before, `spatial label` ended with uvicorn's
+    log line and exit code 3, and `spatial serve` failed after BentoML had started."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for command in (["serve", "--model", str(tmp_path / "none")],
+                        ["label", "--queries", str(tmp_path / "none.parquet")]):
+            code, err = run_main([*command, "--port", str(port)], monkeypatch, capsys)
+            assert code == 2 and err == (f"error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+                                         "choose another --port or --host\n"), err
+    code, err = run_main(["serve", "--model", str(tmp_path / "none"), "--host", "no-such-host.invalid"],
+                         monkeypatch, capsys)
+    assert code == 2 and err.startswith("error: --host no-such-host.invalid: "), err
+
+
 def _nan_probability(tmp: Path) -> Path:
     pd.DataFrame({"source_file": ["a.h5", "a.h5"], "cell_id": [4, 7], "prob_on": [0.2, np.nan],
                   "prob_off": [0.8, 0.1]}).to_parquet(tmp / "scores.parquet")

@@ -16,6 +16,7 @@ from training.cli.options import (
     SetOpt,
     check_at_least_one,
     check_outputs,
+    check_port,
     default_model_uri,
     params_for,
     write_json,
@@ -100,6 +101,7 @@ def add_commands(app: typer.Typer) -> None:
         p = params_for(params, set_, {"label.host": host, "label.port": port})
         cfg = p.label
         remote = allow_remote or cfg.allow_remote
+        check_port(cfg.host, cfg.port)
         session = Session(read_queries(queries), labels or cfg.labels, list(p.split.classes), cfg.thumbnail_px,
                           cfg.thumbnail_cache, cfg.confident, annotator)
         typer.echo(f"labeling {len(session.cells)} cells -> {labels or cfg.labels} on http://{cfg.host}:{cfg.port}/",

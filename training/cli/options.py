@@ -58,6 +58,23 @@ def check_outputs(folders: Iterable[str | Path | None] = (), files: Iterable[str
                 check_destination(path, folder)
 
 
+def check_port(host: str, port: int) -> None:
+    """Refuse now, before a model is loaded, an address a server could not listen on (the port taken, the host not
+    this machine's): the servers would fail later, uvicorn with its own exit code, BentoML after its workers start."""
+    import socket
+
+    try:
+        family, kind, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise DataError(f"--host {host}: {exc.strerror}") from None
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers do: a closing port is free
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise DataError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from None
+
+
 def write_json(path: str | Path, obj: object) -> None:
     from training.io.atomic import atomic_path
 

@@ -16,6 +16,7 @@ from training.cli.options import (
     ProgressOpt,
     SetOpt,
     check_outputs,
+    check_port,
     default_model_uri,
     params_for,
     write_json,
@@ -90,6 +91,7 @@ def add_commands(app: typer.Typer) -> None:
 
         p = params_for(params, set_, {"serve.host": host, "serve.port": port})
         cfg = p.serve
+        check_port(cfg.host, cfg.port)
         uri = model or default_model_uri(p)
         with tempfile.TemporaryDirectory(prefix="spatial-serve-") as cache:
             served = ServedModel.resolve(uri, p.mlflow, cache_dir=cache)
