@@ -143,6 +143,23 @@ def test_cli_servers_refuse_a_taken_port_before_loading_anything(tmp_path, monke
     assert code == 2 and err.startswith("error: --host no-such-host.invalid: "), err
 
 
+def test_cli_a_tracking_server_that_does_not_answer_is_one_line(tiny_ensemble, tmp_path, monkeypatch, capsys):
+    """MLflow's client retried a server that is down for minutes, silently, then failed with a traceback. (Retries
+    off here, so the old code fails at once too.)"""
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        uri = f"http://127.0.0.1:{closed.getsockname()[1]}"  # nothing listens there once the block ends
+    for command in (["register", "--model", str(tiny_ensemble)],  # the run's tracking store
+                    ["discover", "--model", "models:/spatial@champion", "--scores", str(tmp_path / "none.parquet"),
+                     "--out", str(tmp_path / "queue")]):  # the registry
+        code, err = run_main([*command, "--set", f"mlflow.tracking_uri={uri}"], monkeypatch, capsys)
+        assert code == 2 and err.startswith(f"error: MLflow tracking server {uri} does not answer (") and \
+            "Connection refused" in err and len(err.strip().splitlines()) == 1, err
+
+
 def _nan_probability(tmp: Path) -> Path:
     pd.DataFrame({"source_file": ["a.h5", "a.h5"], "cell_id": [4, 7], "prob_on": [0.2, np.nan],
                   "prob_off": [0.8, 0.1]}).to_parquet(tmp / "scores.parquet")

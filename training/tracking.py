@@ -7,6 +7,7 @@ at the repository root as an absolute path. Inside ``dvc exp run --temp`` (which
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from training.config import MlflowConfig, Params, RegistryConfig
-from training.errors import ModelError
+from training.errors import ConfigError, ModelError
 
 log = logging.getLogger(__name__)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -38,6 +39,25 @@ def repo_root(start: Path | None = None) -> Path:
 
 def tracking_uri(cfg: MlflowConfig) -> str:
     return cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{repo_root() / 'mlflow.db'}"
+
+
+@functools.lru_cache(maxsize=8)
+def check_server(uri: str, timeout: float = 5.0) -> None:
+    """Refuse a tracking server that does not answer, in seconds: MLflow's client retries for minutes first, silently.
+    Any HTTP answer counts (a server behind authentication may refuse ``/health``); only no answer is an error."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except OSError as exc:  # URLError, a refused connection, a timeout
+        raise ConfigError(f"MLflow tracking server {uri} does not answer ({getattr(exc, 'reason', exc)}); start it "
+                          "(`mlflow server`, README: MLflow) or set mlflow.tracking_uri or $MLFLOW_TRACKING_URI to one "
+                          "that runs") from None
 
 
 # The MLflow 3 UI opens an experiment by its kind: untagged experiments with no runs yet are shown in the GenAI
@@ -69,6 +89,7 @@ def configure(cfg: MlflowConfig) -> str:
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
+    check_server(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(experiment_id=ensure_experiment(MlflowClient(uri), cfg.experiment))
     return uri
@@ -263,7 +284,9 @@ def resolve_model(uri: str | os.PathLike, mlflow_cfg: MlflowConfig | None = None
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    mlflow.set_tracking_uri(tracking_uri(mlflow_cfg or MlflowConfig()))
+    uri = tracking_uri(mlflow_cfg or MlflowConfig())
+    check_server(uri)
+    mlflow.set_tracking_uri(uri)
     ref = s[len("models:/") :]
     client = MlflowClient()
     try:

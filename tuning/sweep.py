@@ -65,8 +65,9 @@ def _is_uri(path: str) -> bool:
 
 
 def resolve_tracking_uri(params: Params, cluster: bool) -> str:
-    """The tracking URI trials get: absolute for sqlite; a server on a cluster."""
-    from training.tracking import repo_root, tracking_uri
+    """The tracking URI trials get: absolute for sqlite; a server on a cluster, which must answer now (not in every
+    trial after Ray has started)."""
+    from training.tracking import check_server, repo_root, tracking_uri
 
     uri = tracking_uri(params.mlflow)
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -77,6 +78,7 @@ def resolve_tracking_uri(params: Params, cluster: bool) -> str:
             "`mlflow server` on the head node and pass --tracking-uri http://HEAD:5000 "
             "(or set mlflow.tracking_uri / $MLFLOW_TRACKING_URI)"
         )
+    check_server(uri)
     return uri
 
 
