@@ -160,6 +160,27 @@ def test_cli_a_tracking_server_that_does_not_answer_is_one_line(tiny_ensemble, t
             "Connection refused" in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_ray_address_where_nothing_runs_is_one_line(screen, tiny_ensemble, tmp_path, monkeypatch, capsys):
+    """ray.init waited for minutes on such an address, printing only Ray's own warnings."""
+    import socket
+
+    from training.errors import ConfigError
+    from training.ray_cluster import check_reachable
+
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    out = tmp_path / "scores.parquet"
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        code, err = run_main(["score", str(screen[0]), "--model", str(tiny_ensemble), "--out", str(out),
+                              "--ray-address", address, "--no-progress"], monkeypatch, capsys)
+        assert code == 2 and err.startswith(f"error: cannot reach the Ray cluster at '{address}' (Connection "
+                                            "refused)") and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+    with pytest.raises(ConfigError, match="Ray address 'head-node': expected HOST:PORT"):
+        check_reachable("head-node")
+
+
 def _nan_probability(tmp: Path) -> Path:
     pd.DataFrame({"source_file": ["a.h5", "a.h5"], "cell_id": [4, 7], "prob_on": [0.2, np.nan],
                   "prob_off": [0.8, 0.1]}).to_parquet(tmp / "scores.parquet")
@@ -233,6 +254,7 @@ def test_atomic_output_never_swaps_a_folder_for_a_file_or_back(tmp_path):
     ["report", "--root", "{missing}", "--out", "{folder}"],
     ["seeds", "--al-curve", "{missing}", "--baseline", "random", "--out", "{folder}"],
     ["score", "{missing}", "--model", "{missing}", "--out", "{new}", "--metrics", "{folder}"],
+    ["label", "--queries", "{missing}", "--labels", "{folder}"],
 ])
 def test_cli_refuses_a_wrong_kind_of_output_before_its_work(command, tmp_path, monkeypatch, capsys):
     folder, file = tmp_path / "folder", tmp_path / "file.csv"

@@ -25,6 +25,7 @@ from ray import tune
 
 from training.config import Params, resolve
 from training.errors import ConfigError, TrainingError
+from training.ray_cluster import connect
 from tuning.space import REGIME_KEY, grid_points, max_iterations, parse_space, to_param_space
 from tuning.trainable import (
     TAG_BEST,
@@ -93,23 +94,6 @@ def resolve_storage(storage: str | None, cluster: bool) -> str:
             )
         return str(repo_root() / "ray_results")
     return storage if _is_uri(storage) else str(Path(storage).expanduser().resolve())
-
-
-def connect(address: str | None, log_to_driver: bool = True) -> bool:
-    """Connect to ``address`` (a Ray cluster) or start a local Ray; returns whether this call started it
-    (an already initialised Ray is used as it is)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if address:
-        try:
-            ray.init(address=address, log_to_driver=log_to_driver)
-        except (ConnectionError, RuntimeError) as exc:
-            raise ConfigError(f"cannot connect to the Ray cluster at '{address}': {exc}") from None
-    else:
-        ray.init(include_dashboard=False, log_to_driver=log_to_driver)
-    return True
 
 
 def _check_resources(cpus: float, gpus: float) -> None:

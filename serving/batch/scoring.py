@@ -37,6 +37,7 @@ from training.config import MlflowConfig, ScoreConfig
 from training.errors import DataError
 from training.io.atomic import atomic_path, check_destination
 from training.io.formats import CellFile
+from training.ray_cluster import connect
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 1
@@ -323,9 +324,7 @@ def _run_ray(todo: list[Chunk], served: ServedModel, cfg: ScoreConfig, parts: Pa
 
     from training.tracking import tracking_uri
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+    started = connect(address, log_to_driver=False, include_dashboard=False)
     try:
         resources = ray.cluster_resources()
         gpus = cfg.ray_gpus_per_actor if cfg.ray_gpus_per_actor is not None else float(resources.get("GPU", 0) > 0)

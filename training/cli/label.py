@@ -101,6 +101,7 @@ def add_commands(app: typer.Typer) -> None:
         p = params_for(params, set_, {"label.host": host, "label.port": port})
         cfg = p.label
         remote = allow_remote or cfg.allow_remote
+        check_outputs(files=[labels or cfg.labels])
         check_port(cfg.host, cfg.port)
         session = Session(read_queries(queries), labels or cfg.labels, list(p.split.classes), cfg.thumbnail_px,
                           cfg.thumbnail_cache, cfg.confident, annotator)
