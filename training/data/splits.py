@@ -144,11 +144,11 @@ def read_splits(path: str | Path, cfg: SplitConfig | None = None) -> tuple[pd.Da
     wanted = cfg.model_dump(mode="json") if cfg is not None else {}
     differ = [key for key in wanted if key != "out" and key in made and made[key] != wanted[key]]
     if differ:
-        raise ConfigError(
-            f"{path} was made with " + ", ".join(f"split.{k}={json.dumps(made[k])}" for k in differ) + "; the params say "
-            + ", ".join(f"split.{k}={json.dumps(wanted[k])}" for k in differ) + ". Split again with these params (`spatial "
-            "split`, or `dvc repro split`), or give --manifest to split now"
-        )
+        def values(params: dict) -> str:
+            return ", ".join(f"split.{key}={json.dumps(params[key])}" for key in differ)
+
+        raise ConfigError(f"{path} was made with {values(made)}; the params say {values(wanted)}. Split again with "
+                          "these params (`spatial split`, or `dvc repro split`), or give --manifest to split now")
     return table, summary
 
 
