@@ -20,7 +20,6 @@ import pydantic_core
 
 from training.config import MlflowConfig
 from training.data.loader import Preprocess
-from training.errors import ModelError
 from training.uncertainty.ensemble import EnsembleSpec
 
 PACKED_FIELDS = ("confidence", "entropy", "aleatoric", "epistemic", "novelty")
@@ -44,14 +43,8 @@ class ServedModel:
 
     @classmethod
     def open(cls, path: str | os.PathLike, info: dict[str, Any] | None = None) -> ServedModel:
-        spec_file = Path(path) / "spec.json"
-        if not spec_file.is_file():
-            raise ModelError(f"{path}: not an ensemble directory (spec.json missing)")
-        try:
-            spec = EnsembleSpec(**json.loads(spec_file.read_text()))
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{spec_file}: unreadable ensemble spec ({exc})") from None
         p = Path(path)
+        spec = EnsembleSpec.read(p)
         return cls(p, info or {"name": p.name, "version": None, "alias": None, "uri": str(p)}, spec)
 
     @classmethod

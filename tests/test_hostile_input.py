@@ -181,6 +181,33 @@ def test_a_ray_address_where_nothing_runs_is_one_line(screen, tiny_ensemble, tmp
         check_reachable("head-node")
 
 
+@pytest.mark.parametrize(("command", "message"), [
+    (["serve", "--port", "0"], None),  # the port is replaced by a free one below
+    (["train"], "data/index/splits.parquet: split table not found; `spatial split` writes it (`dvc repro split`)"),
+    (["evaluate"], "models/ensemble: no ensemble here; `spatial train` writes one (`dvc repro train`, a stage of "
+                   "`make run`)"),
+    (["split"], "data/index/cells.parquet: cell index not found; `spatial index` writes it (`dvc repro index`)"),
+    (["index"], "data/raw/manifest.csv: manifest not found; `spatial synth` writes the simulated screen's (`dvc "
+                "repro synth`); for your own files write one (README: Your own data)"),
+])
+def test_a_fresh_project_names_the_command_that_writes_what_is_missing(command, message, tmp_path, monkeypatch,
+                                                                       capsys):
+    """A newcomer's first commands before `make run`: each missing input says which command (and stage) makes it."""
+    import socket
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    if command[0] == "serve":
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            command = ["serve", "--port", str(free.getsockname()[1])]
+        message = ("model URI 'models:/spatial-phenotype@champion' does not resolve in sqlite:///"
+                   f"{tmp_path / 'mlflow.db'}: Registered Model with name=spatial-phenotype not found; `spatial "
+                   "register` registers one (`dvc repro register`, a stage of `make run`)")
+    code, err = run_main(command, monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == f"error: {message}", err
+
+
 def _nan_probability(tmp: Path) -> Path:
     pd.DataFrame({"source_file": ["a.h5", "a.h5"], "cell_id": [4, 7], "prob_on": [0.2, np.nan],
                   "prob_off": [0.8, 0.1]}).to_parquet(tmp / "scores.parquet")

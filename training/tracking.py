@@ -300,7 +300,10 @@ def resolve_model(uri: str | os.PathLike, mlflow_cfg: MlflowConfig | None = None
         dst = Path(cache_dir or tempfile.mkdtemp(prefix="spatial-model-"))
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{mv.version}", dst_path=str(dst)))
     except MlflowException as exc:
-        raise ModelError(f"model URI '{s}' does not resolve in {mlflow.get_tracking_uri()}: {exc.message}") from None
+        hint = ("; `spatial register` registers one (`dvc repro register`, a stage of `make run`)"
+                if exc.error_code == "RESOURCE_DOES_NOT_EXIST" else "")
+        raise ModelError(f"model URI '{s}' does not resolve in {mlflow.get_tracking_uri()}: {exc.message}{hint}"
+                         ) from None
     found = next((p.parent for p in local.rglob("spec.json")), None)
     if found is None:
         raise ModelError(f"model URI '{s}' holds no spatiAL ensemble")

@@ -27,7 +27,8 @@ def resolve_path(manifest: str | os.PathLike, path: str) -> str:
 def read_manifest(manifest: str | os.PathLike) -> pd.DataFrame:
     """Validate a manifest CSV (``path,label,group`` + optional metadata columns)."""
     m = Path(manifest)
-    df = read_csv(m, "manifest", dtype=str, keep_default_na=False)
+    df = read_csv(m, "manifest", hint="`spatial synth` writes the simulated screen's (`dvc repro synth`); for your "
+                  "own files write one (README: Your own data)", dtype=str, keep_default_na=False)
     missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(f"{m}: missing column(s) {', '.join(missing)}; expected path,label,group[,{','.join(METADATA_COLUMNS)}]")
@@ -79,7 +80,7 @@ def build_index(manifest: str | os.PathLike, progress: bool = True) -> pd.DataFr
 
 def read_index(path: str | os.PathLike) -> pd.DataFrame:
     """The cell index ``spatial index`` wrote, checked for its columns."""
-    index, _ = read_table(path)
+    index, _ = read_table(path, what="cell index", hint="`spatial index` writes it (`dvc repro index`)")
     missing = [c for c in INDEX_COLUMNS if c not in index.columns]
     if missing:
         raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected a cell index (`spatial index`)")

@@ -137,7 +137,7 @@ def read_splits(path: str | Path, cfg: SplitConfig | None = None) -> tuple[pd.Da
     """
     from training.io.tables import read_table
 
-    table, summary = read_table(path)
+    table, summary = read_table(path, what="split table", hint="`spatial split` writes it (`dvc repro split`)")
     if "split" not in table.columns:
         raise DataError(f"{path}: not a split table (no 'split' column); run `spatial split`")
     made = summary.get("params") or {}

@@ -27,11 +27,18 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict[str, Any] 
     return Path(path)
 
 
-def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Read a table written by ``write_table``; returns ``(df, meta)``."""
+def not_found(path: Path, what: str, hint: str | None) -> DataError:
+    """``PATH: WHAT not found``, and then ``hint``: for a file the project makes itself, which command writes it."""
+    return DataError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None, what: str = "table",
+               hint: str | None = None) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Read a table written by ``write_table``; returns ``(df, meta)``. ``hint``: said when it is missing (which
+    command writes it)."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: table not found")
+        raise not_found(p, what, hint)
     try:
         table = pq.read_table(p, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -51,12 +58,12 @@ def read_json(path: str | os.PathLike) -> Any:
         raise DataError(f"{p}: not valid JSON ({exc})") from None
 
 
-def read_csv(path: str | os.PathLike, what: str = "CSV", **kwargs: Any) -> pd.DataFrame:
+def read_csv(path: str | os.PathLike, what: str = "CSV", hint: str | None = None, **kwargs: Any) -> pd.DataFrame:
     """``pd.read_csv(path, **kwargs)``, or :class:`DataError` naming the file (as ``what``, e.g. "manifest") when it
     is missing or cannot be parsed: the one way every checked table of the project is read."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"{p}: {what} not found")
+        raise not_found(p, what, hint)
     try:
         return pd.read_csv(p, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:

@@ -66,6 +66,21 @@ class EnsembleSpec:
     def n_members(self) -> int:
         return len(self.temperatures)
 
+    @classmethod
+    def read(cls, folder: str | os.PathLike) -> EnsembleSpec:
+        """``folder/spec.json``; a :class:`ModelError` that says what to do when there is no ensemble."""
+        p = Path(folder)
+        if not p.exists():
+            raise ModelError(f"{p}: no ensemble here; `spatial train` writes one (`dvc repro train`, a stage of "
+                             "`make run`)")
+        spec_file = p / "spec.json"
+        if not spec_file.is_file():
+            raise ModelError(f"{p}: not an ensemble directory (spec.json missing)")
+        try:
+            return cls(**json.loads(spec_file.read_text()))
+        except (TypeError, json.JSONDecodeError) as exc:
+            raise ModelError(f"{spec_file}: unreadable ensemble spec ({exc})") from None
+
 
 class Ensemble:
     """K trained members + temperatures + novelty models (of the members, or of ``encoders`` when given: one per
@@ -101,13 +116,7 @@ class Ensemble:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> Ensemble:
         p = Path(path)
-        spec_file = p / "spec.json"
-        if not spec_file.is_file():
-            raise ModelError(f"{p}: not an ensemble directory (spec.json missing)")
-        try:
-            spec = EnsembleSpec(**json.loads(spec_file.read_text()))
-        except (TypeError, json.JSONDecodeError) as exc:
-            raise ModelError(f"{spec_file}: unreadable ensemble spec ({exc})") from None
+        spec = EnsembleSpec.read(p)
         # the weights are all in the artifact: a checkpoint the members were fine-tuned from is not read again
         arch = ModelConfig(**{**spec.model, "pretrained": None})
 
