@@ -27,7 +27,7 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict[str, Any] 
     return Path(path)
 
 
-def not_found(path: Path, what: str, hint: str | None) -> DataError:
+def _not_found(path: Path, what: str, hint: str | None) -> DataError:
     """``PATH: WHAT not found``, and then ``hint``: for a file the project makes itself, which command writes it."""
     return DataError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
 
@@ -38,7 +38,7 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None, what: 
     command writes it)."""
     p = Path(path)
     if not p.is_file():
-        raise not_found(p, what, hint)
+        raise _not_found(p, what, hint)
     try:
         table = pq.read_table(p, columns=columns)
     except (pa.ArrowInvalid, OSError) as exc:
@@ -63,7 +63,7 @@ def read_csv(path: str | os.PathLike, what: str = "CSV", hint: str | None = None
     is missing or cannot be parsed: the one way every checked table of the project is read."""
     p = Path(path)
     if not p.is_file():
-        raise not_found(p, what, hint)
+        raise _not_found(p, what, hint)
     try:
         return pd.read_csv(p, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
