@@ -19,6 +19,7 @@ import pandas as pd
 
 from training.config import BinsConfig
 from training.errors import DataError
+from training.io.tables import require_columns
 
 SCORE_COLUMNS = ("source_file", "cell_id")
 META_COLUMNS = ("group", "plate", "well")
@@ -37,9 +38,7 @@ def read_scores(path: str | os.PathLike, class_name: str, extra: tuple[str, ...]
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user error
         raise DataError(f"{p}: not a readable Parquet table ({exc})") from None
     classes = [c[len("prob_"):] for c in names if c.startswith("prob_")]
-    missing = [c for c in SCORE_COLUMNS if c not in names]
-    if missing:
-        raise DataError(f"{p}: missing column(s) {', '.join(missing)}; expected a `spatial score` table")
+    require_columns(names, SCORE_COLUMNS, p, "a `spatial score` table")
     if class_name not in classes:
         raise DataError(f"{p}: no class '{class_name}' among the scored classes ({', '.join(classes) or 'none'})")
     cols = [*SCORE_COLUMNS, *[f"prob_{c}" for c in classes], *[c for c in extra if c in names]]

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from training.errors import DataError
-from training.io.tables import read_csv
+from training.io.tables import read_csv, require_columns
 
 SAMPLE_COLUMNS = ("sample", "kind", "bin", "replicate", "cells")
 LIBRARY_COLUMNS = ("grna", "gene", "is_control")
@@ -67,9 +67,7 @@ def read_count_table(path: str | os.PathLike) -> pd.DataFrame:
 def read_library(path: str | os.PathLike) -> pd.DataFrame:
     """``grna, gene, is_control`` with at least one non-targeting control gRNA."""
     df = read_csv(path, "gRNA library", dtype=str, keep_default_na=False)
-    missing = [c for c in LIBRARY_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected grna,gene,is_control")
+    require_columns(df.columns, LIBRARY_COLUMNS, path)
     words = df["is_control"].str.strip().str.lower()
     bad = ~words.isin(TRUE_WORDS | FALSE_WORDS)
     if bad.any():
@@ -88,9 +86,7 @@ def read_genotypes(path: str | os.PathLike, library: pd.DataFrame, library_path:
     """``source_file`` (absolute), ``cell_id`` (int64), ``grna``, ``gene``, ``is_control`` of every genotyped cell;
     ``library`` is :func:`read_library`'s table. Rows with an empty ``grna`` (barcode not read) are left out."""
     df = read_csv(path, "genotypes table", dtype=str, keep_default_na=False)
-    missing = [c for c in GENOTYPE_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected source_file,cell_id,grna")
+    require_columns(df.columns, GENOTYPE_COLUMNS, path)
     df = df[df["grna"].str.strip() != ""]
     ids = pd.to_numeric(df["cell_id"].str.strip(), errors="coerce")
     bad = ids.isna() | (ids != np.floor(ids.fillna(0)))
@@ -112,9 +108,7 @@ def read_truth(path: str | os.PathLike, columns: tuple[str, ...] = TRUTH_COLUMNS
     """The simulator's ``truth_genes.csv`` (``gene, role, effect`` per gene); ``columns``: the ones the caller
     needs. ``effect``, where present, is a number."""
     df = read_csv(path, "gene truth", dtype=str, keep_default_na=False)
-    missing = [c for c in columns if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(TRUTH_COLUMNS)}")
+    require_columns(df.columns, columns, path, ",".join(TRUTH_COLUMNS))
     if "effect" not in df.columns:
         return df
     effect = pd.to_numeric(df["effect"].str.strip(), errors="coerce")
@@ -143,9 +137,7 @@ def read_sample_sheet(path: str | os.PathLike, count_columns: list[str], counts_
                       ) -> SampleSheet:
     """``sample,kind,bin,replicate,cells``; every sample must be a column of the count table and vice versa."""
     df = read_csv(path, "sample sheet", dtype=str, keep_default_na=False)
-    missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(SAMPLE_COLUMNS)}")
+    require_columns(df.columns, SAMPLE_COLUMNS, path)
     df = df[list(SAMPLE_COLUMNS)].apply(lambda c: c.str.strip())
     dup = df["sample"][df["sample"].duplicated()].tolist()
     if dup:

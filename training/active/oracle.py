@@ -24,7 +24,7 @@ import pandas as pd
 
 from training.data.cellindex import resolve_path
 from training.errors import ConfigError, DataError
-from training.io.tables import read_csv
+from training.io.tables import read_csv, require_columns
 
 NO_CLASS = -1
 LABEL_COLUMNS = ("source_file", "cell_id", "label")
@@ -164,9 +164,7 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
             raise DataError(f"{path}: no labels")
         return cur[list(LABEL_COLUMNS)].reset_index(drop=True)
     table = read_csv(path, dtype={"source_file": str, "label": str}, keep_default_na=False)
-    missing = [c for c in LABEL_COLUMNS if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {','.join(LABEL_COLUMNS)}")
+    require_columns(table.columns, LABEL_COLUMNS, path)
     if table.empty:
         raise DataError(f"{path}: no labels")
     ids = pd.to_numeric(table["cell_id"], errors="coerce")

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from training.errors import DataError
 from training.io.formats import CellFile
-from training.io.tables import read_csv, read_table
+from training.io.tables import read_csv, read_table, require_columns
 
 REQUIRED_COLUMNS = ("path", "label", "group")
 METADATA_COLUMNS = ("condition", "timepoint", "replicate", "plate", "well", "treatment", "description")
@@ -29,9 +29,7 @@ def read_manifest(manifest: str | os.PathLike) -> pd.DataFrame:
     m = Path(manifest)
     df = read_csv(m, "manifest", hint="`spatial synth` writes the simulated screen's (`dvc repro synth`); for your "
                   "own files write one (README: Your own data)", dtype=str, keep_default_na=False)
-    missing = [c for c in REQUIRED_COLUMNS if c not in df.columns]
-    if missing:
-        raise DataError(f"{m}: missing column(s) {', '.join(missing)}; expected path,label,group[,{','.join(METADATA_COLUMNS)}]")
+    require_columns(df.columns, REQUIRED_COLUMNS, m, f"path,label,group[,{','.join(METADATA_COLUMNS)}]")
     unknown = [c for c in df.columns if c not in REQUIRED_COLUMNS + METADATA_COLUMNS]
     if unknown:
         raise DataError(f"{m}: unknown column(s) {', '.join(unknown)}; allowed metadata: {', '.join(METADATA_COLUMNS)}")
@@ -81,9 +79,7 @@ def build_index(manifest: str | os.PathLike, progress: bool = True) -> pd.DataFr
 def read_index(path: str | os.PathLike) -> pd.DataFrame:
     """The cell index ``spatial index`` wrote, checked for its columns."""
     index, _ = read_table(path, what="cell index", hint="`spatial index` writes it (`dvc repro index`)")
-    missing = [c for c in INDEX_COLUMNS if c not in index.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected a cell index (`spatial index`)")
+    require_columns(index.columns, INDEX_COLUMNS, path, "a cell index (`spatial index`)")
     return index
 
 

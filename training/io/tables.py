@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,16 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike, meta: dict[str, Any] 
 def _not_found(path: Path, what: str, hint: str | None) -> DataError:
     """``PATH: WHAT not found``, and then ``hint``: for a file the project makes itself, which command writes it."""
     return DataError(f"{path}: {what} not found" + (f"; {hint}" if hint else ""))
+
+
+def require_columns(present: Iterable[str], required: Sequence[str], path: str | os.PathLike,
+                    expected: str | None = None) -> None:
+    """:class:`DataError` naming ``path`` and the ``required`` columns missing from ``present``, then what was
+    ``expected`` (default: the required columns, comma-separated)."""
+    have = set(present)
+    missing = [c for c in required if c not in have]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; expected {expected or ','.join(required)}")
 
 
 def read_table(path: str | os.PathLike, columns: list[str] | None = None, what: str = "table",
