@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint bench clean
+.PHONY: install run test lint bench clean scportrait-env
 
 install: $(VENV)/.installed
 
@@ -12,6 +12,16 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[dev]'
+	touch $@
+
+# scPortrait 1.8.0 in its own interpreter, for the live tests of tests/test_scportrait_interop.py (about 4 min, 7 GB:
+# a second PyTorch); without it those tests skip
+scportrait-env: .venv-scportrait/.installed
+
+.venv-scportrait/.installed: .ci/scportrait-constraints.txt
+	$(PYTHON) -m venv .venv-scportrait
+	.venv-scportrait/bin/pip install --quiet --upgrade pip
+	.venv-scportrait/bin/pip install --quiet -c .ci/scportrait-constraints.txt scportrait torch torchvision
 	touch $@
 
 run: install

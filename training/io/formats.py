@@ -436,36 +436,47 @@ def write_h5sc(
     obs: pd.DataFrame | None = None,
     compression: str | None = "gzip",
 ) -> Path:
-    """Write a scPortrait-style ``.h5sc`` (AnnData on disk) atomically."""
+    """Write a scPortrait ``.h5sc`` (AnnData on disk) atomically, with the metadata scPortrait's extraction writes
+    (1.8.0): ``var`` indexed ``0..C-1`` with ``channels`` and ``channel_mapping`` columns, and the image stack's
+    description (cell and channel counts, image size, channel names and kinds, compression) both in
+    ``uns/single_cell_images`` and as attributes of ``obsm/single_cell_images``. scPortrait's readers, datasets and
+    plots use these (its ``cell_grid`` needs ``n_channels``)."""
     names, kinds = _default_names(images.shape[1], channel_names, channel_kinds)
     cell_ids = np.asarray(cell_ids, dtype=np.int64)
     _check_images(images, cell_ids, names, kinds)
-    n = len(cell_ids)
+    n, c, h, w = images.shape
     str_dtype = h5py.string_dtype()
+    description: dict[str, Any] = {
+        "n_cells": n, "n_channels": c, "n_masks": kinds.count("mask"), "n_image_channels": c - kinds.count("mask"),
+        "image_size_x": h, "image_size_y": w, **({"image_size": h} if h == w else {}),
+        **({"compression": compression} if compression else {}),
+    }
     with atomic_path(path, suffix=".h5sc") as tmp, h5py.File(tmp, "w") as h5:
         h5.attrs.update({"encoding-type": "anndata", "encoding-version": "0.1.0"})
         columns = {"scportrait_cell_id": cell_ids}
         if obs is not None:
             columns.update({c: obs[c].to_numpy() for c in obs.columns})
         _write_anndata_frame(h5.create_group("obs"), [str(i) for i in range(n)], columns)
-        _write_anndata_frame(h5.create_group("var"), names, {"channel_mapping": np.array(kinds, dtype=object)})
+        _write_anndata_frame(h5.create_group("var"), [str(i) for i in range(c)],
+                             {"channels": np.array(names, dtype=object), "channel_mapping": np.array(kinds, dtype=object)})
         obsm = h5.create_group("obsm")
         obsm.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         ds = _create_images(obsm, "single_cell_images", images, compression)
         ds.attrs.update({"encoding-type": "array", "encoding-version": "0.2.0"})
         ds.attrs["channel_names"] = np.array(names, dtype=object)
         ds.attrs["channel_mapping"] = np.array(kinds, dtype=object)
-        ds.attrs["n_masks"] = kinds.count("mask")
-        ds.attrs["n_image_channels"] = len(kinds) - kinds.count("mask")
+        ds.attrs.update(description)
         uns = h5.create_group("uns")
         uns.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         uns.create_group(UNS_PREFIX.rstrip("/")).attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
         for key, values in (("channel_names", names), ("channel_mapping", kinds)):
             d = uns.create_dataset(f"{UNS_PREFIX}{key}", data=np.array(values, dtype=object), dtype=str_dtype)
             d.attrs.update({"encoding-type": "string-array", "encoding-version": "0.2.0"})
-        for key, value in (("n_masks", kinds.count("mask")), ("n_image_channels", len(kinds) - kinds.count("mask"))):
-            d = uns.create_dataset(f"{UNS_PREFIX}{key}", data=value)
-            d.attrs.update({"encoding-type": "numeric-scalar", "encoding-version": "0.2.0"})
+        for key, value in description.items():
+            d = (uns.create_dataset(f"{UNS_PREFIX}{key}", data=value, dtype=str_dtype) if isinstance(value, str)
+                 else uns.create_dataset(f"{UNS_PREFIX}{key}", data=value))
+            d.attrs.update({"encoding-type": "string" if isinstance(value, str) else "numeric-scalar",
+                            "encoding-version": "0.2.0"})
         for group in ("layers", "obsp", "varm", "varp"):
             g = h5.create_group(group)
             g.attrs.update({"encoding-type": "dict", "encoding-version": "0.1.0"})
