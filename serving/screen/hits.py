@@ -190,11 +190,18 @@ def ks_uniform(p: np.ndarray) -> dict[str, float | int | None]:
 # -- counts (sorted bins vs the unsorted library) --------------------------------------------------------------------
 @dataclass(frozen=True)
 class CountsInput:
-    """A count table joined with the library (``sgRNA, Gene, is_control, <samples>``) and its sample sheet."""
+    """A count table joined with the library (``sgRNA, Gene, is_control, <samples>``) and its sample sheet.
+
+    Its rows are kept in ``sgRNA`` order, whatever order the file had: the NT null's random draws and the NT
+    pseudo-genes pick gRNAs by position, so the same counts must give the same calls from ``mageck count``'s table
+    (sorted by sgRNA) and from any other counter's."""
 
     counts: pd.DataFrame
     sheet: SampleSheet
     bins: tuple[int, ...] = ()  # bins used; () = all
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "counts", self.counts.sort_values("sgRNA", kind="stable", ignore_index=True))
 
     def bin_samples(self, replicate: str) -> pd.DataFrame:
         t = self.sheet.of("bin", replicate)
