@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 METHODS = ("spatial", "sparcs", "sparcs_bh", "rra", "mageck", "cells_soft", "cells_threshold")
 DEFAULT_MAGECK = ROOT / ".venv-mageck" / "bin" / "mageck2"
+TAIL = (0.05, 0.01, 0.005, 0.001)  # null-gene p-values below each are counted: BH decides in this tail
 
 
 def call_mageck(exe: Path, counts: pd.DataFrame, sheet: pd.DataFrame, fdr: float) -> pd.DataFrame:
@@ -167,7 +168,8 @@ def main() -> int:
                       "fdp_per_seed": [r[m]["fdp"] for r in planted], "n_called": mean(m, "n_called", planted),
                       "null_seeds_zero_called": zero, "null_seeds": args.seeds,
                       "ks_nt_pseudo_genes": float(ks_nt), "ks_null_genes": float(ks_null.statistic),
-                      "ks_null_genes_p": float(ks_null.pvalue), "n_null_p": int(len(null_p))}
+                      "ks_null_genes_p": float(ks_null.pvalue), "n_null_p": int(len(null_p)),
+                      "null_p_below": {str(t): int((null_p < t).sum()) for t in TAIL}}
         s = summary[m]
         print(f"{m:<16}{s['recall_effect_ge_0.5']:>14.2f}{s['recall_effect_lt_0.5']:>13.2f}{s['fdp']:>7.3f}"
               f"{s['n_called']:>8.1f}{f'{zero}/{args.seeds}':>16}{ks_nt:>14.3f}{ks_null.statistic:>15.3f}")
@@ -175,6 +177,10 @@ def main() -> int:
     (args.out / "targets.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot_qq({m: np.concatenate([r[m]["null_p"] for r in null]) for m in ("spatial", "sparcs", "cells_soft")},
             args.out / "qq_null.png", f"null genes, screens without hits ({args.seeds} seeds)")
+    print("null-gene p-values below " + ", ".join(f"{t:g}" for t in TAIL) + f" (of {summary['spatial']['n_null_p']};"
+          " a uniform null expects " + ", ".join(f"{t * summary['spatial']['n_null_p']:.1f}" for t in TAIL) + "):")
+    for m in summary:
+        print(f"  {m:<16}" + "".join(f"{n:>7}" for n in summary[m]["null_p_below"].values()))
     lo, hi = summary["spatial"]["fdp_95ci"]
     print(f"false discovery proportion of ours (spatial), mean over the {args.seeds} planted screens: "
           f"{summary['spatial']['fdp']:.3f} [{lo:.3f}, {hi:.3f}] (95 % t-interval)")
