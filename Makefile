@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install run test lint bench clean scportrait-env
+.PHONY: install run test lint bench clean scportrait-env mageck-env
 
 install: $(VENV)/.installed
 
@@ -24,10 +24,20 @@ scportrait-env: .venv-scportrait/.installed
 	.venv-scportrait/bin/pip install --quiet -c .ci/scportrait-constraints.txt scportrait torch torchvision
 	touch $@
 
+# MAGeCK (mageck2 0.3.0: MAGeCK's count and test unchanged) in its own interpreter, for tests/test_mageck_interop.py
+# (about 1 min; it compiles MAGeCK's RRA with g++); .ci/run builds it, elsewhere those tests skip without it
+mageck-env: .venv-mageck/.installed
+
+.venv-mageck/.installed: .ci/mageck-constraints.txt
+	$(PYTHON) -m venv .venv-mageck
+	.venv-mageck/bin/pip install --quiet --upgrade pip
+	.venv-mageck/bin/pip install --quiet -c .ci/mageck-constraints.txt mageck2
+	touch $@
+
 run: install
 	dvc repro
 
-test: install
+test: install mageck-env
 	$(BIN)/pytest -q
 
 lint: install
