@@ -87,7 +87,8 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
                                   replicate=lambda d: d["replicate"].astype(str))
     inp = CountsInput(counts, SampleSheet(sheet))
     hc = params.hits
-    out = {"spatial": call_counts(inp, hc.fdr, hc.min_library_reads, hc.null_draws, seed, hc.min_nt_cells)}
+    out = {"spatial": call_counts(inp, hc.fdr, hc.min_library_reads, hc.null_draws, seed, hc.min_nt_cells,
+                                  hc.nt_null)}
     sp = call_sparcs(inp, hc.sparcs_p, hc.fdr)
     out["sparcs"] = sp
     bh_genes = sp.genes.assign(is_hit=sp.genes["fdr"] <= hc.fdr)
@@ -121,6 +122,8 @@ def main() -> int:
     ap.add_argument("--params", type=Path, default=ROOT / "params.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="params override key=value")
     ap.add_argument("--seeds", type=int, default=10)
+    ap.add_argument("--first-seed", type=int, default=0, help="planted screens use seeds FIRST..FIRST+SEEDS-1, the "
+                    "no-hit screens 1000+FIRST...; another FIRST gives screens never looked at")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/screen/targets")
     ap.add_argument("--mageck", default=str(DEFAULT_MAGECK) if DEFAULT_MAGECK.exists() else "",
                     help="a mageck2 / mageck executable (default: .venv-mageck's, when `make mageck-env` built it; "
@@ -143,8 +146,9 @@ def main() -> int:
     class_name = meta.get("class") or params.bins.class_name
     truth, library = load_truth(args.manifest), load_library(args.manifest)
     t0 = time.perf_counter()
-    planted = [run_seed(bins, truth, library, params, s, None, class_name, args.mageck) for s in range(args.seeds)]
-    null = [run_seed(bins, truth, library, params, 1000 + s, 0, class_name, args.mageck) for s in range(args.seeds)]
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    planted = [run_seed(bins, truth, library, params, s, None, class_name, args.mageck) for s in seeds]
+    null = [run_seed(bins, truth, library, params, 1000 + s, 0, class_name, args.mageck) for s in seeds]
     print(f"{args.seeds} seeds x 2 screens ({params.sequence.virtual_cells:,} virtual cells per replicate, "
           f"{params.sequence.replicates} replicates, {len(library)} gRNAs): {time.perf_counter() - t0:.0f} s")
     summary: dict[str, dict] = {}

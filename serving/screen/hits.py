@@ -238,11 +238,28 @@ def _cell_equivalents(inp: CountsInput, replicate: str) -> np.ndarray:
     return out
 
 
+def _nt_fit(c: np.ndarray, f: np.ndarray, rel: np.ndarray, fit_on: np.ndarray,
+            at: int | slice = slice(None)) -> tuple[np.ndarray, float, float]:
+    """The null fitted on the NT gRNAs ``fit_on``: expected cells (at ``at``), dispersion ``a``, ``phi``."""
+    rate = c[fit_on].sum() / f[fit_on].sum()
+    e_nt = f[fit_on] * rate
+    a, phi = fit_dispersion(c[fit_on], e_nt, e_nt**2 * rel[fit_on])
+    return f[at] * rate, a, phi
+
+
+def _grna_z(c, e, rel, a: float, phi: float, nt_cells: float):
+    """gRNA z-scores on the variance-stabilised (square-root) scale: a few jackpotted cells skew raw cell counts to
+    the right. The NT tail rate is itself an estimate from ``nt_cells`` cells (shared by every gRNA: conservative)."""
+    var = a * e + phi * e**2 + e**2 * (rel + a / nt_cells)
+    return 2.0 * (np.sqrt(c) - np.sqrt(e)) / np.sqrt(np.maximum(var / np.maximum(e, 1e-12), 1e-12))
+
+
 def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
-                seed: int = 0, min_nt_cells: float = 20.0) -> HitsResult:
+                seed: int = 0, min_nt_cells: float = 20.0, nt_null: str = "in_sample") -> HitsResult:
     """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
     fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
-    replicate left nothing is called (``summary['warning']`` says why)."""
+    replicate left nothing is called (``summary['warning']`` says why). ``nt_null``: the NT gRNAs' own z-scores
+    from the fit on all of them (``in_sample``), or each from the fit on the others (``leave_one_out``)."""
     rng = np.random.default_rng(seed)
     counts = inp.counts
     is_nt = counts["is_control"].to_numpy(bool)
@@ -270,14 +287,15 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
         if nt_cells < min_nt_cells:
             continue
         used_reps.append(r)
-        rate = nt_cells / f[nt].sum()
-        e = f * rate
         rel = 1.0 / (lib + 0.5) + (1.0 / (f * lib_cells) if lib_cells > 0 else 0.0)
-        a, phi = fit_dispersion(c[nt], e[nt], e[nt] ** 2 * rel[nt])
-        # the NT tail rate is itself an estimate from nt_cells cells (shared by every gRNA: conservative)
-        var = a * e + phi * e**2 + e**2 * (rel + a / nt_cells)
-        # variance-stabilised (square-root) scale: a few jackpotted cells skew raw cell counts to the right
-        z = 2.0 * (np.sqrt(c) - np.sqrt(e)) / np.sqrt(np.maximum(var / np.maximum(e, 1e-12), 1e-12))
+        e, a, phi = _nt_fit(c, f, rel, nt)
+        z = _grna_z(c, e, rel, a, phi, nt_cells)
+        if nt_null == "leave_one_out":  # each NT gRNA scored by a fit that did not see it, as a targeting gRNA is
+            for i in np.flatnonzero(nt):
+                others = nt.copy()
+                others[i] = False
+                e_i, a_i, phi_i = _nt_fit(c, f, rel, others, i)
+                z[i] = _grna_z(c[i], e_i, rel[i], a_i, phi_i, float(c[others].sum()))
         lfc = np.log2((c + 0.5) / (e + 0.5))
         z_sum += z
         lfc_sum += lfc
