@@ -105,6 +105,34 @@ def test_cell_equivalents_and_nt_expectation(small):
     assert (g.loc[["A_1", "A_2"], "z"] > 0).all() and (g.loc[["NT1", "NT2"], "z"] == 0).all()
 
 
+def test_leave_one_out_nt_null_scores_each_nt_grna_by_the_others_fit():
+    """An NT gRNA with 3x the cells of the others: in sample it inflates the dispersion it is judged by; left out,
+    it is judged by the rate and dispersion of the other seven, computed here by hand."""
+    lib = np.array([100] * 8 + [100, 100])
+    b1 = np.array([10, 12, 9, 11, 10, 8, 13, 30, 40, 10])
+    names = [f"NT{i}" for i in range(8)] + ["A_1", "A_2"]
+    table = pd.DataFrame({"sgRNA": names, "Gene": ["NT"] * 8 + ["A", "A"], "is_control": [True] * 8 + [False] * 2,
+                          "lib": lib, "b1": b1})
+    sheet = SampleSheet(pd.DataFrame({"sample": ["lib", "b1"], "kind": ["library", "bin"],
+                                      "bin": pd.array([pd.NA, 1], dtype="Int64"), "replicate": ["r1", "r1"],
+                                      "cells": [1000, int(b1.sum())]}))
+    inp = CountsInput(table, sheet)
+    g_in = call_counts(inp, draws=200, min_nt_cells=0, nt_null="in_sample").grnas.set_index("grna")
+    g_out = call_counts(inp, draws=200, min_nt_cells=0, nt_null="leave_one_out").grnas.set_index("grna")
+    # by hand, for NT7: cells = reads here (one cell per read: cells cut = total reads); library share f
+    f = (lib + 0.5) / (lib.sum() + 0.5 * len(lib))
+    others = np.arange(7)
+    rate = b1[others].sum() / f[others].sum()
+    rel = 1 / (lib + 0.5) + 1 / (f * 1000)
+    a, phi = fit_dispersion(b1[others], f[others] * rate, (f[others] * rate) ** 2 * rel[others])
+    e = f[7] * rate
+    var = a * e + phi * e**2 + e**2 * (rel[7] + a / b1[others].sum())
+    want = 2 * (np.sqrt(30) - np.sqrt(e)) / np.sqrt(var / e)
+    assert g_out.loc["NT7", "z"] == pytest.approx(want)
+    assert g_out.loc["NT7", "z"] > g_in.loc["NT7", "z"] + 1.0  # out of sample, the outlier is not explained away
+    pd.testing.assert_series_equal(g_out.loc[["A_1", "A_2"], "z"], g_in.loc[["A_1", "A_2"], "z"])
+
+
 def test_calls_do_not_depend_on_the_count_tables_row_order():
     """The NT null's draws pick gRNAs by position: a table sorted by sgRNA (as `mageck count` writes it) and the same
     table in another order once gave p-values 0.016 apart. Every method now sees the rows in sgRNA order."""

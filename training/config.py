@@ -462,9 +462,10 @@ class HitsConfig(Section):
     min_library_reads: int = Field(1, ge=0, description="gRNAs with fewer library reads (per replicate) are dropped")
     min_nt_cells: float = Field(20.0, ge=0, description="counts mode: a replicate whose NT gRNAs hold fewer cells "
                                 "in the bins cannot estimate the null and is left out")
-    nt_null: Literal["in_sample", "leave_one_out"] = Field(
-        "in_sample", description="counts mode: each NT gRNA's z-score for the null from the fit on every NT gRNA "
-        "(in_sample) or on the others (leave_one_out, out of sample as a targeting gRNA's is)")
+    nt_null: Literal["leave_one_out", "in_sample"] = Field(
+        "leave_one_out", description="counts mode: each NT gRNA's z-score for the null from the fit on the other NT "
+        "gRNAs (leave_one_out: out of sample, as a targeting gRNA's is) or on all of them (in_sample, before "
+        "2026-12-06: a false discovery proportion above the FDR)")
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
     null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")

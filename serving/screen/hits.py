@@ -255,11 +255,13 @@ def _grna_z(c, e, rel, a: float, phi: float, nt_cells: float):
 
 
 def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
-                seed: int = 0, min_nt_cells: float = 20.0, nt_null: str = "in_sample") -> HitsResult:
+                seed: int = 0, min_nt_cells: float = 20.0, nt_null: str = "leave_one_out") -> HitsResult:
     """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
     fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
-    replicate left nothing is called (``summary['warning']`` says why). ``nt_null``: the NT gRNAs' own z-scores
-    from the fit on all of them (``in_sample``), or each from the fit on the others (``leave_one_out``)."""
+    replicate left nothing is called (``summary['warning']`` says why). ``nt_null``: each NT gRNA's z-score from the
+    rate and dispersion fitted on the other NT gRNAs (``leave_one_out``), out of sample as a targeting gRNA's is; or
+    from the fit on all of them (``in_sample``), whose smaller residuals made the null too narrow (FINDINGS, "Hit
+    calling: the tail of the NT null")."""
     rng = np.random.default_rng(seed)
     counts = inp.counts
     is_nt = counts["is_control"].to_numpy(bool)
