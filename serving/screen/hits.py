@@ -6,7 +6,9 @@ Two inputs, one gene-level null:
   total reads``), pooled over the phenotype bins. The null expectation of a gRNA is its library frequency times the
   NT tail rate (cells in the bins per unit library frequency, from the NT gRNAs only, so hits do not shift it). The
   variance ``a*E + phi*E^2 + E^2 * (1/library reads + 1/library cells)`` has its over-dispersion ``(a >= 1, phi >=
-  0)`` fitted on the NT gRNAs (method of moments). gRNA z-scores are combined over replicates (Stouffer).
+  0)`` fitted on the NT gRNAs (method of moments); each NT gRNA's own z-score comes from the fit on the other NT
+  gRNAs (``nt_null``), out of sample as a targeting gRNA's is. gRNA z-scores are combined over replicates
+  (Stouffer).
 * **cells** (``call_cells``, genotype known per cell): a gRNA's phenotype rate is the mean calibrated probability of
   its cells (``soft``; each cell weighted down by its ensemble spread ``2 p (1-p) * epistemic``) or the share with
   ``p > 0.5`` (``threshold``); its z-score comes from bootstrapping NT cells matched on cell count.
