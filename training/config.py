@@ -451,6 +451,9 @@ class SequenceConfig(Section):
     seed: Seed = 0
 
 
+NtNull = Literal["leave_one_out", "in_sample"]  # how the NT gRNAs' own z-scores for the hits null are fitted
+
+
 class HitsConfig(Section):
     """Gene hit calling (``spatial hits``)."""
 
@@ -462,7 +465,7 @@ class HitsConfig(Section):
     min_library_reads: int = Field(1, ge=0, description="gRNAs with fewer library reads (per replicate) are dropped")
     min_nt_cells: float = Field(20.0, ge=0, description="counts mode: a replicate whose NT gRNAs hold fewer cells "
                                 "in the bins cannot estimate the null and is left out")
-    nt_null: Literal["leave_one_out", "in_sample"] = Field(
+    nt_null: NtNull = Field(
         "leave_one_out", description="counts mode: each NT gRNA's z-score for the null from the fit on the other NT "
         "gRNAs (leave_one_out: out of sample, as a targeting gRNA's is) or on all of them (in_sample, before "
         "2026-12-06: a false discovery proportion above the FDR)")

@@ -24,13 +24,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
 from serving.screen.counts import SampleSheet
+from training.config import NtNull
 from training.errors import DataError
 
 PSEUDO_PREFIX = "NT_pseudo_"
@@ -249,7 +250,8 @@ def _nt_fit(c: np.ndarray, f: np.ndarray, rel: np.ndarray, fit_on: np.ndarray,
     return f[at] * rate, a, phi
 
 
-def _grna_z(c, e, rel, a: float, phi: float, nt_cells: float):
+def _grna_z(c: np.ndarray | float, e: np.ndarray | float, rel: np.ndarray | float, a: float, phi: float,
+            nt_cells: float) -> np.ndarray | float:
     """gRNA z-scores on the variance-stabilised (square-root) scale: a few jackpotted cells skew raw cell counts to
     the right. The NT tail rate is itself an estimate from ``nt_cells`` cells (shared by every gRNA: conservative)."""
     var = a * e + phi * e**2 + e**2 * (rel + a / nt_cells)
@@ -257,13 +259,15 @@ def _grna_z(c, e, rel, a: float, phi: float, nt_cells: float):
 
 
 def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
-                seed: int = 0, min_nt_cells: float = 20.0, nt_null: str = "leave_one_out") -> HitsResult:
+                seed: int = 0, min_nt_cells: float = 20.0, nt_null: NtNull = "leave_one_out") -> HitsResult:
     """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
     fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
     replicate left nothing is called (``summary['warning']`` says why). ``nt_null``: each NT gRNA's z-score from the
     rate and dispersion fitted on the other NT gRNAs (``leave_one_out``), out of sample as a targeting gRNA's is; or
     from the fit on all of them (``in_sample``), whose smaller residuals made the null too narrow (FINDINGS, "Hit
     calling: the tail of the NT null")."""
+    if nt_null not in get_args(NtNull):
+        raise ValueError(f"nt_null must be one of {', '.join(get_args(NtNull))}, got {nt_null!r}")
     rng = np.random.default_rng(seed)
     counts = inp.counts
     is_nt = counts["is_control"].to_numpy(bool)
