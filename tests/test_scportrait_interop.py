@@ -6,8 +6,8 @@
 
 The live tests run scPortrait in its own interpreter (``make scportrait-env`` builds ``.venv-scportrait``; or
 ``$SPATIAL_SCPORTRAIT_PYTHON``): a fresh extraction, scPortrait reading the files spatiAL writes, and scPortrait's
-laser-microdissection selection taking the cell sets ``spatial bins`` writes. Without that interpreter they skip
-(scPortrait needs a second PyTorch install; CI does not build it).
+laser-microdissection selection taking the cell sets ``spatial bins`` writes. ``.ci/run`` builds that interpreter;
+without it they skip (scPortrait needs a second PyTorch install, about 7 GB).
 """
 
 from __future__ import annotations
@@ -30,8 +30,11 @@ SIDE = ROOT / "tests" / "scportrait_side.py"
 
 
 def scportrait_python() -> str | None:
-    candidate = os.environ.get("SPATIAL_SCPORTRAIT_PYTHON") or str(ROOT / ".venv-scportrait" / "bin" / "python")
-    return candidate if Path(candidate).exists() else None
+    """$SPATIAL_SCPORTRAIT_PYTHON, else ``.venv-scportrait``'s interpreter once ``make scportrait-env`` finished."""
+    if os.environ.get("SPATIAL_SCPORTRAIT_PYTHON"):
+        return os.environ["SPATIAL_SCPORTRAIT_PYTHON"]
+    venv = ROOT / ".venv-scportrait"
+    return str(venv / "bin" / "python") if (venv / ".installed").exists() else None
 
 
 live = pytest.mark.skipif(scportrait_python() is None,
