@@ -14,24 +14,19 @@ $(VENV)/.installed: pyproject.toml .ci/constraints.txt
 	$(BIN)/pip install --quiet -c .ci/constraints.txt -e '.[dev]'
 	touch $@
 
-# scPortrait 1.8.0 in its own interpreter, for the live tests of tests/test_scportrait_interop.py (about 4 min, 7 GB:
-# a second PyTorch); without it those tests skip
+# The tools spatiAL is tested against, each in its own interpreter pinned by .ci/<tool>-constraints.txt:
+# scPortrait 1.8.0 for tests/test_scportrait_interop.py (a second PyTorch, 7 GB; .ci/run builds it), and MAGeCK
+# (mageck2 0.3.0: MAGeCK's count and test unchanged; it compiles MAGeCK's RRA with g++) for tests/test_mageck_interop.py
+# (make test builds it). Without them those tests skip.
 scportrait-env: .venv-scportrait/.installed
-
-.venv-scportrait/.installed: .ci/scportrait-constraints.txt
-	$(PYTHON) -m venv .venv-scportrait
-	.venv-scportrait/bin/pip install --quiet --upgrade pip
-	.venv-scportrait/bin/pip install --quiet -c .ci/scportrait-constraints.txt scportrait torch torchvision
-	touch $@
-
-# MAGeCK (mageck2 0.3.0: MAGeCK's count and test unchanged) in its own interpreter, for tests/test_mageck_interop.py
-# (about 1 min; it compiles MAGeCK's RRA with g++); .ci/run builds it, elsewhere those tests skip without it
 mageck-env: .venv-mageck/.installed
+PACKAGES_scportrait := scportrait torch torchvision
+PACKAGES_mageck := mageck2
 
-.venv-mageck/.installed: .ci/mageck-constraints.txt
-	$(PYTHON) -m venv .venv-mageck
-	.venv-mageck/bin/pip install --quiet --upgrade pip
-	.venv-mageck/bin/pip install --quiet -c .ci/mageck-constraints.txt mageck2
+.venv-%/.installed: .ci/%-constraints.txt
+	$(PYTHON) -m venv .venv-$*
+	.venv-$*/bin/pip install --quiet --upgrade pip
+	.venv-$*/bin/pip install --quiet -c $< $(PACKAGES_$*)
 	touch $@
 
 run: install

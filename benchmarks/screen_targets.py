@@ -71,6 +71,7 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
     from serving.screen.hits import (
         CellsInput,
         CountsInput,
+        HitsResult,
         call_cells,
         call_counts,
         call_rra,
@@ -95,7 +96,7 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
     out["sparcs_bh"] = type(sp)("sparcs_bh", bh_genes, sp.grnas, {})
     out["rra"] = call_rra(inp, hc.rra_alpha, hc.fdr, hc.null_draws, seed, hc.min_library_reads)
     if mageck is not None:
-        out["mageck"] = type(sp)("mageck", call_mageck(mageck, counts, sheet, hc.fdr), sp.grnas, {})
+        out["mageck"] = HitsResult("mageck", call_mageck(mageck, counts, sheet, hc.fdr), pd.DataFrame())
     lib = library.set_index("grna")
     v = res["virtual_cells"].merge(res["virtual_genotypes"], on=["source_file", "cell_id"])
     cells = pd.DataFrame({"grna": v["grna"], "gene": lib.loc[v["grna"], "gene"].to_numpy(),
@@ -159,7 +160,7 @@ def main() -> int:
         vals = [r[m][key] for r in rows if r[m][key] is not None]
         return float(np.mean(vals)) if vals else float("nan")
 
-    for m in (m for m in METHODS if m in planted[0]):
+    for m in [m for m in METHODS if m in planted[0]]:
 
         zero = sum(r[m]["n_called"] == 0 for r in null)
         nt_p = np.concatenate([r[m]["nt_p"] for r in null]) if any(r[m]["nt_p"] for r in null) else np.array([])

@@ -303,7 +303,7 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
                 others = nt.copy()
                 others[i] = False
                 e_i, a_i, phi_i = _nt_fit(c, f, rel, others, i)
-                z[i] = _grna_z(c[i], e_i, rel[i], a_i, phi_i, float(c[others].sum()))
+                z[i] = _grna_z(c[i], e_i, rel[i], a_i, phi_i, nt_cells - float(c[i]))
         lfc = np.log2((c + 0.5) / (e + 0.5))
         z_sum += z
         lfc_sum += lfc
