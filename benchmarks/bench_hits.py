@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -24,8 +25,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def write_screen(root: Path, n_cells: int, n_grnas: int, n_nt: int = 1000, seed: int = 0) -> tuple[Path, Path, Path]:
-    """Count table, sample sheet and library of a synthetic screen (0.5 % of the gRNAs are 4x enriched)."""
+class Screen(NamedTuple):
+    """The files of a synthetic screen and its truth (``gene, role, effect``: the planted fold of the bin rate)."""
+
+    counts: Path
+    samples: Path
+    library: Path
+    truth: pd.DataFrame
+
+
+def write_screen(root: Path, n_cells: int, n_grnas: int, n_nt: int = 1000, seed: int = 0,
+                 folds: tuple[float, ...] = (4.0,), share: float = 1 / 200) -> Screen:
+    """Count table, sample sheet and library of a synthetic screen: 1.4 % of the cells in the bins, as in the larger
+    SPARCS screen; for each fold in ``folds`` a ``share`` of the genes (the next ones in order) has its bin rate
+    multiplied by it (4 gRNAs per gene, all affected); ``folds=()`` plants nothing."""
     from serving.screen.counts import write_count_table
     from serving.screen.sequencing import sequence_replicate
     from training.config import SequenceConfig
@@ -35,8 +48,11 @@ def write_screen(root: Path, n_cells: int, n_grnas: int, n_nt: int = 1000, seed:
     grna = np.array([f"NTC_{i:05d}" for i in range(n_nt)] + [f"G{g:05d}_{k}" for g in range(n_genes) for k in range(4)])
     gene = np.array(["non-targeting"] * n_nt + [f"G{g:05d}" for g in range(n_genes) for _ in range(4)])
     w = rng.lognormal(0, 0.5, len(grna))
-    tail = np.full(len(grna), 0.014)  # 1.4 % of the cells score >= 0.98 (the larger SPARCS screen)
-    tail[n_nt:n_nt + 4 * (n_genes // 200)] *= 4
+    fold = np.ones(n_genes)
+    k = int(n_genes * share)
+    for i, f in enumerate(folds):
+        fold[i * k:(i + 1) * k] = f
+    tail = 0.014 * np.concatenate([np.ones(n_nt), np.repeat(fold, 4)])
     table = pd.DataFrame({"sgRNA": grna, "Gene": gene})
     rows = []
     cfg = SequenceConfig(library_cells=n_cells, library_reads_per_grna=300)
@@ -46,14 +62,16 @@ def write_screen(root: Path, n_cells: int, n_grnas: int, n_nt: int = 1000, seed:
         bins = np.where(inbin, rng.choice(np.arange(1, 7), n_cells, p=[0.04, 0.48, 0.14, 0.11, 0.11, 0.12]), 0)
         counts, sr = sequence_replicate(pd.DataFrame({"grna": grna[g], "bin": bins}), grna, cfg, r,
                                         np.random.default_rng([seed, r]))
-        for k, v in counts.items():
-            table[k] = v
+        for key, v in counts.items():
+            table[key] = v
         rows += sr
     write_count_table(table, root / "counts.tsv")
     pd.DataFrame(rows).to_csv(root / "samples.csv", index=False)
     pd.DataFrame({"grna": grna, "gene": gene, "is_control": np.arange(len(grna)) < n_nt}).to_csv(
         root / "library.csv", index=False)
-    return root / "counts.tsv", root / "samples.csv", root / "library.csv"
+    truth = pd.DataFrame({"gene": [f"G{g:05d}" for g in range(n_genes)], "role": np.where(fold > 1, "hit", "neutral"),
+                          "effect": fold})
+    return Screen(root / "counts.tsv", root / "samples.csv", root / "library.csv", truth)
 
 
 def main() -> int:
@@ -71,7 +89,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         t0 = time.perf_counter()
-        counts, samples, library = write_screen(root, args.cells, args.grnas)
+        counts, samples, library, _ = write_screen(root, args.cells, args.grnas)
         print(f"synthetic screen: {args.cells:,} cells x 2 replicates, {args.grnas:,} gRNAs, 6 bins "
               f"({time.perf_counter() - t0:.1f} s to simulate)")
         cfg = HitsConfig()
