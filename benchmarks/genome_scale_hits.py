@@ -35,12 +35,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-TAIL = (1e-2, 1e-3, 1e-4)
+TAIL = (1e-2, 1e-3, 1e-4, 1e-5)
+METHODS = ("spatial", "sparcs", "sparcs_bh", "rra", "mageck")
 N_GRNAS, N_NT = 80_000, 1_000
 
 
-def call_all(screen, fdr: float, seed: int, mageck: Path | None) -> dict[str, pd.DataFrame]:
-    """Gene tables (``gene, p_value, is_hit, is_control``) of every method on one screen."""
+def call_all(screen, fdr: float, seed: int, mageck: Path | None, methods: set[str]) -> dict[str, pd.DataFrame]:
+    """Gene tables (``gene, p_value, is_hit, is_control``) of ``methods`` on one screen."""
     from screen_targets import call_mageck
 
     from serving.screen.calling import load_counts_input
@@ -54,7 +55,8 @@ def call_all(screen, fdr: float, seed: int, mageck: Path | None) -> dict[str, pd
                                   hc.nt_null).genes,
            "sparcs": sp.genes, "sparcs_bh": sp.genes.assign(is_hit=sp.genes["fdr"] <= hc.fdr),
            "rra": call_rra(inp, hc.rra_alpha, hc.fdr, hc.null_draws, seed, hc.min_library_reads).genes}
-    if mageck is not None:
+    out = {m: g for m, g in out.items() if m in methods}
+    if mageck is not None and "mageck" in methods:
         try:
             out["mageck"] = call_mageck(mageck, inp.counts, pd.read_csv(screen.samples), hc.fdr)
         except RuntimeError as e:  # too sparse a screen for its normalisation: reported, not counted
@@ -68,34 +70,42 @@ def measure(genes: pd.DataFrame, truth: pd.DataFrame, folds: tuple[float, ...]) 
 
     called = set(genes.loc[genes["is_hit"] & ~genes["is_control"], "gene"])
     m = truth_metrics(genes, truth)
-    recall = {f"{f:g}": float(np.mean([g in called for g in truth.loc[truth["effect"] == f, "gene"]]))
-              for f in folds}
+    recall = {f"{f:g}": float(np.mean([g in called for g in genes_f]))
+              for f in folds if len(genes_f := truth.loc[truth["effect"] == f, "gene"])}
     null = truth.loc[truth["role"] == "neutral", "gene"]
     p = genes.set_index("gene")["p_value"].reindex(null).dropna().to_numpy(float)
     return {"n_called": m["n_called"], "false": m["false_discoveries"], "fdp": m["fdp"], "recall": recall,
             "null_below": {f"{t:g}": int((p < t).sum()) for t in TAIL}, "n_null": int(len(p))}
 
 
-def summarise(planted: list[dict], null: list[dict], folds: tuple[float, ...]) -> dict:
-    """One method at one coverage, over the seeds."""
+def _tail(null: list[dict]) -> dict:
+    """Null genes' p-values below each of ``TAIL``, pooled over the screens without hits, against a uniform null."""
     from scipy import stats
-    from screen_targets import t_interval
 
-    fdp = [r["fdp"] for r in planted]
     n_null = sum(r["n_null"] for r in null)
     tail = {}
     for t in TAIL:
-        k = f"{t:g}"
         expected = t * n_null
-        tail[k] = {"observed": sum(r["null_below"][k] for r in null), "expected": expected,
-                   "poisson_95": [int(stats.poisson.ppf(0.025, expected)), int(stats.poisson.ppf(0.975, expected))]}
-    return {"fdp": float(np.mean(fdp)), "fdp_95ci": t_interval(fdp), "fdp_per_seed": fdp,
-            "n_called": float(np.mean([r["n_called"] for r in planted])),
-            "recall": {f"{f:g}": float(np.mean([r["recall"][f"{f:g}"] for r in planted])) for f in folds},
-            "recall_95ci": {f"{f:g}": t_interval([r["recall"][f"{f:g}"] for r in planted]) for f in folds},
-            "planted_screens": len(planted),
-            "null_screens_zero_called": int(sum(r["n_called"] == 0 for r in null)), "null_screens": len(null),
-            "null_genes_below": tail, "n_null_p": n_null}
+        tail[f"{t:g}"] = {"observed": sum(r["null_below"][f"{t:g}"] for r in null), "expected": expected,
+                          "poisson_95": [int(stats.poisson.ppf(0.025, expected)),
+                                         int(stats.poisson.ppf(0.975, expected))]}
+    return tail
+
+
+def summarise(planted: list[dict], null: list[dict], folds: tuple[float, ...]) -> dict:
+    """One method at one coverage, over the seeds."""
+    from screen_targets import t_interval
+
+    out = {"planted_screens": len(planted), "null_screens": len(null),
+           "null_screens_zero_called": int(sum(r["n_called"] == 0 for r in null)),
+           "null_genes_below": _tail(null), "n_null_p": sum(r["n_null"] for r in null)}
+    if planted:
+        fdp = [r["fdp"] for r in planted]
+        out |= {"fdp": float(np.mean(fdp)), "fdp_95ci": t_interval(fdp), "fdp_per_seed": fdp,
+                "n_called": float(np.mean([r["n_called"] for r in planted])),
+                "recall": {f"{f:g}": float(np.mean([r["recall"][f"{f:g}"] for r in planted])) for f in folds},
+                "recall_95ci": {f"{f:g}": t_interval([r["recall"][f"{f:g}"] for r in planted]) for f in folds}}
+    return out
 
 
 def plot_power(result: dict, folds: tuple[float, ...], fdr: float, path: Path) -> None:
@@ -129,9 +139,11 @@ def main() -> int:
     ap.add_argument("--cells", type=int, nargs="+", default=[2_000_000, 5_000_000, 17_000_000],
                     help="cells per replicate (2 replicates); 17e6 is the larger SPARCS screen's 34 M")
     ap.add_argument("--folds", type=float, nargs="+", default=[4.0, 2.0], help="planted bin-rate folds")
-    ap.add_argument("--seeds", type=int, default=10)
-    ap.add_argument("--first-seed", type=int, default=0, help="planted screens use seeds FIRST...; the screens "
-                    "without hits 1000+FIRST...")
+    ap.add_argument("--seeds", type=int, default=10, help="planted screens (seeds FIRST, FIRST+1, ...)")
+    ap.add_argument("--null-seeds", type=int, default=None, help="screens without hits (seeds 1000+FIRST, ...; "
+                    "default: as many as --seeds)")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     ap.add_argument("--fdr", type=float, default=0.1)
     ap.add_argument("--mageck", default=None, help="a mageck2 executable (default: .venv-mageck's where `make "
                     "mageck-env` built it; '' leaves MAGeCK out)")
@@ -148,48 +160,61 @@ def main() -> int:
     if mageck is not None and not mageck.is_file():
         ap.error(f"--mageck {mageck}: no such executable (`make mageck-env` builds one)")
     folds = tuple(args.folds)
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    n_null = args.seeds if args.null_seeds is None else args.null_seeds
+    screens = [("planted", s, folds) for s in range(args.first_seed, args.first_seed + args.seeds)]
+    screens += [("null", 1000 + s, ()) for s in range(args.first_seed, args.first_seed + n_null)]
     result: dict[str, dict] = {}
     ok = True
     for cells in args.cells:
         t0 = time.perf_counter()
         rows: dict[str, dict[str, list]] = {}
-        for kind, seed_of, planted in (("planted", lambda s: s, folds), ("null", lambda s: 1000 + s, ())):
-            for s in seeds:
-                with tempfile.TemporaryDirectory() as d:
-                    screen = write_screen(Path(d), cells, N_GRNAS, N_NT, seed_of(s), planted)
-                    for m, genes in call_all(screen, args.fdr, seed_of(s), mageck).items():
-                        rows.setdefault(m, {"planted": [], "null": []})[kind].append(
-                            measure(genes, screen.truth, folds))
+        for kind, seed, planted in screens:
+            with tempfile.TemporaryDirectory() as d:
+                screen = write_screen(Path(d), cells, N_GRNAS, N_NT, seed, planted)
+                for m, genes in call_all(screen, args.fdr, seed, mageck, set(args.methods)).items():
+                    rows.setdefault(m, {"planted": [], "null": []})[kind].append(measure(genes, screen.truth, folds))
         result[str(cells)] = {m: summarise(r["planted"], r["null"], folds) for m, r in rows.items()
-                              if r["planted"] and r["null"]}
+                              if len(r["planted"]) == args.seeds and r["null"]}
         per_gene = cells * 2 / ((N_GRNAS - N_NT) / 4)
-        print(f"\n{cells:,} cells per replicate x 2 ({per_gene:,.0f} per gene), {args.seeds} seeds x 2 screens: "
-              f"{time.perf_counter() - t0:.0f} s")
-        print(f"{'method':<11}{'called':>8}{'FDP [95 % CI]':>24}" + "".join(f"{'recall ' + f'{f:g}x':>12}" for f in folds)
-              + f"{'0 called':>10}" + "".join(f"{'p<' + f'{t:g}':>16}" for t in TAIL))
-        for m, s in result[str(cells)].items():
-            lo, hi = s["fdp_95ci"]
-            fdp = f"{s['fdp']:.3f} [{lo:.3f}, {hi:.3f}]"
-            zero = f"{s['null_screens_zero_called']}/{s['null_screens']}"
-            tail = "".join(f"{v['observed']:>6} ({v['expected']:.0f}, {v['poisson_95'][1]})".rjust(16)
-                           for v in s["null_genes_below"].values())
-            print(f"{m:<11}{s['n_called']:>8.1f}{fdp:>24}" + "".join(f"{s['recall'][f'{f:g}']:>12.2f}" for f in folds)
-                  + f"{zero:>10}{tail}")
-        ours = result[str(cells)]["spatial"]
-        ok &= (ours["fdp"] <= args.fdr or ours["fdp_95ci"][0] <= args.fdr) and \
-            ours["null_screens_zero_called"] >= int(np.ceil(0.9 * args.seeds))
+        print(f"\n{cells:,} cells per replicate x 2 ({per_gene:,.0f} per gene), {args.seeds} planted screens and "
+              f"{n_null} without hits: {time.perf_counter() - t0:.0f} s")
+        print_table(result[str(cells)], folds)
+        ours = result[str(cells)].get("spatial")
+        if ours is not None:
+            ok &= ours["null_screens_zero_called"] >= int(np.ceil(0.9 * ours["null_screens"]))
+            if args.seeds:
+                ok &= ours["fdp"] <= args.fdr or ours["fdp_95ci"][0] <= args.fdr
     print("\np<t columns: null genes' p-values below t on the screens without hits (a uniform null's expectation, "
           "the top of its Poisson 95 % interval)")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"grnas": N_GRNAS, "nt_grnas": N_NT, "folds": list(folds), "seeds": list(seeds), "fdr": args.fdr,
-            "mageck": mageck is not None}
+    meta = {"grnas": N_GRNAS, "nt_grnas": N_NT, "folds": list(folds), "fdr": args.fdr, "methods": args.methods,
+            "planted_seeds": [s for k, s, _ in screens if k == "planted"],
+            "null_seeds": [s for k, s, _ in screens if k == "null"], "mageck": mageck is not None}
     (args.out / "genome_scale.json").write_text(json.dumps({"setup": meta, "by_cells_per_replicate": result},
                                                            indent=2) + "\n")
-    plot_power(result, folds, args.fdr, args.out / "power.png")
-    print(f"wrote {args.out / 'genome_scale.json'} and power.png; ours keeps the FDR at every coverage: "
-          f"{'yes' if ok else 'NO'}")
+    if args.seeds:
+        plot_power(result, folds, args.fdr, args.out / "power.png")
+    print(f"wrote {args.out}; ours keeps the FDR at every coverage: {'yes' if ok else 'NO'}")
     return 1 if args.check and not ok else 0
+
+
+def print_table(by_method: dict[str, dict], folds: tuple[float, ...]) -> None:
+    planted = any(s["planted_screens"] for s in by_method.values())
+    head = f"{'method':<11}"
+    if planted:
+        head += f"{'called':>8}{'FDP [95 % CI]':>24}" + "".join(f"{'recall ' + f'{f:g}x':>12}" for f in folds)
+    print(head + f"{'0 called':>10}" + "".join(f"{'p<' + f'{t:g}':>16}" for t in TAIL))
+    for m, s in by_method.items():
+        line = f"{m:<11}"
+        if planted:
+            lo, hi = s["fdp_95ci"]
+            fdp = f"{s['fdp']:.3f} [{lo:.3f}, {hi:.3f}]"
+            line += f"{s['n_called']:>8.1f}{fdp:>24}"
+            line += "".join(f"{s['recall'][f'{f:g}']:>12.2f}" for f in folds)
+        line += f"{s['null_screens_zero_called']}/{s['null_screens']}".rjust(10)
+        line += "".join(f"{v['observed']:>6} ({v['expected']:.0f}, {v['poisson_95'][1]})".rjust(16)
+                        for v in s["null_genes_below"].values())
+        print(line)
 
 
 if __name__ == "__main__":
