@@ -6,7 +6,7 @@ matters. This script builds such screens with ``bench_hits.write_screen`` (80,00
 non-targeting; 1.4 % of the cells in six bins, as in the larger SPARCS screen; cutting, PCR and background reads of
 the simulator), once with planted genes (for each of ``--folds`` 0.5 % of the genes, their bin rate multiplied by
 it) and once with none, at each of ``--cells`` (cells per replicate, 2 replicates), and calls hits with every
-method: ours (``spatial``), the published SPARCS statistic (``sparcs``: uncorrected p < 0.05; ``sparcs_bh``: with
+method: ours (``spatial``; ``spatial_nt``: with ``hits.gene_null=nt``, the NT pseudo-genes alone), the published SPARCS statistic (``sparcs``: uncorrected p < 0.05; ``sparcs_bh``: with
 BH), our alpha-RRA (``rra``) and, where it is installed, MAGeCK itself (``mageck``, as in ``screen_targets.py``)::
 
     .venv/bin/python benchmarks/genome_scale_hits.py [--cells 2000000 5000000 17000000] [--seeds 10] [--check]
@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TAIL = (1e-2, 1e-3, 1e-4, 1e-5)
-METHODS = ("spatial", "sparcs", "sparcs_bh", "rra", "mageck")
+METHODS = ("spatial", "spatial_nt", "sparcs", "sparcs_bh", "rra", "mageck")
 N_GRNAS, N_NT = 80_000, 1_000
 
 
@@ -50,12 +50,19 @@ def call_all(screen, fdr: float, seed: int, mageck: Path | None, methods: set[st
 
     hc = HitsConfig(fdr=fdr)
     inp = load_counts_input(screen.counts, screen.samples, screen.library, hc)
-    sp = call_sparcs(inp, hc.sparcs_p, hc.fdr)
-    out = {"spatial": call_counts(inp, hc.fdr, hc.min_library_reads, hc.null_draws, seed, hc.min_nt_cells,
-                                  hc.nt_null).genes,
-           "sparcs": sp.genes, "sparcs_bh": sp.genes.assign(is_hit=sp.genes["fdr"] <= hc.fdr),
-           "rra": call_rra(inp, hc.rra_alpha, hc.fdr, hc.null_draws, seed, hc.min_library_reads).genes}
-    out = {m: g for m, g in out.items() if m in methods}
+
+    def ours(gene_null: str) -> pd.DataFrame:
+        return call_counts(inp, hc.fdr, hc.min_library_reads, hc.null_draws, seed, hc.min_nt_cells, hc.nt_null,
+                           gene_null=gene_null).genes
+
+    def sparcs(bh: bool) -> pd.DataFrame:
+        g = call_sparcs(inp, hc.sparcs_p, hc.fdr).genes
+        return g.assign(is_hit=g["fdr"] <= hc.fdr) if bh else g
+
+    calls = {"spatial": lambda: ours(hc.gene_null), "spatial_nt": lambda: ours("nt"),
+             "sparcs": lambda: sparcs(False), "sparcs_bh": lambda: sparcs(True),
+             "rra": lambda: call_rra(inp, hc.rra_alpha, hc.fdr, hc.null_draws, seed, hc.min_library_reads).genes}
+    out = {m: call() for m, call in calls.items() if m in methods}
     if mageck is not None and "mageck" in methods:
         try:
             out["mageck"] = call_mageck(mageck, inp.counts, pd.read_csv(screen.samples), hc.fdr)

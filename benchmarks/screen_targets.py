@@ -89,7 +89,7 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
     inp = CountsInput(counts, SampleSheet(sheet))
     hc = params.hits
     out = {"spatial": call_counts(inp, hc.fdr, hc.min_library_reads, hc.null_draws, seed, hc.min_nt_cells,
-                                  hc.nt_null)}
+                                  hc.nt_null, gene_null=hc.gene_null)}
     sp = call_sparcs(inp, hc.sparcs_p, hc.fdr)
     out["sparcs"] = sp
     bh_genes = sp.genes.assign(is_hit=sp.genes["fdr"] <= hc.fdr)

@@ -126,7 +126,7 @@ def run_counts(counts: str | os.PathLike, samples: str | os.PathLike, library: s
     inp = load_counts_input(counts, samples, library, cfg)
     gene_truth = read_truth(truth) if truth is not None else None
     results = [call_counts(inp, cfg.fdr, cfg.min_library_reads, cfg.null_draws, cfg.seed, cfg.min_nt_cells,
-                           cfg.nt_null),
+                           cfg.nt_null, gene_null=cfg.gene_null),
                call_sparcs(inp, cfg.sparcs_p, cfg.fdr),
                call_rra(inp, cfg.rra_alpha, cfg.fdr, cfg.null_draws, cfg.seed, cfg.min_library_reads)]
     first = method or cfg.method

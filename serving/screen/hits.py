@@ -31,7 +31,7 @@ import pandas as pd
 from scipy import stats
 
 from serving.screen.counts import SampleSheet
-from training.config import NtNull
+from training.config import SCREEN_NULL_MIN_GENES, GeneNull, NtNull
 from training.errors import DataError
 
 PSEUDO_PREFIX = "NT_pseudo_"
@@ -131,11 +131,16 @@ def pseudo_gene_null(z_nt: np.ndarray, sizes: np.ndarray, draws: int, rng: np.ra
     return PseudoGeneNull(out, m)
 
 
-def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Generator) -> tuple[pd.DataFrame, dict]:
+def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Generator,
+               gene_null: GeneNull = "nt") -> tuple[pd.DataFrame, dict]:
     """Genes from gRNA z-scores (columns ``gene, is_control, z, effect, used``): Stouffer, the NT pseudo-gene null
     of the same gRNA count (``PseudoGeneNull.p_value``), BH over targeting genes. NT gRNAs are also grouped into
     disjoint pseudo-genes of the most common gRNA count, scored the same way (their p-values show whether the null
-    is calibrated). ``draws`` is raised to ``20 * genes / fdr`` so the empirical p-values can reach BH's first step."""
+    is calibrated). ``draws`` is raised to ``20 * genes / fdr`` so the empirical p-values can reach BH's first step.
+    ``gene_null="nt_and_screen"``: each p-value is the larger of the NT pseudo-genes' and that of pseudo-genes drawn
+    from every gRNA of the screen (NT and targeting), whose far tail a few NT gRNAs under-sample; ``"auto"``: that
+    from ``SCREEN_NULL_MIN_GENES`` targeting genes on, the NT pseudo-genes alone below (FINDINGS, "Hit calling at
+    genome scale")."""
     used = grnas[grnas["used"]]
     nt = used[used["is_control"]]
     tg = used[~used["is_control"]]
@@ -148,7 +153,16 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     n_mode = int(pd.Series(n).mode().iloc[0])
     draws = max(draws, int(np.ceil(20 * len(genes) / fdr)))
     null = pseudo_gene_null(nt["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
-    p, zr = null.p_value(zg, n)
+    if gene_null == "auto":
+        gene_null = "nt_and_screen" if len(genes) >= SCREEN_NULL_MIN_GENES else "nt"
+    screen_null = (pseudo_gene_null(used["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
+                   if gene_null == "nt_and_screen" else None)
+
+    def p_value(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        p, zr = null.p_value(z, k)
+        return (p if screen_null is None else np.maximum(p, screen_null.p_value(z, k)[0])), zr
+
+    p, zr = p_value(zg, n)
     q = bh(p)
     table = pd.DataFrame({"gene": np.asarray(genes, dtype=object), "n_grnas": n, "effect": effect,
                           "z": zr, "p_value": p, "fdr": q, "is_hit": q <= fdr, "is_control": False})
@@ -158,14 +172,14 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     k = len(z_nt) // n_mode
     if k:
         zp = z_nt[: k * n_mode].reshape(k, n_mode).sum(axis=1) / np.sqrt(n_mode)
-        pp, zpr = null.p_value(zp, np.full(k, n_mode))
+        pp, zpr = p_value(zp, np.full(k, n_mode))
         pseudo = pd.DataFrame({"gene": [f"{PSEUDO_PREFIX}{i + 1:03d}" for i in range(k)], "n_grnas": n_mode,
                                "effect": eff_nt[: k * n_mode].reshape(k, n_mode).mean(axis=1),
                                "z": zpr, "p_value": pp, "fdr": np.nan, "is_hit": False, "is_control": True})
         table = pd.concat([table, pseudo], ignore_index=True)
     table = rank_genes(table)
     ctrl_p = table.loc[table["is_control"], "p_value"].to_numpy()
-    info = {"n_nt_grnas": int(len(nt)), "n_pseudo_genes": int(len(ctrl_p)), "null_draws": draws,
+    info = {"n_nt_grnas": int(len(nt)), "n_pseudo_genes": int(len(ctrl_p)), "null_draws": draws, "gene_null": gene_null,
             "pseudo_gene_ks": ks_uniform(ctrl_p)}
     return table, info
 
@@ -259,15 +273,18 @@ def _grna_z(c: np.ndarray | float, e: np.ndarray | float, rel: np.ndarray | floa
 
 
 def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
-                seed: int = 0, min_nt_cells: float = 20.0, nt_null: NtNull = "leave_one_out") -> HitsResult:
+                seed: int = 0, min_nt_cells: float = 20.0, nt_null: NtNull = "leave_one_out",
+                gene_null: GeneNull = "auto") -> HitsResult:
     """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
     fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
     replicate left nothing is called (``summary['warning']`` says why). ``nt_null``: each NT gRNA's z-score from the
     rate and dispersion fitted on the other NT gRNAs (``leave_one_out``), out of sample as a targeting gRNA's is; or
     from the fit on all of them (``in_sample``), whose smaller residuals made the null too narrow (FINDINGS, "Hit
-    calling: the tail of the NT null")."""
+    calling: the tail of the NT null"). ``gene_null``: see ``gene_level``."""
     if nt_null not in get_args(NtNull):
         raise ValueError(f"nt_null must be one of {', '.join(get_args(NtNull))}, got {nt_null!r}")
+    if gene_null not in get_args(GeneNull):
+        raise ValueError(f"gene_null must be one of {', '.join(get_args(GeneNull))}, got {gene_null!r}")
     rng = np.random.default_rng(seed)
     counts = inp.counts
     is_nt = counts["is_control"].to_numpy(bool)
@@ -319,7 +336,7 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
     grnas["effect"] = lfc_sum / k
     grnas["library_reads"] = lib_total.astype(np.int64)
     grnas["used"] = lib_total >= min_library_reads * len(per_rep)
-    genes, info = gene_level(grnas, draws, fdr, rng)
+    genes, info = gene_level(grnas, draws, fdr, rng, gene_null)
     warning = None
     if not used_reps:
         warning = (f"the NT gRNAs hold fewer than {min_nt_cells:g} cells in the bins of every replicate: the null "
