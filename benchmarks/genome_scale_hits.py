@@ -134,8 +134,11 @@ def plot_power(result: dict, folds: tuple[float, ...], fdr: float, path: Path) -
     axes[-1].set_title(f"false discovery proportion (FDR {fdr:g})", fontsize=10)
     for ax in axes:
         ax.set_xscale("log")
+        ax.minorticks_off()
+        ax.set_xticks(per_gene, [f"{x:,.0f}" for x in per_gene])
         ax.set_xlabel("imaged cells per gene")
-    axes[0].set_ylim(-0.02, 1.02)
+    for ax in axes[:-1]:
+        ax.set_ylim(-0.02, 1.02)
     axes[-1].legend(fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -31,6 +31,7 @@ from serving.screen.hits import (
     call_rra,
     call_sparcs,
     fit_dispersion,
+    gene_level,
     rra_rho,
     truth_metrics,
 )
@@ -131,6 +132,43 @@ def test_leave_one_out_nt_null_scores_each_nt_grna_by_the_others_fit():
     assert g_out.loc["NT7", "z"] == pytest.approx(want)
     assert g_out.loc["NT7", "z"] > g_in.loc["NT7", "z"] + 1.0  # out of sample, the outlier is not explained away
     pd.testing.assert_series_equal(g_out.loc[["A_1", "A_2"], "z"], g_in.loc[["A_1", "A_2"], "z"])
+
+
+def heavy_tailed_grnas(n_genes: int, n_nt: int, seed: int) -> pd.DataFrame:
+    """gRNA z-scores of a screen without hits whose NT sample misses the jackpot tail: every gRNA draws from the
+    same law with a heavy right tail (Pareto II, shape 3: bounded below, as a gRNA with no cell in the bins is), but
+    the NT gRNAs' draws are cut at its 97th percentile, as a small NT sample that caught no jackpotted cell is."""
+    rng = np.random.default_rng(seed)
+    law = stats.lomax(c=3)
+    nt = law.ppf(rng.uniform(0, 0.97, n_nt))
+    tg = law.rvs(size=4 * n_genes, random_state=rng)
+    return pd.DataFrame({"gene": ["NT"] * n_nt + [f"G{i}" for i in range(n_genes) for _ in range(4)],
+                         "is_control": [True] * n_nt + [False] * 4 * n_genes, "z": np.concatenate([nt, tg]),
+                         "effect": 0.0, "used": True})
+
+
+def test_the_screen_null_mends_an_nt_sample_that_missed_the_tail():
+    """With the NT pseudo-genes alone such a screen's null genes get too many small p-values and BH calls some;
+    judged also against pseudo-genes of the screen's own gRNAs, they are uniform and nothing is called."""
+    grnas = heavy_tailed_grnas(n_genes=2000, n_nt=400, seed=3)
+    rng = np.random.default_rng
+    nt, _ = gene_level(grnas, 2000, 0.1, rng(0), "nt")
+    both, info = gene_level(grnas, 2000, 0.1, rng(0), "nt_and_screen")
+    assert info["gene_null"] == "nt_and_screen"
+    p_nt, p_both = (t.loc[~t["is_control"], "p_value"].to_numpy() for t in (nt, both))
+    assert (p_both >= p_nt).all()  # the larger of the two p-values
+    expected = 0.01 * len(p_nt)  # 20 below 0.01 under a uniform null; the 95 % Poisson interval tops at 29
+    assert (p_nt < 0.01).sum() > 2 * expected and nt["is_hit"].any()
+    assert (p_both < 0.01).sum() <= stats.poisson.ppf(0.975, expected) and not both["is_hit"].any()
+
+
+def test_gene_null_auto_uses_the_screen_from_a_thousand_genes_on():
+    for n_genes, want in ((999, "nt"), (1000, "nt_and_screen")):
+        grnas = heavy_tailed_grnas(n_genes, n_nt=100, seed=0)
+        _, info = gene_level(grnas, 200, 0.1, np.random.default_rng(0), "auto")
+        assert info["gene_null"] == want
+    with pytest.raises(ValueError, match="gene_null must be one of"):
+        call_counts(simulated_screen(0), gene_null="screen")
 
 
 def test_calls_do_not_depend_on_the_count_tables_row_order():
