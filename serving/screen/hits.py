@@ -15,7 +15,9 @@ Two inputs, one gene-level null:
 
 Gene level (both): Stouffer's Z over the gene's gRNAs against NT pseudo-genes with the same number of gRNAs (MAUDE's
 idea, drawn as a bootstrap like optical pooled screen pipelines do): one-sided p-value (enrichment) = the larger of
-the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes.
+the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes. In
+counts mode, from 1,000 targeting genes on (``gene_null``), also at least the p among pseudo-genes drawn from every
+gRNA of the screen: 1,000 NT gRNAs under-sample the PCR-jackpot tail that decides at 20,000 genes.
 ``call_sparcs`` is the published SPARCS statistic, kept as the baseline: no multiple-testing correction.
 ``call_rra`` is MAGeCK's alpha-RRA on the same counts, the field's standard gene test, as a second baseline.
 """
@@ -140,7 +142,7 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     ``gene_null="nt_and_screen"``: each p-value is the larger of the NT pseudo-genes' and that of pseudo-genes drawn
     from every gRNA of the screen (NT and targeting), whose far tail a few NT gRNAs under-sample; ``"auto"``: that
     from ``SCREEN_NULL_MIN_GENES`` targeting genes on, the NT pseudo-genes alone below (FINDINGS, "Hit calling at
-    genome scale")."""
+    genome scale"). Cells mode keeps the NT null: its gRNA z-scores come from bootstrapped NT cells, not counts."""
     used = grnas[grnas["used"]]
     nt = used[used["is_control"]]
     tg = used[~used["is_control"]]
