@@ -6,17 +6,19 @@ matters. This script builds such screens with ``bench_hits.write_screen`` (80,00
 non-targeting; 1.4 % of the cells in six bins, as in the larger SPARCS screen; cutting, PCR and background reads of
 the simulator), once with planted genes (for each of ``--folds`` 0.5 % of the genes, their bin rate multiplied by
 it) and once with none, at each of ``--cells`` (cells per replicate, 2 replicates), and calls hits with every
-method: ours (``spatial``; ``spatial_nt``: with ``hits.gene_null=nt``, the NT pseudo-genes alone), the published SPARCS statistic (``sparcs``: uncorrected p < 0.05; ``sparcs_bh``: with
-BH), our alpha-RRA (``rra``) and, where it is installed, MAGeCK itself (``mageck``, as in ``screen_targets.py``)::
+method: ours (``spatial``; ``spatial_nt`` with ``hits.gene_null=nt``, the NT pseudo-genes alone), the published
+SPARCS statistic (``sparcs``: uncorrected p < 0.05; ``sparcs_bh``: with BH), our alpha-RRA (``rra``) and, where it
+is installed, MAGeCK itself (``mageck``, as in ``screen_targets.py``)::
 
-    .venv/bin/python benchmarks/genome_scale_hits.py [--cells 2000000 5000000 17000000] [--seeds 10] [--check]
+    .venv/bin/python benchmarks/genome_scale_hits.py [--cells 2000000 5000000 17000000] [--seeds 10]
+        [--null-seeds N] [--first-seed 0] [--methods spatial ...] [--check]
 
 Per coverage and method it writes to ``--out`` (``genome_scale.json``): the false discovery proportion of the
 planted screens (mean, 95 % t-interval, per seed), recall per planted fold, the screens without hits on which
-nothing was called, and the null genes' p-values below 1e-2 / 1e-3 / 1e-4 pooled over the screens without hits,
-with a uniform null's expectation and its Poisson 95 % interval; ``power.png`` draws recall and FDP against cells
-per gene. ``--check`` exits 1 unless ours keeps the FDR (mean FDP <= the level, or its interval includes it) and
-calls nothing on at least 90 % of the screens without hits, at every coverage.
+nothing was called, and the null genes' p-values below 1e-2 ... 1e-5 pooled over the screens without hits, with a
+uniform null's expectation and its Poisson 95 % interval; ``power.png`` draws recall and FDP against cells per gene.
+``--check`` exits 1 unless ours keeps the FDR (mean FDP <= the level, or its interval includes it) and calls nothing
+on at least 90 % of the screens without hits, at every coverage.
 """
 
 from __future__ import annotations
