@@ -133,6 +133,7 @@ def plot_power(result: dict, folds: tuple[float, ...], fdr: float, path: Path) -
             ax.set_title(f"recall, genes with a {f:g}x bin rate", fontsize=10)
         axes[-1].plot(per_gene, [result[c][m]["fdp"] for c in cov], marker="o", label=m)
     axes[-1].axhline(fdr, c="k", lw=1, ls="--")
+    axes[-1].set_ylim(bottom=0)
     axes[-1].set_title(f"false discovery proportion (FDR {fdr:g})", fontsize=10)
     for ax in axes:
         ax.set_xscale("log")
