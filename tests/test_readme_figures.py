@@ -78,13 +78,19 @@ def _fdp(s: dict) -> str:
 
 
 def test_the_genome_scale_figures_match_their_files() -> None:
-    """The genome-scale rows: ours and MAGeCK per depth, and the declared test that made ``gene_null: auto``."""
-    depths = json.loads((REPO / "reports/screen/genome_scale/genome_scale.json").read_text())["by_cells_per_replicate"]
+    """The genome-scale rows: ours (the default and the NT null alone) and MAGeCK per depth, the NT null's figures
+    the same as the first run's, and the declared test that made ``gene_null: auto`` the default."""
+    def depths(path: str) -> dict:
+        return json.loads((REPO / path).read_text())["by_cells_per_replicate"]
+
+    now, first = depths("reports/screen/genome_scale/auto/genome_scale.json"), \
+        depths("reports/screen/genome_scale/genome_scale.json")
     for cells, label in (("2000000", "2e6 cells"), ("5000000", "5e6 cells"), ("17000000", "1.7e7 cells")):
-        ours, mageck = depths[cells]["spatial"], depths[cells]["mageck"]
         row = _table_row(label if cells != "17000000" else f"{label} (34 M, the larger SPARCS screen)")
-        for s in (ours, mageck):
-            assert f"| {_fdp(s)} | {s['recall']['4']:.2f} / {s['recall']['2']:.2f} |" in row, (label, _fdp(s))
+        for method in ("spatial", "spatial_nt", "mageck"):
+            s = now[cells][method]
+            assert f"| {_fdp(s)} | {s['recall']['4']:.2f} / {s['recall']['2']:.2f} |" in row, (label, method)
+        assert now[cells]["spatial_nt"]["fdp_per_seed"] == first[cells]["spatial"]["fdp_per_seed"]
     test = json.loads((REPO / "reports/screen/genome_scale/gene_null/1.7e7/genome_scale.json").read_text())
     auto, nt = (test["by_cells_per_replicate"]["17000000"][m] for m in ("spatial", "spatial_nt"))
     assert auto["fdp_95ci"][1] < 0.1 < nt["fdp_95ci"][0]  # the README's "honest" and "not honest"
