@@ -42,6 +42,11 @@ METHODS = ("spatial", "spatial_nt", "sparcs", "sparcs_bh", "rra", "mageck")
 N_GRNAS, N_NT = 80_000, 1_000
 
 
+def cells_per_gene(cells_per_replicate: int) -> float:
+    """Imaged cells per targeting gene over the 2 replicates (4 gRNAs per gene)."""
+    return cells_per_replicate * 2 / ((N_GRNAS - N_NT) / 4)
+
+
 def call_all(screen, fdr: float, seed: int, mageck: Path | None, methods: set[str]) -> dict[str, pd.DataFrame]:
     """Gene tables (``gene, p_value, is_hit, is_control``) of ``methods`` on one screen."""
     from screen_targets import call_mageck
@@ -125,7 +130,7 @@ def plot_power(result: dict, folds: tuple[float, ...], fdr: float, path: Path) -
     import matplotlib.pyplot as plt
 
     cov = sorted(result, key=int)
-    per_gene = [int(c) * 2 / ((N_GRNAS - N_NT) / 4) for c in cov]  # 2 replicates
+    per_gene = [cells_per_gene(int(c)) for c in cov]
     fig, axes = plt.subplots(1, len(folds) + 1, figsize=(4 * (len(folds) + 1), 3.6), constrained_layout=True)
     for m in result[cov[0]]:
         for ax, f in zip(axes, folds, strict=False):
@@ -188,8 +193,7 @@ def main() -> int:
                     rows.setdefault(m, {"planted": [], "null": []})[kind].append(measure(genes, screen.truth, folds))
         result[str(cells)] = {m: summarise(r["planted"], r["null"], folds) for m, r in rows.items()
                               if len(r["planted"]) == args.seeds and r["null"]}
-        per_gene = cells * 2 / ((N_GRNAS - N_NT) / 4)
-        print(f"\n{cells:,} cells per replicate x 2 ({per_gene:,.0f} per gene), {args.seeds} planted screens and "
+        print(f"\n{cells:,} cells per replicate x 2 ({cells_per_gene(cells):,.0f} per gene), {args.seeds} planted screens and "
               f"{n_null} without hits: {time.perf_counter() - t0:.0f} s")
         print_table(result[str(cells)], folds)
         ours = result[str(cells)].get("spatial")
