@@ -4,7 +4,7 @@ simulator's cutting / PCR / background model. Times the whole command (parse the
 AND the SPARCS baseline, write tables and figures) and, as the baseline measured in the same run, the published
 SPARCS statistic alone (a groupby t-test)::
 
-    .venv/bin/python benchmarks/bench_hits.py [--cells 2000000] [--grnas 80000] [--check]
+    .venv/bin/python benchmarks/bench_hits.py [--cells 2000000] [--grnas 80000] [--check] [--json PATH]
 
 Target: under 60 s for 2e6 cells x 80,000 gRNAs on 2 cores (``--check`` exits 1 above ``--limit``).
 """
@@ -12,6 +12,7 @@ Target: under 60 s for 2e6 cells x 80,000 gRNAs on 2 cores (``--check`` exits 1 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -80,6 +81,7 @@ def main() -> int:
     ap.add_argument("--grnas", type=int, default=80_000)
     ap.add_argument("--limit", type=float, default=60.0, help="--check: seconds allowed for the whole command")
     ap.add_argument("--check", action="store_true")
+    ap.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = ap.parse_args()
 
     from serving.screen.calling import load_counts_input, run_counts
@@ -108,6 +110,13 @@ def main() -> int:
     print(f"spatial hits, whole command:           {t_total:6.1f} s  ({t_total / max(t_sparcs, 1e-9):.1f}x the "
           f"baseline; it also parses, runs the baseline and writes tables + figures)")
     print(f"genes called at FDR 0.1: {called} (planted: {(args.grnas - 1000) // 4 // 200})")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "cells_per_replicate": args.cells, "grnas": args.grnas, "gene_null": cfg.gene_null,
+            "seconds_parse": round(t_parse, 2), "seconds_sparcs_baseline": round(t_sparcs, 2),
+            "seconds_spatial_hits": round(t_total, 2), "ratio_to_baseline": round(t_total / max(t_sparcs, 1e-9), 1),
+            "genes_called": called, "planted": (args.grnas - 1000) // 4 // 200}, indent=2) + "\n")
     if args.check and t_total > args.limit:
         print(f"FAIL: {t_total:.1f} s > {args.limit:.0f} s")
         return 1
