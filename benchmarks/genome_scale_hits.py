@@ -6,7 +6,8 @@ matters. This script builds such screens with ``bench_hits.write_screen`` (80,00
 non-targeting; 1.4 % of the cells in six bins, as in the larger SPARCS screen; cutting, PCR and background reads of
 the simulator), once with planted genes (for each of ``--folds`` 0.5 % of the genes, their bin rate multiplied by
 it) and once with none, at each of ``--cells`` (cells per replicate, 2 replicates), and calls hits with every
-method: ours (``spatial``; ``spatial_nt`` with ``hits.gene_null=nt``, the NT pseudo-genes alone), the published
+method: ours (``spatial``; ``spatial_nt`` with ``hits.gene_null=nt``, the NT pseudo-genes alone; ``spatial_quiet``
+with ``nt_and_quiet_screen``, the screen's gRNAs without those of genes whose other gRNAs stand out), the published
 SPARCS statistic (``sparcs``: uncorrected p < 0.05; ``sparcs_bh``: with BH), our alpha-RRA (``rra``) and, where it
 is installed, MAGeCK itself (``mageck``, as in ``screen_targets.py``)::
 
@@ -38,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TAIL = (1e-2, 1e-3, 1e-4, 1e-5)
-METHODS = ("spatial", "spatial_nt", "sparcs", "sparcs_bh", "rra", "mageck")
+METHODS = ("spatial", "spatial_nt", "spatial_quiet", "sparcs", "sparcs_bh", "rra", "mageck")
 N_GRNAS, N_NT = 80_000, 1_000
 
 
@@ -67,6 +68,7 @@ def call_all(screen, fdr: float, seed: int, mageck: Path | None, methods: set[st
         return g.assign(is_hit=g["fdr"] <= hc.fdr) if bh else g
 
     calls = {"spatial": lambda: ours(hc.gene_null), "spatial_nt": lambda: ours("nt"),
+             "spatial_quiet": lambda: ours("nt_and_quiet_screen"),
              "sparcs": lambda: sparcs(False), "sparcs_bh": lambda: sparcs(True),
              "rra": lambda: call_rra(inp, hc.rra_alpha, hc.fdr, hc.null_draws, seed, hc.min_library_reads).genes}
     out = {m: call() for m, call in calls.items() if m in methods}
@@ -89,6 +91,7 @@ def measure(genes: pd.DataFrame, truth: pd.DataFrame, folds: tuple[float, ...]) 
     null = truth.loc[truth["role"] == "neutral", "gene"]
     p = genes.set_index("gene")["p_value"].reindex(null).dropna().to_numpy(float)
     return {"n_called": m["n_called"], "false": m["false_discoveries"], "fdp": m["fdp"], "recall": recall,
+            "recall_all": m["recall_all_hits"],
             "null_below": {f"{t:g}": int((p < t).sum()) for t in TAIL}, "n_null": int(len(p))}
 
 
@@ -118,8 +121,27 @@ def summarise(planted: list[dict], null: list[dict], folds: tuple[float, ...]) -
         out |= {"fdp": float(np.mean(fdp)), "fdp_95ci": t_interval(fdp), "fdp_per_seed": fdp,
                 "n_called": float(np.mean([r["n_called"] for r in planted])),
                 "recall": {f"{f:g}": float(np.mean([r["recall"][f"{f:g}"] for r in planted])) for f in folds},
-                "recall_95ci": {f"{f:g}": t_interval([r["recall"][f"{f:g}"] for r in planted]) for f in folds}}
+                "recall_95ci": {f"{f:g}": t_interval([r["recall"][f"{f:g}"] for r in planted]) for f in folds},
+                "recall_all_per_seed": [r["recall_all"] for r in planted]}
     return out
+
+
+def against_default(by_method: dict[str, dict]) -> None:
+    """Each method's paired difference to ours with the default (``spatial``) on the same planted screens: recall of
+    every planted gene and FDP, mean and 95 % t-interval over the seeds (added to each method's summary)."""
+    from screen_targets import t_interval
+
+    base = by_method.get("spatial")
+    if base is None or not base["planted_screens"]:
+        return
+    for m, s in by_method.items():
+        if m == "spatial":
+            continue
+        d = {}
+        for key, per_seed in (("recall_all", "recall_all_per_seed"), ("fdp", "fdp_per_seed")):
+            diff = np.subtract(s[per_seed], base[per_seed])
+            d[key] = {"mean": float(diff.mean()), "95ci": t_interval(list(diff))}
+        s["minus_spatial"] = d
 
 
 def plot_power(result: dict, folds: tuple[float, ...], fdr: float, path: Path) -> None:
@@ -193,6 +215,7 @@ def main() -> int:
                     rows.setdefault(m, {"planted": [], "null": []})[kind].append(measure(genes, screen.truth, folds))
         result[str(cells)] = {m: summarise(r["planted"], r["null"], folds) for m, r in rows.items()
                               if len(r["planted"]) == args.seeds and r["null"]}
+        against_default(result[str(cells)])
         print(f"\n{cells:,} cells per replicate x 2 ({cells_per_gene(cells):,.0f} per gene), {args.seeds} planted screens and "
               f"{n_null} without hits: {time.perf_counter() - t0:.0f} s")
         print_table(result[str(cells)], folds)
@@ -217,12 +240,12 @@ def main() -> int:
 
 def print_table(by_method: dict[str, dict], folds: tuple[float, ...]) -> None:
     planted = any(s["planted_screens"] for s in by_method.values())
-    head = f"{'method':<11}"
+    head = f"{'method':<14}"
     if planted:
         head += f"{'called':>8}{'FDP [95 % CI]':>24}" + "".join(f"{'recall ' + f'{f:g}x':>12}" for f in folds)
     print(head + f"{'0 called':>10}" + "".join(f"{'p<' + f'{t:g}':>16}" for t in TAIL))
     for m, s in by_method.items():
-        line = f"{m:<11}"
+        line = f"{m:<14}"
         if planted:
             lo, hi = s["fdp_95ci"]
             fdp = f"{s['fdp']:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -232,6 +255,11 @@ def print_table(by_method: dict[str, dict], folds: tuple[float, ...]) -> None:
         line += "".join(f"{v['observed']:>6} ({v['expected']:.0f}, {v['poisson_95'][1]})".rjust(16)
                         for v in s["null_genes_below"].values())
         print(line)
+    for m, s in by_method.items():
+        if "minus_spatial" in s:
+            r, f = s["minus_spatial"]["recall_all"], s["minus_spatial"]["fdp"]
+            print(f"{m} minus spatial, same screens: recall {r['mean']:+.3f} [{r['95ci'][0]:+.3f}, {r['95ci'][1]:+.3f}], "
+                  f"FDP {f['mean']:+.3f} [{f['95ci'][0]:+.3f}, {f['95ci'][1]:+.3f}]")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from serving.screen.hits import (
     call_sparcs,
     fit_dispersion,
     gene_level,
+    quiet_siblings,
     rra_rho,
     truth_metrics,
 )
@@ -160,6 +161,40 @@ def test_the_screen_null_mends_an_nt_sample_that_missed_the_tail():
     expected = 0.01 * len(p_nt)  # 20 below 0.01 under a uniform null; the 95 % Poisson interval tops at 29
     assert (p_nt < 0.01).sum() > 2 * expected and nt["is_hit"].any()
     assert (p_both < 0.01).sum() <= stats.poisson.ppf(0.975, expected) and not both["is_hit"].any()
+
+
+def test_quiet_siblings_send_a_hits_grnas_away_and_keep_a_jackpot():
+    """A gRNA leaves the screen's null when its gene's *other* gRNAs stand out: all four of a hit's gRNAs leave,
+    the jackpotted gRNA of a null gene stays (its siblings are ordinary), and its siblings leave (it is one of
+    theirs): whether a null gene's gRNA stays never depends on its own value."""
+    z = np.array([3.0, 3.0, 3.0, 3.0, 10.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.5])
+    codes = np.array([0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3])  # hit, null gene with a jackpot, null gene, one gRNA
+    z_nt = np.random.default_rng(0).normal(size=400)
+    quiet = quiet_siblings(z, codes, np.bincount(codes), z_nt, 2000, np.random.default_rng(1))
+    assert quiet.tolist() == [False] * 4 + [True, False, False, False] + [True] * 4 + [True]
+
+
+def test_the_quiet_screen_null_keeps_the_power_that_hits_in_the_screen_cost():
+    """A tenth of the genes are hits (every gRNA lifted): pseudo-genes drawn from every gRNA of the screen hold them
+    and call none; drawn from the gRNAs whose siblings are quiet they call every hit, and the null genes' p-values
+    stay uniform in the tail that the NT sample missed."""
+    grnas = heavy_tailed_grnas(n_genes=2000, n_nt=400, seed=2)
+    hits = grnas["gene"].isin([f"G{i}" for i in range(200)])
+    grnas.loc[hits, "z"] += 2.0
+    calls = {}
+    for mode in ("nt", "nt_and_screen", "nt_and_quiet_screen"):
+        table, info = gene_level(grnas, 2000, 0.1, np.random.default_rng(0), mode)
+        calls[mode] = table[~table["is_control"]].set_index("gene")
+    planted = [f"G{i}" for i in range(200)]
+    assert not calls["nt_and_screen"].loc[planted, "is_hit"].any()
+    quiet = calls["nt_and_quiet_screen"]
+    assert quiet.loc[planted, "is_hit"].all()
+    assert info["screen_null_left_out"] >= 4 * 200  # at least as many gRNAs as the hits hold
+    assert (quiet["p_value"] >= calls["nt"]["p_value"]).all()
+    null_p = quiet.drop(index=planted)["p_value"].to_numpy()
+    expected = 0.01 * len(null_p)
+    assert (calls["nt"].drop(index=planted)["p_value"] < 0.01).sum() > 2 * expected
+    assert (null_p < 0.01).sum() <= stats.poisson.ppf(0.975, expected)
 
 
 def test_gene_null_auto_uses_the_screen_from_a_thousand_genes_on():

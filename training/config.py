@@ -452,7 +452,7 @@ class SequenceConfig(Section):
 
 
 NtNull = Literal["leave_one_out", "in_sample"]  # how the NT gRNAs' own z-scores for the hits null are fitted
-GeneNull = Literal["auto", "nt", "nt_and_screen"]  # the pseudo-genes a gene's Stouffer Z is judged against
+GeneNull = Literal["auto", "nt", "nt_and_screen", "nt_and_quiet_screen"]  # the pseudo-genes a gene's Stouffer Z is judged against
 SCREEN_NULL_MIN_GENES = 1000  # gene_null "auto": from this many targeting genes on, nt_and_screen
 
 

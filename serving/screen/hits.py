@@ -37,6 +37,7 @@ from training.config import SCREEN_NULL_MIN_GENES, GeneNull, NtNull
 from training.errors import DataError
 
 PSEUDO_PREFIX = "NT_pseudo_"
+SIBLING_P = 0.05  # gene_null nt_and_quiet_screen: a gRNA whose siblings reach this p leaves the screen's null
 
 
 @dataclass
@@ -133,6 +134,21 @@ def pseudo_gene_null(z_nt: np.ndarray, sizes: np.ndarray, draws: int, rng: np.ra
     return PseudoGeneNull(out, m)
 
 
+def quiet_siblings(z: np.ndarray, codes: np.ndarray, n: np.ndarray, z_nt: np.ndarray, draws: int,
+                   rng: np.random.Generator, alpha: float = SIBLING_P) -> np.ndarray:
+    """Targeting gRNAs (z-scores ``z``, gene ``codes``, ``n`` gRNAs per gene) whose gene's *other* gRNAs are not a hit:
+    their Stouffer Z, without the gRNA itself, has a p-value >= ``alpha`` against NT pseudo-genes of as many gRNAs.
+    A true hit lifts all its gRNAs, so its gRNAs leave; a null gene's gRNA stays or leaves whatever its own value,
+    so the gRNAs left keep the null's tail (a jackpotted gRNA of a null gene stays). A gene's only gRNA stays."""
+    k = n[codes] - 1
+    sib = (np.bincount(codes, weights=z, minlength=len(n))[codes] - z) / np.sqrt(np.maximum(k, 1))
+    p = np.ones(len(z))
+    has = k > 0
+    if has.any():
+        p[has] = pseudo_gene_null(z_nt, k[has], draws, rng).p_value(sib[has], k[has])[0]
+    return p >= alpha
+
+
 def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Generator,
                gene_null: GeneNull = "nt") -> tuple[pd.DataFrame, dict]:
     """Genes from gRNA z-scores (columns ``gene, is_control, z, effect, used``): Stouffer, the NT pseudo-gene null
@@ -153,12 +169,19 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     n = n.astype(int)
     effect = np.bincount(codes, weights=tg["effect"].to_numpy(float), minlength=len(genes)) / n
     n_mode = int(pd.Series(n).mode().iloc[0])
+    sibling_draws = draws
     draws = max(draws, int(np.ceil(20 * len(genes) / fdr)))
     null = pseudo_gene_null(nt["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
     if gene_null == "auto":
         gene_null = "nt_and_screen" if len(genes) >= SCREEN_NULL_MIN_GENES else "nt"
-    screen_null = (pseudo_gene_null(used["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
-                   if gene_null == "nt_and_screen" else None)
+    screen_null, pool_info = None, {}
+    if gene_null != "nt":
+        pool = used["z"].to_numpy(float)
+        if gene_null == "nt_and_quiet_screen":
+            quiet = quiet_siblings(tg["z"].to_numpy(float), codes, n, nt["z"].to_numpy(float), sibling_draws, rng)
+            pool = np.concatenate([nt["z"].to_numpy(float), tg["z"].to_numpy(float)[quiet]])
+            pool_info = {"screen_null_grnas": int(len(pool)), "screen_null_left_out": int((~quiet).sum())}
+        screen_null = pseudo_gene_null(pool, np.append(n, n_mode), draws, rng)
 
     def p_value(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p, zr = null.p_value(z, k)
@@ -182,7 +205,7 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     table = rank_genes(table)
     ctrl_p = table.loc[table["is_control"], "p_value"].to_numpy()
     info = {"n_nt_grnas": int(len(nt)), "n_pseudo_genes": int(len(ctrl_p)), "null_draws": draws, "gene_null": gene_null,
-            "pseudo_gene_ks": ks_uniform(ctrl_p)}
+            **pool_info, "pseudo_gene_ks": ks_uniform(ctrl_p)}
     return table, info
 
 
