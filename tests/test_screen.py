@@ -197,8 +197,8 @@ def test_the_quiet_screen_null_keeps_the_power_that_hits_in_the_screen_cost():
     assert (null_p < 0.01).sum() <= stats.poisson.ppf(0.975, expected)
 
 
-def test_gene_null_auto_uses_the_screen_from_a_thousand_genes_on():
-    for n_genes, want in ((999, "nt"), (1000, "nt_and_screen")):
+def test_gene_null_auto_uses_the_quiet_screen_from_a_thousand_genes_on():
+    for n_genes, want in ((999, "nt"), (1000, "nt_and_quiet_screen")):
         grnas = heavy_tailed_grnas(n_genes, n_nt=100, seed=0)
         _, info = gene_level(grnas, 200, 0.1, np.random.default_rng(0), "auto")
         assert info["gene_null"] == want

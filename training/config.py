@@ -453,7 +453,7 @@ class SequenceConfig(Section):
 
 NtNull = Literal["leave_one_out", "in_sample"]  # how the NT gRNAs' own z-scores for the hits null are fitted
 GeneNull = Literal["auto", "nt", "nt_and_screen", "nt_and_quiet_screen"]  # the pseudo-genes a gene's Stouffer Z is judged against
-SCREEN_NULL_MIN_GENES = 1000  # gene_null "auto": from this many targeting genes on, nt_and_screen
+SCREEN_NULL_MIN_GENES = 1000  # gene_null "auto": from this many targeting genes on, nt_and_quiet_screen
 
 
 class HitsConfig(Section):
@@ -475,8 +475,9 @@ class HitsConfig(Section):
         "auto", description="counts mode: a gene's p-value against NT pseudo-genes (nt), or the larger of that and "
         "its p against pseudo-genes drawn from every gRNA of the screen (nt_and_screen: a gene must stand out from the "
         "controls and from the screen's own gRNAs, whose PCR-jackpot tail a thousand NT gRNAs under-sample; hits "
-        "among them make it conservative); auto: nt_and_screen from 1,000 targeting genes on (a genome-scale "
-        "library, mostly null genes), nt below")
+        "among them make it conservative) or from the gRNAs whose gene's other gRNAs do not stand out "
+        "(nt_and_quiet_screen: the hits' gRNAs left out, the null genes' jackpots kept); auto: nt_and_quiet_screen "
+        "from 1,000 targeting genes on (a genome-scale library, mostly null genes), nt below")
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
     null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")

@@ -16,8 +16,9 @@ Two inputs, one gene-level null:
 Gene level (both): Stouffer's Z over the gene's gRNAs against NT pseudo-genes with the same number of gRNAs (MAUDE's
 idea, drawn as a bootstrap like optical pooled screen pipelines do): one-sided p-value (enrichment) = the larger of
 the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes. In
-counts mode, from 1,000 targeting genes on (``gene_null``), also at least the p among pseudo-genes drawn from every
-gRNA of the screen: 1,000 NT gRNAs under-sample the PCR-jackpot tail that decides at 20,000 genes.
+counts mode, from 1,000 targeting genes on (``gene_null``), also at least the p among pseudo-genes drawn from the
+screen's own gRNAs, those of genes whose other gRNAs stand out left out (``quiet_siblings``): 1,000 NT gRNAs
+under-sample the PCR-jackpot tail that decides at 20,000 genes.
 ``call_sparcs`` is the published SPARCS statistic, kept as the baseline: no multiple-testing correction.
 ``call_rra`` is MAGeCK's alpha-RRA on the same counts, the field's standard gene test, as a second baseline.
 """
@@ -156,9 +157,11 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     disjoint pseudo-genes of the most common gRNA count, scored the same way (their p-values show whether the null
     is calibrated). ``draws`` is raised to ``20 * genes / fdr`` so the empirical p-values can reach BH's first step.
     ``gene_null="nt_and_screen"``: each p-value is the larger of the NT pseudo-genes' and that of pseudo-genes drawn
-    from every gRNA of the screen (NT and targeting), whose far tail a few NT gRNAs under-sample; ``"auto"``: that
-    from ``SCREEN_NULL_MIN_GENES`` targeting genes on, the NT pseudo-genes alone below (FINDINGS, "Hit calling at
-    genome scale"). Cells mode keeps the NT null: its gRNA z-scores come from bootstrapped NT cells, not counts."""
+    from every gRNA of the screen (NT and targeting), whose far tail a few NT gRNAs under-sample;
+    ``"nt_and_quiet_screen"``: the same, the screen's pseudo-genes drawn from the NT gRNAs and the targeting gRNAs of
+    ``quiet_siblings`` (hits in the screen's null make it conservative); ``"auto"``: that from
+    ``SCREEN_NULL_MIN_GENES`` targeting genes on, the NT pseudo-genes alone below (FINDINGS, "Hit calling at genome
+    scale"). Cells mode keeps the NT null: its gRNA z-scores come from bootstrapped NT cells, not counts."""
     used = grnas[grnas["used"]]
     nt = used[used["is_control"]]
     tg = used[~used["is_control"]]
@@ -173,7 +176,7 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     draws = max(draws, int(np.ceil(20 * len(genes) / fdr)))
     null = pseudo_gene_null(nt["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
     if gene_null == "auto":
-        gene_null = "nt_and_screen" if len(genes) >= SCREEN_NULL_MIN_GENES else "nt"
+        gene_null = "nt_and_quiet_screen" if len(genes) >= SCREEN_NULL_MIN_GENES else "nt"
     screen_null, pool_info = None, {}
     if gene_null != "nt":
         pool = used["z"].to_numpy(float)
