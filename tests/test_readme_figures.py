@@ -78,27 +78,39 @@ def _fdp(s: dict) -> str:
 
 
 def test_the_genome_scale_figures_match_their_files() -> None:
-    """The genome-scale rows: ours (the default and the NT null alone) and MAGeCK per depth, the NT null's figures
-    the same as the first run's, and the declared test that made ``gene_null: auto`` the default."""
+    """The genome-scale rows: ours (the default and the NT null alone) per depth, the NT null's figures the same as
+    the first run's, MAGeCK's from the run beside them, and the two declared tests of the gene null."""
     def depths(path: str) -> dict:
-        return json.loads((REPO / path).read_text())["by_cells_per_replicate"]
+        return json.loads((REPO / "reports/screen/genome_scale" / path).read_text())["by_cells_per_replicate"]
 
-    now, first = depths("reports/screen/genome_scale/auto/genome_scale.json"), \
-        depths("reports/screen/genome_scale/genome_scale.json")
+    now, before, first = depths("auto_quiet/genome_scale.json"), depths("auto/genome_scale.json"), \
+        depths("genome_scale.json")
     for cells, label in (("2000000", "2e6 cells"), ("5000000", "5e6 cells"), ("17000000", "1.7e7 cells")):
         row = _table_row(label if cells != "17000000" else f"{label} (34 M, the larger SPARCS screen)")
-        for method in ("spatial", "spatial_nt", "mageck"):
-            s = now[cells][method]
-            assert f"| {_fdp(s)} | {s['recall']['4']:.2f} / {s['recall']['2']:.2f} |" in row, (label, method)
+        for s in (now[cells]["spatial"], now[cells]["spatial_nt"], before[cells]["mageck"]):
+            assert f"| {_fdp(s)} | {s['recall']['4']:.2f} / {s['recall']['2']:.2f} |" in row, label
         assert now[cells]["spatial_nt"]["fdp_per_seed"] == first[cells]["spatial"]["fdp_per_seed"]
-    test = json.loads((REPO / "reports/screen/genome_scale/gene_null/1.7e7/genome_scale.json").read_text())
-    auto, nt = (test["by_cells_per_replicate"]["17000000"][m] for m in ("spatial", "spatial_nt"))
-    assert auto["fdp_95ci"][1] < 0.1 < nt["fdp_95ci"][0]  # the README's "honest" and "not honest"
-    said = (f"false discovery proportion **{_fdp(auto)}** at FDR 0.1, {100 * auto['recall']['4']:.0f} % of the genes "
-            f"with 4x the bin rate found, {100 * auto['recall']['2']:.0f} % of those with 2x; no call on "
-            f"{auto['null_screens_zero_called']} of {auto['null_screens']} screens without hits. With the NT "
-            f"pseudo-genes alone, as before, {_fdp(nt)} on the same screens")
-    assert said in README_FLAT, said
+        assert before[cells]["spatial_nt"]["fdp_per_seed"] == first[cells]["spatial"]["fdp_per_seed"]
+    test = depths("quiet/1.7e7/genome_scale.json")["17000000"]
+    quiet, every = test["spatial_quiet"], test["spatial"]
+    nt = depths("gene_null/1.7e7/genome_scale.json")["17000000"]["spatial_nt"]
+    assert quiet["fdp_95ci"][0] < 0.1 and nt["fdp_95ci"][0] > 0.1  # the README's "honest" and "not honest"
+    assert quiet["minus_spatial"]["recall_all"]["95ci"][0] > 0  # the declared gain over every gRNA's null
+    said = (f"false discovery proportion **{_fdp(quiet)}** at FDR 0.1, {100 * quiet['recall']['4']:.0f} % of the "
+            f"genes with 4x the bin rate found, {100 * quiet['recall']['2']:.0f} % of those with 2x; no call on "
+            f"{quiet['null_screens_zero_called']} of {quiet['null_screens']} screens without hits.")
+    said_before = (f"{_fdp(every)} and {100 * every['recall']['4']:.0f} % / {100 * every['recall']['2']:.0f} % on "
+                   f"the same screens; with the NT pseudo-genes alone, as before that, {_fdp(nt)} on other new screens")
+    for text in (said, said_before):
+        assert text in README_FLAT, text
+    table = README.replace("**", "")
+    for cells, path in (("2000000", "quiet/2e6"), ("17000000", "quiet/1.7e7")):
+        t = depths(f"{path}/genome_scale.json")[cells]
+        for m in ("spatial", "spatial_quiet", "spatial_nt"):
+            assert f"| {_fdp(t[m])} |" in table, (path, m)
+        gain = t["spatial_quiet"]["minus_spatial"]["recall_all"]
+        assert f"| {gain['mean']:+.3f} [{gain['95ci'][0]:+.3f}, {gain['95ci'][1]:+.3f}] |" in table, path
+
 
 def _table_row(first_cell: str) -> str:
     rows = [line for line in README.splitlines() if line.startswith(f"| {first_cell} |")]
