@@ -168,21 +168,22 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     if len(tg) == 0:
         raise DataError("no targeting gRNA left to test (all filtered out)")
     codes, genes = pd.factorize(tg["gene"], sort=True)
-    zg, n = _stouffer_by_group(codes, tg["z"].to_numpy(float), len(genes))
+    z_tg, z_ctrl = tg["z"].to_numpy(float), nt["z"].to_numpy(float)
+    zg, n = _stouffer_by_group(codes, z_tg, len(genes))
     n = n.astype(int)
     effect = np.bincount(codes, weights=tg["effect"].to_numpy(float), minlength=len(genes)) / n
     n_mode = int(pd.Series(n).mode().iloc[0])
     sibling_draws = draws
     draws = max(draws, int(np.ceil(20 * len(genes) / fdr)))
-    null = pseudo_gene_null(nt["z"].to_numpy(float), np.append(n, n_mode), draws, rng)
+    null = pseudo_gene_null(z_ctrl, np.append(n, n_mode), draws, rng)
     if gene_null == "auto":
         gene_null = "nt_and_quiet_screen" if len(genes) >= SCREEN_NULL_MIN_GENES else "nt"
     screen_null, pool_info = None, {}
     if gene_null != "nt":
         pool = used["z"].to_numpy(float)
         if gene_null == "nt_and_quiet_screen":
-            quiet = quiet_siblings(tg["z"].to_numpy(float), codes, n, nt["z"].to_numpy(float), sibling_draws, rng)
-            pool = np.concatenate([nt["z"].to_numpy(float), tg["z"].to_numpy(float)[quiet]])
+            quiet = quiet_siblings(z_tg, codes, n, z_ctrl, sibling_draws, rng)
+            pool = np.concatenate([z_ctrl, z_tg[quiet]])
             pool_info = {"screen_null_grnas": int(len(pool)), "screen_null_left_out": int((~quiet).sum())}
         screen_null = pseudo_gene_null(pool, np.append(n, n_mode), draws, rng)
 
@@ -196,7 +197,7 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
                           "z": zr, "p_value": p, "fdr": q, "is_hit": q <= fdr, "is_control": False})
     # disjoint NT pseudo-genes (reported, not tested)
     order = rng.permutation(len(nt))
-    z_nt, eff_nt = nt["z"].to_numpy(float)[order], nt["effect"].to_numpy(float)[order]
+    z_nt, eff_nt = z_ctrl[order], nt["effect"].to_numpy(float)[order]
     k = len(z_nt) // n_mode
     if k:
         zp = z_nt[: k * n_mode].reshape(k, n_mode).sum(axis=1) / np.sqrt(n_mode)
