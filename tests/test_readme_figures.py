@@ -103,6 +103,13 @@ def test_the_genome_scale_figures_match_their_files() -> None:
                    f"the same screens; with the NT pseudo-genes alone, as before that, {_fdp(nt)} on other new screens")
     for text in (said, said_before):
         assert text in README_FLAT, text
+    deep = {cells: depths(f"deep/{path}/genome_scale.json")[cells]["spatial"]
+            for cells, path in (("50000000", "5e7"), ("100000000", "1e8"))}
+    a, b = deep["50000000"], deep["100000000"]
+    said = (f"at 5,063 imaged cells per gene it finds {100 * a['recall']['4']:.0f} % of the 4x genes and "
+            f"{100 * a['recall']['2']:.0f} % of the 2x genes (FDP {_fdp(a)}), at 10,127 {100 * b['recall']['4']:.0f} % "
+            f"and {100 * b['recall']['2']:.0f} % (FDP {_fdp(b)})")
+    assert said in README_FLAT, said
     table = README.replace("**", "")
     for cells, path in (("2000000", "quiet/2e6"), ("17000000", "quiet/1.7e7")):
         t = depths(f"{path}/genome_scale.json")[cells]
