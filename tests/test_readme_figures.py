@@ -119,6 +119,27 @@ def test_the_genome_scale_figures_match_their_files() -> None:
         assert f"| {gain['mean']:+.3f} [{gain['95ci'][0]:+.3f}, {gain['95ci'][1]:+.3f}] |" in table, path
 
 
+def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
+    d = json.loads((REPO / "reports/screen/genome_scale/cells/cells.json").read_text())
+    nt, quiet = d["null"]["nt"], d["null"]["nt_and_quiet_screen"]
+    planted = {f: d["planted"][f]["nt_and_quiet_screen"] for f in ("2", "3")}
+    def calls(s: dict) -> list[tuple[int, int]]:
+        return list(zip(s["true"], s["false"], strict=True))
+
+    same = sum(a == b for f in ("2", "3")
+               for a, b in zip(calls(d["planted"][f]["nt"]), calls(planted[f]), strict=True))
+    said = (f"With the NT null alone {nt['screens_with_a_call']} of 20 screens without hits had a call and the null "
+            f"genes' p-values below 0.01 and 0.001 were above a uniform's interval "
+            f"({nt['below']['0.01']['observed']:,} and {nt['below']['0.001']['observed']} where the tops are "
+            f"{nt['below']['0.01']['poisson_95_top']:,} and {nt['below']['0.001']['poisson_95_top']}); with the default "
+            f"(`auto`: the quiet screen null from 1,000 genes on) {quiet['screens_with_a_call']} of 20 and "
+            f"{quiet['below']['0.01']['observed']:,} and {quiet['below']['0.001']['observed']}, with the same calls on "
+            f"{same} of the 10 planted screens (FDP {_fdp(planted['2'])} with 2x genes, {_fdp(planted['3'])} with 3x; recall "
+            f"{planted['2']['recall']:.2f} and {planted['3']['recall']:.2f};")
+    assert said in README_FLAT, said
+    assert nt["below"]["0.001"]["observed"] > nt["below"]["0.001"]["poisson_95_top"]  # the README's "above"
+
+
 def _table_row(first_cell: str) -> str:
     rows = [line for line in README.splitlines() if line.startswith(f"| {first_cell} |")]
     assert len(rows) == 1, f"one README table row should start with {first_cell!r}"

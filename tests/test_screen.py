@@ -363,6 +363,25 @@ def test_cells_null_is_calibrated_and_soft_finds_a_planted_gene():
         assert stats.kstest(tg["p_value"].iloc[1:], "uniform").pvalue > 0.01, mode
 
 
+def test_cells_mode_follows_gene_null():
+    """Cells mode judges genes as counts mode does: from 1,000 genes on (``auto``) also against the quiet screen null
+    (drawn from the NT and most targeting gRNAs), so no p-value is smaller than the NT pseudo-genes' alone (the same
+    bootstrap: the same seed)."""
+    rng = np.random.default_rng(1)
+    n_nt, n_genes, per = 100, 1000, 5
+    grna = np.repeat([f"NT{i}" for i in range(n_nt)] + [f"G{g}_{k}" for g in range(n_genes) for k in range(4)], per)
+    gene = np.repeat(["NT"] * n_nt + [f"G{g}" for g in range(n_genes) for _ in range(4)], per)
+    cells = CellsInput(pd.DataFrame({"grna": grna, "gene": gene, "is_control": gene == "NT",
+                                     "p": rng.beta(1, 20, len(grna)), "epistemic": 0.01}))
+    auto, nt = (call_cells(cells, "soft", draws=200, gene_null=g) for g in ("auto", "nt"))
+    assert (auto.summary["gene_null"], nt.summary["gene_null"]) == ("nt_and_quiet_screen", "nt")
+    assert auto.summary["screen_null_grnas"] > n_nt + 3 * n_genes and "screen_null_grnas" not in nt.summary
+    p_auto, p_nt = (r.genes.set_index("gene").loc[[f"G{g}" for g in range(n_genes)], "p_value"] for r in (auto, nt))
+    assert (p_auto >= p_nt).all()
+    with pytest.raises(ValueError, match="gene_null must be one of"):
+        call_cells(cells, "soft", draws=200, gene_null="screen")
+
+
 # -- parsers ---------------------------------------------------------------------------------------------------------
 def test_parsers_read_mageck_tables(small, tmp_path):
     counts, samples, library = small

@@ -472,7 +472,7 @@ class HitsConfig(Section):
         "gRNAs (leave_one_out: out of sample, as a targeting gRNA's is) or on all of them (in_sample, before "
         "2026-12-06: a false discovery proportion above the FDR)")
     gene_null: GeneNull = Field(
-        "auto", description="counts mode: a gene's p-value against NT pseudo-genes (nt), or the larger of that and "
+        "auto", description="both modes: a gene's p-value against NT pseudo-genes (nt), or the larger of that and "
         "its p against pseudo-genes drawn from every gRNA of the screen (nt_and_screen: a gene must stand out from the "
         "controls and from the screen's own gRNAs, whose PCR-jackpot tail a thousand NT gRNAs under-sample; hits "
         "among them make it conservative) or from the gRNAs whose gene's other gRNAs do not stand out "

@@ -141,6 +141,6 @@ def run_cells(scores: str | os.PathLike, genotypes: str | os.PathLike, library: 
     gene_truth = read_truth(truth) if truth is not None else None
     first = method or cfg.cells_method
     modes = [first, "threshold" if first == "soft" else "soft"]
-    results = [call_cells(inp, m, cfg.fdr, cfg.min_cells, cfg.null_draws, cfg.seed) for m in modes]
+    results = [call_cells(inp, m, cfg.fdr, cfg.min_cells, cfg.null_draws, cfg.seed, cfg.gene_null) for m in modes]
     return write_results(results, out_dir, gene_truth, {"mode": "cells", "class": class_name,
                                                          "scores": str(scores)})

@@ -16,9 +16,10 @@ Two inputs, one gene-level null:
 Gene level (both): Stouffer's Z over the gene's gRNAs against NT pseudo-genes with the same number of gRNAs (MAUDE's
 idea, drawn as a bootstrap like optical pooled screen pipelines do): one-sided p-value (enrichment) = the larger of
 the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes. In
-counts mode, from 1,000 targeting genes on (``gene_null``), also at least the p among pseudo-genes drawn from the
+both modes, from 1,000 targeting genes on (``gene_null``), also at least the p among pseudo-genes drawn from the
 screen's own gRNAs, those of genes whose other gRNAs stand out left out (``quiet_siblings``): 1,000 NT gRNAs
-under-sample the PCR-jackpot tail that decides at 20,000 genes.
+under-sample the far tail (PCR jackpots in counts, skewed means of few cells in cells mode) that decides at 20,000
+genes.
 ``call_sparcs`` is the published SPARCS statistic, kept as the baseline: no multiple-testing correction.
 ``call_rra`` is MAGeCK's alpha-RRA on the same counts, the field's standard gene test, as a second baseline.
 """
@@ -161,7 +162,10 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     ``"nt_and_quiet_screen"``: the same, the screen's pseudo-genes drawn from the NT gRNAs and the targeting gRNAs of
     ``quiet_siblings`` (hits in the screen's null make it conservative); ``"auto"``: that from
     ``SCREEN_NULL_MIN_GENES`` targeting genes on, the NT pseudo-genes alone below (FINDINGS, "Hit calling at genome
-    scale"). Cells mode keeps the NT null: its gRNA z-scores come from bootstrapped NT cells, not counts."""
+    scale"; cells mode too, "Cells mode at genome scale": a mean over a few dozen skewed cell probabilities has a
+    right tail that 1,000 NT gRNAs sample badly)."""
+    if gene_null not in get_args(GeneNull):
+        raise ValueError(f"gene_null must be one of {', '.join(get_args(GeneNull))}, got {gene_null!r}")
     used = grnas[grnas["used"]]
     nt = used[used["is_control"]]
     tg = used[~used["is_control"]]
@@ -312,8 +316,6 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
     calling: the tail of the NT null"). ``gene_null``: see ``gene_level``."""
     if nt_null not in get_args(NtNull):
         raise ValueError(f"nt_null must be one of {', '.join(get_args(NtNull))}, got {nt_null!r}")
-    if gene_null not in get_args(GeneNull):
-        raise ValueError(f"gene_null must be one of {', '.join(get_args(GeneNull))}, got {gene_null!r}")
     rng = np.random.default_rng(seed)
     counts = inp.counts
     is_nt = counts["is_control"].to_numpy(bool)
@@ -528,8 +530,9 @@ def _bootstrap_null(y: np.ndarray, w: np.ndarray, sizes: np.ndarray, draws: int,
 
 
 def call_cells(inp: CellsInput, mode: str = "soft", fdr: float = 0.1, min_cells: int = 1, draws: int = 2000,
-               seed: int = 0) -> HitsResult:
-    """Per-gRNA phenotype rate vs NT cells matched on cell count (bootstrap), then the shared gene level."""
+               seed: int = 0, gene_null: GeneNull = "auto") -> HitsResult:
+    """Per-gRNA phenotype rate vs NT cells matched on cell count (bootstrap), then the shared gene level
+    (``gene_null``: see ``gene_level``)."""
     if mode not in ("soft", "threshold"):
         raise DataError(f"cells mode must be soft or threshold, got '{mode}'")
     rng = np.random.default_rng(seed)
@@ -554,7 +557,7 @@ def call_cells(inp: CellsInput, mode: str = "soft", fdr: float = 0.1, min_cells:
                           "gene": cells["gene"].to_numpy()[first], "is_control": is_nt[first], "cells": n,
                           "rate": rate, "null_mean": mu, "null_sd": sd, "z": (rate - mu) / sd,
                           "effect": np.log2((rate + 1e-3) / (nt_rate + 1e-3)), "used": n >= min_cells})
-    genes, info = gene_level(grnas, draws, fdr, rng)
+    genes, info = gene_level(grnas, draws, fdr, rng, gene_null)
     summary = {"method": f"cells_{mode}", "fdr": fdr, "nt_rate": nt_rate, "n_cells": int(len(cells)),
                "mean_weight": float(w.mean()), **info, **_counts_summary(genes)}
     return HitsResult(f"cells_{mode}", genes, grnas, summary)
