@@ -109,14 +109,15 @@ def main() -> int:
     print(f"SPARCS statistic alone (baseline):     {t_sparcs:6.1f} s")
     print(f"spatial hits, whole command:           {t_total:6.1f} s  ({t_total / max(t_sparcs, 1e-9):.1f}x the "
           f"baseline; it also parses, runs the baseline and writes tables + figures)")
-    print(f"genes called at FDR 0.1: {called} (planted: {(args.grnas - 1000) // 4 // 200})")
+    planted = (args.grnas - 1000) // 4 // 200
+    print(f"genes called at FDR 0.1: {called} (planted: {planted})")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "cells_per_replicate": args.cells, "grnas": args.grnas, "gene_null": cfg.gene_null,
             "seconds_parse": round(t_parse, 2), "seconds_sparcs_baseline": round(t_sparcs, 2),
             "seconds_spatial_hits": round(t_total, 2), "ratio_to_baseline": round(t_total / max(t_sparcs, 1e-9), 1),
-            "genes_called": called, "planted": (args.grnas - 1000) // 4 // 200}, indent=2) + "\n")
+            "genes_called": called, "planted": planted}, indent=2) + "\n")
     if args.check and t_total > args.limit:
         print(f"FAIL: {t_total:.1f} s > {args.limit:.0f} s")
         return 1

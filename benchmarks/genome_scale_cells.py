@@ -10,7 +10,7 @@ Beta(8, 2) if it is and Beta(1, 20) if not, its epistemic uncertainty exponentia
         [--fold 2 3] [--first-seed 0] [--out reports/screen/genome_scale/cells]
 
 Writes ``cells.json``: per gene null, the screens without hits with a call and the null genes' p-values below 1e-2
-... 1e-5 against a uniform null (expected count and Poisson 95 % top); per fold, true and false calls and the false
+... 1e-5 against a uniform null (``genome_scale_hits.null_tail``); per fold, true and false calls and the false
 discovery proportion (mean and 95 % t-interval over the planted screens).
 """
 
@@ -23,14 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 N_GENES, N_NT, BASE = 19_750, 1_000, 0.05
-TAIL = (1e-2, 1e-3, 1e-4, 1e-5)
 HIT_GENES = frozenset(f"G{g}" for g in range(0, N_GENES, 100))  # 1 % of the genes
 
 
@@ -62,6 +60,25 @@ def gene_tables(cells: pd.DataFrame, seed: int, gene_nulls: list[str]) -> dict[s
     return out
 
 
+def null_screen(genes: pd.DataFrame) -> dict:
+    """A screen without hits: whether anything was called, its null genes' p-values below each of ``TAIL``."""
+    from genome_scale_hits import TAIL
+
+    p = genes["p_value"].dropna().to_numpy()
+    return {"called": bool(genes["is_hit"].any()), "null_below": {f"{t:g}": int((p < t).sum()) for t in TAIL},
+            "n_null": int(len(p))}
+
+
+def planted_screens(calls: list[tuple[int, int]]) -> dict:
+    """True and false calls per planted screen, recall and false discovery proportion over the screens."""
+    from screen_targets import t_interval
+
+    true, false = [t for t, _ in calls], [f for _, f in calls]
+    fdp = [f / max(1, t + f) for t, f in calls]
+    return {"true": true, "false": false, "recall": float(np.mean(true)) / len(HIT_GENES), "fdp": float(np.mean(fdp)),
+            "fdp_95ci": t_interval(fdp)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cells", type=int, default=4_000_000)
@@ -72,41 +89,33 @@ def main() -> int:
     ap.add_argument("--gene-null", nargs="+", default=["nt", "nt_and_quiet_screen"])
     ap.add_argument("--out", type=Path, default=ROOT / "reports/screen/genome_scale/cells")
     args = ap.parse_args()
-    from screen_targets import t_interval
+    from genome_scale_hits import null_tail
 
-    result: dict = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}}
-    null = {m: {"with_call": 0, "below": np.zeros(len(TAIL), int), "n": 0} for m in args.gene_null}
+    seeds = range(args.first_seed, args.first_seed + args.planted_seeds)
+    null: dict[str, list[dict]] = {m: [] for m in args.gene_null}
     for s in range(args.first_seed, args.first_seed + args.null_seeds):
-        for m, tg in gene_tables(screen(1000 + s, args.cells, 0.0), s, args.gene_null).items():
-            p = tg["p_value"].dropna().to_numpy()
-            null[m]["with_call"] += bool(tg["is_hit"].any())
-            null[m]["below"] += [int((p < t).sum()) for t in TAIL]
-            null[m]["n"] += len(p)
-    result["null"] = {m: {"screens": args.null_seeds, "screens_with_a_call": o["with_call"],
-                          "below": {f"{t:g}": {"observed": int(k), "expected": t * o["n"],
-                                               "poisson_95_top": int(stats.poisson.ppf(0.975, t * o["n"]))}
-                                    for t, k in zip(TAIL, o["below"], strict=True)}}
-                      for m, o in null.items()}
-    result["planted"] = {}
+        for m, genes in gene_tables(screen(1000 + s, args.cells, 0.0), s, args.gene_null).items():
+            null[m].append(null_screen(genes))
+    result: dict = {"setup": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+                    "null": {m: {"screens": len(r), "screens_with_a_call": sum(x["called"] for x in r),
+                                 "below": null_tail(r)} for m, r in null.items()},
+                    "planted": {}}
     for fold in args.fold:
-        rows: dict[str, list] = {m: [] for m in args.gene_null}
-        for s in range(args.first_seed, args.first_seed + args.planted_seeds):
-            for m, tg in gene_tables(screen(s, args.cells, fold), s, args.gene_null).items():
-                called = set(tg.loc[tg["is_hit"], "gene"])
-                true = len(called & HIT_GENES)
-                rows[m].append((true, len(called) - true))
-        result["planted"][f"{fold:g}"] = {
-            m: {"true": [t for t, _ in r], "false": [f for _, f in r], "recall": float(np.mean([t for t, _ in r])) / len(HIT_GENES),
-                "fdp": float(np.mean(fdp := [f / max(1, t + f) for t, f in r])), "fdp_95ci": t_interval(fdp)}
-            for m, r in rows.items()}
+        calls: dict[str, list[tuple[int, int]]] = {m: [] for m in args.gene_null}
+        for s in seeds:
+            for m, genes in gene_tables(screen(s, args.cells, fold), s, args.gene_null).items():
+                called = set(genes.loc[genes["is_hit"], "gene"])
+                calls[m].append((len(called & HIT_GENES), len(called - HIT_GENES)))
+        result["planted"][f"{fold:g}"] = {m: planted_screens(c) for m, c in calls.items()}
     for m in args.gene_null:
         n = result["null"][m]
-        tail = ", ".join(f"p<{t}: {v['observed']} ({v['expected']:.1f}, top {v['poisson_95_top']})"
+        tail = ", ".join(f"p<{t}: {v['observed']} ({v['expected']:.1f}, top {v['poisson_95'][1]})"
                          for t, v in n["below"].items())
         print(f"{m}: screens without hits with a call {n['screens_with_a_call']} of {n['screens']}; {tail}")
         for fold, by in result["planted"].items():
             s = by[m]
-            print(f"  {fold}x: recall {s['recall']:.2f}, FDP {s['fdp']:.3f} [{s['fdp_95ci'][0]:.3f}, {s['fdp_95ci'][1]:.3f}]")
+            print(f"  {fold}x: recall {s['recall']:.2f}, FDP {s['fdp']:.3f} [{s['fdp_95ci'][0]:.3f}, "
+                  f"{s['fdp_95ci'][1]:.3f}]")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "cells.json").write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / 'cells.json'}")

@@ -95,7 +95,7 @@ def measure(genes: pd.DataFrame, truth: pd.DataFrame, folds: tuple[float, ...]) 
             "null_below": {f"{t:g}": int((p < t).sum()) for t in TAIL}, "n_null": int(len(p))}
 
 
-def _tail(null: list[dict]) -> dict:
+def null_tail(null: list[dict]) -> dict:
     """Null genes' p-values below each of ``TAIL``, pooled over the screens without hits, against a uniform null."""
     from scipy import stats
 
@@ -115,7 +115,7 @@ def summarise(planted: list[dict], null: list[dict], folds: tuple[float, ...]) -
 
     out = {"planted_screens": len(planted), "null_screens": len(null),
            "null_screens_zero_called": int(sum(r["n_called"] == 0 for r in null)),
-           "null_genes_below": _tail(null), "n_null_p": sum(r["n_null"] for r in null)}
+           "null_genes_below": null_tail(null), "n_null_p": sum(r["n_null"] for r in null)}
     if planted:
         fdp = [r["fdp"] for r in planted]
         out |= {"fdp": float(np.mean(fdp)), "fdp_95ci": t_interval(fdp), "fdp_per_seed": fdp,
