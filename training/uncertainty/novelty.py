@@ -15,8 +15,11 @@
 - ``pixel_knn``: distance to the k-th nearest training cell in a fixed, untrained description of the pixels at full
   resolution (``training.uncertainty.pixel_descriptor``: intensity, blob and edge statistics), log-compressed and
   standardised on the training cells (:class:`PixelKNN`).
-- ``energy_multistage``, ``energy_pixel``, ``energy_multistage_pixel``: the named scores, each scaled by its
-  training cells' median and interquartile range, summed (:class:`ScaledSum`).
+- ``pixel_mahalanobis``: relative Mahalanobis in the same pixel space, with a ridge on each covariance
+  (:class:`PixelMahalanobis`).
+- ``energy_multistage``, ``energy_pixel``, ``energy_multistage_pixel``, ``pixel_knn_mahalanobis``,
+  ``energy_pixel_mahalanobis``: the named scores, each scaled by its training cells' median and interquartile range,
+  summed (:class:`ScaledSum`).
 
 The fitted state is plain arrays (``to_dict`` / ``from_dict``) so it can be saved in an ``.npz`` next to a
 checkpoint; ``novelty_from_dict`` rebuilds any kind (files without a ``kind`` are ``mahalanobis``).
@@ -180,7 +183,8 @@ class GaussianDensity:
 # -- the other scores ------------------------------------------------------------------------------------
 
 NOVELTY_KINDS = ("mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "energy_multistage",
-                 "pixel_knn", "energy_pixel", "energy_multistage_pixel")
+                 "pixel_knn", "energy_pixel", "energy_multistage_pixel", "pixel_mahalanobis", "pixel_knn_mahalanobis",
+                 "energy_pixel_mahalanobis")
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -324,11 +328,55 @@ class EnergyNovelty:
         return cls()
 
 
+class PixelSpace:
+    """The space the pixel scores live in: each :func:`pixel_descriptor` statistic compressed by a signed log
+    (``sign(x) log(1 + |x| / m)``, ``m`` its median magnitude on the training cells) and standardised on them."""
+
+    def __init__(self) -> None:
+        self.magnitude_: np.ndarray | None = None
+        self.mean_: np.ndarray | None = None
+        self.scale_: np.ndarray | None = None
+
+    def _compress(self, x: np.ndarray) -> np.ndarray:
+        return np.sign(x) * np.log1p(np.abs(x) / self.magnitude_)
+
+    def fit(self, pixels: np.ndarray) -> PixelSpace:
+        x = _check_rows(pixels)
+        if x.shape[0] == 0:
+            raise ValueError("pixel novelty needs at least one training cell")
+        magnitude = np.median(np.abs(x), axis=0)
+        self.magnitude_ = np.where(magnitude > 0, magnitude, 1.0)
+        z = self._compress(x)
+        sd = z.std(axis=0)
+        self.mean_, self.scale_ = z.mean(axis=0), np.where(sd > 1e-12, sd, 1.0)
+        return self
+
+    def transform(self, pixels: np.ndarray) -> np.ndarray:
+        """Descriptor rows -> standardised signed-log statistics."""
+        if self.mean_ is None:
+            raise ModelError("the pixel novelty score is not fitted: call fit() or from_dict() first")
+        return (self._compress(_check_rows(pixels, self.mean_.shape[0])) - self.mean_) / self.scale_
+
+    def to_dict(self) -> dict[str, np.ndarray]:
+        return {"magnitude": self.magnitude_, "mean": self.mean_, "scale": self.scale_}
+
+    @classmethod
+    def from_dict(cls, d: dict, kind: str) -> PixelSpace:
+        missing = [k for k in ("magnitude", "mean", "scale") if k not in d]
+        if missing:
+            raise ModelError(f"{kind} novelty model is missing keys {missing}")
+        obj = cls()
+        obj.magnitude_, obj.mean_, obj.scale_ = (np.asarray(d[k], dtype=np.float64) for k in ("magnitude", "mean", "scale"))
+        if obj.mean_.ndim != 1 or obj.magnitude_.shape != obj.mean_.shape or obj.scale_.shape != obj.mean_.shape:
+            raise ModelError(f"{kind} novelty model: 'magnitude', 'mean' and 'scale' need one shape, got "
+                             f"{obj.magnitude_.shape}, {obj.mean_.shape}, {obj.scale_.shape}")
+        return obj
+
+
 class PixelKNN:
-    """``pixel_knn``: distance to the k-th nearest training cell in :func:`pixel_descriptor` space (no learned
-    features). Each statistic is compressed by a signed log (``sign(x) log(1 + |x| / m)``, ``m`` its median magnitude
-    on the training cells) and standardised on them; the distance is Euclidean, not on unit vectors, because how
-    bright and how large a cell's structures are is the signal (a few large aggregates, no puncta at all)."""
+    """``pixel_knn``: distance to the k-th nearest training cell in :class:`PixelSpace` (no learned features). The
+    distance is Euclidean, not on unit vectors, because how bright and how large a cell's structures are is the
+    signal (a few large aggregates, no puncta at all)."""
 
     kind = "pixel_knn"
     input = "pixels"
@@ -337,32 +385,20 @@ class PixelKNN:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         self.k, self.max_bank, self.seed = int(k), int(max_bank), int(seed)
-        self.magnitude_: np.ndarray | None = None
-        self.mean_: np.ndarray | None = None
-        self.scale_: np.ndarray | None = None
+        self.space = PixelSpace()
         self.bank_: np.ndarray | None = None
-
-    def _compress(self, x: np.ndarray) -> np.ndarray:
-        return np.sign(x) * np.log1p(np.abs(x) / self.magnitude_)
 
     def transform(self, pixels: np.ndarray) -> np.ndarray:
         """Descriptor rows -> the standardised space the bank lives in."""
         if self.bank_ is None:
             raise ModelError("PixelKNN is not fitted: call fit() or from_dict() first")
-        return (self._compress(_check_rows(pixels, self.bank_.shape[1])) - self.mean_) / self.scale_
+        return self.space.transform(pixels)
 
     def fit(self, pixels: np.ndarray, labels: np.ndarray | None = None) -> PixelKNN:
-        x = _check_rows(pixels)
-        if x.shape[0] == 0:
-            raise ValueError("pixel kNN novelty needs at least one training cell")
-        magnitude = np.median(np.abs(x), axis=0)
-        self.magnitude_ = np.where(magnitude > 0, magnitude, 1.0)
-        z = self._compress(x)
-        sd = z.std(axis=0)
-        self.mean_, self.scale_ = z.mean(axis=0), np.where(sd > 1e-12, sd, 1.0)
-        if x.shape[0] > self.max_bank:
-            z = z[np.sort(np.random.default_rng(self.seed).choice(x.shape[0], self.max_bank, replace=False))]
-        self.bank_ = (z - self.mean_) / self.scale_
+        z = self.space.fit(pixels).transform(pixels)
+        if z.shape[0] > self.max_bank:
+            z = z[np.sort(np.random.default_rng(self.seed).choice(z.shape[0], self.max_bank, replace=False))]
+        self.bank_ = z
         return self
 
     def score(self, pixels: np.ndarray, leave_self_out: bool = False) -> np.ndarray:
@@ -372,20 +408,95 @@ class PixelKNN:
     def to_dict(self) -> dict[str, np.ndarray | float]:
         if self.bank_ is None:
             raise ModelError("PixelKNN is not fitted")
-        return {"bank": self.bank_, "k": self.k, "magnitude": self.magnitude_, "mean": self.mean_,
-                "scale": self.scale_}
+        return {"bank": self.bank_, "k": self.k, **self.space.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict) -> PixelKNN:
-        missing = [k for k in ("bank", "k", "magnitude", "mean", "scale") if k not in d]
-        if missing:
-            raise ModelError(f"pixel_knn novelty model is missing keys {missing}")
+        if "bank" not in d or "k" not in d:
+            raise ModelError(f"pixel_knn novelty model is missing keys {[k for k in ('bank', 'k') if k not in d]}")
         bank = np.asarray(d["bank"], dtype=np.float64)
         obj = cls(k=int(np.asarray(d["k"])), max_bank=max(1, bank.shape[0]))
+        obj.space = PixelSpace.from_dict(d, "pixel_knn")
+        if bank.ndim != 2 or bank.shape[1:] != obj.space.mean_.shape:
+            raise ModelError(f"pixel_knn novelty model arrays have inconsistent shapes: bank {bank.shape}, "
+                             f"mean {obj.space.mean_.shape}")
         obj.bank_ = bank
-        obj.magnitude_, obj.mean_, obj.scale_ = (np.asarray(d[k], dtype=np.float64) for k in ("magnitude", "mean", "scale"))
-        if bank.ndim != 2 or any(a.shape != (bank.shape[1],) for a in (obj.magnitude_, obj.mean_, obj.scale_)):
-            raise ModelError(f"pixel_knn novelty model arrays have inconsistent shapes: bank {bank.shape}")
+        return obj
+
+
+def ridge_whitening(cov: np.ndarray, ridge: float) -> np.ndarray:
+    """``W`` with ``W @ W.T = (cov + ridge * its largest eigenvalue * I)^-1``: Mahalanobis distances are Euclidean
+    after ``x @ W``. The ridge keeps directions with almost no spread among the training cells from dominating."""
+    evals, evecs = np.linalg.eigh((cov + cov.T) / 2)
+    top = float(evals.max(initial=0.0))
+    if top <= 0:  # one cell, or every cell alike: plain Euclidean distances
+        return np.eye(cov.shape[0])
+    return evecs / np.sqrt(np.clip(evals, 0.0, None) + ridge * top)
+
+
+class PixelMahalanobis:
+    """``pixel_mahalanobis``: relative Mahalanobis (Ren et al. 2021) in :class:`PixelSpace`: the squared distance to
+    the nearest training class's mean under the classes' pooled within-class covariance, minus the squared distance
+    to the mean of all training cells under their covariance. The within-class covariance is what a distance that
+    ignores the classes cannot see: a cell between two classes (a few puncta, between none and many) lies off both
+    classes' own spread even where the kNN finds a training cell nearby (a weak responder). Each covariance carries a
+    ridge of ``RIDGE`` times its largest eigenvalue: chosen by leave-one-class-out on the control classes (README
+    'Novelty: which score'); Ledoit-Wolf's own shrinkage is far smaller and lets noise directions rule."""
+
+    kind = "pixel_mahalanobis"
+    input = "pixels"
+    RIDGE = 0.01
+
+    def __init__(self) -> None:
+        self.space = PixelSpace()
+        self.class_means_: np.ndarray | None = None  # (n_classes, D), whitened
+        self.within_: np.ndarray | None = None
+        self.background_mean_: np.ndarray | None = None  # (D,), whitened
+        self.background_: np.ndarray | None = None
+
+    def fit(self, pixels: np.ndarray, labels: np.ndarray | None = None) -> PixelMahalanobis:
+        if labels is None:
+            raise ValueError("pixel_mahalanobis needs the training cells' labels")
+        z = self.space.fit(pixels).transform(pixels)
+        y = np.asarray(labels)
+        if y.shape != (z.shape[0],):
+            raise ValueError(f"labels must have shape ({z.shape[0]},), got {y.shape}")
+        classes, inverse = np.unique(y, return_inverse=True)
+        means = np.stack([z[inverse == c].mean(axis=0) for c in range(classes.size)])
+        resid = z - means[inverse]
+        self.within_ = ridge_whitening(resid.T @ resid / z.shape[0], self.RIDGE)
+        centre = z.mean(axis=0)
+        self.background_ = ridge_whitening((z - centre).T @ (z - centre) / z.shape[0], self.RIDGE)
+        self.class_means_, self.background_mean_ = means @ self.within_, centre @ self.background_
+        return self
+
+    def score(self, pixels: np.ndarray) -> np.ndarray:
+        if self.class_means_ is None:
+            raise ModelError("PixelMahalanobis is not fitted: call fit() or from_dict() first")
+        z = self.space.transform(pixels)
+        nearest = cdist(z @ self.within_, self.class_means_, metric="sqeuclidean").min(axis=1)
+        return nearest - ((z @ self.background_ - self.background_mean_) ** 2).sum(axis=1)
+
+    def to_dict(self) -> dict[str, np.ndarray | float]:
+        if self.class_means_ is None:
+            raise ModelError("PixelMahalanobis is not fitted")
+        return {**self.space.to_dict(), "class_means": self.class_means_, "within": self.within_,
+                "background_mean": self.background_mean_, "background": self.background_}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PixelMahalanobis:
+        keys = ("class_means", "within", "background_mean", "background")
+        missing = [k for k in keys if k not in d]
+        if missing:
+            raise ModelError(f"pixel_mahalanobis novelty model is missing keys {missing}")
+        obj = cls()
+        obj.space = PixelSpace.from_dict(d, "pixel_mahalanobis")
+        obj.class_means_, obj.within_, obj.background_mean_, obj.background_ = (
+            np.asarray(d[k], dtype=np.float64) for k in keys)
+        dim = obj.space.mean_.shape[0]
+        if (obj.class_means_.ndim != 2 or obj.class_means_.shape[1] != dim or obj.within_.shape != (dim, dim)
+                or obj.background_.shape != (dim, dim) or obj.background_mean_.shape != (dim,)):
+            raise ModelError(f"pixel_mahalanobis novelty model arrays do not fit its {dim} statistics")
         return obj
 
 
@@ -395,6 +506,8 @@ SUMS = {
     "energy_multistage": ("energy", "multistage_knn"),
     "energy_pixel": ("energy", "pixel_knn"),
     "energy_multistage_pixel": ("energy", "multistage_knn", "pixel_knn"),
+    "pixel_knn_mahalanobis": ("pixel_knn", "pixel_mahalanobis"),
+    "energy_pixel_mahalanobis": ("energy", "pixel_knn", "pixel_mahalanobis"),
 }
 
 
@@ -414,19 +527,24 @@ class ScaledSum:
         self.centre_: np.ndarray | None = None
         self.scale_: np.ndarray | None = None
 
-    def _raw(self, inputs: dict[str, np.ndarray], leave_self_out: bool = False) -> np.ndarray:
+    def _by_input(self, inputs: dict[str, np.ndarray] | np.ndarray) -> dict[str, np.ndarray]:
+        """``inputs`` keyed by kind of input; a bare array where every part reads the same one (``pixels``)."""
+        return inputs if isinstance(inputs, dict) else {self.input: inputs}
+
+    def _raw(self, inputs: dict[str, np.ndarray] | np.ndarray, leave_self_out: bool = False) -> np.ndarray:
+        inputs = self._by_input(inputs)
         return np.stack([p.score(inputs[p.input], leave_self_out=True) if leave_self_out and isinstance(p, _KNN)
                          else p.score(inputs[p.input]) for p in self.parts], axis=1)
 
-    def fit(self, inputs: dict[str, np.ndarray], labels: np.ndarray | None = None) -> ScaledSum:
+    def fit(self, inputs: dict[str, np.ndarray] | np.ndarray, labels: np.ndarray | None = None) -> ScaledSum:
         for p in self.parts:
-            p.fit(inputs[p.input], labels)
+            p.fit(self._by_input(inputs)[p.input], labels)
         raw = self._raw(inputs, leave_self_out=True)
         q25, q50, q75 = np.quantile(raw, [0.25, 0.5, 0.75], axis=0)
         self.centre_, self.scale_ = q50, np.where(q75 - q25 > 0, q75 - q25, 1.0)
         return self
 
-    def score(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def score(self, inputs: dict[str, np.ndarray] | np.ndarray) -> np.ndarray:
         if self.centre_ is None:
             raise ModelError(f"{self.kind} is not fitted: call fit() or from_dict() first")
         return ((self._raw(inputs) - self.centre_) / self.scale_).sum(axis=1)
@@ -455,7 +573,7 @@ class ScaledSum:
         return obj
 
 
-NoveltyModel = GaussianDensity | RelativeMahalanobis | KNNNovelty | EnergyNovelty | PixelKNN | ScaledSum
+NoveltyModel = GaussianDensity | RelativeMahalanobis | KNNNovelty | EnergyNovelty | PixelKNN | PixelMahalanobis | ScaledSum
 
 
 def novelty_inputs(model: NoveltyModel, outputs: dict[str, np.ndarray]) -> np.ndarray | dict[str, np.ndarray]:
@@ -477,6 +595,8 @@ def make_novelty(kind: str, k: int = 10, max_bank: int = 5000, seed: int = 0) ->
         return EnergyNovelty()
     if kind == "pixel_knn":
         return PixelKNN(k, max_bank, seed)
+    if kind == "pixel_mahalanobis":
+        return PixelMahalanobis()
     if kind in SUMS:
         return ScaledSum(kind, k, max_bank, seed)
     raise ModelError(f"unknown novelty score '{kind}'; expected one of {', '.join(NOVELTY_KINDS)}")
@@ -501,6 +621,8 @@ def novelty_from_dict(d: dict) -> NoveltyModel:
         return EnergyNovelty()
     if kind == "pixel_knn":
         return PixelKNN.from_dict(rest)
+    if kind == "pixel_mahalanobis":
+        return PixelMahalanobis.from_dict(rest)
     if kind in SUMS:
         return ScaledSum.from_dict(kind, rest)
     raise ModelError(f"unknown novelty score '{kind}' in a saved model; expected one of {', '.join(NOVELTY_KINDS)}")
