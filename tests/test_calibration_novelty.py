@@ -17,6 +17,7 @@ from training.uncertainty.novelty import (
     EnergyNovelty,
     KNNNovelty,
     PixelKNN,
+    PixelMahalanobis,
     RelativeMahalanobis,
     energy_score,
     make_novelty,
@@ -255,6 +256,53 @@ def test_pixel_knn_keeps_the_brightness_that_unit_vectors_drop():
         pix.score(train[:, :5])
     with pytest.raises(ModelError, match="missing keys"):
         novelty_from_dict({"kind": np.asarray("pixel_knn"), "bank": train})
+
+
+def test_pixel_mahalanobis_flags_cells_between_two_classes_by_its_formula():
+    """Two classes apart along the first statistic, a tenth of the second class's cells weak responders between
+    them (as stimulated slides have): a cell between the classes is far from both classes' own spread and close to
+    the mean of all cells, so the relative score flags it above almost every test cell of either class. The score is
+    the ridge-regularised relative Mahalanobis distance in the signed-log standardised space, computed here by
+    solving the normal equations instead of whitening."""
+    rng = np.random.default_rng(5)
+    n = 1000
+    a = np.c_[rng.normal(-5, 1, n), rng.normal(0, 1, (n, 2))]
+    b = np.c_[rng.normal(5, 1, n), rng.normal(0, 1, (n, 2))]
+    b[: n // 10, 0] = rng.normal(0, 1, n // 10)
+    train, y = np.r_[a, b], np.repeat([0, 1], n)
+    test = np.r_[np.c_[rng.normal(-5, 1, 200), rng.normal(0, 1, (200, 2))],
+                 np.c_[rng.normal(5, 1, 200), rng.normal(0, 1, (200, 2))]]
+    between = np.c_[rng.normal(0, 0.5, 50), rng.normal(0, 1, (50, 2))]
+    nov = PixelMahalanobis().fit(train, y)
+    assert (nov.score(between) > np.quantile(nov.score(test), 0.95)).mean() > 0.9
+
+    z, q = nov.space.transform(train), nov.space.transform(between[:5])
+
+    def mahalanobis_sq(x: np.ndarray, centre: np.ndarray, cov: np.ndarray) -> np.ndarray:
+        reg = cov + PixelMahalanobis.RIDGE * np.linalg.eigvalsh(cov).max() * np.eye(len(cov))
+        return np.einsum("ij,ij->i", x - centre, np.linalg.solve(reg, (x - centre).T).T)
+
+    means = [z[y == c].mean(0) for c in (0, 1)]
+    resid = z - np.stack(means)[y]
+    within, background = resid.T @ resid / len(z), np.cov(z, rowvar=False, bias=True)
+    expected = (np.minimum(*(mahalanobis_sq(q, m, within) for m in means))
+                - mahalanobis_sq(q, z.mean(0), background))
+    np.testing.assert_allclose(nov.score(between[:5]), expected, rtol=1e-8)
+
+
+def test_pixel_mahalanobis_needs_labels_and_survives_a_statistic_without_spread():
+    rng = np.random.default_rng(6)
+    train = np.c_[rng.normal(2, 0.3, (100, 2)), np.repeat([1.0, 3.0], 50)]  # the last column: one value per class
+    y = np.repeat([0, 1], 50)
+    with pytest.raises(ValueError, match="needs the training cells' labels"):
+        PixelMahalanobis().fit(train)
+    nov = PixelMahalanobis().fit(train, y)
+    s = nov.score(np.r_[train[:5], [[2.0, 2.0, 2.0]]])  # the last: between the classes on the spreadless statistic
+    assert np.all(np.isfinite(s)) and s[-1] > s[:5].max()
+    again = novelty_from_dict({k: np.asarray(v) for k, v in novelty_to_dict(nov).items()})
+    np.testing.assert_allclose(again.score(train), nov.score(train), rtol=1e-9)
+    with pytest.raises(ModelError, match="missing keys \\['within'"):
+        novelty_from_dict({k: v for k, v in novelty_to_dict(nov).items() if k != "within"})
 
 
 def test_pixel_descriptor_statistics_of_known_images():

@@ -140,6 +140,35 @@ def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
     assert nt["below"]["0.001"]["observed"] > nt["below"]["0.001"]["poisson_95"][1]  # the README's "above"
 
 
+def test_the_pixel_mahalanobis_tests_match_their_files() -> None:
+    """The novelty table of five new screens, the declared test's gain (its interval includes zero: the default
+    stays) and leave-one-class-out's pick, each from the file the study wrote."""
+    base = REPO / "reports/uncertainty_study/intel/pixel_mahalanobis"
+
+    def figure(stats: dict, key: str) -> str:
+        return f"{stats[f'{key}/heldout_pooled']['mean']:.3f} / {stats[f'{key}/novel_vs_screen']['mean']:.3f}"
+
+    def gain(stats: dict) -> str:
+        g = stats["energy_pixel_mahalanobis_minus_energy_pixel/heldout_pooled"]
+        return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+
+    for seed in (8, 1, 11, 12, 13):
+        stats = json.loads((base / f"seed{seed}/seeds.json").read_text())["arms"][f"seed{seed}"]
+        row = _table_row(f"`synth.seed` {seed}").replace("**", "")
+        cells = [figure(stats, "energy_pixel"), figure(stats, "energy_pixel_mahalanobis"), gain(stats),
+                 figure(stats, "pixel_knn")]
+        assert row.startswith(f"| `synth.seed` {seed} | " + " | ".join(cells) + " |"), (seed, cells)
+    test = json.loads((base / "second_test.json").read_text())["arms"]["second_test"]
+    low = test["energy_pixel_mahalanobis_minus_energy_pixel/heldout_pooled"]["ci_low"]
+    assert low <= 0 and f"**{gain(test)}**" in _table_row("the declared test (12, 13: six ensembles)")
+    assert "the default stays `energy_pixel`" in README_FLAT
+    loco = json.loads((base / "loco.json").read_text())["mean_auroc"]
+    said = (f"puts `energy_pixel_mahalanobis` first ({loco['energy_pixel_mahalanobis']:.3f}, ahead of `energy_pixel` "
+            f"on every seed), `pixel_knn_mahalanobis` {loco['pixel_knn_mahalanobis']:.3f} and `pixel_mahalanobis` "
+            f"{loco['pixel_mahalanobis']:.3f}")
+    assert said in README_FLAT, said
+
+
 def _table_row(first_cell: str) -> str:
     rows = [line for line in README.splitlines() if line.startswith(f"| {first_cell} |")]
     assert len(rows) == 1, f"one README table row should start with {first_cell!r}"
