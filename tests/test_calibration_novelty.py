@@ -424,3 +424,28 @@ def test_the_accelerator_quantiles_are_numpys():
     np.testing.assert_allclose(sorted_quantiles(x).numpy(), np.quantile(x.numpy(), QUANTILES, axis=-1), rtol=1e-6)
     np.testing.assert_allclose(sorted_quantiles(torch.arange(11.0), (0.0, 0.25, 0.99, 1.0)).numpy(),
                                [0.0, 2.5, 9.9, 10.0], rtol=1e-6)
+
+
+def test_an_ensemble_serves_a_sum_of_pixel_scores_alone(tiny_ensemble, tiny_manifest, tmp_path):
+    """``pixel_knn_mahalanobis`` reads one input, the pixel descriptor, for both parts: refit, saved and loaded,
+    the served novelty is the members' mean of the two scaled parts on the model-ready image."""
+    from conftest import tiny_params
+
+    from training.data.cellindex import build_index
+    from training.data.splits import make_splits
+    from training.data.trainset import prepare_data
+    from training.regimes.ensemble_training import refit_novelty
+    from training.uncertainty.ensemble import Ensemble
+
+    params = tiny_params(tmp_path, uncertainty={"novelty": "pixel_knn_mahalanobis"})
+    table, summary = make_splits(build_index(tiny_manifest, progress=False), params.split)
+    refit_novelty(Ensemble.load(tiny_ensemble), prepare_data(table, summary["classes"], params), params).save(
+        tmp_path / "e")
+    ens = Ensemble.load(tmp_path / "e")
+    assert [n.kind for n in ens.novelty] == ["pixel_knn_mahalanobis"] * ens.spec.n_members
+    x = np.random.default_rng(2).uniform(0, 1, (6, 1, 32, 32)).astype(np.float32)
+    pixels = pixel_descriptor(ens.preprocess(ens.select_channels(x)))
+    expected = [((np.c_[nov.parts[0].score(pixels), nov.parts[1].score(pixels)] - nov.centre_) / nov.scale_).sum(1)
+                for nov in ens.novelty]
+    np.testing.assert_allclose(ens.predict_images(x)["novelty"], np.mean(expected, axis=0), rtol=1e-5)
+    assert np.ptp(expected[0]) > 0
