@@ -169,6 +169,25 @@ def test_the_pixel_mahalanobis_tests_match_their_files() -> None:
     assert said in README_FLAT, said
 
 
+def test_the_pooled_calibration_count_matches_the_study_files() -> None:
+    """Issue 13's "never worse than the mean member beyond noise": every ensemble in every calibration study."""
+    runs = [r["pooled"] for f in sorted((REPO / "reports/uncertainty_study").rglob("calibration.json"))
+            for r in json.loads(f.read_text()).get("runs", []) if "ece_diff_ci_low" in r.get("pooled", {})]
+    worse, better = sum(r["ece_diff_ci_low"] > 0 for r in runs), sum(r["ece_diff_ci_high"] < 0 for r in runs)
+    pipeline = json.loads((REPO / "metrics/evaluate.json").read_text())
+    assert worse == 0 and not pipeline["ensemble_vs_single/ece_diff_ci_low"] > 0
+    said = (f"{len(runs)} measurements in `reports/uncertainty_study/` (a few of them the same ensemble measured "
+            f"again), {better} of them better than the mean member beyond noise")
+    assert said in README_FLAT, said
+    screens = [r for seed in (8, 1, 11, 12, 13) for r in json.loads(
+        (REPO / f"reports/uncertainty_study/intel/pixel_mahalanobis/seed{seed}/calibration.json").read_text())["runs"]]
+    ece, atc = [r["pooled"]["ece"] for r in screens], [r["label_free"]["ece"] for r in screens]
+    said = (f"on five new screens (the novelty tests, `intel/pixel_mahalanobis/`) {sum(e <= 0.015 for e in ece)} of "
+            f"{len(ece)} at or below 0.015, mean {sum(ece) / len(ece):.4f}, ATC's label-free temperature no help there "
+            f"(mean {sum(atc) / len(atc):.4f})")
+    assert said in README_FLAT, said
+
+
 def _table_row(first_cell: str) -> str:
     rows = [line for line in README.splitlines() if line.startswith(f"| {first_cell} |")]
     assert len(rows) == 1, f"one README table row should start with {first_cell!r}"
