@@ -537,8 +537,9 @@ class ScaledSum:
                          else p.score(inputs[p.input]) for p in self.parts], axis=1)
 
     def fit(self, inputs: dict[str, np.ndarray] | np.ndarray, labels: np.ndarray | None = None) -> ScaledSum:
+        by_input = self._by_input(inputs)
         for p in self.parts:
-            p.fit(self._by_input(inputs)[p.input], labels)
+            p.fit(by_input[p.input], labels)
         raw = self._raw(inputs, leave_self_out=True)
         q25, q50, q75 = np.quantile(raw, [0.25, 0.5, 0.75], axis=0)
         self.centre_, self.scale_ = q50, np.where(q75 - q25 > 0, q75 - q25, 1.0)
