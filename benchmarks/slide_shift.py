@@ -2,12 +2,13 @@
 
 For simulated data sets written by ``spatial synth`` (``--screen DIR@SEED`` per data set: its raw files, index and
 splits under DIR/raw and DIR/index, written with ``synth.seed`` SEED; without ``@SEED`` the seed of params.yaml):
-the simulator's batch effects of each screen slide
-against those of the training slides (the LC3B camera gain and expression, focus blur, cell size), and per screen
-slide the AUROC of ``pixel_knn`` (no model: fitted on the data set's own training cells) for the novel cells against
-the slide's cells in a training state, with the median score of those ordinary cells. With ``--model`` also the
-discovery queue on each screen against the model's own novelty and against the slide's own non-targeting controls
-(the default), both at the default quantile: is the planted gene the top gene of the top cluster. An exploratory
+the simulator's batch effects of each screen slide against those of the slides the training cells came from (the
+LC3B camera gain and expression, focus blur, cell size); per screen slide the AUROC of ``pixel_knn`` (no model:
+fitted on the data set's own training cells) for the novel cells against the slide's cells in a training state,
+with the median score of those ordinary cells; over all screen slides the same AUROC as scored and with each score
+scaled by its own slide's cells (every state: median, interquartile range). With ``--model`` also the discovery
+queue on each screen against the model's own novelty and against the slide's own non-targeting controls (the
+default), both at the default quantile: is the planted gene the top gene of the top cluster. An exploratory
 measurement: it decides nothing.
 
     python benchmarks/slide_shift.py --screen data --screen data/nov11@11 --model models/ensemble \\
@@ -64,9 +65,20 @@ def batch_effects(params) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
     return slide_of, effects
 
 
+def per_slide_scaled(score: np.ndarray, slide: np.ndarray) -> np.ndarray:
+    """Each score minus the median of its slide's, over their interquartile range: a whole-slide shift removed."""
+    out = np.empty_like(score)
+    for name in set(slide):
+        on = slide == name
+        q25, q50, q75 = np.quantile(score[on], [0.25, 0.5, 0.75])
+        out[on] = (score[on] - q50) / (q75 - q25)
+    return out
+
+
 def per_slide(params) -> dict:
     """Per screen slide: its batch effects, ``pixel_knn``'s AUROC of novel against training-state cells, and the
-    median score of those ordinary cells; beside them the training slides' range of each batch effect."""
+    median score of those ordinary cells; beside them the training slides' range of each batch effect. Over all
+    screen slides: the AUROC of the score as it is, and scaled by each slide's own cells (every state)."""
     index, _ = read_table(params.index.out)
     splits, _ = make_splits(index, params.split)
     data = prepare_data(splits, list(params.split.classes), params)
@@ -74,21 +86,23 @@ def per_slide(params) -> dict:
     truth = pd.read_parquet(raw / "truth.parquet").assign(source_file=lambda t: [str(raw / p) for p in t["path"]])
     screen = index[index["condition"] == "screen"].merge(truth[["source_file", "cell_id", "state", "is_novel"]],
                                                          on=["source_file", "cell_id"], validate="one_to_one")
-    novel = screen["is_novel"].fillna(False).astype(bool)
-    cells = screen[screen["state"].isin(["on", "blocked"]) | novel].reset_index(drop=True)
     train = data.split("train")
     model = make_novelty("pixel_knn").fit(pixel_descriptor(images(train, params, data.channels)), train["y"].to_numpy())
-    score = model.score(pixel_descriptor(images(cells, params, data.channels)))
-    is_novel = cells["is_novel"].fillna(False).astype(bool).to_numpy()
     slide_of, effects = batch_effects(params)
-    slide = cells["source_file"].map(lambda f: slide_of[Path(f).name]).to_numpy()
+    slide = screen["source_file"].map(lambda f: slide_of[Path(f).name]).to_numpy()
+    score = model.score(pixel_descriptor(images(screen, params, data.channels)))
+    scaled = per_slide_scaled(score, slide)
+    is_novel = screen["is_novel"].fillna(False).astype(bool).to_numpy()
+    ordinary = screen["state"].isin(["on", "blocked"]).to_numpy() & ~is_novel  # the training classes' states
     trained = [effects[g] for g in sorted({slide_of[Path(f).name] for f in train["source_file"]})]
     out = {"training_slides": {k: [min(t[k] for t in trained), max(t[k] for t in trained)] for k in trained[0]},
-           "pixel_knn_all_slides": auroc(score[~is_novel], score[is_novel]), "screen_slides": {}}
+           "pixel_knn_all_slides": auroc(score[ordinary], score[is_novel]),
+           "pixel_knn_all_slides_scaled_per_slide": auroc(scaled[ordinary], scaled[is_novel]), "screen_slides": {}}
     for name in sorted(set(slide)):
         on = slide == name
-        out["screen_slides"][name] = {**effects[name], "pixel_knn_auroc": auroc(score[on & ~is_novel], score[on & is_novel]),
-                                      "ordinary_median_score": float(np.median(score[on & ~is_novel]))}
+        out["screen_slides"][name] = {**effects[name],
+                                      "pixel_knn_auroc": auroc(score[on & ordinary], score[on & is_novel]),
+                                      "ordinary_median_score": float(np.median(score[on & ordinary]))}
     return out
 
 
@@ -111,6 +125,7 @@ def main() -> int:
                                          params.discover.quantile, params.discover.networks if ref == "controls" else 1)
                               for ref in ("model", "controls")}
             print(spec, json.dumps({"pixel_knn_all_slides": round(r["pixel_knn_all_slides"], 3),
+                                    "scaled_per_slide": round(r["pixel_knn_all_slides_scaled_per_slide"], 3),
                                     "training_slides": r["training_slides"]}), flush=True)
             for name, s in r["screen_slides"].items():
                 print(f"  {name}: " + ", ".join(f"{k} {v:.3f}" for k, v in s.items()), flush=True)
