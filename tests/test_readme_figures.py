@@ -207,6 +207,18 @@ def test_the_slide_shift_explanation_matches_its_file() -> None:
     assert missed == ["data/nov11@11", "data/nov12@12"]  # "misses it on that screen and on `synth.seed` 12"
 
 
+def test_the_pixel_mahalanobis_scoring_speeds_match_their_file() -> None:
+    speed = {k: v["cells_per_second"] for k, v in json.loads(
+        (REPO / "reports/uncertainty_study/intel/pixel_mahalanobis/novelty_scores.json").read_text())["kinds"].items()}
+    said = (f"`energy` scored {speed['energy']:,.0f} cells/s, `energy_pixel` {speed['energy_pixel']:,.0f} "
+            f"({speed['energy_pixel'] / speed['energy']:.2f}x), `energy_pixel_mahalanobis` "
+            f"{speed['energy_pixel_mahalanobis']:,.0f} ({speed['energy_pixel_mahalanobis'] / speed['energy']:.2f}x), "
+            f"`pixel_knn` {speed['pixel_knn']:,.0f} ({speed['pixel_knn'] / speed['energy']:.2f}x) and "
+            f"`pixel_knn_mahalanobis` {speed['pixel_knn_mahalanobis']:,.0f} "
+            f"({speed['pixel_knn_mahalanobis'] / speed['energy']:.2f}x)")
+    assert said in README_FLAT, said
+
+
 def _table_row(first_cell: str) -> str:
     rows = [line for line in README.splitlines() if line.startswith(f"| {first_cell} |")]
     assert len(rows) == 1, f"one README table row should start with {first_cell!r}"
