@@ -24,10 +24,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import yaml
 from discovery_transfer import queue
 from pixel_probe import auroc, images
+from uncertainty_study import screen_cells
 
 from serving.model import ServedModel
 from training.cli.options import write_json
@@ -54,15 +54,14 @@ def data_params(raw: dict, spec: str):
                          **({"synth.seed": int(seed)} if seed else {})})
 
 
-def batch_effects(params) -> tuple[dict[str, str], dict[str, dict[str, float]]]:
-    """Each file's slide (by file name), and each slide's batch effects as ``spatial synth`` drew them."""
-    slide_of, effects = {}, {}
+def batch_effects(params) -> dict[str, dict[str, float]]:
+    """Each slide's batch effects as ``spatial synth`` drew them, by slide (the index's ``group``)."""
+    effects = {}
     for spec in plan_files(params.synth):
         s = Slide.draw(np.random.default_rng([params.synth.seed, 1, spec.slide]), MODEL)
-        slide_of[Path(spec.path).name] = spec.group
         effects[spec.group] = {"lc3b_gain": float(s.gain[LC3B]), "lc3_expression": float(s.lc3),
                                "blur_px": float(s.blur_px), "cell_size": float(s.size)}
-    return slide_of, effects
+    return effects
 
 
 def per_slide_scaled(score: np.ndarray, slide: np.ndarray) -> np.ndarray:
@@ -71,7 +70,7 @@ def per_slide_scaled(score: np.ndarray, slide: np.ndarray) -> np.ndarray:
     for name in set(slide):
         on = slide == name
         q25, q50, q75 = np.quantile(score[on], [0.25, 0.5, 0.75])
-        out[on] = (score[on] - q50) / (q75 - q25)
+        out[on] = (score[on] - q50) / (q75 - q25 if q75 > q25 else 1.0)
     return out
 
 
@@ -82,19 +81,16 @@ def per_slide(params) -> dict:
     index, _ = read_table(params.index.out)
     splits, _ = make_splits(index, params.split)
     data = prepare_data(splits, list(params.split.classes), params)
-    raw = Path(params.synth.out)
-    truth = pd.read_parquet(raw / "truth.parquet").assign(source_file=lambda t: [str(raw / p) for p in t["path"]])
-    screen = index[index["condition"] == "screen"].merge(truth[["source_file", "cell_id", "state", "is_novel"]],
-                                                         on=["source_file", "cell_id"], validate="one_to_one")
+    screen = screen_cells(index, Path(params.synth.out))
     train = data.split("train")
     model = make_novelty("pixel_knn").fit(pixel_descriptor(images(train, params, data.channels)), train["y"].to_numpy())
-    slide_of, effects = batch_effects(params)
-    slide = screen["source_file"].map(lambda f: slide_of[Path(f).name]).to_numpy()
+    effects = batch_effects(params)
+    slide = screen["group"].to_numpy()
     score = model.score(pixel_descriptor(images(screen, params, data.channels)))
     scaled = per_slide_scaled(score, slide)
     is_novel = screen["is_novel"].fillna(False).astype(bool).to_numpy()
     ordinary = screen["state"].isin(["on", "blocked"]).to_numpy() & ~is_novel  # the training classes' states
-    trained = [effects[g] for g in sorted({slide_of[Path(f).name] for f in train["source_file"]})]
+    trained = [effects[g] for g in sorted(set(train["group"]))]
     out = {"training_slides": {k: [min(t[k] for t in trained), max(t[k] for t in trained)] for k in trained[0]},
            "pixel_knn_all_slides": auroc(score[ordinary], score[is_novel]),
            "pixel_knn_all_slides_scaled_per_slide": auroc(scaled[ordinary], scaled[is_novel]), "screen_slides": {}}
