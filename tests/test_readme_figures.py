@@ -264,3 +264,47 @@ def test_ci_timings_and_counts_match_their_records() -> None:
     for sha, options in walls.items():
         assert any(re.search(rf"{m} min {s} s[^|]*?`{sha}`", row) for m, s in options), (sha, options)
     assert len(walls) >= 5
+
+
+def test_the_readmes_own_headline_table_matches_the_files() -> None:
+    """The README's short answers (RESULTS.md has the full ones) are checked on the README alone, row by row."""
+    readme = (REPO / "README.md").read_text()
+    def row(question: str) -> str:
+        rows = [line for line in readme.splitlines() if line.startswith(f"| {question}")]
+        assert len(rows) == 1, question
+        return rows[0]
+
+    ev = json.loads((REPO / "metrics/evaluate.json").read_text())
+    vgg = json.loads((REPO / "metrics/baseline_vgg.json").read_text())
+    said = row("Is the classifier good?")
+    assert f"balanced accuracy {ev['balanced_accuracy']:.3f}, ECE {ev['ece']:.3f} (" in said
+    assert f"the SPARCS VGG baseline {vgg['balanced_accuracy']:.3f} at" in said
+
+    hits = json.loads((REPO / "reports/screen/targets/seeds30/targets.json").read_text())
+    ours, mageck = hits["spatial"], hits["mageck"]
+    assert ours["recall_effect_ge_0.5"] == 1.0  # "every hit of effect >= 0.5 found"
+    assert (f"false discovery proportion {_fdp(ours)} at FDR 0.1 over {len(ours['fdp_per_seed'])} simulated "
+            f"screens, no call on {ours['null_seeds_zero_called']} of {ours['null_seeds']} screens without hits; "
+            f"MAGeCK on the same counts {mageck['fdp']:.3f}") in row("Are the screen's genes found")
+
+    quiet = json.loads((REPO / "reports/screen/genome_scale/quiet/1.7e7/genome_scale.json").read_text())
+    quiet = quiet["by_cells_per_replicate"]["17000000"]["spatial_quiet"]
+    assert (f"{_fdp(quiet)} at FDR 0.1, {100 * quiet['recall']['4']:.0f} % of the genes with 4x the bin rate found, "
+            f"{100 * quiet['recall']['2']:.0f} % of those with 2x") in row("Is the FDR still honest at genome scale?")
+
+    transfer = json.loads((REPO / "reports/discovery_transfer.json").read_text())
+    assert (f"top cluster on {transfer['planted_gene_on_top_at_default']} of {transfer['screens']} simulated screens"
+            in row("Does the discovery queue find"))
+
+    table = (REPO / "benchmarks/studies/results_intel.md").read_text()
+    lpft = next(line for line in table.splitlines() if line.startswith("| lpft_dlr | 3 |"))
+    diff, low, high = re.search(r"\| ([+-][\d.]+) \| \[([+-][\d.]+), ([+-][\d.]+)\] \| yes \|", lpft).groups()
+    assert f"{points(float(diff))} points of balanced accuracy [{points(float(low))}, {points(float(high))}]" in row(
+        "Do unlabeled cells help")
+
+    al = row("Does active learning beat random?")
+    for config in ("seed6_2500", "seed7_ei24"):
+        d = json.loads((REPO / f"reports/al_last_budget/{config}/seeds_at80.json").read_text())
+        assert d["power_bald/diff_excludes_zero"]
+        assert f"{points(d['power_bald/diff_mean'])} [{points(d['power_bald/diff_ci_low'])}, " \
+               f"{points(d['power_bald/diff_ci_high'])}]" in al, config
