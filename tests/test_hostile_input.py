@@ -278,6 +278,7 @@ def test_atomic_output_never_swaps_a_folder_for_a_file_or_back(tmp_path):
     ["genotypes", "--truth", "{missing}", "--out", "{folder}"],
     ["query", "--manifest", "{missing}", "--model", "{missing}", "--out", "{folder}"],
     ["recalibrate", "--manifest", "{missing}", "--model", "{missing}", "--out", "{file}"],
+    ["refit-novelty", "--splits", "{missing}", "--model", "{missing}", "--out", "{file}"],
     ["report", "--root", "{missing}", "--out", "{folder}"],
     ["seeds", "--al-curve", "{missing}", "--baseline", "random", "--out", "{folder}"],
     ["score", "{missing}", "--model", "{missing}", "--out", "{new}", "--metrics", "{folder}"],

@@ -147,6 +147,56 @@ def test_resolve_model_errors(trained, monkeypatch):
     assert (local / "spec.json").is_file() and info["version"] == 3
 
 
+def test_refit_novelty_serves_another_score_without_retraining(trained, tmp_path):
+    """`spatial refit-novelty` on the registered champion writes a copy that serves `pixel_knn`: the distance to the
+    k-th nearest training cell in the pixel description, computed here from the split's training cells, with the
+    members' probabilities as they were; the model it came from is untouched; --out onto the model is refused."""
+    from training.config import load_params
+    from training.data.loader import CellLoader
+    from training.uncertainty.novelty import PixelKNN
+    from training.uncertainty.pixel_descriptor import pixel_descriptor
+
+    p, src = trained / "params.yaml", trained / "ens"
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    out = tmp_path / "pixel"
+    res = invoke("refit-novelty", "--params", p, "--model", "models:/tiny@champion", "--splits",
+                 trained / "ens.splits.parquet", "--set", "uncertainty.novelty=pixel_knn", "--out", out,
+                 "--set", "data.image_size=48")  # the model's own 32 px preprocessing still applies
+    old, new = Ensemble.load(src), Ensemble.load(out)
+    refit = new.spec.info["novelty_refit"]
+    assert old.spec.info["novelty_score"] == "energy_pixel" and new.spec.info["novelty_score"] == "pixel_knn"
+    assert refit == {"from": "models:/tiny@champion", "previous": "energy_pixel", "score": "pixel_knn",
+                     "training_cells": refit["training_cells"]}
+    assert f"novelty energy_pixel -> pixel_knn, fitted on {refit['training_cells']} training cells" in res.output
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+
+    splits = pd.read_parquet(trained / "ens.splits.parquet")
+    def cells(split: str) -> pd.DataFrame:
+        t = splits[splits["split"] == split][["source_file", "row", "cell_id"]].reset_index(drop=True)
+        return t.assign(source_file=t["source_file"].astype(str))
+
+    def descriptors(table: pd.DataFrame) -> np.ndarray:
+        batches = list(CellLoader(table, old.preprocess, batch_size=64))
+        order = np.argsort(np.concatenate([b["idx"].numpy() for b in batches]))
+        return np.concatenate([pixel_descriptor(b["image"]) for b in batches])[order]
+
+    train = cells("train")
+    assert len(train) == refit["training_cells"]
+    knn = load_params(p).uncertainty
+    expected = PixelKNN(knn.knn_k, knn.knn_bank).fit(descriptors(train)).score(descriptors(cells("test")))
+    test = CellLoader(cells("test"), old.preprocess, batch_size=64)
+    served, was = new.predict_batches(test), old.predict_batches(test)
+    np.testing.assert_allclose(served["novelty"], expected, rtol=1e-5)
+    np.testing.assert_array_equal(served["mean_probs"], was["mean_probs"])
+    assert not np.allclose(was["novelty"], expected)  # the score did change
+
+    proc = subprocess.run([sys.executable, "-m", "training.cli", "refit-novelty", "--params", str(p), "--model",
+                           str(src), "--splits", str(trained / "ens.splits.parquet"), "--out", str(src)],
+                          capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 2 and "is the model directory itself" in proc.stderr, proc.stderr
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+
+
 TINY_CLASSES = "split.classes=[bright,dim]"  # the tiny manifest's labels (the defaults are the screen's)
 
 

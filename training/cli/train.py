@@ -1,5 +1,6 @@
-"""``spatial train | evaluate | register``: the steps of :mod:`training.workflow` (one DVC stage each), and
-``spatial pretrain``: contrastive pretraining of the encoder that ``train`` can start from."""
+"""``spatial train | evaluate | register``: the steps of :mod:`training.workflow` (one DVC stage each),
+``spatial pretrain``: contrastive pretraining of the encoder that ``train`` can start from, and
+``spatial refit-novelty``: another novelty score on a trained ensemble, without retraining it."""
 
 from __future__ import annotations
 
@@ -8,7 +9,17 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ParamsOpt, ProgressOpt, SetOpt, check_outputs, load_split_table, params_for, write_json
+from training.cli.options import (
+    ModelOpt,
+    ParamsOpt,
+    ProgressOpt,
+    SetOpt,
+    check_outputs,
+    default_model_uri,
+    load_split_table,
+    params_for,
+    write_json,
+)
 
 
 def add_commands(app: typer.Typer) -> None:
@@ -105,3 +116,52 @@ def add_commands(app: typer.Typer) -> None:
             write_json(out, result)
         moved = "moved to it" if result["alias_moved"] else f"stays on version {result['alias_version']}"
         typer.echo(f"registered {result['model_name']} version {result['version']}; alias '{result['alias']}' {moved}")
+
+
+    @app.command("refit-novelty")
+    def refit_novelty_command(
+        out: Annotated[Path, typer.Option(help="directory for the copy of the ensemble with the new score")],
+        model: ModelOpt = None,
+        splits: Annotated[Path | None, typer.Option(help="the split table the model was trained on (default "
+                                                          "split.out): its training cells are the reference")] = None,
+        manifest: Annotated[Path | None, typer.Option(help="or split a manifest's files now")] = None,
+        params: ParamsOpt = None,
+        set_: SetOpt = None,
+    ) -> None:
+        """Fit `uncertainty.novelty` anew on a trained ensemble's members and training cells and write a copy that
+        serves it; the members, temperatures and classes stay as they were. Example: `spatial refit-novelty --set
+        uncertainty.novelty=pixel_knn --out models/ensemble_pixel_knn` for in-between phenotypes."""
+        import tempfile
+
+        from training.data.trainset import prepare_data
+        from training.errors import DataError
+        from training.regimes.ensemble_training import refit_novelty
+        from training.tracking import resolve_model
+        from training.uncertainty.ensemble import Ensemble, EnsembleSpec
+
+        p = params_for(params, set_)
+        uri = model or default_model_uri(p)
+        check_outputs(folders=[out])
+        with tempfile.TemporaryDirectory(prefix="spatial-refit-novelty-") as cache:
+            path, _ = resolve_model(uri, p.mlflow, cache_dir=cache)
+            if out.resolve() == Path(path).resolve():
+                raise DataError(f"--out {out} is the model directory itself; write the copy elsewhere")
+            spec = EnsembleSpec.read(path)
+            pre = spec.preprocess
+            # the reference cells go through the model's own preprocessing, whatever the params file says
+            p = params_for(params, set_, {"data.channels": list(spec.channels), "data.image_size": pre["image_size"],
+                                          "data.resize": pre["resize"], "data.normalize": pre["normalize"],
+                                          "data.mean": pre["mean"], "data.std": pre["std"]})
+            table, _ = load_split_table(p, splits, manifest, out)
+            data = prepare_data(table, list(spec.classes), p)
+            ens = Ensemble.load(path)
+            previous = spec.info.get("novelty_score", "none" if not spec.has_novelty else "unknown")
+            ens = refit_novelty(ens, data, p)
+            ens.spec.info["novelty_refit"] = {"from": str(uri), "previous": previous,
+                                              "score": p.uncertainty.novelty,
+                                              "training_cells": len(data.split("train"))}
+            ens.save(out)
+        q95 = ens.spec.info.get("novelty_val_quantiles", {}).get("0.95")
+        reference = f"; its validation cells' 95th percentile {q95:.3f}" if q95 is not None else ""
+        typer.echo(f"wrote {out}: novelty {previous} -> {p.uncertainty.novelty}, fitted on "
+                   f"{ens.spec.info['novelty_refit']['training_cells']} training cells{reference}")
