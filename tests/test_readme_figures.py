@@ -308,3 +308,15 @@ def test_the_readmes_own_headline_table_matches_the_files() -> None:
         assert d["power_bald/diff_excludes_zero"]
         assert f"{points(d['power_bald/diff_mean'])} [{points(d['power_bald/diff_ci_low'])}, " \
                f"{points(d['power_bald/diff_ci_high'])}]" in al, config
+
+
+def test_the_refit_novelty_example_matches_its_evaluation() -> None:
+    """`spatial refit-novelty` to pixel_knn on the pipeline's champion, then `spatial evaluate`: the README's figures
+    from the two evaluate files; the members (so the probabilities) are the same, only the novelty moved."""
+    refit = json.loads((REPO / "reports/uncertainty_study/intel/refit_pixel_knn/evaluate.json").read_text())
+    default = json.loads((REPO / "metrics/evaluate.json").read_text())
+    assert refit["balanced_accuracy"] == default["balanced_accuracy"] and refit["nll"] == default["nll"]
+    said = (f"held-out classes at {refit['heldout/density/auroc']:.3f} pooled against the default's "
+            f"{default['heldout/density/auroc']:.3f}, with the same balanced accuracy "
+            f"{refit['balanced_accuracy']:.3f} and ECE {refit['ece']:.3f}")
+    assert said in README_FLAT, said
