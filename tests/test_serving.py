@@ -145,13 +145,18 @@ def test_other_square_sizes_are_resized(server, screen):
     assert len(r.json()["cells"]) == 3
 
 
-def test_metadata_and_bentoml_endpoints(server):
+def test_metadata_and_bentoml_endpoints(server, tiny_ensemble):
     meta = server.get("/metadata").json()
     assert meta["model"]["name"] == "ensemble" and meta["model"]["version"] is None and "alias" in meta["model"]
     assert meta["classes"] == ["bright", "spotty"]
     assert meta["channels"] == ["LC3B"] and meta["source_channels"][-1] == "LC3B"
     assert meta["image_size"] == 32
     assert meta["fields"] == FIELD_DESCRIPTIONS
+    # the score served and its reference: a client reads a cell's novelty against the validation cells' quantiles
+    info = json.loads((tiny_ensemble / "spec.json").read_text())["info"]
+    assert meta["novelty"] == {"score": info["novelty_score"], "validation_quantiles": info["novelty_val_quantiles"]}
+    assert meta["novelty"]["score"] == "energy_pixel" and float(meta["novelty"]["validation_quantiles"]["0.95"]) > \
+        float(meta["novelty"]["validation_quantiles"]["0.5"])
     assert meta["input"]["max_cells_per_request"] == MAX_CELLS
     assert meta["limits"]["max_chunk_mb"] == MAX_CHUNK_MB and meta["limits"]["max_upload_cells"] == 1_000_000
     assert server.get("/livez").status_code == 200 and server.get("/readyz").status_code == 200

@@ -90,6 +90,13 @@ def test_field_descriptions_cover_outputs():
         assert FIELD_DESCRIPTIONS[key].strip().endswith(".")
 
 
+def test_the_novelty_description_names_the_default_score():
+    """The field text is served in the OpenAPI document and GET /metadata; it once named a default two changes old."""
+    from training.config import Params
+
+    assert f"default {Params().uncertainty.novelty}:" in FIELD_DESCRIPTIONS["novelty"]
+
+
 # -- temperature scaling -----------------------------------------------------------------------------
 def _calibrated(seed: int, n: int = 3000, k: int = 4) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)

@@ -232,6 +232,8 @@ class SpatialScorer:
                 "hdf5": "self-contained files only: external raw storage, external links and virtual datasets are "
                         "refused",
             },
+            "novelty": {"score": spec.info.get("novelty_score"),
+                        "validation_quantiles": spec.info.get("novelty_val_quantiles", {})} if spec.has_novelty else None,
             "limits": {k: getattr(cfg, k) for k in LIMIT_KEYS},
             "fields": FIELD_DESCRIPTIONS,
         }

@@ -37,6 +37,14 @@ class MetadataModel(BaseModel):
     source: str | None = Field(None, description="where the service got the model: bento | registry | directory")
 
 
+class MetadataNovelty(BaseModel):
+    score: str | None = Field(None, description="the model's `uncertainty.novelty` score (null for an ensemble saved "
+                                                "before its score was recorded)")
+    validation_quantiles: dict[str, float] = Field(
+        description="the novelty of the model's validation cells at these quantiles: a cell above the 0.95 entry is "
+                    "more novel than 95 % of them, the reference to set a threshold on")
+
+
 class Metadata(BaseModel):
     """GET /metadata: the served model and the accepted input."""
 
@@ -48,6 +56,8 @@ class Metadata(BaseModel):
     members: int
     posterior: str | None = None
     input: dict[str, Any]
+    novelty: MetadataNovelty | None = Field(None, description="the novelty score served, and its reference; null "
+                                                               "when the model has none")
     limits: dict[str, float | int]
     fields: dict[str, str]
 
@@ -86,8 +96,8 @@ def patch_spec(spec: dict[str, Any], images_schema: dict[str, Any]) -> dict[str,
     schemas["Metadata"] = meta
     paths["/metadata"] = {"get": {
         "tags": ["Service APIs"], "operationId": "spatial__metadata",
-        "description": "The served model (name, registry version, MLflow run), its classes and channels, the accepted "
-                       "input and the limits.",
+        "description": "The served model (name, registry version, MLflow run), its classes and channels, the novelty "
+                       "score it serves and its validation cells' quantiles, the accepted input and the limits.",
         "responses": {"200": {"description": "Successful Response",
                               "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Metadata"}}}}},
     }}
