@@ -4,35 +4,34 @@ project's packages, import cycles, and the modules a ``spatial <command>`` (or `
 from __future__ import annotations
 
 import ast
+import functools
 import shlex
 from pathlib import Path
 
 PACKAGES = ("training", "serving", "tuning")
 
 
-_PARSED: dict[tuple[Path, int, int], ast.Module] = {}
-
-
 def parse(path: Path) -> ast.Module:
     """``ast.parse`` of a file, kept while its modification time and size stay the same: the layout tests ask
     for every command's closure, each walks every module, and parsing each file once took them from 31 s to 6.5 s
-    on 2 cores. Callers only read the tree. CPython 3.11 shares the AST constructor's recursion counter between
-    threads (python/cpython#106905): while a server or Ray thread of an earlier test parses too, a parse can fail
-    with "AST constructor recursion depth mismatch" (seen once in a CI run sharing 2 cores). The counter is reset
-    at every call, so a few retries parse the same, unchanged text."""
+    on 2 cores. Callers only read the tree."""
     stat = path.stat()
-    key = (path.resolve(), stat.st_mtime_ns, stat.st_size)
-    if key not in _PARSED:
-        text = path.read_text()
-        for _ in range(4):
-            try:
-                _PARSED[key] = ast.parse(text)
-                break
-            except SystemError:
-                continue
-        else:
-            _PARSED[key] = ast.parse(text)
-    return _PARSED[key]
+    return _parse(path.resolve(), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.cache
+def _parse(path: Path, mtime_ns: int, size: int) -> ast.Module:
+    """CPython 3.11 shares the AST constructor's recursion counter between threads (python/cpython#106905): while a
+    server or Ray thread of an earlier test parses too, a parse can fail with "AST constructor recursion depth
+    mismatch" (seen once in a CI run sharing 2 cores). The counter is reset at every call, so a few retries parse
+    the same, unchanged text."""
+    text = path.read_text()
+    for _ in range(4):
+        try:
+            return ast.parse(text)
+        except SystemError:
+            continue
+    return ast.parse(text)
 
 
 def module_files(root: Path, packages: tuple[str, ...] = PACKAGES) -> dict[str, Path]:
