@@ -2,17 +2,19 @@
 
 ``screen_targets.py`` measures the hit calls on the simulated screen's 60 genes. A genome-wide SPARCS screen tests
 about 20,000 genes, where Benjamini-Hochberg decides at p-values near 1e-5 and the far tail of the null is what
-matters. This script builds such screens with ``bench_hits.write_screen`` (80,000 gRNAs, 4 per gene, 1,000
-non-targeting; 1.4 % of the cells in six bins, as in the larger SPARCS screen; cutting, PCR and background reads of
-the simulator), once with planted genes (for each of ``--folds`` 0.5 % of the genes, their bin rate multiplied by
-it) and once with none, at each of ``--cells`` (cells per replicate, 2 replicates), and calls hits with every
+matters. This script builds such screens with ``bench_hits.write_screen`` (by default 80,000 gRNAs: 19,750 genes
+of 4 gRNAs and 1,000 non-targeting, ``--genes`` and ``--nt-grnas`` for another library; 1.4 % of the cells in six
+bins, as in the larger SPARCS screen; cutting, PCR and background reads of the simulator), once with planted genes
+(for each of ``--folds`` a ``--share`` of the genes, 0.5 % by default, their bin rate multiplied by it) and once with
+none, at each of ``--cells`` (cells per replicate, 2 replicates), and calls hits with every
 method: ours (``spatial``; ``spatial_nt`` with ``hits.gene_null=nt``, the NT pseudo-genes alone; ``spatial_quiet``
 with ``nt_and_quiet_screen``, the screen's gRNAs without those of genes whose other gRNAs stand out), the published
 SPARCS statistic (``sparcs``: uncorrected p < 0.05; ``sparcs_bh``: with BH), our alpha-RRA (``rra``) and, where it
 is installed, MAGeCK itself (``mageck``, as in ``screen_targets.py``)::
 
     .venv/bin/python benchmarks/genome_scale_hits.py [--cells 2000000 5000000 17000000] [--seeds 10]
-        [--null-seeds N] [--first-seed 0] [--methods spatial ...] [--check]
+        [--null-seeds N] [--first-seed 0] [--methods spatial ...] [--genes 19750 --nt-grnas 1000 --share 0.005]
+        [--check]
 
 Per coverage and method it writes to ``--out`` (``genome_scale.json``): the false discovery proportion of the
 planted screens (mean, 95 % t-interval, per seed), recall per planted fold, the screens without hits on which
@@ -40,12 +42,12 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TAIL = (1e-2, 1e-3, 1e-4, 1e-5)
 METHODS = ("spatial", "spatial_nt", "spatial_quiet", "sparcs", "sparcs_bh", "rra", "mageck")
-N_GRNAS, N_NT = 80_000, 1_000
+GENES, N_NT = 19_750, 1_000  # the genome-scale library: 80,000 gRNAs, 4 per gene
 
 
-def cells_per_gene(cells_per_replicate: int) -> float:
-    """Imaged cells per targeting gene over the 2 replicates (4 gRNAs per gene)."""
-    return cells_per_replicate * 2 / ((N_GRNAS - N_NT) / 4)
+def cells_per_gene(cells_per_replicate: int, genes: int = GENES) -> float:
+    """Imaged cells per targeting gene over the 2 replicates."""
+    return cells_per_replicate * 2 / genes
 
 
 def call_all(screen, fdr: float, seed: int, mageck: Path | None, methods: set[str]) -> dict[str, pd.DataFrame]:
@@ -144,7 +146,7 @@ def against_default(by_method: dict[str, dict]) -> None:
         s["minus_spatial"] = d
 
 
-def plot_power(result: dict, folds: tuple[float, ...], fdr: float, path: Path) -> None:
+def plot_power(result: dict, folds: tuple[float, ...], fdr: float, genes: int, path: Path) -> None:
     """Recall per planted fold and FDP against cells per gene, one line per method."""
     import matplotlib
 
@@ -152,7 +154,7 @@ def plot_power(result: dict, folds: tuple[float, ...], fdr: float, path: Path) -
     import matplotlib.pyplot as plt
 
     cov = sorted(result, key=int)
-    per_gene = [cells_per_gene(int(c)) for c in cov]
+    per_gene = [cells_per_gene(int(c), genes) for c in cov]
     fig, axes = plt.subplots(1, len(folds) + 1, figsize=(4 * (len(folds) + 1), 3.6), constrained_layout=True)
     for m in result[cov[0]]:
         for ax, f in zip(axes, folds, strict=False):
@@ -184,12 +186,19 @@ def main() -> int:
                     "default: as many as --seeds)")
     ap.add_argument("--first-seed", type=int, default=0)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--genes", type=int, default=GENES, help="targeting genes of the library (4 gRNAs each)")
+    ap.add_argument("--nt-grnas", type=int, default=N_NT, help="non-targeting gRNAs of the library")
+    ap.add_argument("--share", type=float, default=0.005, help="share of the genes planted at each fold")
     ap.add_argument("--fdr", type=float, default=0.1)
     ap.add_argument("--mageck", default=None, help="a mageck2 executable (default: .venv-mageck's where `make "
                     "mageck-env` built it; '' leaves MAGeCK out)")
     ap.add_argument("--out", type=Path, default=ROOT / "reports/screen/genome_scale")
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
+    if args.genes < 1 or args.nt_grnas < 2 or not 0 < args.share * len(args.folds) < 1:
+        ap.error("--genes must be >= 1, --nt-grnas >= 2, and --share times the number of folds between 0 and 1")
+    if int(args.genes * args.share) < 1 and args.seeds:
+        ap.error(f"--share {args.share:g} of {args.genes} genes plants no gene: raise --share or --genes")
 
     from bench_hits import write_screen
     from screen_targets import DEFAULT_MAGECK
@@ -210,13 +219,14 @@ def main() -> int:
         rows: dict[str, dict[str, list]] = {}
         for kind, seed, planted in screens:
             with tempfile.TemporaryDirectory() as d:
-                screen = write_screen(Path(d), cells, N_GRNAS, N_NT, seed, planted)
+                screen = write_screen(Path(d), cells, 4 * args.genes + args.nt_grnas, args.nt_grnas, seed, planted,
+                                      args.share)
                 for m, genes in call_all(screen, args.fdr, seed, mageck, set(args.methods)).items():
                     rows.setdefault(m, {"planted": [], "null": []})[kind].append(measure(genes, screen.truth, folds))
         result[str(cells)] = {m: summarise(r["planted"], r["null"], folds) for m, r in rows.items()
                               if len(r["planted"]) == args.seeds and r["null"]}
         against_default(result[str(cells)])
-        print(f"\n{cells:,} cells per replicate x 2 ({cells_per_gene(cells):,.0f} per gene), {args.seeds} planted screens and "
+        print(f"\n{cells:,} cells per replicate x 2 ({cells_per_gene(cells, args.genes):,.0f} per gene), {args.seeds} planted screens and "
               f"{n_null} without hits: {time.perf_counter() - t0:.0f} s")
         print_table(result[str(cells)], folds)
         ours = result[str(cells)].get("spatial")
@@ -227,13 +237,14 @@ def main() -> int:
     print("\np<t columns: null genes' p-values below t on the screens without hits (a uniform null's expectation, "
           "the top of its Poisson 95 % interval)")
     args.out.mkdir(parents=True, exist_ok=True)
-    meta = {"grnas": N_GRNAS, "nt_grnas": N_NT, "folds": list(folds), "fdr": args.fdr, "methods": args.methods,
+    meta = {"grnas": 4 * args.genes + args.nt_grnas, "genes": args.genes, "nt_grnas": args.nt_grnas,
+            "share": args.share, "folds": list(folds), "fdr": args.fdr, "methods": args.methods,
             "planted_seeds": [s for k, s, _ in screens if k == "planted"],
             "null_seeds": [s for k, s, _ in screens if k == "null"], "mageck": mageck is not None}
     (args.out / "genome_scale.json").write_text(json.dumps({"setup": meta, "by_cells_per_replicate": result},
                                                            indent=2) + "\n")
     if args.seeds:
-        plot_power(result, folds, args.fdr, args.out / "power.png")
+        plot_power(result, folds, args.fdr, args.genes, args.out / "power.png")
     print(f"wrote {args.out}; ours keeps the FDR at every coverage: {'yes' if ok else 'NO'}")
     return 1 if args.check and not ok else 0
 
