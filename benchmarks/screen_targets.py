@@ -104,7 +104,8 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
                           "p": v[f"prob_{class_name}"].to_numpy(float),
                           "epistemic": v["epistemic"].to_numpy(float) if "epistemic" in v else 0.0})
     for mode in ("soft", "threshold"):
-        out[f"cells_{mode}"] = call_cells(CellsInput(cells), mode, hc.fdr, hc.min_cells, hc.null_draws, seed)
+        out[f"cells_{mode}"] = call_cells(CellsInput(cells), mode, hc.fdr, hc.min_cells, hc.null_draws, seed,
+                                          hc.gene_null)
     genes_truth = res["genes"]
     null_genes = set(genes_truth.loc[genes_truth["role"] == "neutral", "gene"])
     result = {}

@@ -121,6 +121,46 @@ def test_the_genome_scale_figures_match_their_files() -> None:
         assert f"| {gain['mean']:+.3f} [{gain['95ci'][0]:+.3f}, {gain['95ci'][1]:+.3f}] |" in table, path
 
 
+def test_the_library_size_figures_match_their_files() -> None:
+    """The table of the test at 60-4,000 genes, and the decision it made: the quiet screen null honest at every
+    size, the NT null alone not at 60, 250 and 1,000 genes, so the quiet null is the default."""
+    from scipy import stats
+
+    from training.config import HitsConfig
+
+    base = REPO / "reports/screen/library_size"
+    honest = {}
+    for genes, nt_grnas in ((250, 100), (1000, 400), (4000, 1000)):
+        (run,) = json.loads((base / f"{genes}/genome_scale.json").read_text())["by_cells_per_replicate"].values()
+        nt, quiet = run["spatial_nt"], run["spatial_quiet"]
+        below = [(s["null_genes_below"][t]["observed"], s["null_genes_below"][t]["poisson_95"][1])
+                 for s in (nt, quiet) for t in ("0.01", "0.001")]
+        # quiet minus NT, paired: `spatial` (the old `auto`) was the NT null at 250 genes, the quiet one above
+        if genes == 250:
+            d = quiet["minus_spatial"]["recall_all"]
+            mean, (lo, hi) = d["mean"], d["95ci"]
+        else:
+            d = nt["minus_spatial"]["recall_all"]
+            mean, (lo, hi) = -d["mean"], sorted(-v for v in d["95ci"])
+        row = _table_row(f"{genes:,} ({nt_grnas:,})").replace("**", "")
+        cells = (f"| {_fdp(nt)} | {_fdp(quiet)} | {nt['null_screens'] - nt['null_screens_zero_called']} / "
+                 f"{quiet['null_screens'] - quiet['null_screens_zero_called']} of 60 | {below[0][0]:,} / {below[2][0]:,}")
+        assert cells in row, genes
+        assert f"| {mean:+.3f} [{lo:+.3f}, {hi:+.3f}] |" in row, genes
+        for name, s, (b2, t2), (b3, t3) in (("nt", nt, *below[:2]), ("quiet", quiet, *below[2:])):
+            calls = s["null_screens"] - s["null_screens_zero_called"]
+            honest[genes, name] = (s["fdp"] <= 0.1 or s["fdp_95ci"][0] <= 0.1) and calls <= 11 and b2 <= t2 and b3 <= t3
+    for name, path in (("nt", "60_nt"), ("quiet", "60_quiet")):
+        s = json.loads((base / f"{path}/targets.json").read_text())["spatial"]
+        tops = [stats.poisson.ppf(0.975, float(t) * s["n_null_p"]) for t in ("0.01", "0.001")]
+        honest[60, name] = ((s["fdp"] <= 0.1 or s["fdp_95ci"][0] <= 0.1) and s["null_seeds_zero_called"] >= 24
+                            and s["null_p_below"]["0.01"] <= tops[0] and s["null_p_below"]["0.001"] <= tops[1])
+        assert f"{_fdp(s)} |" in _table_row("60 genes (40)"), name
+    assert all(honest[g, "quiet"] for g in (60, 250, 1000, 4000))
+    assert [g for g in (60, 250, 1000, 4000) if not honest[g, "nt"]] == [60, 250, 1000]
+    assert HitsConfig().gene_null == "nt_and_quiet_screen"  # the rule's outcome
+
+
 def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
     d = json.loads((REPO / "reports/screen/genome_scale/cells/cells.json").read_text())
     nt, quiet = d["null"]["nt"], d["null"]["nt_and_quiet_screen"]
@@ -134,7 +174,7 @@ def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
             f"genes' p-values below 0.01 and 0.001 were above a uniform's interval "
             f"({nt['below']['0.01']['observed']:,} and {nt['below']['0.001']['observed']} where the tops are "
             f"{nt['below']['0.01']['poisson_95'][1]:,} and {nt['below']['0.001']['poisson_95'][1]}); with the default "
-            f"(`auto`: the quiet screen null from 1,000 genes on) {quiet['screens_with_a_call']} of 20 and "
+            f"(the quiet screen null) {quiet['screens_with_a_call']} of 20 and "
             f"{quiet['below']['0.01']['observed']:,} and {quiet['below']['0.001']['observed']}, with the same calls on "
             f"{same} of the 10 planted screens (FDP {_fdp(planted['2'])} with 2x genes, {_fdp(planted['3'])} with 3x; recall "
             f"{planted['2']['recall']:.2f} and {planted['3']['recall']:.2f};")
@@ -280,8 +320,9 @@ def test_the_readmes_own_headline_table_matches_the_files() -> None:
     assert f"balanced accuracy {ev['balanced_accuracy']:.3f}, ECE {ev['ece']:.3f} (" in said
     assert f"the SPARCS VGG baseline {vgg['balanced_accuracy']:.3f} at" in said
 
-    hits = json.loads((REPO / "reports/screen/targets/seeds30/targets.json").read_text())
-    ours, mageck = hits["spatial"], hits["mageck"]
+    targets = REPO / "reports/screen/targets"
+    ours = json.loads((targets / "seeds30_quiet/targets.json").read_text())["spatial"]  # today's default null
+    mageck = json.loads((targets / "seeds30/targets.json").read_text())["mageck"]  # the same 30 screens' counts
     assert ours["recall_effect_ge_0.5"] == 1.0  # "every hit of effect >= 0.5 found"
     assert (f"false discovery proportion {_fdp(ours)} at FDR 0.1 over {len(ours['fdp_per_seed'])} simulated "
             f"screens, no call on {ours['null_seeds_zero_called']} of {ours['null_seeds']} screens without hits; "

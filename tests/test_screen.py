@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 from scipy import stats
 
 from serving.screen.bins import assign, make_bins
@@ -38,7 +39,7 @@ from serving.screen.hits import (
 )
 from serving.screen.sequencing import sequence_replicate
 from training.cli.main import main
-from training.config import BinsConfig, SequenceConfig
+from training.config import BinsConfig, HitsConfig, SequenceConfig
 from training.errors import DataError
 
 
@@ -196,13 +197,22 @@ def test_the_quiet_screen_null_keeps_the_power_that_hits_in_the_screen_cost():
     assert (null_p < 0.01).sum() <= stats.poisson.ppf(0.975, expected)
 
 
-def test_gene_null_auto_uses_the_quiet_screen_from_a_thousand_genes_on():
-    for n_genes, want in ((999, "nt"), (1000, "nt_and_quiet_screen")):
-        grnas = heavy_tailed_grnas(n_genes, n_nt=100, seed=0)
-        _, info = gene_level(grnas, 200, 0.1, np.random.default_rng(0), "auto")
-        assert info["gene_null"] == want
+def test_the_default_null_is_the_quiet_screen_at_every_library_size():
+    """A focused library (250 genes, 100 NT gRNAs) whose NT sample missed the tail: the default judges genes against
+    the quiet screen null too, as at genome scale, and its null genes stay uniform where the NT null's do not. The
+    1,000-gene switch of ``auto`` is gone (FINDINGS, "Between 60 and 20,000 genes"); naming it is refused."""
+    grnas = heavy_tailed_grnas(n_genes=250, n_nt=100, seed=4)
+    default, info = gene_level(grnas, 2000, 0.1, np.random.default_rng(0))
+    nt, _ = gene_level(grnas, 2000, 0.1, np.random.default_rng(0), "nt")
+    assert info["gene_null"] == HitsConfig().gene_null == "nt_and_quiet_screen"
+    p_default, p_nt = (t.loc[~t["is_control"], "p_value"].to_numpy() for t in (default, nt))
+    expected = 0.05 * len(p_nt)  # 12.5 of 250 below 0.05 under a uniform null
+    assert (p_nt < 0.05).sum() > stats.poisson.ppf(0.975, expected)
+    assert (p_default < 0.05).sum() <= stats.poisson.ppf(0.975, expected) and not default["is_hit"].any()
     with pytest.raises(ValueError, match="gene_null must be one of"):
-        call_counts(simulated_screen(0), gene_null="screen")
+        call_counts(simulated_screen(0), gene_null="auto")
+    with pytest.raises(ValidationError, match="nt_and_quiet_screen"):
+        HitsConfig(gene_null="auto")
 
 
 def test_calls_do_not_depend_on_the_count_tables_row_order():
@@ -364,16 +374,16 @@ def test_cells_null_is_calibrated_and_soft_finds_a_planted_gene():
 
 
 def test_cells_mode_follows_gene_null():
-    """Cells mode judges genes as counts mode does: from 1,000 genes on (``auto``) also against the quiet screen null
-    (drawn from the NT and most targeting gRNAs), so no p-value is smaller than the NT pseudo-genes' alone (the same
-    bootstrap: the same seed)."""
+    """Cells mode judges genes as counts mode does: by default also against the quiet screen null (drawn from the NT
+    and most targeting gRNAs), so no p-value is smaller than the NT pseudo-genes' alone (the same bootstrap: the same
+    seed)."""
     rng = np.random.default_rng(1)
     n_nt, n_genes, per = 100, 1000, 5
     grna = np.repeat([f"NT{i}" for i in range(n_nt)] + [f"G{g}_{k}" for g in range(n_genes) for k in range(4)], per)
     gene = np.repeat(["NT"] * n_nt + [f"G{g}" for g in range(n_genes) for _ in range(4)], per)
     cells = CellsInput(pd.DataFrame({"grna": grna, "gene": gene, "is_control": gene == "NT",
                                      "p": rng.beta(1, 20, len(grna)), "epistemic": 0.01}))
-    auto, nt = (call_cells(cells, "soft", draws=200, gene_null=g) for g in ("auto", "nt"))
+    auto, nt = call_cells(cells, "soft", draws=200), call_cells(cells, "soft", draws=200, gene_null="nt")
     assert (auto.summary["gene_null"], nt.summary["gene_null"]) == ("nt_and_quiet_screen", "nt")
     assert auto.summary["screen_null_grnas"] > n_nt + 3 * n_genes and "screen_null_grnas" not in nt.summary
     p_auto, p_nt = (r.genes.set_index("gene").loc[[f"G{g}" for g in range(n_genes)], "p_value"] for r in (auto, nt))

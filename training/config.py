@@ -454,8 +454,7 @@ class SequenceConfig(Section):
 
 
 NtNull = Literal["leave_one_out", "in_sample"]  # how the NT gRNAs' own z-scores for the hits null are fitted
-GeneNull = Literal["auto", "nt", "nt_and_screen", "nt_and_quiet_screen"]  # the pseudo-genes a gene's Stouffer Z is judged against
-SCREEN_NULL_MIN_GENES = 1000  # gene_null "auto": from this many targeting genes on, nt_and_quiet_screen
+GeneNull = Literal["nt", "nt_and_screen", "nt_and_quiet_screen"]  # the pseudo-genes a gene's Stouffer Z is judged against
 
 
 class HitsConfig(Section):
@@ -474,12 +473,12 @@ class HitsConfig(Section):
         "gRNAs (leave_one_out: out of sample, as a targeting gRNA's is) or on all of them (in_sample, before "
         "2026-12-06: a false discovery proportion above the FDR)")
     gene_null: GeneNull = Field(
-        "auto", description="both modes: a gene's p-value against NT pseudo-genes (nt), or the larger of that and "
-        "its p against pseudo-genes drawn from every gRNA of the screen (nt_and_screen: a gene must stand out from the "
-        "controls and from the screen's own gRNAs, whose PCR-jackpot tail a thousand NT gRNAs under-sample; hits "
-        "among them make it conservative) or from the gRNAs whose gene's other gRNAs do not stand out "
-        "(nt_and_quiet_screen: the hits' gRNAs left out, the null genes' jackpots kept); auto: nt_and_quiet_screen "
-        "from 1,000 targeting genes on (a genome-scale library, mostly null genes), nt below")
+        "nt_and_quiet_screen", description="both modes: a gene's p-value against NT pseudo-genes (nt), or the "
+        "larger of that and its p against pseudo-genes drawn from every gRNA of the screen (nt_and_screen: a gene must "
+        "stand out from the controls and from the screen's own gRNAs, whose PCR-jackpot tail an NT sample "
+        "under-samples; hits among them make it conservative) or from the gRNAs whose gene's other gRNAs do not stand "
+        "out (nt_and_quiet_screen, the default at every library size since 2026-12-07: the hits' gRNAs left out, the "
+        "null genes' jackpots kept; the NT null alone called too much with 40, 100 and 400 NT gRNAs)")
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
     null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")

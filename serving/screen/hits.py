@@ -16,10 +16,10 @@ Two inputs, one gene-level null:
 Gene level (both): Stouffer's Z over the gene's gRNAs against NT pseudo-genes with the same number of gRNAs (MAUDE's
 idea, drawn as a bootstrap like optical pooled screen pipelines do): one-sided p-value (enrichment) = the larger of
 the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes. In
-both modes, from 1,000 targeting genes on (``gene_null``), also at least the p among pseudo-genes drawn from the
-screen's own gRNAs, those of genes whose other gRNAs stand out left out (``quiet_siblings``): 1,000 NT gRNAs
-under-sample the far tail (PCR jackpots in counts, skewed means of few cells in cells mode) that decides at 20,000
-genes.
+both modes, by default (``gene_null``), also at least the p among pseudo-genes drawn from the screen's own gRNAs,
+those of genes whose other gRNAs stand out left out (``quiet_siblings``): an NT sample under-samples the tail of the
+screen's null gRNAs (PCR jackpots in counts, skewed means of few cells in cells mode), 40-400 NT gRNAs already in
+its bulk and 1,000 in the far tail that decides at 20,000 genes (FINDINGS, "Between 60 and 20,000 genes").
 ``call_sparcs`` is the published SPARCS statistic, kept as the baseline: no multiple-testing correction.
 ``call_rra`` is MAGeCK's alpha-RRA on the same counts, the field's standard gene test, as a second baseline.
 """
@@ -35,7 +35,7 @@ import pandas as pd
 from scipy import stats
 
 from serving.screen.counts import SampleSheet
-from training.config import SCREEN_NULL_MIN_GENES, GeneNull, NtNull
+from training.config import GeneNull, NtNull
 from training.errors import DataError
 
 PSEUDO_PREFIX = "NT_pseudo_"
@@ -152,7 +152,7 @@ def quiet_siblings(z: np.ndarray, codes: np.ndarray, n: np.ndarray, z_nt: np.nda
 
 
 def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Generator,
-               gene_null: GeneNull = "nt") -> tuple[pd.DataFrame, dict]:
+               gene_null: GeneNull = "nt_and_quiet_screen") -> tuple[pd.DataFrame, dict]:
     """Genes from gRNA z-scores (columns ``gene, is_control, z, effect, used``): Stouffer, the NT pseudo-gene null
     of the same gRNA count (``PseudoGeneNull.p_value``), BH over targeting genes. NT gRNAs are also grouped into
     disjoint pseudo-genes of the most common gRNA count, scored the same way (their p-values show whether the null
@@ -160,10 +160,8 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     ``gene_null="nt_and_screen"``: each p-value is the larger of the NT pseudo-genes' and that of pseudo-genes drawn
     from every gRNA of the screen (NT and targeting), whose far tail a few NT gRNAs under-sample;
     ``"nt_and_quiet_screen"``: the same, the screen's pseudo-genes drawn from the NT gRNAs and the targeting gRNAs of
-    ``quiet_siblings`` (hits in the screen's null make it conservative); ``"auto"``: that from
-    ``SCREEN_NULL_MIN_GENES`` targeting genes on, the NT pseudo-genes alone below (FINDINGS, "Hit calling at genome
-    scale"; cells mode too, "Cells mode at genome scale": a mean over a few dozen skewed cell probabilities has a
-    right tail that 1,000 NT gRNAs sample badly)."""
+    ``quiet_siblings`` (hits in the screen's null make it conservative; the default at every library size: FINDINGS,
+    "Hit calling at genome scale", "Cells mode at genome scale" and "Between 60 and 20,000 genes")."""
     if gene_null not in get_args(GeneNull):
         raise ValueError(f"gene_null must be one of {', '.join(get_args(GeneNull))}, got {gene_null!r}")
     used = grnas[grnas["used"]]
@@ -180,8 +178,6 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     sibling_draws = draws
     draws = max(draws, int(np.ceil(20 * len(genes) / fdr)))
     null = pseudo_gene_null(z_ctrl, np.append(n, n_mode), draws, rng)
-    if gene_null == "auto":
-        gene_null = "nt_and_quiet_screen" if len(genes) >= SCREEN_NULL_MIN_GENES else "nt"
     screen_null, pool_info = None, {}
     if gene_null != "nt":
         pool = used["z"].to_numpy(float)
@@ -307,7 +303,7 @@ def _grna_z(c: np.ndarray | float, e: np.ndarray | float, rel: np.ndarray | floa
 
 def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
                 seed: int = 0, min_nt_cells: float = 20.0, nt_null: NtNull = "leave_one_out",
-                gene_null: GeneNull = "auto") -> HitsResult:
+                gene_null: GeneNull = "nt_and_quiet_screen") -> HitsResult:
     """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
     fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
     replicate left nothing is called (``summary['warning']`` says why). ``nt_null``: each NT gRNA's z-score from the
@@ -530,7 +526,7 @@ def _bootstrap_null(y: np.ndarray, w: np.ndarray, sizes: np.ndarray, draws: int,
 
 
 def call_cells(inp: CellsInput, mode: str = "soft", fdr: float = 0.1, min_cells: int = 1, draws: int = 2000,
-               seed: int = 0, gene_null: GeneNull = "auto") -> HitsResult:
+               seed: int = 0, gene_null: GeneNull = "nt_and_quiet_screen") -> HitsResult:
     """Per-gRNA phenotype rate vs NT cells matched on cell count (bootstrap), then the shared gene level
     (``gene_null``: see ``gene_level``)."""
     if mode not in ("soft", "threshold"):
