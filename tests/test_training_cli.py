@@ -196,6 +196,13 @@ def test_refit_novelty_serves_another_score_without_retraining(trained, tmp_path
     assert proc.returncode == 2 and "is the model directory itself" in proc.stderr, proc.stderr
     assert {f.name: f.read_bytes() for f in src.iterdir()} == before
 
+    # and off again: no trace of the old score is left for /metadata or a reader of spec.json to take as current
+    invoke("refit-novelty", "--params", p, "--model", out, "--splits", trained / "ens.splits.parquet", "--set",
+           "uncertainty.novelty=none", "--out", tmp_path / "none")
+    off = Ensemble.load(tmp_path / "none").spec
+    assert not off.has_novelty and off.info["novelty_refit"]["previous"] == "pixel_knn"
+    assert "novelty_score" not in off.info and "novelty_val_quantiles" not in off.info
+
 
 TINY_CLASSES = "split.classes=[bright,dim]"  # the tiny manifest's labels (the defaults are the screen's)
 

@@ -195,4 +195,7 @@ def refit_novelty(ens: Ensemble, data: TrainData, params: Params) -> Ensemble:
         nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
         ens.spec.info["novelty_score"] = params.uncertainty.novelty
         ens.spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
+    else:  # no score: nothing of the old one is left to be read as the current one
+        for key in ("novelty_score", "novelty_val_quantiles"):
+            ens.spec.info.pop(key, None)
     return ens
