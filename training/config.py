@@ -478,7 +478,8 @@ class HitsConfig(Section):
         "stand out from the controls and from the screen's own gRNAs, whose PCR-jackpot tail an NT sample "
         "under-samples; hits among them make it conservative) or from the gRNAs whose gene's other gRNAs do not stand "
         "out (nt_and_quiet_screen, the default at every library size since 2026-12-07: the hits' gRNAs left out, the "
-        "null genes' jackpots kept; the NT null alone called too much with 40, 100 and 400 NT gRNAs)")
+        "null genes' jackpots kept; with the NT null alone null genes got too many small p-values with 40-400 NT "
+        "gRNAs, and with 1,000 at 20,000 genes)")
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
     null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")

@@ -18,8 +18,9 @@ idea, drawn as a bootstrap like optical pooled screen pipelines do): one-sided p
 the empirical and the predictive-t p (``PseudoGeneNull.p_value``), Benjamini-Hochberg over targeting genes. In
 both modes, by default (``gene_null``), also at least the p among pseudo-genes drawn from the screen's own gRNAs,
 those of genes whose other gRNAs stand out left out (``quiet_siblings``): an NT sample under-samples the tail of the
-screen's null gRNAs (PCR jackpots in counts, skewed means of few cells in cells mode), 40-400 NT gRNAs already in
-its bulk and 1,000 in the far tail that decides at 20,000 genes (FINDINGS, "Between 60 and 20,000 genes").
+screen's null gRNAs (PCR jackpots in counts, skewed means of few cells in cells mode). With 40-400 NT gRNAs null genes
+got too many p-values below 0.01 or 0.001, with 1,000 too many below 1e-5 at 20,000 genes (FINDINGS, "Between 60
+and 20,000 genes", "Hit calling at genome scale").
 ``call_sparcs`` is the published SPARCS statistic, kept as the baseline: no multiple-testing correction.
 ``call_rra`` is MAGeCK's alpha-RRA on the same counts, the field's standard gene test, as a second baseline.
 """

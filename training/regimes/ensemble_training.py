@@ -169,11 +169,7 @@ def train_ensemble(data: TrainData, params: Params, out: str | Path, resume: boo
               "atc_threshold": finite_or_none(atc_threshold(pooled_log_probs(val_logits), val_y))},
     )
     ens = Ensemble(spec, members, novelty, encoders=[e.cpu() for e in encoders])
-    if novelty:  # the validation cells' novelty: the reference a novelty threshold is set on (discovery queue)
-        val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
-        nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
-        spec.info["novelty_score"] = params.uncertainty.novelty
-        spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
+    record_novelty_reference(ens, data, params)
     ens.save(out)
     shutil.rmtree(work, ignore_errors=True)  # member checkpoints: only needed to resume an unfinished run
     return ens
@@ -190,12 +186,19 @@ def refit_novelty(ens: Ensemble, data: TrainData, params: Params) -> Ensemble:
     ens.novelty = novelty
     ens.spec.has_novelty = bool(novelty)
     ens.spec.n_encoders = len(ens.encoders)
-    if novelty:
-        val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
-        nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
-        ens.spec.info["novelty_score"] = params.uncertainty.novelty
-        ens.spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
-    else:  # no score: nothing of the old one is left to be read as the current one
+    record_novelty_reference(ens, data, params)
+    return ens
+
+
+def record_novelty_reference(ens: Ensemble, data: TrainData, params: Params) -> None:
+    """Name the ensemble's novelty score in its spec and store its validation cells' novelty quantiles: the
+    reference a novelty threshold is set on (discovery queue, ``GET /metadata``). Without a score, neither is left
+    to be read as current."""
+    if not ens.novelty:
         for key in ("novelty_score", "novelty_val_quantiles"):
             ens.spec.info.pop(key, None)
-    return ens
+        return
+    val_loader = loader_for(data.split("val"), params.data, data.channels, shuffle=False, seed=0)
+    nov_val = ens.predict_batches(val_loader, with_features=False, raw=True)["novelty"]
+    ens.spec.info["novelty_score"] = params.uncertainty.novelty
+    ens.spec.info["novelty_val_quantiles"] = {str(q): float(np.quantile(nov_val, q)) for q in NOVELTY_QUANTILES}
