@@ -161,6 +161,29 @@ def test_the_library_size_figures_match_their_files() -> None:
     assert HitsConfig().gene_null == "nt_and_quiet_screen"  # the rule's outcome
 
 
+def test_the_hit_calling_planning_figures_match_their_files() -> None:
+    """The NT-count table of a 1,000-gene library and the 40 screens at 203 cells per gene, from the files."""
+    def run(path: str) -> dict:
+        (r,) = json.loads((REPO / "reports/screen" / path / "genome_scale.json").read_text())[
+            "by_cells_per_replicate"].values()
+        return r
+
+    for nt_grnas, path in ((100, "library_size/1000_nt100"), (400, "library_size/1000"),
+                           (1000, "library_size/1000_nt1000")):
+        r = run(path)
+        default = r["spatial_quiet"] if nt_grnas == 400 else r["spatial"]  # the 400 run predates the new default
+        nt = r["spatial_nt"]
+        tail = nt["null_genes_below"]["0.001"]["observed"]
+        row = _table_row(f"{nt_grnas:,}").replace("**", "")
+        assert (f"| {_fdp(default)} | {default['recall']['4']:.2f} / {default['recall']['2']:.2f} | {_fdp(nt)} | "
+                f"{tail} |") in row, nt_grnas
+    deep = run("genome_scale/depth_2e6")
+    said = (f"40 new planted screens give the default **{_fdp(deep['spatial'])}** ({deep['spatial']['n_called']:.1f} "
+            f"calls per screen) and the NT null alone {_fdp(deep['spatial_nt'])}")
+    assert said in README_FLAT, said
+    assert deep["spatial"]["fdp"] <= 0.1  # "the default holds the FDR there too"
+
+
 def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
     d = json.loads((REPO / "reports/screen/genome_scale/cells/cells.json").read_text())
     nt, quiet = d["null"]["nt"], d["null"]["nt_and_quiet_screen"]
