@@ -89,7 +89,7 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
     inp = CountsInput(counts, SampleSheet(sheet))
     hc = params.hits
     out = {"spatial": call_counts(inp, hc.fdr, hc.min_library_reads, hc.null_draws, seed, hc.min_nt_cells,
-                                  hc.nt_null, gene_null=hc.gene_null)}
+                                  hc.nt_null, hc.gene_null, hc.quiet_sibling_p)}
     sp = call_sparcs(inp, hc.sparcs_p, hc.fdr)
     out["sparcs"] = sp
     bh_genes = sp.genes.assign(is_hit=sp.genes["fdr"] <= hc.fdr)
@@ -105,7 +105,7 @@ def run_seed(bins: pd.DataFrame, truth: pd.DataFrame, library: pd.DataFrame, par
                           "epistemic": v["epistemic"].to_numpy(float) if "epistemic" in v else 0.0})
     for mode in ("soft", "threshold"):
         out[f"cells_{mode}"] = call_cells(CellsInput(cells), mode, hc.fdr, hc.min_cells, hc.null_draws, seed,
-                                          hc.gene_null)
+                                          hc.gene_null, hc.quiet_sibling_p)
     genes_truth = res["genes"]
     null_genes = set(genes_truth.loc[genes_truth["role"] == "neutral", "gene"])
     result = {}

@@ -455,6 +455,7 @@ class SequenceConfig(Section):
 
 NtNull = Literal["leave_one_out", "in_sample"]  # how the NT gRNAs' own z-scores for the hits null are fitted
 GeneNull = Literal["nt", "nt_and_screen", "nt_and_quiet_screen"]  # the pseudo-genes a gene's Stouffer Z is judged against
+SIBLING_P = 0.05  # nt_and_quiet_screen: a gRNA whose siblings reach this p leaves the screen's null
 
 
 class HitsConfig(Section):
@@ -480,6 +481,8 @@ class HitsConfig(Section):
         "out (nt_and_quiet_screen, the default at every library size since 2026-12-07: the hits' gRNAs left out, the "
         "null genes' jackpots kept; with the NT null alone null genes got too many small p-values with 40-400 NT "
         "gRNAs, and with 1,000 at 20,000 genes)")
+    quiet_sibling_p: float = Field(SIBLING_P, gt=0, le=1, description="nt_and_quiet_screen: a gRNA leaves the "
+                                   "screen's null when its gene's other gRNAs reach this p against NT pseudo-genes")
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
     null_draws: int = Field(2000, ge=100, description="NT pseudo-genes (and NT cell bootstraps) per gRNA/cell count")
     sparcs_p: float = Field(0.05, gt=0, lt=1, description="the SPARCS baseline's (uncorrected) p-value cut")

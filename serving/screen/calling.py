@@ -126,7 +126,7 @@ def run_counts(counts: str | os.PathLike, samples: str | os.PathLike, library: s
     inp = load_counts_input(counts, samples, library, cfg)
     gene_truth = read_truth(truth) if truth is not None else None
     results = [call_counts(inp, cfg.fdr, cfg.min_library_reads, cfg.null_draws, cfg.seed, cfg.min_nt_cells,
-                           cfg.nt_null, gene_null=cfg.gene_null),
+                           cfg.nt_null, cfg.gene_null, cfg.quiet_sibling_p),
                call_sparcs(inp, cfg.sparcs_p, cfg.fdr),
                call_rra(inp, cfg.rra_alpha, cfg.fdr, cfg.null_draws, cfg.seed, cfg.min_library_reads)]
     first = method or cfg.method
@@ -141,6 +141,7 @@ def run_cells(scores: str | os.PathLike, genotypes: str | os.PathLike, library: 
     gene_truth = read_truth(truth) if truth is not None else None
     first = method or cfg.cells_method
     modes = [first, "threshold" if first == "soft" else "soft"]
-    results = [call_cells(inp, m, cfg.fdr, cfg.min_cells, cfg.null_draws, cfg.seed, cfg.gene_null) for m in modes]
+    results = [call_cells(inp, m, cfg.fdr, cfg.min_cells, cfg.null_draws, cfg.seed, cfg.gene_null,
+                          cfg.quiet_sibling_p) for m in modes]
     return write_results(results, out_dir, gene_truth, {"mode": "cells", "class": class_name,
                                                          "scores": str(scores)})

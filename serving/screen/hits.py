@@ -36,11 +36,10 @@ import pandas as pd
 from scipy import stats
 
 from serving.screen.counts import SampleSheet
-from training.config import GeneNull, NtNull
+from training.config import SIBLING_P, GeneNull, NtNull
 from training.errors import DataError
 
 PSEUDO_PREFIX = "NT_pseudo_"
-SIBLING_P = 0.05  # gene_null nt_and_quiet_screen: a gRNA whose siblings reach this p leaves the screen's null
 
 
 @dataclass
@@ -153,7 +152,8 @@ def quiet_siblings(z: np.ndarray, codes: np.ndarray, n: np.ndarray, z_nt: np.nda
 
 
 def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Generator,
-               gene_null: GeneNull = "nt_and_quiet_screen") -> tuple[pd.DataFrame, dict]:
+               gene_null: GeneNull = "nt_and_quiet_screen", sibling_p: float = SIBLING_P
+               ) -> tuple[pd.DataFrame, dict]:
     """Genes from gRNA z-scores (columns ``gene, is_control, z, effect, used``): Stouffer, the NT pseudo-gene null
     of the same gRNA count (``PseudoGeneNull.p_value``), BH over targeting genes. NT gRNAs are also grouped into
     disjoint pseudo-genes of the most common gRNA count, scored the same way (their p-values show whether the null
@@ -161,7 +161,8 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     ``gene_null="nt_and_screen"``: each p-value is the larger of the NT pseudo-genes' and that of pseudo-genes drawn
     from every gRNA of the screen (NT and targeting), whose far tail a few NT gRNAs under-sample;
     ``"nt_and_quiet_screen"``: the same, the screen's pseudo-genes drawn from the NT gRNAs and the targeting gRNAs of
-    ``quiet_siblings`` (hits in the screen's null make it conservative; the default at every library size: FINDINGS,
+    ``quiet_siblings`` at ``sibling_p`` (hits in the screen's null make it conservative; the default at every library
+    size: FINDINGS,
     "Hit calling at genome scale", "Cells mode at genome scale" and "Between 60 and 20,000 genes")."""
     if gene_null not in get_args(GeneNull):
         raise ValueError(f"gene_null must be one of {', '.join(get_args(GeneNull))}, got {gene_null!r}")
@@ -183,7 +184,7 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     if gene_null != "nt":
         pool = used["z"].to_numpy(float)
         if gene_null == "nt_and_quiet_screen":
-            quiet = quiet_siblings(z_tg, codes, n, z_ctrl, sibling_draws, rng)
+            quiet = quiet_siblings(z_tg, codes, n, z_ctrl, sibling_draws, rng, sibling_p)
             pool = np.concatenate([z_ctrl, z_tg[quiet]])
             pool_info = {"screen_null_grnas": int(len(pool)), "screen_null_left_out": int((~quiet).sum())}
         screen_null = pseudo_gene_null(pool, np.append(n, n_mode), draws, rng)
@@ -304,13 +305,13 @@ def _grna_z(c: np.ndarray | float, e: np.ndarray | float, rel: np.ndarray | floa
 
 def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, draws: int = 2000,
                 seed: int = 0, min_nt_cells: float = 20.0, nt_null: NtNull = "leave_one_out",
-                gene_null: GeneNull = "nt_and_quiet_screen") -> HitsResult:
+                gene_null: GeneNull = "nt_and_quiet_screen", sibling_p: float = SIBLING_P) -> HitsResult:
     """The cell-level statistic on sorted-bin counts (see the module docstring). A replicate whose NT gRNAs hold
     fewer than ``min_nt_cells`` cell equivalents in the bins cannot estimate the null and is left out; with no
     replicate left nothing is called (``summary['warning']`` says why). ``nt_null``: each NT gRNA's z-score from the
     rate and dispersion fitted on the other NT gRNAs (``leave_one_out``), out of sample as a targeting gRNA's is; or
     from the fit on all of them (``in_sample``), whose smaller residuals made the null too narrow (FINDINGS, "Hit
-    calling: the tail of the NT null"). ``gene_null``: see ``gene_level``."""
+    calling: the tail of the NT null"). ``gene_null``, ``sibling_p``: see ``gene_level``."""
     if nt_null not in get_args(NtNull):
         raise ValueError(f"nt_null must be one of {', '.join(get_args(NtNull))}, got {nt_null!r}")
     rng = np.random.default_rng(seed)
@@ -364,7 +365,7 @@ def call_counts(inp: CountsInput, fdr: float = 0.1, min_library_reads: int = 1, 
     grnas["effect"] = lfc_sum / k
     grnas["library_reads"] = lib_total.astype(np.int64)
     grnas["used"] = lib_total >= min_library_reads * len(per_rep)
-    genes, info = gene_level(grnas, draws, fdr, rng, gene_null)
+    genes, info = gene_level(grnas, draws, fdr, rng, gene_null, sibling_p)
     warning = None
     if not used_reps:
         warning = (f"the NT gRNAs hold fewer than {min_nt_cells:g} cells in the bins of every replicate: the null "
@@ -527,9 +528,10 @@ def _bootstrap_null(y: np.ndarray, w: np.ndarray, sizes: np.ndarray, draws: int,
 
 
 def call_cells(inp: CellsInput, mode: str = "soft", fdr: float = 0.1, min_cells: int = 1, draws: int = 2000,
-               seed: int = 0, gene_null: GeneNull = "nt_and_quiet_screen") -> HitsResult:
+               seed: int = 0, gene_null: GeneNull = "nt_and_quiet_screen", sibling_p: float = SIBLING_P
+               ) -> HitsResult:
     """Per-gRNA phenotype rate vs NT cells matched on cell count (bootstrap), then the shared gene level
-    (``gene_null``: see ``gene_level``)."""
+    (``gene_null``, ``sibling_p``: see ``gene_level``)."""
     if mode not in ("soft", "threshold"):
         raise DataError(f"cells mode must be soft or threshold, got '{mode}'")
     rng = np.random.default_rng(seed)
@@ -554,7 +556,7 @@ def call_cells(inp: CellsInput, mode: str = "soft", fdr: float = 0.1, min_cells:
                           "gene": cells["gene"].to_numpy()[first], "is_control": is_nt[first], "cells": n,
                           "rate": rate, "null_mean": mu, "null_sd": sd, "z": (rate - mu) / sd,
                           "effect": np.log2((rate + 1e-3) / (nt_rate + 1e-3)), "used": n >= min_cells})
-    genes, info = gene_level(grnas, draws, fdr, rng, gene_null)
+    genes, info = gene_level(grnas, draws, fdr, rng, gene_null, sibling_p)
     summary = {"method": f"cells_{mode}", "fdr": fdr, "nt_rate": nt_rate, "n_cells": int(len(cells)),
                "mean_weight": float(w.mean()), **info, **_counts_summary(genes)}
     return HitsResult(f"cells_{mode}", genes, grnas, summary)
