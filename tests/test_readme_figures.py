@@ -182,6 +182,13 @@ def test_the_hit_calling_planning_figures_match_their_files() -> None:
             f"calls per screen) and the NT null alone {_fdp(deep['spatial_nt'])}")
     assert said in README_FLAT, said
     assert deep["spatial"]["fdp"] <= 0.1  # "the default holds the FDR there too"
+    gains = []
+    for path in ("library_size/sibling_250", "library_size/sibling_1000", "genome_scale/sibling_1.7e7"):
+        d = run(path)["spatial_quiet25"]["minus_spatial"]["recall_all"]
+        gains.append(f"{d['mean']:+.3f} [{d['95ci'][0]:+.3f}, {d['95ci'][1]:+.3f}]")
+        assert d["95ci"][0] <= 0, path  # "no gain beyond noise": the default stays
+    said = f"{gains[0]} at 250 genes, {gains[1]} at 1,000, {gains[2]} at 20,000"
+    assert said in README_FLAT, said
 
 
 def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:

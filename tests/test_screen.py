@@ -175,6 +175,21 @@ def test_quiet_siblings_send_a_hits_grnas_away_and_keep_a_jackpot():
     assert quiet.tolist() == [False] * 4 + [True, False, False, False] + [True] * 4 + [True]
 
 
+def test_a_looser_sibling_p_thins_the_screen_null_more():
+    """``sibling_p`` (``hits.quiet_sibling_p``) is the bar a gene's other gRNAs must stay under for its gRNA to stay in
+    the screen's null: a higher bar on the same p-values keeps a subset, and the gene level passes it on."""
+    grnas = heavy_tailed_grnas(n_genes=500, n_nt=100, seed=5)
+    tg = grnas[~grnas["is_control"]]
+    codes = pd.factorize(tg["gene"])[0]
+    z, z_nt = tg["z"].to_numpy(), grnas.loc[grnas["is_control"], "z"].to_numpy()
+    stay = {a: quiet_siblings(z, codes, np.bincount(codes), z_nt, 2000, np.random.default_rng(0), a)
+            for a in (0.05, 0.25)}
+    assert (stay[0.25] <= stay[0.05]).all() and stay[0.25].sum() < stay[0.05].sum()
+    left = {a: gene_level(grnas, 2000, 0.1, np.random.default_rng(0), "nt_and_quiet_screen", a)[1]
+            for a in (0.05, 0.25)}
+    assert left[0.25]["screen_null_left_out"] > left[0.05]["screen_null_left_out"]
+
+
 def test_the_quiet_screen_null_keeps_the_power_that_hits_in_the_screen_cost():
     """A tenth of the genes are hits (every gRNA lifted): pseudo-genes drawn from every gRNA of the screen hold them
     and call none; drawn from the gRNAs whose siblings are quiet they call every hit, and the null genes' p-values
