@@ -137,7 +137,7 @@ def add_commands(app: typer.Typer) -> None:
         from training.errors import DataError
         from training.regimes.ensemble_training import refit_novelty
         from training.tracking import resolve_model
-        from training.uncertainty.ensemble import Ensemble, EnsembleSpec
+        from training.uncertainty.ensemble import Ensemble
 
         p = params_for(params, set_)
         uri = model or default_model_uri(p)
@@ -146,15 +146,14 @@ def add_commands(app: typer.Typer) -> None:
             path, _ = resolve_model(uri, p.mlflow, cache_dir=cache)
             if out.resolve() == Path(path).resolve():
                 raise DataError(f"--out {out} is the model directory itself; write the copy elsewhere")
-            spec = EnsembleSpec.read(path)
-            pre = spec.preprocess
+            ens = Ensemble.load(path)
+            spec, pre = ens.spec, ens.spec.preprocess
             # the reference cells go through the model's own preprocessing, whatever the params file says
             p = params_for(params, set_, {"data.channels": list(spec.channels), "data.image_size": pre["image_size"],
                                           "data.resize": pre["resize"], "data.normalize": pre["normalize"],
                                           "data.mean": pre["mean"], "data.std": pre["std"]})
             table, _ = load_split_table(p, splits, manifest, out)
             data = prepare_data(table, list(spec.classes), p)
-            ens = Ensemble.load(path)
             previous = spec.info.get("novelty_score", "none" if not spec.has_novelty else "unknown")
             ens = refit_novelty(ens, data, p)
             ens.spec.info["novelty_refit"] = {"from": str(uri), "previous": previous,
