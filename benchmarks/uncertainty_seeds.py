@@ -12,7 +12,8 @@ study of a trained ``--model``, which records seed 0) as that seed; ``ARM=FILE@+
 so that the folds of a cross-validation (seeds 0-2 each) become one arm and two recipes pair by fold and seed
 (``--run scratch=s1s1/calibration.json@+10 --run encoder=enc/s1s1/calibration.json@+10 ...``). ``--all`` adds the mean and interval over every run
 of every arm, for arms that are replicates of one recipe (the slide folds of a cross-validation): the interval then
-treats all runs as independent, so it reads as a description, not a test. Prints a table; ``--out`` writes the JSON.
+treats all runs as independent, so it reads as a description, not a test. ``--per-file`` averages each file's runs
+into one unit, for files that are one screen each (the screen, not the ensemble, is then what the interval counts). Prints a table; ``--out`` writes the JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from training.evaluation.seeds import compare_arms, mean_interval
 
@@ -101,8 +104,17 @@ def load_runs(specs: list[str]) -> dict[str, dict[int, dict]]:
         for run in runs:
             if run["seed"] in arms.setdefault(arm, {}):
                 raise SystemExit(f"arm '{arm}' has seed {run['seed']} twice")
-            arms[arm][run["seed"]] = run
+            arms[arm][run["seed"]] = {**run, "file": path}
     return arms
+
+
+def per_file(runs: dict[int, dict[str, float]], files: dict[int, str]) -> dict[int, dict[str, float]]:
+    """The runs of each file averaged into one unit, numbered in the order the files came: the screen, not the
+    ensemble, as the unit where each file is one screen's ensembles."""
+    order = list(dict.fromkeys(files[s] for s in runs))
+    return {i: {k: float(np.mean([m[k] for s, m in runs.items() if files[s] == f]))
+                for k in next(m for s, m in runs.items() if files[s] == f)}
+            for i, f in enumerate(order)}
 
 
 def main() -> int:
@@ -113,12 +125,16 @@ def main() -> int:
     ap.add_argument("--compare-novelty", nargs="*", default=[], metavar="SCORE",
                     help="other novelty scores of the same members: their figures and --novelty minus each, paired")
     ap.add_argument("--all", action="store_true", help="also mean and interval over every run of every arm")
+    ap.add_argument("--per-file", action="store_true",
+                    help="average each --run file's ensembles into one unit (one screen each), numbered 0, 1, ...")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     arms = load_runs(args.run)
     if args.baseline not in arms:
         raise SystemExit(f"--baseline {args.baseline}: no such arm ({', '.join(arms)})")
     per_run = {arm: {s: run_metrics(r, args.novelty, tuple(args.compare_novelty)) for s, r in sorted(runs.items())} for arm, runs in arms.items()}
+    if args.per_file:
+        per_run = {arm: per_file(runs, {s: r["file"] for s, r in arms[arm].items()}) for arm, runs in per_run.items()}
     every = [m for runs in per_run.values() for m in runs.values()]
     keys = [k for k in every[0] if not k.endswith("_ci_low") and all(k in m for m in every)]  # what all runs report
     out: dict = {"novelty_score": args.novelty, "baseline": args.baseline, "per_run": per_run, "targets": {},
