@@ -155,8 +155,8 @@ def test_metadata_and_bentoml_endpoints(server, tiny_ensemble):
     # the score served and its reference: a client reads a cell's novelty against the validation cells' quantiles
     info = json.loads((tiny_ensemble / "spec.json").read_text())["info"]
     assert meta["novelty"] == {"score": info["novelty_score"], "validation_quantiles": info["novelty_val_quantiles"]}
-    assert meta["novelty"]["score"] == "energy_pixel" and float(meta["novelty"]["validation_quantiles"]["0.95"]) > \
-        float(meta["novelty"]["validation_quantiles"]["0.5"])
+    quantiles = meta["novelty"]["validation_quantiles"]
+    assert meta["novelty"]["score"] == "energy_pixel_mahalanobis" and float(quantiles["0.95"]) > float(quantiles["0.5"])
     assert meta["input"]["max_cells_per_request"] == MAX_CELLS
     assert meta["limits"]["max_chunk_mb"] == MAX_CHUNK_MB and meta["limits"]["max_upload_cells"] == 1_000_000
     assert server.get("/livez").status_code == 200 and server.get("/readyz").status_code == 200

@@ -164,10 +164,11 @@ def test_refit_novelty_serves_another_score_without_retraining(trained, tmp_path
                  "--set", "data.image_size=48")  # the model's own 32 px preprocessing still applies
     old, new = Ensemble.load(src), Ensemble.load(out)
     refit = new.spec.info["novelty_refit"]
-    assert old.spec.info["novelty_score"] == "energy_pixel" and new.spec.info["novelty_score"] == "pixel_knn"
-    assert refit == {"from": "models:/tiny@champion", "previous": "energy_pixel", "score": "pixel_knn",
+    default = "energy_pixel_mahalanobis"
+    assert old.spec.info["novelty_score"] == default and new.spec.info["novelty_score"] == "pixel_knn"
+    assert refit == {"from": "models:/tiny@champion", "previous": default, "score": "pixel_knn",
                      "training_cells": refit["training_cells"]}
-    assert f"novelty energy_pixel -> pixel_knn, fitted on {refit['training_cells']} training cells" in res.output
+    assert f"novelty {default} -> pixel_knn, fitted on {refit['training_cells']} training cells" in res.output
     assert {f.name: f.read_bytes() for f in src.iterdir()} == before
 
     splits = pd.read_parquet(trained / "ens.splits.parquet")

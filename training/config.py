@@ -154,8 +154,8 @@ class UncertaintyConfig(Section):
     novelty: Literal["mahalanobis", "relative_mahalanobis", "knn", "multistage_knn", "energy", "energy_multistage",
                      "pixel_knn", "energy_pixel", "energy_multistage_pixel", "pixel_mahalanobis",
                      "pixel_knn_mahalanobis", "energy_pixel_mahalanobis", "none"] = Field(
-        "energy_pixel", description="chosen by leave-one-class-out on the control classes, three seeds, and tests on "
-        "new screens (README 'Novelty: which score')")
+        "energy_pixel_mahalanobis", description="chosen by leave-one-class-out on the control classes, three seeds, "
+        "and tests on new screens (README 'Novelty: which score')")
     knn_k: int = Field(10, ge=1, description="k of the kNN novelty scores")
     knn_bank: int = Field(5000, ge=1, description="training cells kept per member for the kNN scores")
     encoders: list[str] = Field(
