@@ -213,8 +213,8 @@ def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
 
 
 def test_the_pixel_mahalanobis_tests_match_their_files() -> None:
-    """The novelty table of five new screens, the declared test's gain (its interval includes zero: the default
-    stays) and leave-one-class-out's pick, each from the file the study wrote."""
+    """The novelty table of five new screens, the second declared test's gain (its interval includes zero: the
+    default stayed then) and leave-one-class-out's pick, each from the file the study wrote."""
     base = REPO / "reports/uncertainty_study/intel/pixel_mahalanobis"
 
     def figure(stats: dict, key: str) -> str:
@@ -233,12 +233,93 @@ def test_the_pixel_mahalanobis_tests_match_their_files() -> None:
     test = json.loads((base / "second_test.json").read_text())["arms"]["second_test"]
     low = test["energy_pixel_mahalanobis_minus_energy_pixel/heldout_pooled"]["ci_low"]
     assert low <= 0 and f"**{gain(test)}**" in _table_row("the declared test (12, 13: six ensembles)")
-    assert "the default stays `energy_pixel`" in README_FLAT
+    assert "so the default stayed `energy_pixel` then" in README_FLAT
     loco = json.loads((base / "loco.json").read_text())["mean_auroc"]
     said = (f"puts `energy_pixel_mahalanobis` first ({loco['energy_pixel_mahalanobis']:.3f}, ahead of `energy_pixel` "
             f"on every seed), `pixel_knn_mahalanobis` {loco['pixel_knn_mahalanobis']:.3f} and `pixel_mahalanobis` "
             f"{loco['pixel_mahalanobis']:.3f}")
     assert said in README_FLAT, said
+
+
+def test_the_third_pixel_mahalanobis_test_decided_the_default() -> None:
+    """The third declared test, twelve new screens with the screen as the unit: both parts of its rule from the file,
+    the default they decided (config and params.yaml alike), and the seventeen-screen figures the README gives."""
+    from training.config import UncertaintyConfig, load_params
+
+    base = REPO / "reports/uncertainty_study/intel/pixel_mahalanobis/third"
+    test = json.loads((base / "third_test.json").read_text())["arms"]["third"]
+    pooled = test["energy_pixel_mahalanobis_minus_energy_pixel/heldout_pooled"]
+    novel = test["energy_pixel_mahalanobis_minus_energy_pixel/novel_vs_screen"]
+    assert pooled["n"] == 12 and pooled["ci_low"] > 0 and novel["ci_low"] > -0.01  # the rule, (a) and (b)
+    assert UncertaintyConfig().novelty == load_params(REPO / "params.yaml").uncertainty.novelty == \
+        "energy_pixel_mahalanobis"
+
+    def interval(g: dict) -> str:
+        return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+
+    screens = json.loads((base / "third_test.json").read_text())["per_run"]["third"].values()
+    for row, key, g in (("held-out pooled", "heldout_pooled", pooled),
+                        ("novel phenotype vs screen cells in a training state", "novel_vs_screen", novel)):
+        ahead = sum(r[f"energy_pixel_mahalanobis_minus_energy_pixel/{key}"] > 0 for r in screens)
+        means = f"{test[f'energy_pixel/{key}']['mean']:.3f} | {test[f'energy_pixel_mahalanobis/{key}']['mean']:.3f}"
+        assert _table_row(row) == f"| {row} | {means} | **{interval(g)}** | {ahead} of 12 |", row
+    every = json.loads((base / "seventeen_screens.json").read_text())
+    arm, runs = every["arms"]["all"], every["per_run"]["all"].values()
+    flagged = [r["energy_pixel_mahalanobis/heldout_pooled"] for r in runs]
+    novel17 = [r["energy_pixel_mahalanobis/novel_vs_screen"] for r in runs]
+
+    def figure(key: str) -> str:
+        return f"{arm[key]['mean']:.3f} [{arm[key]['ci_low']:.3f}, {arm[key]['ci_high']:.3f}]"
+
+    said = (f"Over all seventeen new screens the default flags the held-out classes at "
+            f"{figure('energy_pixel_mahalanobis/heldout_pooled')} pooled (0.85 or more on "
+            f"{sum(v >= 0.85 for v in flagged)} screens) and the screen's novel phenotype at "
+            f"{figure('energy_pixel_mahalanobis/novel_vs_screen')} (0.95 or more on {sum(v >= 0.95 for v in novel17)}, "
+            f"below 0.9 on {sum(v < 0.9 for v in novel17)}:")
+    assert len(flagged) == 17 and said in README_FLAT, said
+    gains = [interval(arm[f"energy_pixel_mahalanobis_minus_{k}"]) for k in
+             ("energy_pixel/heldout_pooled", "energy_pixel/novel_vs_screen", "pixel_knn/heldout_pooled",
+              "pixel_knn/novel_vs_screen")]
+    said = f"it gains {gains[0]} pooled and {gains[1]} on the novel phenotype, and flags the held-out classes at"
+    assert said in README_FLAT, said
+    assert f"the default minus `pixel_knn` is {gains[2]} pooled and {gains[3]} on the novel phenotype" in README_FLAT
+
+
+def test_the_discovery_queue_against_the_model_matches_its_file() -> None:
+    """RESULTS' figures for the queue against the model's own novelty and against the controls, each a range over
+    the five screens of the file the benchmark wrote."""
+    runs = json.loads((REPO / "reports/discovery_transfer.json").read_text())["runs"].values()
+
+    def span(queue: str, key: str, fmt: str = "{:.3f}") -> str:
+        values = [r[queue][key] for r in runs]
+        return f"{fmt.format(min(values))}-{fmt.format(max(values))}"
+
+    on_top = sum(r["model@0.95"]["planted_gene_on_top"] for r in runs)
+    said = (f"separates it at {span('model@0.95', 'auroc_novel_vs_trained_states')}, and a queue against it puts the "
+            f"planted gene on top on {on_top} of {len(runs)} screens, but flags only "
+            f"{span('model@0.95', 'n_flagged_novel', '{}')} of the novel cells against the controls reference's "
+            f"{span('controls@0.95', 'n_flagged_novel', '{}')}")
+    assert said in README_FLAT, said
+    assert f"phenotype at {span('controls@0.95', 'auroc_novel_vs_trained_states')} (" in README_FLAT
+    assert f"untrained networks: {span('controls@0.95', 'cells_per_second', '{:,.0f}')} cells/s" in README_FLAT
+
+
+def test_the_pipeline_ensembles_novelty_rows_match_their_studies() -> None:
+    """The novelty table's rows for the pipeline's ensemble, the default score and the one before it, each from the
+    study run on that ensemble; the default's study reproduces what `make run` evaluated."""
+    base = REPO / "reports/uncertainty_study/intel"
+    evaluated = json.loads((REPO / "metrics/evaluate.json").read_text())["heldout/density/auroc"]
+    for label, study, score in (
+            ("`energy_pixel_mahalanobis` (the default), the pipeline's ensemble on the default screen",
+             "pixel_mahalanobis/pipeline", "energy_pixel_mahalanobis"),
+            ("`energy_pixel`, the same ensemble", "pixel/pipeline", "energy_pixel")):
+        got = json.loads((base / study / "calibration.json").read_text())["summary"]
+        keys = ("heldout_pooled", "heldout_unstimulated", "heldout_ei24_ko", "heldout_timecourse",
+                "novel_vs_screen_trained_states")
+        figures = " | ".join(f"{got[f'novelty/{score}/{k}']:.3f}" for k in keys)
+        assert _table_row(label) == f"| {label} | {figures} |", label
+        if score == "energy_pixel_mahalanobis":
+            assert f"{got[f'novelty/{score}/heldout_pooled']:.6f}" == f"{evaluated:.6f}"
 
 
 def test_the_pooled_calibration_count_matches_the_study_files() -> None:
@@ -257,6 +338,12 @@ def test_the_pooled_calibration_count_matches_the_study_files() -> None:
     said = (f"on five new screens (the novelty tests, `intel/pixel_mahalanobis/`) {sum(e <= 0.015 for e in ece)} of "
             f"{len(ece)} at or below 0.015, mean {sum(ece) / len(ece):.4f}, ATC's label-free temperature no help there "
             f"(mean {sum(atc) / len(atc):.4f})")
+    assert said in README_FLAT, said
+    third = json.loads((REPO / "reports/uncertainty_study/intel/pixel_mahalanobis/third/third_test.json").read_text())
+    runs = list(third["per_run"]["third"].values())
+    ece, atc = [r["ece"] for r in runs], [r["ece_label_free"] for r in runs]
+    said = (f"on twelve more (one ensemble each, `intel/pixel_mahalanobis/third/`) {sum(e <= 0.015 for e in ece)} of "
+            f"{len(ece)}, mean {sum(ece) / len(ece):.4f} (ATC's temperature mean {sum(atc) / len(atc):.4f})")
     assert said in README_FLAT, said
 
 
