@@ -13,7 +13,8 @@ so that the folds of a cross-validation (seeds 0-2 each) become one arm and two 
 (``--run scratch=s1s1/calibration.json@+10 --run encoder=enc/s1s1/calibration.json@+10 ...``). ``--all`` adds the mean and interval over every run
 of every arm, for arms that are replicates of one recipe (the slide folds of a cross-validation): the interval then
 treats all runs as independent, so it reads as a description, not a test. ``--per-file`` averages each file's runs
-into one unit, for files that are one screen each (the screen, not the ensemble, is then what the interval counts). Prints a table; ``--out`` writes the JSON.
+into one unit, for files that hold one screen each (the interval then counts screens, not ensembles). Prints a
+table; ``--out`` writes the JSON.
 """
 
 from __future__ import annotations
@@ -109,12 +110,13 @@ def load_runs(specs: list[str]) -> dict[str, dict[int, dict]]:
 
 
 def per_file(runs: dict[int, dict[str, float]], files: dict[int, str]) -> dict[int, dict[str, float]]:
-    """The runs of each file averaged into one unit, numbered in the order the files came: the screen, not the
-    ensemble, as the unit where each file is one screen's ensembles."""
-    order = list(dict.fromkeys(files[s] for s in runs))
-    return {i: {k: float(np.mean([m[k] for s, m in runs.items() if files[s] == f]))
-                for k in next(m for s, m in runs.items() if files[s] == f)}
-            for i, f in enumerate(order)}
+    """The runs of each file averaged into one unit, numbered 0, 1, ... in the order of their seeds: the screen, not
+    the ensemble, as the unit where each file holds one screen's ensembles."""
+    by_file: dict[str, list[dict[str, float]]] = {}
+    for seed, metrics in runs.items():
+        by_file.setdefault(files[seed], []).append(metrics)
+    return {unit: {key: float(np.mean([m[key] for m in group])) for key in group[0]}
+            for unit, group in enumerate(by_file.values())}
 
 
 def main() -> int:

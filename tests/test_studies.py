@@ -286,6 +286,15 @@ def test_uncertainty_seeds_reads_studies_together_and_checks_each_ensemble(tmp_p
     bad = subprocess.run([*args[:6], "--run", f"convnext={base}@+x"], capture_output=True, text=True)
     assert bad.returncode != 0 and "expected @+N" in bad.stderr and "Traceback" not in bad.stderr
 
+    # --per-file: each file is one screen, its ensembles averaged into one unit, so the interval counts screens
+    screens = subprocess.run([*args[:6], "--per-file", "--run", f"convnext={base}@+10", "--run",
+                              f"convnext={fold2}@+20", "--run", f"convnext={tmp_path / 'a.json'}@30",
+                              "--out", str(tmp_path / "screens.json")], capture_output=True, text=True)
+    assert screens.returncode == 0, screens.stderr
+    units = json.loads((tmp_path / "screens.json").read_text())
+    assert [u["ece"] for u in units["per_run"]["convnext"].values()] == pytest.approx([0.02, 0.03, 0.014])
+    assert units["arms"]["convnext"]["ece"]["n"] == 3
+
 
 def test_label_free_posthoc_matches_each_predicted_error_and_reads_the_study_files(tmp_path):
     """benchmarks/label_free_posthoc.py on a study's logits file: the ATC arm is what shift.py gives, the 'true' arm

@@ -25,10 +25,10 @@ FIELD_DESCRIPTIONS: dict[str, str] = {
     "high when every member finds the cell ambiguous.",
     "epistemic": "Model uncertainty: mutual information (entropy minus aleatoric) in nats, "
     "high when the members disagree, e.g. on cells unlike the training data; 0 for a single model.",
-    "novelty": "Novelty score averaged over members (the model's `uncertainty.novelty`; default energy_pixel_mahalanobis: "
-    "the energy -logsumexp(logits) plus the distance of the cell's pixel description to the training cells' and its "
-    "relative Mahalanobis distance to the training classes', each in units of the training cells' interquartile "
-    "range); higher means less like any training class. Its scale "
+    "novelty": "Novelty score averaged over members (the model's `uncertainty.novelty`; default "
+    "energy_pixel_mahalanobis: the energy -logsumexp(logits) plus the distance of the cell's pixel description to the "
+    "training cells' and its relative Mahalanobis distance to the training classes', each in units of the training "
+    "cells' interquartile range); higher means less like any training class. Its scale "
     "depends on the model and the score: compare with the quantiles of the model's validation cells (the HTTP "
     "service's GET /metadata `novelty`, `spec.json` `info.novelty_val_quantiles`).",
 }
