@@ -212,6 +212,11 @@ def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
     assert nt["below"]["0.001"]["observed"] > nt["below"]["0.001"]["poisson_95"][1]  # the README's "above"
 
 
+def _signed_interval(g: dict) -> str:
+    """A difference as the README writes it: ``+0.027 [+0.015, +0.038]`` from a ``mean_interval`` record."""
+    return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+
+
 def test_the_pixel_mahalanobis_tests_match_their_files() -> None:
     """The novelty table of five new screens, the second declared test's gain (its interval includes zero: the
     default stayed then) and leave-one-class-out's pick, each from the file the study wrote."""
@@ -221,8 +226,7 @@ def test_the_pixel_mahalanobis_tests_match_their_files() -> None:
         return f"{stats[f'{key}/heldout_pooled']['mean']:.3f} / {stats[f'{key}/novel_vs_screen']['mean']:.3f}"
 
     def gain(stats: dict) -> str:
-        g = stats["energy_pixel_mahalanobis_minus_energy_pixel/heldout_pooled"]
-        return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+        return _signed_interval(stats["energy_pixel_mahalanobis_minus_energy_pixel/heldout_pooled"])
 
     for seed in (8, 1, 11, 12, 13):
         stats = json.loads((base / f"seed{seed}/seeds.json").read_text())["arms"][f"seed{seed}"]
@@ -247,22 +251,20 @@ def test_the_third_pixel_mahalanobis_test_decided_the_default() -> None:
     from training.config import UncertaintyConfig, load_params
 
     base = REPO / "reports/uncertainty_study/intel/pixel_mahalanobis/third"
-    test = json.loads((base / "third_test.json").read_text())["arms"]["third"]
+    third = json.loads((base / "third_test.json").read_text())
+    test = third["arms"]["third"]
     pooled = test["energy_pixel_mahalanobis_minus_energy_pixel/heldout_pooled"]
     novel = test["energy_pixel_mahalanobis_minus_energy_pixel/novel_vs_screen"]
     assert pooled["n"] == 12 and pooled["ci_low"] > 0 and novel["ci_low"] > -0.01  # the rule, (a) and (b)
     assert UncertaintyConfig().novelty == load_params(REPO / "params.yaml").uncertainty.novelty == \
         "energy_pixel_mahalanobis"
 
-    def interval(g: dict) -> str:
-        return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
-
-    screens = json.loads((base / "third_test.json").read_text())["per_run"]["third"].values()
+    screens = third["per_run"]["third"].values()
     for row, key, g in (("held-out pooled", "heldout_pooled", pooled),
                         ("novel phenotype vs screen cells in a training state", "novel_vs_screen", novel)):
         ahead = sum(r[f"energy_pixel_mahalanobis_minus_energy_pixel/{key}"] > 0 for r in screens)
         means = f"{test[f'energy_pixel/{key}']['mean']:.3f} | {test[f'energy_pixel_mahalanobis/{key}']['mean']:.3f}"
-        assert _table_row(row) == f"| {row} | {means} | **{interval(g)}** | {ahead} of 12 |", row
+        assert _table_row(row) == f"| {row} | {means} | **{_signed_interval(g)}** | {ahead} of 12 |", row
     every = json.loads((base / "seventeen_screens.json").read_text())
     arm, runs = every["arms"]["all"], every["per_run"]["all"].values()
     flagged = [r["energy_pixel_mahalanobis/heldout_pooled"] for r in runs]
@@ -277,7 +279,7 @@ def test_the_third_pixel_mahalanobis_test_decided_the_default() -> None:
             f"{figure('energy_pixel_mahalanobis/novel_vs_screen')} (0.95 or more on {sum(v >= 0.95 for v in novel17)}, "
             f"below 0.9 on {sum(v < 0.9 for v in novel17)}:")
     assert len(flagged) == 17 and said in README_FLAT, said
-    gains = [interval(arm[f"energy_pixel_mahalanobis_minus_{k}"]) for k in
+    gains = [_signed_interval(arm[f"energy_pixel_mahalanobis_minus_{k}"]) for k in
              ("energy_pixel/heldout_pooled", "energy_pixel/novel_vs_screen", "pixel_knn/heldout_pooled",
               "pixel_knn/novel_vs_screen")]
     said = f"it gains {gains[0]} pooled and {gains[1]} on the novel phenotype, and flags the held-out classes at"
