@@ -9,7 +9,8 @@ bins, as in the larger SPARCS screen; cutting, PCR and background reads of the s
 none, at each of ``--cells`` (cells per replicate, 2 replicates), and calls hits with every
 method: ours (``spatial``; ``spatial_nt`` with ``hits.gene_null=nt``, the NT pseudo-genes alone; ``spatial_quiet``
 with ``nt_and_quiet_screen``, the screen's gRNAs without those of genes whose other gRNAs stand out;
-``spatial_quiet25`` the same with ``hits.quiet_sibling_p`` 0.25), the published
+``spatial_quiet25`` the same with ``hits.quiet_sibling_p`` 0.25; ``spatial_quiet_only`` with ``quiet_screen``, that
+screen null alone), the published
 SPARCS statistic (``sparcs``: uncorrected p < 0.05; ``sparcs_bh``: with BH), our alpha-RRA (``rra``) and, where it
 is installed, MAGeCK itself (``mageck``, as in ``screen_targets.py``)::
 
@@ -42,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TAIL = (1e-2, 1e-3, 1e-4, 1e-5)
-METHODS = ("spatial", "spatial_nt", "spatial_quiet", "spatial_quiet25", "sparcs", "sparcs_bh", "rra", "mageck")
+METHODS = ("spatial", "spatial_nt", "spatial_quiet", "spatial_quiet25", "spatial_quiet_only", "sparcs", "sparcs_bh", "rra", "mageck")
 GENES, N_NT = 19_750, 1_000  # the genome-scale library: 80,000 gRNAs, 4 per gene
 
 
@@ -73,6 +74,7 @@ def call_all(screen, fdr: float, seed: int, mageck: Path | None, methods: set[st
     calls = {"spatial": lambda: ours(hc.gene_null), "spatial_nt": lambda: ours("nt"),
              "spatial_quiet": lambda: ours("nt_and_quiet_screen"),
              "spatial_quiet25": lambda: ours("nt_and_quiet_screen", 0.25),
+             "spatial_quiet_only": lambda: ours("quiet_screen"),
              "sparcs": lambda: sparcs(False), "sparcs_bh": lambda: sparcs(True),
              "rra": lambda: call_rra(inp, hc.rra_alpha, hc.fdr, hc.null_draws, seed, hc.min_library_reads).genes}
     out = {m: call() for m, call in calls.items() if m in methods}

@@ -163,7 +163,10 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     ``"nt_and_quiet_screen"``: the same, the screen's pseudo-genes drawn from the NT gRNAs and the targeting gRNAs of
     ``quiet_siblings`` at ``sibling_p`` (hits in the screen's null make it conservative; the default at every library
     size: FINDINGS,
-    "Hit calling at genome scale", "Cells mode at genome scale" and "Between 60 and 20,000 genes")."""
+    "Hit calling at genome scale", "Cells mode at genome scale" and "Between 60 and 20,000 genes");
+    ``"quiet_screen"``: that screen null alone, without the larger-of with the NT pseudo-genes (whose p-values,
+    resting on a few hundred NT gRNAs, make the larger of the two conservative in small libraries). The rescaled
+    ``z`` is the NT null's in every case."""
     if gene_null not in get_args(GeneNull):
         raise ValueError(f"gene_null must be one of {', '.join(get_args(GeneNull))}, got {gene_null!r}")
     used = grnas[grnas["used"]]
@@ -183,7 +186,7 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
     screen_null, pool_info = None, {}
     if gene_null != "nt":
         pool = used["z"].to_numpy(float)
-        if gene_null == "nt_and_quiet_screen":
+        if gene_null in ("nt_and_quiet_screen", "quiet_screen"):
             quiet = quiet_siblings(z_tg, codes, n, z_ctrl, sibling_draws, rng, sibling_p)
             pool = np.concatenate([z_ctrl, z_tg[quiet]])
             pool_info = {"screen_null_grnas": int(len(pool)), "screen_null_left_out": int((~quiet).sum())}
@@ -191,7 +194,10 @@ def gene_level(grnas: pd.DataFrame, draws: int, fdr: float, rng: np.random.Gener
 
     def p_value(z: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         p, zr = null.p_value(z, k)
-        return (p if screen_null is None else np.maximum(p, screen_null.p_value(z, k)[0])), zr
+        if screen_null is None:
+            return p, zr
+        p_screen = screen_null.p_value(z, k)[0]
+        return (p_screen if gene_null == "quiet_screen" else np.maximum(p, p_screen)), zr
 
     p, zr = p_value(zg, n)
     q = bh(p)
