@@ -537,3 +537,46 @@ def test_the_encoder_ensembles_true_error_rate_figures_match_their_files() -> No
         f"ATC's label-free one, {(atc <= 0.015).sum()} of 18 at or below 0.015",
     ):
         assert said in README_FLAT, said
+
+
+def test_the_quiet_screen_alone_test_matches_its_files() -> None:
+    """The declared test of `hits.gene_null: quiet_screen` against the default: honesty per size read from the
+    files, the rule's outcome (the default stays), and the figures RESULTS quotes."""
+    from scipy import stats
+
+    from training.config import HitsConfig
+
+    def only(path: str) -> dict:
+        (run,) = json.loads((REPO / path / "genome_scale.json").read_text())["by_cells_per_replicate"].values()
+        return run
+
+    runs = {g: only(f"reports/screen/library_size/quiet_only_{g}") for g in (250, 1000, 4000)}
+    runs[20000] = only("reports/screen/genome_scale/quiet_only_1.7e7")
+    honest, gain = {}, {}
+    for genes, run in runs.items():
+        q = run["spatial_quiet_only"]
+        tails = ("0.01", "0.001", "0.0001", "1e-05") if genes == 20000 else ("0.01", "0.001")
+        calls = q["null_screens"] - q["null_screens_zero_called"]
+        honest[genes] = ((q["fdp"] <= 0.1 or q["fdp_95ci"][0] <= 0.1) and calls <= (3 if genes == 20000 else 11)
+                         and all(q["null_genes_below"][t]["observed"] <= q["null_genes_below"][t]["poisson_95"][1]
+                                 for t in tails))
+        d = q["minus_spatial"]["recall_all"]
+        gain[genes] = d
+        assert f"{d['mean']:+.3f} [{d['95ci'][0]:+.3f}, {d['95ci'][1]:+.3f}]" in README_FLAT, genes
+    s = json.loads((REPO / "reports/screen/library_size/60_quiet_only/targets.json").read_text())["spatial"]
+    tops = [stats.poisson.ppf(0.975, float(t) * s["n_null_p"]) for t in ("0.01", "0.001")]
+    honest[60] = ((s["fdp"] <= 0.1 or s["fdp_95ci"][0] <= 0.1) and s["null_seeds_zero_called"] >= 24
+                  and s["null_p_below"]["0.01"] <= tops[0] and s["null_p_below"]["0.001"] <= tops[1])
+    assert [g for g in (60, 250, 1000, 4000, 20000) if not honest[g]] == [250, 4000]
+    assert all(gain[g]["95ci"][0] > 0 for g in (250, 1000))  # part (2) held; part (1) did not
+    assert HitsConfig().gene_null == "nt_and_quiet_screen"  # the rule's outcome
+    q250, q4000 = runs[250]["spatial_quiet_only"], runs[4000]["spatial_quiet_only"]
+    b250 = q250["null_genes_below"]
+    for said in (
+        f"({b250['0.01']['observed']} against {b250['0.01']['expected']:.0f} expected at 250 genes; the default "
+        f"{runs[250]['spatial']['null_genes_below']['0.01']['observed']})",
+        f"at 250 genes {q250['null_screens'] - q250['null_screens_zero_called']} of 60 screens without hits had",
+        f"({b250['0.001']['observed']} against {b250['0.001']['poisson_95'][1]}, "
+        f"{q4000['null_genes_below']['0.001']['observed']:,} against {q4000['null_genes_below']['0.001']['poisson_95'][1]:,})",
+    ):
+        assert said in README_FLAT, said
