@@ -43,7 +43,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 TAIL = (1e-2, 1e-3, 1e-4, 1e-5)
-METHODS = ("spatial", "spatial_nt", "spatial_quiet", "spatial_quiet25", "spatial_quiet_only", "sparcs", "sparcs_bh", "rra", "mageck")
+METHODS = ("spatial", "spatial_nt", "spatial_quiet", "spatial_quiet25", "spatial_quiet_only", "sparcs", "sparcs_bh",
+           "rra", "mageck")
 GENES, N_NT = 19_750, 1_000  # the genome-scale library: 80,000 gRNAs, 4 per gene
 
 

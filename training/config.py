@@ -454,7 +454,8 @@ class SequenceConfig(Section):
 
 
 NtNull = Literal["leave_one_out", "in_sample"]  # how the NT gRNAs' own z-scores for the hits null are fitted
-GeneNull = Literal["nt", "nt_and_screen", "nt_and_quiet_screen", "quiet_screen"]  # the pseudo-genes a gene's Stouffer Z is judged against
+# the pseudo-genes a gene's Stouffer Z is judged against
+GeneNull = Literal["nt", "nt_and_screen", "nt_and_quiet_screen", "quiet_screen"]
 SIBLING_P = 0.05  # nt_and_quiet_screen: a gRNA whose siblings reach this p leaves the screen's null
 
 
@@ -481,7 +482,8 @@ class HitsConfig(Section):
         "out (nt_and_quiet_screen, the default at every library size since 2026-12-07: the hits' gRNAs left out, the "
         "null genes' jackpots kept; with the NT null alone null genes got too many small p-values with 40-400 NT "
         "gRNAs, and with 1,000 at 20,000 genes), or that screen null alone (quiet_screen: no larger-of with the NT "
-        "pseudo-genes, whose p-values from a few hundred NT gRNAs make the larger conservative in small libraries)")
+        "pseudo-genes, whose p-values from a few hundred NT gRNAs make the larger conservative in small libraries; "
+        "more recall below 1,000 genes, but too many small null p-values at 250 and 4,000 genes, so an option)")
     quiet_sibling_p: float = Field(SIBLING_P, gt=0, le=1, description="(nt_and_)quiet_screen: a gRNA leaves the "
                                    "screen's null when its gene's other gRNAs reach this p against NT pseudo-genes")
     min_cells: int = Field(1, ge=1, description="cells mode: gRNAs with fewer cells are dropped")
