@@ -552,6 +552,41 @@ def test_the_encoder_ensembles_true_error_rate_figures_match_their_files() -> No
         assert said in README_FLAT, said
 
 
+def test_the_jeffreys_prior_atc_test_matches_its_files() -> None:
+    """The declared test of ATC with Jeffreys' prior: the rule's outcome read from its files (plain ATC ships), the
+    fresh nine's figures, and the study's own label-free ECE equal to the script's ATC arm on the same logits."""
+    import inspect
+
+    from training.uncertainty.shift import atc_threshold
+
+    sets = {n: json.loads((REPO / f"reports/uncertainty_study/intel/atc_jeffreys/{n}.json").read_text())
+            for n in ("fresh", "scratch_folds", "others", "folds27", "encoder27")}
+    gain = {n: d["summary"]["minus_atc/atc_jeffreys"] for n, d in sets.items()}
+    assert gain["folds27"]["n"] == 27 and gain["others"]["n"] == 16
+    adopt = gain["folds27"]["ci_high"] < 0 and not gain["others"]["ci_low"] > 0
+    assert not adopt and inspect.signature(atc_threshold).parameters["prior"].default == 0.0  # plain ATC ships
+    fresh, enc = sets["fresh"]["summary"], sets["encoder27"]["summary"]
+    study = [r["label_free"]["ece"] for f in sorted((REPO / "reports/uncertainty_study/intel/folds_encoder_rep2").glob(
+        "*/calibration.json")) for r in json.loads(f.read_text())["runs"]]
+    assert sorted(study) == pytest.approx(sorted(r["ece"]["atc"] for r in sets["fresh"]["runs"]))
+
+    def ci(g: dict) -> str:
+        return f"{g['mean']:+.4f} [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]"
+
+    for said in (
+        f"ATC {fresh['ece/atc']:.4f}, **{fresh['at_most_0.015/atc']} of 9** at or below 0.015, so the target stays "
+        f"unmet; with the prior {fresh['ece/atc_jeffreys']:.4f} and {fresh['at_most_0.015/atc_jeffreys']} of 9",
+        f"changes ECE by {ci(gain['folds27'])}, on sixteen other ensembles by {ci(gain['others'])}",
+        f"ATC gives {enc['ece/atc']:.4f} and {enc['at_most_0.015/atc']} of 27",
+        f"one temperature gives {fresh['at_most_0.015/true']} of the fresh 9 ({enc['at_most_0.015/true']} of 27",
+        f"sets it from the slide's unlabeled cells ({enc['ece/atc']:.3f} on average over 27 ensembles, "
+        f"{enc['at_most_0.015/atc']} at or below 0.015)",
+        f"ATC {fresh['at_most_0.015/atc']} of 9 ({enc['at_most_0.015/atc']} of 27 in all, {enc['ece/atc']:.4f}), the "
+        f"true rate matched {fresh['at_most_0.015/true']} of 9",
+    ):
+        assert said in README_FLAT, said
+
+
 def test_the_quiet_screen_alone_test_matches_its_files() -> None:
     """The declared test of `hits.gene_null: quiet_screen` against the default: honesty per size read from the
     files, the rule's outcome (the default stays), and the figures RESULTS quotes."""

@@ -321,12 +321,15 @@ def test_label_free_posthoc_matches_each_predicted_error_and_reads_the_study_fil
     assert done.returncode == 0, done.stderr
     run = json.loads((tmp_path / "out.json").read_text())["runs"][0]
     lv, lt = pooled_log_probs(val), pooled_log_probs(test)
-    err = {"atc": predicted_error(lt, atc_threshold(lv, yv)), "true": float((lt.argmax(1) != yt).mean())}
+    err = {"atc": predicted_error(lt, atc_threshold(lv, yv)), "true": float((lt.argmax(1) != yt).mean()),
+           "atc_jeffreys": predicted_error(lt, atc_threshold(lv, yv, prior=0.5))}
     for arm, e in err.items():
         assert run["predicted_error"][arm] == pytest.approx(e)
         t = temperature_for_accuracy(lt, 1 - e)
         assert run["ece"][arm] == pytest.approx(calibration_report(softmax(lt / t), yt, 15)["ece"])
     assert run["predicted_error"]["disagreement"] == 0.0
+    summary = json.loads((tmp_path / "out.json").read_text())["summary"]  # each method paired with ATC
+    assert summary["minus_atc/atc_jeffreys"]["mean"] == pytest.approx(run["ece"]["atc_jeffreys"] - run["ece"]["atc"])
     assert set(run["labeled"]) == {"50", "100", "200"}
 
 
