@@ -113,24 +113,6 @@ def test_atc_predicts_the_error_share_and_sets_the_temperature_that_matches_it()
     assert predicted_error(new, -np.inf) == 0.0
 
 
-def test_atc_prior_counts_the_validation_errors_as_a_posterior_mean():
-    """With Jeffreys' prior the threshold sits at the (errors + 1/2) / (cells + 1) share of the validation
-    confidences: 10 errors of 100 move it from 10 cells to 10.4 cells below; no error still gives a finite one."""
-    from training.uncertainty.shift import atc_threshold
-
-    margins = np.linspace(0.1, 6.0, 100)
-    val = np.c_[margins, np.zeros(100)]
-    conf = -np.log1p(np.exp(-margins))
-    y = np.zeros(100, dtype=np.int64)
-    y[:10] = 1
-    assert atc_threshold(val, y, prior=0.0) == pytest.approx((conf[9] + conf[10]) / 2)
-    position = 100 * 10.5 / 101 - 0.5  # 9.896: between the 10th and 11th lowest confidence
-    assert atc_threshold(val, y, prior=0.5) == pytest.approx(conf[9] + (position - 9) * (conf[10] - conf[9]))
-    assert atc_threshold(val, np.zeros(100, dtype=np.int64), prior=0.5) == pytest.approx(conf[0])
-    with pytest.raises(ValueError, match="prior must be >= 0"):
-        atc_threshold(val, y, prior=-1.0)
-
-
 def test_temperature_for_accuracy_has_the_closed_form_and_stops_at_the_bounds():
     from training.uncertainty.shift import temperature_for_accuracy
 

@@ -322,7 +322,7 @@ def test_label_free_posthoc_matches_each_predicted_error_and_reads_the_study_fil
     run = json.loads((tmp_path / "out.json").read_text())["runs"][0]
     lv, lt = pooled_log_probs(val), pooled_log_probs(test)
     err = {"atc": predicted_error(lt, atc_threshold(lv, yv)), "true": float((lt.argmax(1) != yt).mean()),
-           "atc_jeffreys": predicted_error(lt, atc_threshold(lv, yv, prior=0.5))}
+           "atc_jeffreys": predicted_error(lt, _load_script("label_free_posthoc").jeffreys_threshold(lv, yv))}
     for arm, e in err.items():
         assert run["predicted_error"][arm] == pytest.approx(e)
         t = temperature_for_accuracy(lt, 1 - e)
@@ -392,6 +392,25 @@ def _load_script(name: str):
     sys.modules[name] = module  # dataclasses look their module up
     spec.loader.exec_module(module)
     return module
+
+
+def test_jeffreys_threshold_counts_the_validation_errors_as_a_posterior_mean():
+    """label_free_posthoc.py's ATC with Jeffreys' prior: 10 errors of 100 put the threshold at the 10.5 / 101 share
+    of the validation confidences, where plain ATC puts it midway between the 10th and 11th; no error still gives a
+    finite one (the lowest confidence)."""
+    from training.uncertainty.shift import atc_threshold
+
+    jeffreys_threshold = _load_script("label_free_posthoc").jeffreys_threshold
+    margins = np.linspace(0.1, 6.0, 100)
+    val = np.c_[margins, np.zeros(100)]
+    conf = -np.log1p(np.exp(-margins))  # the largest log-probability of [m, 0]
+    y = np.zeros(100, dtype=np.int64)
+    y[:10] = 1
+    assert atc_threshold(val, y) == pytest.approx((conf[9] + conf[10]) / 2)
+    assert jeffreys_threshold(val, y, prior=0.0) == pytest.approx(atc_threshold(val, y))
+    position = 100 * 10.5 / 101 - 0.5  # 9.896: between the 10th and 11th lowest confidence
+    assert jeffreys_threshold(val, y) == pytest.approx(conf[9] + (position - 9) * (conf[10] - conf[9]))
+    assert jeffreys_threshold(val, np.zeros(100, dtype=np.int64)) == pytest.approx(conf[0])
 
 
 def test_al_tests_tables_each_declared_test_and_counts_what_chance_gives(tmp_path):

@@ -34,24 +34,14 @@ def confidence(logp: np.ndarray) -> np.ndarray:
     return special.log_softmax(z, axis=1).max(axis=1)
 
 
-def atc_threshold(logp: np.ndarray, labels: np.ndarray, prior: float = 0.0) -> float:
+def atc_threshold(logp: np.ndarray, labels: np.ndarray) -> float:
     """The confidence threshold below which as many validation cells fall as are misclassified (midway between the
-    n-th and (n+1)-th lowest confidence, n = misclassified cells; -inf when none is, +inf when all are).
-
-    With ``prior`` > 0 the count is not taken at face value: the validation error rate is the posterior mean under a
-    Beta(prior, prior) prior, ``(errors + prior) / (cells + 2 prior)`` (0.5 is Jeffreys' prior), and the threshold
-    sits where that share of the validation confidences falls below it (linear between cells). A few validation
-    errors estimate a rate of a few percent coarsely, and this is always finite."""
+    n-th and (n+1)-th lowest confidence, n = misclassified cells; -inf when none is, +inf when all are)."""
     z, y = check_scores_labels(logp, labels, "log-probabilities")
     if y.size == 0:
         raise ValueError("no validation cells to set the ATC threshold on")
-    if prior < 0:
-        raise ValueError(f"prior must be >= 0, got {prior}")
     n_errors = int((z.argmax(axis=1) != y).sum())
     s = np.sort(confidence(z))
-    if prior > 0:
-        share = (n_errors + prior) / (y.size + 2 * prior)
-        return float(np.interp(share * y.size - 0.5, np.arange(y.size), s))
     if n_errors == 0:
         return float("-inf")
     if n_errors == y.size:
