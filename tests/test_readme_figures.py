@@ -566,6 +566,11 @@ def test_the_amd_make_run_figures_match_its_files() -> None:
     assert said in README_FLAT, said
     assert amd["hits"]["spatial/false_discoveries"] == 0 and intel["hits"]["spatial/false_discoveries"] == 1
     assert a["ece"] > 0.015 >= i["ece"] and a["ece_calibration_p"] < 0.05  # "the ECE target is missed" there
+    same_pair = [r["pooled"]["ece"] for d in ("intel/folds_encoder", "intel/folds_encoder_rep", "amd/folds_encoder_rep2")
+                 for r in json.loads((REPO / f"reports/uncertainty_study/{d}/s2s3/calibration.json").read_text())["runs"]]
+    said = (f"nine study ensembles fine-tuned from an encoder (three encoders; six ensembles on Intel, three on AMD) "
+            f"score {min(same_pair):.4f} to {max(same_pair):.4f}")
+    assert len(same_pair) == 9 and said in README_FLAT, said
 
 
 def test_the_jeffreys_prior_atc_test_matches_its_files() -> None:
