@@ -422,11 +422,20 @@ def _table_row(first_cell: str) -> str:
     return rows[0]
 
 
+def _row_after(head: str) -> str:
+    """The table row right below the one that starts ``| head |`` (the same measurement on another machine)."""
+    lines = README.splitlines()
+    i = next(k for k, line in enumerate(lines) if line.startswith(f"| {head} |"))
+    assert lines[i + 1].startswith("| the same |"), lines[i + 1][:80]
+    return lines[i + 1]
+
+
 def test_make_run_timings_match_their_records() -> None:
-    """Every timed run the README's `make run` row names reads as its record's seconds."""
-    row = _table_row("`make run` (`make install` with pip's cache warm, then `dvc repro`)")
+    """Every timed run the README's `make run` rows name (Intel, then AMD below it) reads as its record's seconds."""
+    head = "`make run` (`make install` with pip's cache warm, then `dvc repro`)"
+    row = _table_row(head) + _row_after(head)
     checked = 0
-    for record in sorted((REPO / "reports/make_run").glob("intel_*.json")):
+    for record in sorted((REPO / "reports/make_run").glob("intel_*.json")) + [REPO / "reports/make_run/amd_fcaa842.json"]:
         run = json.loads(record.read_text())
         sha, seconds = run["commit"], run.get("seconds")
         if f"`{sha}`" not in row or not isinstance(seconds, int):
@@ -459,6 +468,10 @@ def test_ci_timings_and_counts_match_their_records() -> None:
     for sha, options in walls.items():
         assert any(re.search(rf"{m} min {s} s[^|]*?`{sha}`", row) for m, s in options), (sha, options)
     assert len(walls) >= 5
+    amd, amd_row = json.loads((REPO / "reports/make_run/ci_amd.json").read_text())["runs"][-1], _row_after(head[2:-2])
+    counts = re.match(r"(\d+ passed, \d+ skipped)", amd["pytest"])[1]
+    assert any(amd_row.startswith(f"| the same | {m} min {s} s ") for m, s in said(amd["wall"])), amd_row[:80]
+    assert counts in amd_row and f"`{amd['commit']}`" in amd_row
 
 
 def test_the_readmes_own_headline_table_matches_the_files() -> None:
