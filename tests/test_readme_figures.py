@@ -225,9 +225,9 @@ def test_the_cells_mode_genome_scale_figures_match_their_file() -> None:
     assert nt["below"]["0.001"]["observed"] > nt["below"]["0.001"]["poisson_95"][1]  # the README's "above"
 
 
-def _signed_interval(g: dict) -> str:
+def _signed_interval(g: dict, digits: int = 3) -> str:
     """A difference as the README writes it: ``+0.027 [+0.015, +0.038]`` from a ``mean_interval`` record."""
-    return f"{g['mean']:+.3f} [{g['ci_low']:+.3f}, {g['ci_high']:+.3f}]"
+    return f"{g['mean']:+.{digits}f} [{g['ci_low']:+.{digits}f}, {g['ci_high']:+.{digits}f}]"
 
 
 def test_the_pixel_mahalanobis_tests_match_their_files() -> None:
@@ -425,9 +425,9 @@ def _table_row(first_cell: str) -> str:
 def _row_after(head: str) -> str:
     """The table row right below the one that starts ``| head |`` (the same measurement on another machine)."""
     lines = README.splitlines()
-    i = next(k for k, line in enumerate(lines) if line.startswith(f"| {head} |"))
-    assert lines[i + 1].startswith("| the same |"), lines[i + 1][:80]
-    return lines[i + 1]
+    after = lines[lines.index(_table_row(head)) + 1]
+    assert after.startswith("| the same |"), after[:80]
+    return after
 
 
 def test_make_run_timings_match_their_records() -> None:
@@ -604,13 +604,11 @@ def test_the_jeffreys_prior_atc_test_matches_its_files() -> None:
         "*/calibration.json")) for r in json.loads(f.read_text())["runs"]]
     assert sorted(study) == pytest.approx(sorted(r["ece"]["atc"] for r in sets["fresh"]["runs"]))
 
-    def ci(g: dict) -> str:
-        return f"{g['mean']:+.4f} [{g['ci_low']:+.4f}, {g['ci_high']:+.4f}]"
-
     for said in (
         f"ATC {fresh['ece/atc']:.4f}, **{fresh['at_most_0.015/atc']} of 9** at or below 0.015, so the target stays "
         f"unmet; with the prior {fresh['ece/atc_jeffreys']:.4f} and {fresh['at_most_0.015/atc_jeffreys']} of 9",
-        f"changes ECE by {ci(gain['folds27'])}, on sixteen other ensembles by {ci(gain['others'])}",
+        f"changes ECE by {_signed_interval(gain['folds27'], 4)}, on sixteen other ensembles by "
+        f"{_signed_interval(gain['others'], 4)}",
         f"ATC gives {enc['ece/atc']:.4f} and {enc['at_most_0.015/atc']} of 27",
         f"one temperature gives {fresh['at_most_0.015/true']} of the fresh 9 ({enc['at_most_0.015/true']} of 27",
         f"sets it from the slide's unlabeled cells ({enc['ece/atc']:.3f} on average over 27 ensembles, "
