@@ -20,7 +20,15 @@ from training.data.splits import make_splits
 from training.data.trainset import keep_label_fraction, prepare_data
 from training.errors import TrainingError
 from training.models.factory import build_model
-from training.regimes.contrastive import ENCODER, SUMMARY, nt_xent, pretrain_encoder, pretraining_cells
+from training.regimes.contrastive import (
+    ENCODER,
+    SUMMARY,
+    linear_probe,
+    nt_xent,
+    pretrain_encoder,
+    pretraining_cells,
+    probe_loaders,
+)
 
 
 def test_nt_xent_on_orthogonal_views_matches_the_hand_computed_loss():
@@ -67,8 +75,6 @@ def test_pretrain_then_fine_tune_from_the_encoder(tiny_data, tmp_path, one_threa
     assert len(losses) == 4 and losses[-1] < losses[0]
     assert summary["cells"] == len(pretraining_cells(tiny_data, None, 0))
     assert json.loads((tmp_path / "pre" / SUMMARY).read_text())["final_loss"] == pytest.approx(losses[-1])
-    for key in ("probe_val_balanced_accuracy", "probe_val_balanced_accuracy_random_init"):
-        assert 0.0 <= summary[key] <= 1.0
     # the encoder is what fine-tuning starts from: model.pretrained loads it tensor for tensor
     saved = torch.load(tmp_path / "pre" / ENCODER, map_location="cpu")["state_dict"]
     tuned_cfg = params.model.model_copy(update={"pretrained": str(tmp_path / "pre" / ENCODER)})
@@ -78,6 +84,14 @@ def test_pretrain_then_fine_tune_from_the_encoder(tiny_data, tmp_path, one_threa
     torch.manual_seed(params.train.seed)
     fresh = build_model(params.model, len(tiny_data.channels), len(tiny_data.classes))
     assert not torch.equal(fresh.stages[0].blocks[0].conv_dw.weight, model.stages[0].blocks[0].conv_dw.weight)
+    # the two probes in the summary are of the saved encoder and of the random init it started from
+    probes = probe_loaders(tiny_data, params)
+    assert summary["probe_val_balanced_accuracy"] == linear_probe(model, probes, torch.device("cpu"))
+    assert summary["probe_val_balanced_accuracy_random_init"] == linear_probe(fresh, probes, torch.device("cpu"))
+    with torch.no_grad():  # a model with constant features: the probe can only call one class for every cell
+        for weight in fresh.parameters():
+            weight.zero_()
+    assert linear_probe(fresh, probes, torch.device("cpu")) == pytest.approx(1 / len(tiny_data.classes))
     # the same seed gives the same encoder, bit for bit, and the same file, byte for byte (DVC's hash of it holds)
     again = pretrain_encoder(tiny_data, params, tmp_path / "again", progress=False)
     assert again["history"] == summary["history"]
