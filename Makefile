@@ -32,9 +32,9 @@ PACKAGES_mageck := mageck2
 run: install
 	dvc repro
 
-# Two pytest workers (pytest-xdist), a test file per worker at a time so that a module's fixtures (the dvc repro, the
-# tiny ensembles) are built once per worker: on a 2-core machine the suite is I/O- and start-up-bound enough that two
-# workers cut it by a third. `make test TEST_WORKERS=0` runs it in one process, as before.
+# Two pytest workers (pytest-xdist), a test file per worker at a time so that a module's fixtures (the dvc repro) stay
+# in one worker: on a 2-core machine one process leaves a core idle while it waits on start-up, servers and disk, and
+# two workers cut the suite by about a quarter. `make test TEST_WORKERS=0`: one process.
 TEST_WORKERS ?= 2
 test: install mageck-env
 	$(BIN)/pytest -q $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)

@@ -650,3 +650,19 @@ def test_the_quiet_screen_alone_test_matches_its_files() -> None:
         f"{q4000['null_genes_below']['0.001']['observed']:,} against {q4000['null_genes_below']['0.001']['poisson_95'][1]:,})",
     ):
         assert said in README_FLAT, said
+
+
+def test_the_test_worker_figures_match_their_record() -> None:
+    """`make test`'s two workers against one process: both pytest durations and the count from the timed record."""
+    record = json.loads((REPO / "reports/make_run/test_workers_amd.json").read_text())
+    runs = {run["workers"]: run for run in record["runs"]}
+
+    def minutes(run: dict) -> str:
+        m, s = re.search(r"\((\d+):(\d+):(\d+)\)", run["pytest"]).groups()[1:]
+        return f"{int(m)} min {int(s)} s"
+
+    passed = {re.match(r"(\d+) passed", run["pytest"])[1] for run in runs.values()}
+    said = (f"one clone of `{record['commit']}`, back to back: {minutes(runs[0])} in one process, {minutes(runs[2])} "
+            f"in two, the same {passed.pop()} tests passing")
+    assert not passed and said in README_FLAT, said
+    assert all(run["rc"] == 0 for run in runs.values())
