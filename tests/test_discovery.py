@@ -158,11 +158,14 @@ def test_queue_puts_the_gene_driven_cluster_before_a_larger_one_without_a_gene(t
 
 
 def test_discover_without_genotypes_writes_cell_lists_only(tiny_manifest, tmp_path):
-    df, _ = _planted_scores(tiny_manifest.parent / "screen_s0.h5sc", np.random.default_rng(4))
+    df, planted = _planted_scores(tiny_manifest.parent / "screen_s0.h5sc", np.random.default_rng(4))
     write_table(df, tmp_path / "s.parquet")
     m = discover(tmp_path / "s.parquet", {}, "LC3B", tmp_path / "q", threshold=2.0)
-    assert not (tmp_path / "q" / "cluster_genes.csv").exists()
-    assert (tmp_path / "q" / "cluster_0_cells.csv").is_file() and "top_cluster_top_gene" not in m
+    assert not (tmp_path / "q" / "cluster_genes.csv").exists() and "top_cluster_top_gene" not in m
+    cells, _ = read_table(tmp_path / "q" / "cells.parquet")
+    cut = pd.read_csv(tmp_path / "q" / "cluster_0_cells.csv")  # the top cluster, ready to cut out as its own bin
+    assert list(cut.columns) == ["source_file", "cell_id"]
+    assert set(cut["cell_id"]) == set(cells.loc[cells["cluster"] == 0, "cell_id"]) >= set(df["cell_id"][planted])
 
 
 def test_bad_inputs_name_the_file_and_leave_nothing(tiny_manifest, tmp_path):
