@@ -161,6 +161,12 @@ def test_knn_bank_is_capped_and_seeded():
     a, b = KNNNovelty(max_bank=10, seed=3).fit(x), KNNNovelty(max_bank=10, seed=3).fit(x)
     assert a.bank_.shape == (10, 4)
     np.testing.assert_array_equal(a.bank_, b.bank_)
+    other = KNNNovelty(max_bank=10, seed=4).fit(x).bank_
+    assert not np.array_equal(a.bank_, other)  # the seed picks the bank
+    normed = x / np.linalg.norm(x, axis=1, keepdims=True)
+    for bank in (a.bank_, other):  # ten distinct training cells, each kept whole (L2-normalised)
+        hits = [np.flatnonzero(np.isclose(normed, row).all(axis=1)) for row in bank]
+        assert all(len(h) == 1 for h in hits) and len({int(h[0]) for h in hits}) == 10
 
 
 def test_energy_is_negative_logsumexp():
