@@ -166,6 +166,9 @@ def test_discover_without_genotypes_writes_cell_lists_only(tiny_manifest, tmp_pa
     cut = pd.read_csv(tmp_path / "q" / "cluster_0_cells.csv")  # the top cluster, ready to cut out as its own bin
     assert list(cut.columns) == ["source_file", "cell_id"]
     assert set(cut["cell_id"]) == set(cells.loc[cells["cluster"] == 0, "cell_id"]) >= set(df["cell_id"][planted])
+    # on this seed the mixture (no noise label; BIC does not pay for a 4-cell component) takes the 4 scattered novel
+    # cells into the planted cluster: the README says so beside the clustering
+    assert len(cut) == N_PLANTED + 4 and set(cut["cell_id"]) == set(df["cell_id"][df["novelty"] > 2.0])
 
 
 def test_bad_inputs_name_the_file_and_leave_nothing(tiny_manifest, tmp_path):
