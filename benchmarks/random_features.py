@@ -130,7 +130,8 @@ def task_part(params, archs) -> dict:
     sets = {"train": data.split("train"), "test": data.split("test"), "heldout": held,
             "screen_trained_states": screen[screen["state"].isin(["on", "blocked"]).to_numpy() & ~novel],
             "novel": screen[novel]}
-    cells = pd.concat([c[KEY] for c in sets.values()], ignore_index=True).drop_duplicates(KEY, ignore_index=True)
+    keys = pd.concat([c[KEY] for c in sets.values()], ignore_index=True).drop_duplicates(KEY)
+    cells = index.merge(keys, on=KEY, validate="one_to_one")  # the index's rows: what the loader reads
     feats = describe(cells, params, data.channels, archs)
     sets = {n: subset(feats, cells, c) for n, c in sets.items()}
     labels = held["label"].astype(str).to_numpy()

@@ -680,3 +680,18 @@ def test_the_second_amd_make_run_wrote_the_first_ones_metrics() -> None:
     said = (f"a `make run` in a later session (`reports/make_run/amd_{record['commit']}.json`) wrote "
             "`metrics/evaluate.json`, `hits.json` and `discovery.json` byte for byte as the first")
     assert said in README_FLAT, said
+
+
+def test_the_untrained_network_study_matches_its_file() -> None:
+    """Leave-one-class-out of untrained networks against `pixel_knn`: the declared rule's outcome (no architecture
+    0.02 above `pixel_knn`, so its step 2 did not run), `pixel_knn` the Intel run's on every fold, and RESULTS' figures."""
+    loco = json.loads((REPO / "reports/uncertainty_study/amd/random_features/loco.json").read_text())["result"]
+    intel = json.loads((REPO / "reports/uncertainty_study/intel/pixel/loco.json").read_text())["seeds"][0]  # no model
+    mean = loco["mean_auroc"]
+    assert {f: loco["folds"][f]["pixel_knn"] for f in intel["folds"]} == pytest.approx(
+        {f: v["pixel_knn"] for f, v in intel["folds"].items()}, abs=1e-3)
+    assert not [a for a in ("random_vgg", "random_convnext_p1", "random_convnext") if mean[a] >= mean["pixel_knn"] + 0.02]
+    low, high = sorted((mean["random_convnext"], mean["random_convnext_p1"]))
+    said = (f"an untrained VGG scores {mean['random_vgg']:.3f}, below `pixel_knn`'s {mean['pixel_knn']:.3f} on the same "
+            f"cells, and untrained ConvNeXts at either stem {low:.2f}-{high:.2f}, near chance")
+    assert said in README_FLAT, said
