@@ -128,9 +128,11 @@ def test_typiclust_takes_one_dense_point_per_cluster():
     x = np.concatenate([c + rng.normal(0, 1, (50, 2)) for c in centres])
     pos, typ = typiclust(x, 3, np.random.default_rng(1), neighbors=10)
     assert sorted((pos // 50).tolist()) == [0, 1, 2]
-    for p in pos:  # the pick is near its blob's centre, not an outlier
-        assert np.linalg.norm(x[p] - centres[p // 50]) < 1.5
-    assert (typ > 0).all()
+    for p, t in zip(pos, typ, strict=True):  # the pick is its blob's most typical point, not an outlier
+        blob = x[p // 50 * 50 : p // 50 * 50 + 50]
+        nearest = np.sort(np.linalg.norm(blob[:, None] - blob[None], axis=2), axis=1)[:, 1:11]
+        assert t == pytest.approx(1 / nearest.mean(axis=1).min(), rel=1e-6)  # 1 / mean distance to 10 neighbours
+        assert p % 50 == np.argmin(nearest.mean(axis=1))
 
 
 def _blob(centre, n, radius):
@@ -147,7 +149,7 @@ def test_typiclust_query_takes_the_centres_of_the_largest_uncovered_clusters():
     pos, typ = select("typiclust", 2, np.random.default_rng(0), embeddings=pool, labeled_embeddings=labeled,
                       neighbors=100)
     assert pos.tolist() == [30, 50]  # the centre of the 20-blob (the largest uncovered), then of the 12-blob
-    assert (typ > 0).all()
+    assert typ == pytest.approx([1.0, 1.0], rel=1e-6)  # each centre is 1.0 from every mate in its cluster
     # with a label in the 20-blob instead, the largest uncovered cluster is the 30-blob: its centre comes first
     pos, _ = typiclust_query(pool, np.array([[50.1, 0.2]]), 2, np.random.default_rng(0), neighbors=100)
     assert pos.tolist() == [0, 50]

@@ -151,7 +151,15 @@ def test_cli_score_with_embeddings(files, tiny_ensemble, reference, tmp_path):
     df = pd.read_parquet(out)
     assert_same_scores(df.drop(columns="embedding"), reference)
     emb = np.stack(df["embedding"].to_numpy())
-    assert emb.shape == (140, 32) and np.isfinite(emb).all()  # the tiny model's last stage has 32 channels
+    assert emb.shape == (140, 32)  # the tiny model's last stage has 32 channels
+    # the members' mean penultimate features, as the ensemble gives them for the stored stacks (rows in file order)
+    ens = Ensemble.load(tiny_ensemble)
+    want = []
+    for f in files:
+        with CellFile(f) as cf:
+            x = ens.preprocess(ens.select_channels(cf.read(0, cf.n_cells)))
+        want.append(ens.predict_tensor(x, with_features=True)["features"])
+    np.testing.assert_allclose(emb, np.concatenate(want), rtol=1e-4, atol=1e-5)
     assert json.loads(summary.read_text())["n_cells"] == 140
 
 

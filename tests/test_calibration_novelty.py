@@ -15,6 +15,7 @@ from training.uncertainty.decompose import decompose, decompose_pooled, softmax
 from training.uncertainty.novelty import (
     NOVELTY_KINDS,
     EnergyNovelty,
+    GaussianDensity,
     KNNNovelty,
     PixelKNN,
     PixelMahalanobis,
@@ -200,16 +201,20 @@ def test_energy_multistage_is_the_sum_of_both_scores_scaled_by_their_training_iq
 
 
 def test_relative_mahalanobis_ignores_the_direction_all_classes_share():
-    """Two classes spread widely along x (shared) and separated along y: a cell far out along x is as typical
-    for the background as for its class, so its relative score stays low; a cell off along z is novel."""
+    """Two classes spread widely along x (a direction they share) and apart along y. A cell far out along x is as far
+    from the background as from its class: the plain class distance flags it, the relative score leaves it level
+    with a typical cell. A cell between the classes is near the background and far from both: novel for both."""
     rng = np.random.default_rng(0)
     n = 2000
     x = np.c_[rng.normal(0, 5, n), np.repeat([-3.0, 3.0], n // 2) + rng.normal(0, 0.5, n), rng.normal(0, 0.5, n)]
     y = np.repeat([0, 1], n // 2)
-    rmd = RelativeMahalanobis().fit(x, y)
-    typical, along_x, off_z = np.array([[0, 3, 0]]), np.array([[12.0, 3, 0]]), np.array([[0, 3, 3.0]])
-    s = [rmd.score(v)[0] for v in (typical, along_x, off_z)]
-    assert s[2] > s[1] and s[2] > s[0]
+    rmd, plain = RelativeMahalanobis().fit(x, y), GaussianDensity().fit(x, y)
+    typical, along_x, between = np.array([[0, 3, 0]]), np.array([[12.0, 3, 0]]), np.array([[0.0, 0, 0]])
+    s = [rmd.score(v)[0] for v in (typical, along_x, between)]
+    d2 = [plain.score(v)[0] ** 2 for v in (typical, along_x, between)]
+    assert d2[1] - d2[0] > 5  # (12 / 5)^2 = 5.8: the plain distance counts the shared direction
+    assert abs(s[1] - s[0]) < 0.5  # the relative score does not
+    assert s[2] > 30 and d2[2] > 30  # (3 / 0.5)^2 = 36 from either class, about 0 from the background
 
 
 @pytest.mark.parametrize("kind", NOVELTY_KINDS)

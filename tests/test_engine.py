@@ -14,6 +14,7 @@ from training.config import AugmentConfig, ModelConfig, TrainConfig
 from training.data.augment import Augmenter
 from training.engine import (
     SupervisedObjective,
+    evaluate,
     fit,
     predict,
     seed_everything,
@@ -252,8 +253,11 @@ def test_schedule_sgd_and_step_cap() -> None:
 def test_unlabeled_cells_are_ignored_and_bad_weights_refused() -> None:
     x, y = blobs(64, 0)
     y[::2] = -1
-    res = fit(make(), Loader(x, y), Loader(x, y, shuffle=False), cfg(epochs=1), objective(), 2, progress=False)
-    assert math.isfinite(res.history[0]["val_loss"])
+    model = make()
+    res = fit(model, Loader(x, y), Loader(x, y, shuffle=False), cfg(epochs=1), objective(), 2, progress=False)
+    labeled = y >= 0  # the validation loss is that of the labeled cells alone, with the weights fit kept
+    alone = evaluate(model, Loader(x[labeled], y[labeled], shuffle=False), 2, torch.device("cpu"))
+    assert res.weights_epoch == 0 and res.history[0]["val_loss"] == pytest.approx(alone["val_loss"], rel=1e-6)
     with pytest.raises(ConfigError, match="class_weights"):
         SupervisedObjective(3, None, class_weights=torch.ones(2))
     weighted = SupervisedObjective(2, None, class_weights=torch.tensor([1.0, 3.0]))

@@ -150,10 +150,15 @@ def test_loader_is_deterministic_per_seed_and_epoch(tiny_manifest):
 def test_preprocess_resize_crop_and_normalise():
     x = np.random.default_rng(0).random((4, 2, 40, 40)).astype(np.float32)
     assert Preprocess(image_size=20)(x).shape == (4, 2, 20, 20)
+    # halving a linear ramp: output pixel i is centred on input 2i + 0.5 (away from the border, which clamps)
+    ramp = np.broadcast_to(np.arange(40, dtype=np.float32), (1, 1, 40, 40)).copy()
+    np.testing.assert_allclose(Preprocess(image_size=20)(ramp)[0, 0].numpy()[:, 1:-1],
+                               np.broadcast_to(2 * np.arange(1, 19) + 0.5, (20, 18)), atol=1e-4)
     crop = Preprocess(image_size=20, resize="crop")(x)
     np.testing.assert_allclose(crop, x[:, :, 10:30, 10:30])
     norm = Preprocess(normalize="per_cell")(x)
     np.testing.assert_allclose(norm.mean(dim=(-2, -1)), 0, atol=1e-5)
+    np.testing.assert_allclose(norm.std(dim=(-2, -1)), 1, atol=1e-5)  # the sample SD, as the loader divides by
     np.testing.assert_allclose(Preprocess(normalize="fixed", mean=0.5, std=0.25)(x), (x - 0.5) / 0.25, atol=1e-6)
 
 

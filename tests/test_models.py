@@ -267,8 +267,18 @@ def test_strong_cutout_zeroes_a_square() -> None:
     x = torch.rand(16, 1, 32, 32) + 0.1
     cfg = AugmentConfig(flips=False, rot90=False, intensity=0, contrast=0, gamma=0, noise=0, blur=0)
     y = Augmenter(cfg, cutout=0.5).strong(x, torch.Generator().manual_seed(0))
-    zeros = (y == 0).flatten(1).sum(1)
-    assert (zeros >= 1).all() and (zeros <= 16 * 16).all()
+    zeroed = y[:, 0] == 0
+    rows, cols = zeroed.any(2), zeroed.any(1)
+    assert torch.equal(zeroed, rows[:, :, None] & cols[:, None, :])  # one rectangle per image: rows x columns
+    clear = 0
+    for r, c in zip(rows, cols, strict=True):
+        ri, ci = r.nonzero().flatten(), c.nonzero().flatten()
+        assert (ri.diff() == 1).all() and (ci.diff() == 1).all()  # contiguous
+        assert min(len(ri), len(ci)) >= 1 and max(len(ri), len(ci)) <= 16  # side at most half the image
+        if ri[0] > 0 and ci[0] > 0 and ri[-1] < 31 and ci[-1] < 31:  # clear of the border: a square
+            assert len(ri) == len(ci)
+            clear += 1
+    assert clear >= 4  # the square check ran
     torch.testing.assert_close(y[y != 0], x[y != 0])
 
 

@@ -137,6 +137,8 @@ def test_cli_pretrain_writes_the_encoder_and_train_starts_from_it(tiny_manifest,
                               "--set", f"model.pretrained={tmp_path / 'pre' / ENCODER}", "--out", str(tmp_path / "ens"),
                               "--no-progress"], catch_exceptions=False)
     assert res.exit_code == 0, res.output
+    spec = json.loads((tmp_path / "ens" / "spec.json").read_text())
+    assert spec["model"]["pretrained"] == str(tmp_path / "pre" / ENCODER)
     # too few cells for a batch: one line naming the setting, exit 2, nothing written
     proc = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--params", str(tmp_path / "params.yaml"),
                            "--manifest", str(tiny_manifest), "--set", "pretrain.batch_size=100000",

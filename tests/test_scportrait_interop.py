@@ -23,6 +23,7 @@ import pytest
 from conftest import make_cells, run_main
 
 from training.io.formats import CellFile, write_h5sc, write_sparcspy
+from training.uncertainty.ensemble import Ensemble
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "data" / "scportrait_1.8.0"
@@ -86,7 +87,14 @@ def test_scores_and_bins_the_file_scportrait_wrote(tiny_ensemble, tmp_path, monk
     view = json.loads((FIXTURE / "scportrait_view.json").read_text())
     got = score_and_bin(FIXTURE / "single_cells.h5sc", tiny_ensemble, tmp_path, monkeypatch, capsys)
     assert got["scores"]["cell_id"].tolist() == view["cell_ids"]
-    assert np.isfinite(got["scores"]["prob_spotty"]).all()
+    # the scores are the model's on the channel scPortrait named LC3B, picked here from the file's own name list
+    ens = Ensemble.load(tiny_ensemble)
+    with CellFile(FIXTURE / "single_cells.h5sc") as f:
+        pixels = f.read(0, f.n_cells)
+    names = [n.lower() for n in view["channel_names"]]
+    want = ens.predict_images(pixels[:, [names.index(c.lower()) for c in ens.spec.channels]])["mean_probs"]
+    np.testing.assert_allclose(got["scores"]["prob_spotty"], want[:, ens.spec.classes.index("spotty")], rtol=1e-4,
+                               atol=1e-5)
     in_sets = [cid for s in got["sets"] for cid in s["classes"]]
     top = got["scores"].nlargest(len(in_sets), "prob_spotty")["cell_id"]
     assert sorted(in_sets) == sorted(top.tolist()) and set(in_sets) <= set(view["cell_ids"])

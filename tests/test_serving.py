@@ -23,6 +23,7 @@ import pytest
 from serving.service.validation import RequestError, check_size, select_channels
 from training.io.formats import CellFile, write_h5sc
 from training.uncertainty.decompose import FIELD_DESCRIPTIONS
+from training.uncertainty.ensemble import Ensemble
 
 FIELDS = ["confidence", "entropy", "aleatoric", "epistemic", "novelty"]
 MAX_CELLS, MAX_MB, FILE_CHUNK, MAX_CHUNK_MB = 64, 2, 16, 0.25
@@ -137,12 +138,15 @@ def test_channel_and_shape_variants_give_the_same_numbers(server, screen):
         pd.testing.assert_frame_equal(other, full, rtol=1e-5)
 
 
-def test_other_square_sizes_are_resized(server, screen):
+def test_other_square_sizes_are_resized(server, screen, tiny_ensemble):
     _, images, _ = screen
     big = np.kron(images[:3], np.ones((1, 1, 2, 2), np.float32))  # 64x64 versions of the 32x32 crops
     r = score(server, big)
     assert r.status_code == 200, r.text
-    assert len(r.json()["cells"]) == 3
+    got = table(r.json()["cells"])
+    ens = Ensemble.load(tiny_ensemble)  # the ensemble resizes as it scores files: the server must give the same
+    want = ens.predict_images(big)["mean_probs"][:, ens.spec.classes.index("spotty")]
+    np.testing.assert_allclose(got["prob_spotty"], want, rtol=1e-4, atol=1e-5)
 
 
 def test_metadata_and_bentoml_endpoints(server, tiny_ensemble):
