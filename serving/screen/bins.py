@@ -25,9 +25,14 @@ SCORE_COLUMNS = ("source_file", "cell_id")
 META_COLUMNS = ("group", "plate", "well")
 
 
-def read_scores(path: str | os.PathLike, class_name: str, extra: tuple[str, ...] = ("novelty", "epistemic")
-                ) -> tuple[pd.DataFrame, list[str]]:
-    """The columns of a ``spatial score`` table that binning needs (never the embeddings)."""
+def read_scores(path: str | os.PathLike, class_name: str, extra: tuple[str, ...] = ("novelty", "epistemic"),
+                finite: tuple[str, ...] | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """The columns of a ``spatial score`` table that binning needs (never the embeddings).
+
+    ``cell_id`` must be integers (a float column of whole numbers is cast to int64) and each ``(source_file,
+    cell_id)`` one row. ``finite``: the columns of ``extra`` the caller uses, which must then hold finite numbers
+    where present (default: every one of ``extra``; a model without a novelty model writes NaN novelty, so callers
+    that do not use ``novelty`` leave it out)."""
     import pyarrow.parquet as pq
 
     p = Path(path)
@@ -43,6 +48,11 @@ def read_scores(path: str | os.PathLike, class_name: str, extra: tuple[str, ...]
         raise DataError(f"{p}: no class '{class_name}' among the scored classes ({', '.join(classes) or 'none'})")
     cols = [*SCORE_COLUMNS, *[f"prob_{c}" for c in classes], *[c for c in extra if c in names]]
     df = pq.read_table(p, columns=cols).to_pandas()
+    df["cell_id"] = integer_cell_ids(df, p)
+    check_unique_cells(df, p)
+    for c in (extra if finite is None else finite):
+        if c in df.columns:
+            check_finite(df, c, p)
     for c in classes:
         prob = df[f"prob_{c}"].to_numpy(float)
         bad = ~((prob >= 0) & (prob <= 1))  # NaN included
@@ -51,6 +61,58 @@ def read_scores(path: str | os.PathLike, class_name: str, extra: tuple[str, ...]
             raise DataError(f"{p}: prob_{c} of cell {df['cell_id'].iloc[i]} ({df['source_file'].iloc[i]}) is "
                             f"{prob[i]}; probabilities must be in [0, 1]")
     return df, classes
+
+
+def integer_cell_ids(df: pd.DataFrame, path: str | os.PathLike) -> pd.Series:
+    """``df["cell_id"]`` as it is when of an integer dtype; a float column of finite whole numbers (what a nullable
+    integer column without nulls may come back as) as int64; anything else is refused."""
+    ids = df["cell_id"]
+    kind = ids.dtype.kind
+    bad = ids.isna().to_numpy()
+    if kind == "i" and not bad.any():
+        return ids
+    if kind == "u":
+        bad = bad | (ids.to_numpy() > np.iinfo(np.int64).max)
+    elif kind == "f":
+        v = ids.to_numpy()
+        with np.errstate(invalid="ignore"):
+            bad = bad | ~(np.isfinite(v) & (v == np.floor(v)) & (np.abs(v) < 2.0 ** 63))
+    elif kind != "i":
+        bad = np.ones(len(ids), bool)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{path}: column 'cell_id' must hold integer cell ids; row {i} (counting from 0, source_file "
+                        f"{df['source_file'].iloc[i]}) holds {ids.iloc[i]!r} ({ids.dtype} column)")
+    return ids.astype(np.int64)
+
+
+def check_unique_cells(df: pd.DataFrame, path: str | os.PathLike) -> None:
+    """Each cell once: no two rows with the same ``(source_file, cell_id)`` (source files compared as absolute
+    paths, as the callers join them)."""
+    source = df["source_file"].astype(str)
+    key = pd.DataFrame({"source_file": source.map({s: os.path.abspath(s) for s in source.unique()}),
+                        "cell_id": df["cell_id"].to_numpy()})
+    dup = key.duplicated().to_numpy()
+    if dup.any():
+        j = int(np.argmax(dup))
+        same = (key["source_file"] == key["source_file"].iloc[j]).to_numpy() & (
+            key["cell_id"] == key["cell_id"].iloc[j]).to_numpy()
+        i = int(np.argmax(same))
+        raise DataError(f"{path}: cell {df['cell_id'].iloc[j]} of {df['source_file'].iloc[j]} is listed twice (rows "
+                        f"{i} and {j}, counting from 0); each (source_file, cell_id) must be one row")
+
+
+def check_finite(df: pd.DataFrame, column: str, path: str | os.PathLike) -> None:
+    """``column`` holds finite numbers (NaN would crash the plots or pass any cut unnoticed)."""
+    try:
+        v = df[column].to_numpy(float)
+    except (TypeError, ValueError):
+        raise DataError(f"{path}: column '{column}' must hold numbers, not {df[column].dtype} values") from None
+    bad = ~np.isfinite(v)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise DataError(f"{path}: column '{column}' of cell {df['cell_id'].iloc[i]} ({df['source_file'].iloc[i]}) "
+                        f"is {v[i]}; {column} must be a finite number")
 
 
 def manifest_meta(manifest: str | os.PathLike | None) -> pd.DataFrame | None:
@@ -107,7 +169,8 @@ def make_bins(scores: str | os.PathLike, cfg: BinsConfig, class_name: str | None
               manifest: str | os.PathLike | None = None) -> dict[str, Any]:
     """Bin every cell of a scores table; returns ``bins`` (per cell), ``counts`` (per bin) and ``cell_sets``."""
     cls = class_name or cfg.class_name
-    df, classes = read_scores(scores, cls)
+    used = tuple(c for c, cut in (("novelty", cfg.max_novelty), ("epistemic", cfg.max_epistemic)) if cut is not None)
+    df, classes = read_scores(scores, cls, finite=used)
     score = df[f"prob_{cls}"].to_numpy(float)
     excluded = check_cuts(df, cfg, scores)
     b, ranges = assign(score, ~excluded, cfg)

@@ -32,6 +32,16 @@ TRUTH_COLUMNS = ("gene", "role", "effect")
 KINDS = ("library", "bin")
 TRUE_WORDS = {"true", "1", "yes", "t", "y"}
 FALSE_WORDS = {"false", "0", "no", "f", "n", ""}
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def beyond_int64(values: pd.Series) -> np.ndarray:
+    """Which parsed numbers (``pd.to_numeric``'s int64, uint64, float64 or object result) are above the int64
+    maximum, so a cast to int64 would wrap them round (inf included; NaN is not). Compared as exact Python numbers,
+    never as float64, where 2**63 and ``INT64_MAX`` are the same number."""
+    if values.dtype.kind == "i":
+        return np.zeros(len(values), bool)
+    return np.fromiter((v > INT64_MAX for v in values.tolist()), bool, len(values))
 
 
 def read_count_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -60,6 +70,11 @@ def read_count_table(path: str | os.PathLike) -> pd.DataFrame:
         if (values < 0).any():
             i = int(np.argmax((values < 0).to_numpy()))
             raise DataError(f"{path}: column '{s}' holds a negative count {raw.iloc[i]} (sgRNA {df['sgRNA'].iloc[i]})")
+        huge = beyond_int64(values)
+        if huge.any():
+            i = int(np.argmax(huge))
+            raise DataError(f"{path}: column '{s}' holds a count '{raw.iloc[i]}' too large for a 64-bit integer "
+                            f"(sgRNA {df['sgRNA'].iloc[i]}); counts must be at most {INT64_MAX}")
         out[s] = values.astype(np.int64)
     return out
 
@@ -159,12 +174,22 @@ def read_sample_sheet(path: str | os.PathLike, count_columns: list[str], counts_
         i = int(np.argmax((cells.isna() | (cells < 0) | (cells != np.floor(cells.fillna(0)))).to_numpy()))
         raise DataError(f"{path}: sample '{df['sample'].iloc[i]}': cells must be an integer >= 0, "
                         f"got '{df['cells'].iloc[i]}'")
+    huge = beyond_int64(cells)
+    if huge.any():
+        i = int(np.argmax(huge))
+        raise DataError(f"{path}: sample '{df['sample'].iloc[i]}': cells '{df['cells'].iloc[i]}' is too large for a "
+                        f"64-bit integer (at most {INT64_MAX})")
     bins = pd.to_numeric(df["bin"], errors="coerce")
     is_bin = df["kind"] == "bin"
     bad_bin = is_bin & (bins.isna() | (bins < 1) | (bins != np.floor(bins.fillna(0))))
     if bad_bin.any():
         s = df["sample"][bad_bin].iloc[0]
         raise DataError(f"{path}: bin sample '{s}' needs a bin number >= 1 (1 = most extreme)")
+    huge_bin = is_bin.to_numpy() & beyond_int64(bins)
+    if huge_bin.any():
+        i = int(np.argmax(huge_bin))
+        raise DataError(f"{path}: bin sample '{df['sample'].iloc[i]}': bin '{df['bin'].iloc[i]}' is too large for a "
+                        f"64-bit integer")
     lib_with_bin = ~is_bin & (df["bin"] != "")
     if lib_with_bin.any():
         raise DataError(f"{path}: library sample '{df['sample'][lib_with_bin].iloc[0]}' must have an empty bin")
