@@ -63,6 +63,10 @@ def test_a_params_file_that_is_not_yaml_is_one_line_with_its_place(tmp_path) -> 
         load_params(tmp_path / "params.yaml")
     assert str(err.value) == (f"{tmp_path / 'params.yaml'}: not valid YAML: expected ',' or ']', but got "
                               "'<stream end>' at line 4, column 1")
+    (tmp_path / "slide.h5").write_bytes(b"\x89HDF\r\n\x1a\n\x00\x00")  # a binary file given as --params
+    with pytest.raises(ConfigError) as err:
+        load_params(tmp_path / "slide.h5")
+    assert str(err.value) == f"{tmp_path / 'slide.h5'}: not a text file (byte 0 is not UTF-8); expected params.yaml"
 
 
 def test_balance_unlabeled_is_false_or_predicted() -> None:

@@ -278,3 +278,30 @@ def test_controls_reference_puts_the_planted_gene_first_on_a_simulated_screen(ti
     cells, _ = read_table(tmp_path / "q" / "cells.parquet")
     ctrl = cells.merge(geno, on=["source_file", "cell_id"])["grna"].str.startswith("NTC").to_numpy()
     assert (cells["cluster"].to_numpy()[ctrl] != NOT_NOVEL).mean() == pytest.approx(0.05, abs=0.01)
+
+
+def test_no_novel_cell_writes_an_empty_queue(tiny_manifest, tmp_path):
+    """A threshold no cell passes is an answer, not an error: with genotypes too, the queue holds no cluster."""
+    rng = np.random.default_rng(3)
+    df, planted = _planted_scores(tiny_manifest.parent / "screen_s0.h5sc", rng)
+    write_table(df, tmp_path / "scores.parquet")
+    geno, lib = _genotypes(df, planted, rng, tmp_path)
+    m = discover(tmp_path / "scores.parquet", {}, "LC3B", tmp_path / "q", MODEL_REF, geno, lib, threshold=1e9)
+    assert m["n_novel"] == 0 and m["n_clusters"] == 0 and m["top_cluster_top_gene"] is None
+    cells, _ = read_table(tmp_path / "q" / "cells.parquet")
+    assert len(cells) == len(df) and (cells["cluster"] == NOT_NOVEL).all()
+    assert pd.read_csv(tmp_path / "q" / "clusters.csv").empty
+    assert pd.read_csv(tmp_path / "q" / "cluster_genes.csv").empty
+    assert not list((tmp_path / "q").glob("cluster_*_cells.csv"))
+
+
+def test_a_ragged_embedding_is_refused_naming_the_file(tiny_manifest, tmp_path):
+    df, _ = _planted_scores(tiny_manifest.parent / "screen_s0.h5sc", np.random.default_rng(3))
+    top = int(df["novelty"].idxmax())
+    for bad in (df["embedding"][top][:3], None):
+        ragged = df.copy()
+        ragged.at[top, "embedding"] = bad
+        write_table(ragged, tmp_path / "ragged.parquet")
+        with pytest.raises(DataError, match=r"ragged\.parquet.*embedding"):
+            discover(tmp_path / "ragged.parquet", {}, "LC3B", tmp_path / "q", MODEL_REF, threshold=2.0)
+    assert not (tmp_path / "q").exists()

@@ -132,6 +132,9 @@ def test_sections_appear_only_with_their_inputs(tmp_path, project):
     ("reports/screen/bins/bins.parquet", lambda f: pd.DataFrame({"x": [1]}).to_parquet(f),
      "an input of the report's 'screen' section is not what the pipeline writes (KeyError"),
     ("reports/screen/hits/genes.csv", lambda f: f.write_bytes(b"\xff\xfe\x00gene\n\x81"), "genes.csv: not a readable CSV"),
+    ("metrics/evaluate.json", lambda f: f.write_text("[1, 2, 3]"), "evaluate.json: expected a JSON object"),
+    ("metrics/discovery.json", lambda f: f.write_text("[1, 2, 3]"), "discovery.json: expected a JSON object"),
+    ("reports/screen/hits/summary.json", lambda f: f.write_text('"done"'), "summary.json: expected a JSON object"),
 ])
 def test_a_spoiled_input_is_one_error_naming_it_and_no_report(file, spoil, message, tmp_path, project):
     root = tmp_path / "proj"

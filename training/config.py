@@ -625,9 +625,11 @@ def load_params(path: str | os.PathLike | None = None, overrides: list[str] | di
         if not p.is_file():
             raise ConfigError(f"{p}: params file not found")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{p}: not valid YAML: {yaml_problem(exc)}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{p}: not a text file (byte {exc.start} is not UTF-8); expected params.yaml") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{p}: expected a mapping of sections, got {type(raw).__name__}")
     return resolve(raw, overrides)

@@ -34,7 +34,16 @@ def embedding_matrix(scores: pd.DataFrame, where: str = "scores") -> np.ndarray:
     if cols:
         x = scores[cols].to_numpy(np.float64)
     elif "embedding" in scores.columns:
-        x = np.stack(scores["embedding"].to_numpy()).astype(np.float64) if len(scores) else np.zeros((0, 1))
+        rows = scores["embedding"].to_numpy()
+        sizes = np.array([-1 if r is None else len(r) for r in rows], dtype=np.int64)
+        common = int(np.bincount(sizes[sizes >= 0]).argmax()) if (sizes >= 0).any() else -1
+        odd = np.flatnonzero(sizes != common)
+        if odd.size:
+            cell = scores["cell_id"].iloc[odd[0]] if "cell_id" in scores.columns else odd[0]
+            got = "no embedding" if sizes[odd[0]] < 0 else f"an embedding of {sizes[odd[0]]} values"
+            raise DataError(f"{where}: cell {cell} has {got} where the others have {common}; score every cell with "
+                            "the same model and --embeddings")
+        x = np.stack(rows).astype(np.float64) if len(scores) else np.zeros((0, 1))
     else:
         raise DataError(f"{where}: no embeddings (an 'embedding' or 'emb_*' column); score with --embeddings")
     if not np.all(np.isfinite(x)):
@@ -69,12 +78,13 @@ def cluster_embeddings(x: np.ndarray, max_clusters: int = 8, pca_components: int
 
 
 def novel_clusters(scores: pd.DataFrame, threshold: float, max_clusters: int = 8, pca_components: int = 10,
-                   seed: int = 0) -> np.ndarray:
-    """Per cell of ``scores``: its cluster, or ``NOT_NOVEL`` (-1) when its novelty is at most ``threshold``."""
+                   seed: int = 0, where: str = "scores") -> np.ndarray:
+    """Per cell of ``scores``: its cluster, or ``NOT_NOVEL`` (-1) when its novelty is at most ``threshold``;
+    ``where`` names the table in errors."""
     novel = scores["novelty"].to_numpy(np.float64) > threshold
     labels = np.full(len(scores), NOT_NOVEL, dtype=np.int64)
     if novel.any():
-        labels[novel] = cluster_embeddings(embedding_matrix(scores[novel]), max_clusters, pca_components, seed)
+        labels[novel] = cluster_embeddings(embedding_matrix(scores[novel], where), max_clusters, pca_components, seed)
     return labels
 
 

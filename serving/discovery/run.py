@@ -79,7 +79,7 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         table = table.assign(novelty=nov)
     else:
         thr = float(threshold) if threshold is not None else novelty_threshold(model_info, cfg.quantile)
-        labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed)
+        labels = novel_clusters(table, thr, cfg.max_clusters, cfg.pca_components, cfg.seed, str(scores))
     cells = table[["source_file", "cell_id", "novelty"]].assign(cluster=labels)  # numbered by size
     clusters = cluster_table(table, labels)
     metrics: dict[str, Any] = {"n_scored": len(table), "reference": reference, "threshold": thr,
@@ -97,7 +97,9 @@ def discover(scores: str | os.PathLike, model_info: Mapping[str, Any], channel: 
         cells["cluster"] = cells["cluster"].map(lambda c: rank.get(c, c))
         genes["cluster"] = genes["cluster"].map(rank)
         genes = genes.sort_values(["cluster", "p_value", "gene"], kind="stable").reset_index(drop=True)
-        clusters = cluster_table(table, cells["cluster"].to_numpy()).merge(top_genes(genes), on="cluster", how="left")
+        clusters = cluster_table(table, cells["cluster"].to_numpy())
+        clusters = (clusters.merge(top_genes(genes), on="cluster", how="left") if len(clusters)
+                    else clusters.assign(top_gene=[], top_gene_fdr=[]))  # no novel cell: no cluster, no gene
         top = genes[genes["cluster"] == 0].head(1)
         metrics["top_cluster_top_gene"] = str(top["gene"].iloc[0]) if len(top) else None
         metrics["top_cluster_top_gene_fdr"] = float(top["fdr"].iloc[0]) if len(top) else None

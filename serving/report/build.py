@@ -107,6 +107,14 @@ def gallery(cells: pd.DataFrame, px: int, caption: Callable[[pd.Series], str], r
     return f'<div class="gallery">{"".join(tiles)}</div>'
 
 
+def read_object(path: Path) -> dict:
+    """A JSON file that must hold an object (the pipeline's metrics and summaries), or :class:`DataError` naming it."""
+    obj = read_json(path)
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a JSON object of named figures, found a {type(obj).__name__}")
+    return obj
+
+
 # -- sections -----------------------------------------------------------------------------------------------------
 def _heldout_order(name: str) -> tuple[str, float]:
     """Sort key of a held-out row: the class, then its timepoints in time (``heldout_tc_2h`` before ``_14h``)."""
@@ -125,7 +133,7 @@ def model_section(root: Path, p: Params) -> str | None:
         return None
     parts = []
     if mfile.is_file():
-        m = read_json(mfile)
+        m = read_object(mfile)
         main = pd.DataFrame([(k, m[k]) for k in MODEL_METRICS if k in m], columns=["metric", "test split"])
         parts.append(table(main, "model-metrics"))
         held = [(k.split("/")[0], k.split("/")[1], v) for k, v in m.items()
@@ -177,7 +185,7 @@ def studies_section(root: Path, p: Params) -> str | None:
             parts.append(figure(png, f"active learning: {png.stem.replace('_', ' ')} (bands: spread over seeds)"))
         summ = al / "summary.json"
         if summ.is_file():
-            s = read_json(summ)
+            s = read_object(summ)
             flat = {k: v for k, v in s.items() if isinstance(v, int | float | str)}
             if flat:
                 parts.append(table(pd.DataFrame(list(flat.items()), columns=["AL summary", "value"])))
@@ -186,7 +194,7 @@ def studies_section(root: Path, p: Params) -> str | None:
     if ssl:
         rows = []
         for f in ssl:
-            m = read_json(f)
+            m = read_object(f)
             rows.append({"arm": f.stem.removeprefix("ssl_"), **{k: m.get(k) for k in MODEL_METRICS if k in m}})
         parts.append("<h3>Semi-supervised vs supervised (same label budget)</h3>" + table(pd.DataFrame(rows), "ssl"))
     return section("studies", "Label efficiency", "".join(parts)) if parts else None
@@ -217,7 +225,7 @@ def screen_section(root: Path, p: Params) -> str | None:
         parts.append('<div class="figs">' + "".join(figure(hits / n, c) for n, c in figs) + "</div>")
     summ = hits / "summary.json"
     if summ.is_file():
-        s = {k: v for k, v in read_json(summ).items() if isinstance(v, int | float | str)}
+        s = {k: v for k, v in read_object(summ).items() if isinstance(v, int | float | str)}
         if s:
             parts.append(table(pd.DataFrame(list(s.items()), columns=["hit calling", "value"]), "hits-summary"))
     return section("screen", "The screen", "".join(parts)) if parts else None
@@ -296,7 +304,7 @@ def discovery_section(root: Path, p: Params) -> str | None:
         return None
     parts = []
     m_file = root / "metrics/discovery.json"
-    m = read_json(m_file) if m_file.is_file() else {}
+    m = read_object(m_file) if m_file.is_file() else {}
     if m.get("reference"):
         against = ("the non-targeting controls of the same slide" if m["reference"] == "controls"
                    else "the model's validation cells")
@@ -334,7 +342,7 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, params: Params
             body = fn(root, p)
         except SpatialError:
             raise
-        except (KeyError, ValueError, TypeError, IndexError) as exc:  # a readable file with other contents
+        except (KeyError, ValueError, TypeError, IndexError, AttributeError) as exc:  # a readable file, other contents
             raise DataError(f"{root}: an input of the report's '{name}' section is not what the pipeline writes "
                             f"({type(exc).__name__}: {exc})") from None
         if body:
