@@ -39,8 +39,8 @@ from serving.screen.hits import (
 )
 from serving.screen.sequencing import sequence_replicate
 from training.cli.main import main
-from training.config import BinsConfig, HitsConfig, SequenceConfig
-from training.errors import DataError
+from training.config import BinsConfig, HitsConfig, SequenceConfig, resolve
+from training.errors import ConfigError, DataError
 
 
 # -- hand-made inputs ------------------------------------------------------------------------------------------------
@@ -579,3 +579,12 @@ def test_read_genotypes_leaves_out_cells_without_a_barcode_and_joins_the_library
 def test_read_library_refuses_an_unknown_control_word(tmp_path):
     with pytest.raises(DataError, match="is_control must be true/false, got 'maybe'"):
         read_library(write_library(tmp_path, [("X", "X", "maybe")], "bad.csv"))
+    with pytest.raises(DataError, match=r"blank\.csv: row 3 has an empty grna or gene"):
+        read_library(write_library(tmp_path, [("NT1", "NT", True), ("A_1", " ", False)], "blank.csv"))
+
+
+def test_a_nan_cut_is_refused_by_name():
+    """`--set bins.max_novelty=.nan` would exclude nothing: refused with the key, as any invalid setting."""
+    for key in ("bins.max_novelty", "bins.max_epistemic"):
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            resolve({}, [f"{key}=.nan"])

@@ -90,6 +90,11 @@ def read_library(path: str | os.PathLike) -> pd.DataFrame:
     dup = df["grna"][df["grna"].duplicated()].tolist()
     if dup:
         raise DataError(f"{path}: gRNA(s) listed twice: {', '.join(dup[:5])}")
+    blank = df["grna"].str.strip().eq("") | df["gene"].str.strip().eq("")
+    if blank.any():
+        i = int(blank.to_numpy().argmax())
+        raise DataError(f"{path}: row {i + 2} has an empty grna or gene; every gRNA needs its gene "
+                        "(non-targeting controls too, e.g. 'non-targeting')")
     out = pd.DataFrame({"grna": df["grna"], "gene": df["gene"], "is_control": words.isin(TRUE_WORDS)})
     if not out["is_control"].any():
         raise DataError(f"{path}: no non-targeting control gRNA (is_control true); NT gRNAs are the only honest null")
