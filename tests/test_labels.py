@@ -3,6 +3,7 @@ split, ``spatial query`` on the real pool, and the labeling API's bad-input answ
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import threading
@@ -419,6 +420,17 @@ def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_
     assert labels.read_bytes() == before
     with TestClient(create_app(session, allow_remote=True), client=("10.1.2.3", 5000)) as c:
         assert c.get("/api/session").status_code == 200
+
+
+def test_a_queries_table_needs_integer_cell_ids(tmp_path):
+    from serving.labeling.app import read_queries
+
+    for bad, shown in (("abc", "'abc'"), ("1.5", "'1.5'"), ("", "'nan'")):
+        (tmp_path / "q.csv").write_text(f"source_file,cell_id\nf.h5,3\nf.h5,{bad}\n")
+        with pytest.raises(DataError, match=rf"q\.csv: cell_id must be an integer, got {re.escape(shown)} \(row 2 "):
+            read_queries(tmp_path / "q.csv")
+    (tmp_path / "q.csv").write_text("source_file,cell_id\nf.h5,3.0\nf.h5,4\n")
+    assert read_queries(tmp_path / "q.csv")["cell_id"].tolist() == [3, 4]
 
 
 def test_queries_with_cells_not_in_the_files_are_refused(tmp_path, ens, tiny_manifest):

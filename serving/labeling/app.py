@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
@@ -32,6 +31,7 @@ from training.errors import DataError, SpatialError
 
 STATIC = Path(__file__).parent / "static"
 REQUIRED = ("source_file", "cell_id")
+MAX_BODY = 64 * 1024  # bytes of a POST body
 MODEL_FIELDS = ("predicted_class", "confidence", "entropy", "aleatoric", "epistemic", "novelty", "score", "slide_label")
 
 
@@ -53,6 +53,12 @@ def read_queries(path: str | os.PathLike) -> pd.DataFrame:
         q = q.sort_values("query_rank", kind="stable")
     q = q.reset_index(drop=True)
     q["source_file"] = q["source_file"].astype(str)
+    ids = pd.to_numeric(q["cell_id"], errors="coerce")
+    bad = (ids.isna() | (ids != ids.round())).to_numpy()
+    if bad.any():
+        i = int(bad.argmax())
+        raise DataError(f"{p}: cell_id must be an integer, got '{q['cell_id'].iloc[i]}' (row {i + 1} of the queries)")
+    q["cell_id"] = ids.astype(np.int64)
     if q.duplicated(["source_file", "cell_id"]).any():
         raise DataError(f"{p}: a cell is queried twice")
     return q
@@ -65,11 +71,43 @@ def _is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
-class LoopbackOnly(BaseHTTPMiddleware):
-    async def dispatch(self, request: Request, call_next):
-        if not _is_loopback(request.client.host if request.client else None):
-            return PlainTextResponse("labeling is served to this machine only (start with --allow-remote)", 403)
-        return await call_next(request)
+class LoopbackOnly:
+    """Pure ASGI middleware: HTTP requests from other hosts than loopback get 403 (a ``BaseHTTPMiddleware`` would
+    turn an exception raised while a route reads the body into a plain-text 500)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            client = scope.get("client")
+            if not _is_loopback(client[0] if client else None):
+                response = PlainTextResponse("labeling is served to this machine only (start with --allow-remote)",
+                                             403)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return -1
+
+
+class TooLarge(Exception):
+    """A request body over ``MAX_BODY`` (413)."""
+
+
+def _text(d: dict, field: str) -> str:
+    """``d[field]`` as a string, refused (400 naming the field) unless it encodes as UTF-8 (a lone surrogate such as
+    ``"\\ud800"`` in the JSON does not: labels.csv and the response could not hold it)."""
+    value = str(d.get(field, ""))
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DataError(f"{field} {ascii(value)[:80]} is not valid text (it holds a lone surrogate)") from None
+    return value
 
 
 class Session:
@@ -131,8 +169,8 @@ def _cell_json(cells: pd.DataFrame, i: int) -> dict:
 def create_app(session: Session, allow_remote: bool = False) -> Starlette:
     cells_json = [_cell_json(session.cells, i) for i in range(len(session.cells))]
 
-    def error(status: int, msg: str) -> JSONResponse:
-        return JSONResponse({"error": msg}, status_code=status)
+    def error(status: int, msg: str) -> JSONResponse:  # a message quoting a client's string always encodes
+        return JSONResponse({"error": msg.encode("utf-8", "backslashreplace").decode("utf-8")}, status_code=status)
 
     async def page(request: Request) -> Response:
         return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-store"})
@@ -164,9 +202,21 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
             return error(400, str(exc))
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
 
+    async def read(request: Request) -> bytes:
+        """The body, at most ``MAX_BODY`` bytes: a larger Content-Length is refused before anything is read."""
+        length = request.headers.get("content-length")
+        if length is not None and not 0 <= _int(length) <= MAX_BODY:
+            raise TooLarge(f"request body of {length.strip()[:20]!r} bytes; at most {MAX_BODY} bytes")
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise TooLarge(f"request body over {MAX_BODY} bytes")
+        return bytes(data)
+
     async def body(request: Request) -> dict:
         try:
-            d = json.loads(await request.body())
+            d = json.loads(await read(request))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DataError("request body is not JSON") from None
         if not isinstance(d, dict) or not isinstance(d.get("i"), int) or isinstance(d.get("i"), bool):
@@ -185,10 +235,12 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
     async def label(request: Request) -> Response:
         try:
             d = await body(request)
-            lab = str(d.get("label", ""))
+            lab, annotator = _text(d, "label"), _text(d, "annotator")
             if lab == UNDO:
                 raise DataError("use /api/undo to take a label back")
-            return JSONResponse(write(d["i"], lab, str(d.get("annotator", ""))))
+            return JSONResponse(write(d["i"], lab, annotator))
+        except TooLarge as exc:
+            return error(413, str(exc))
         except LookupError as exc:
             return error(404, str(exc))
         except SpatialError as exc:
@@ -197,7 +249,9 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
     async def undo(request: Request) -> Response:
         try:
             d = await body(request)
-            return JSONResponse(write(d["i"], UNDO, str(d.get("annotator", ""))))
+            return JSONResponse(write(d["i"], UNDO, _text(d, "annotator")))
+        except TooLarge as exc:
+            return error(413, str(exc))
         except LookupError as exc:
             return error(404, str(exc))
         except SpatialError as exc:
@@ -215,7 +269,7 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
         yield
         session.thumbs.close()
 
-    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan, max_body_size=64 * 1024)
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)  # bodies: at most MAX_BODY (read)
     app.state.session = session
     return app
 

@@ -295,13 +295,18 @@ class BodyLimit:
 
     * a body over the route's limit gets 413 before the service reads it (by its Content-Length), or as soon as a
       chunked body passes the limit;
-    * a ``multipart/*`` body is run through a second, callback-free multipart parser chunk by chunk as it streams
-      to the service; a malformed one (or a Content-Type without a usable boundary) gets 400 (BentoML would answer
-      the parser's error with 500).
+    * a ``multipart/*`` body is run through a second multipart parser chunk by chunk as it streams to the service;
+      a malformed one (or a Content-Type without a usable boundary) gets 400 (BentoML would answer the parser's
+      error with 500);
+    * an upload route (``file_routes``) takes ``multipart/form-data`` only (else 415), and a ``file`` part without a
+      filename (a text field, ``curl -F file=abc``) gets 400 before the service sees its value: BentoML would take
+      such a string, or a non-multipart body that is a URL, as a URL to download (a request to any URL a client
+      names).
     """
 
-    def __init__(self, app: Any, limits: dict[str, int], default: int) -> None:
-        self.app, self.limits, self.default = app, limits, default
+    def __init__(self, app: Any, limits: dict[str, int], default: int,
+                 file_routes: tuple[str, ...] = ("/score_file",)) -> None:
+        self.app, self.limits, self.default, self.file_routes = app, limits, default, file_routes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
@@ -314,6 +319,11 @@ class BodyLimit:
         if problem:
             return await _send(send, 400, _field_error("content-type", problem,
                                                        "multipart/form-data; boundary=<1-70 characters>", "multipart"))
+        upload = path in self.file_routes
+        if upload and ctype.split(";")[0].strip() != "multipart/form-data":  # BentoML's own test for its form parser
+            return await _send(send, 415, _field_error("content-type", repr(ctype) if ctype else "no Content-Type",
+                                                       "multipart/form-data with the upload in a part named 'file'",
+                                                       "content_type"))
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -322,7 +332,8 @@ class BodyLimit:
                 return await _send(send, 400, _field_error("content-length", "not an integer", "a byte count"))
             if size > limit:
                 return await _send(send, 413, _too_big(size, limit, path))
-        parser = _multipart_checker(ctype)
+        text_files: list[str] = []  # names of text parts called 'file' (on an upload route), from the parser
+        parser = _multipart_checker(ctype, text_files if upload else None)
         state: dict[str, Any] = {"received": 0, "error": None, "sent": False}
 
         async def checked_receive() -> dict:
@@ -341,6 +352,10 @@ class BodyLimit:
                 except Exception as exc:  # python-multipart's parse errors
                     state["error"] = (400, _field_error("body", f"malformed multipart body ({exc})",
                                                         "a multipart/form-data body with a 'file' part", "multipart"))
+                if text_files and state["error"] is None:
+                    state["error"] = (400, _field_error("file", "a text field, not a file upload",
+                                                        "a file upload (a multipart part with a filename, "
+                                                        "curl -F file=@cells.h5sc)", "multipart"))
             return {"type": "http.disconnect"} if state["error"] is not None else message
 
         async def guarded_send(message: dict) -> None:
@@ -353,14 +368,57 @@ class BodyLimit:
         await self.app(scope, checked_receive, guarded_send)
 
 
-def _multipart_checker(content_type: str) -> Any:
-    """A python-multipart parser without callbacks for a multipart Content-Type, else None."""
+def _multipart_checker(content_type: str, text_files: list[str] | None = None) -> Any:
+    """A python-multipart parser for a multipart Content-Type, else None. With ``text_files``, the parser appends
+    to it the name of every part named ``file`` that has no filename, as soon as the part's headers are parsed."""
     if not content_type.lower().lstrip().startswith("multipart/"):
         return None
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     _, params = parse_options_header(content_type)
-    return MultipartParser(params[b"boundary"], callbacks={})
+    if text_files is None:
+        return MultipartParser(params[b"boundary"], callbacks={})
+    charset = _charset(params.get(b"charset", b"utf-8"))
+    part = {"name": b"", "value": b"", "disposition": b""}
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["name"] += data[start:end]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["value"] += data[start:end]
+
+    def on_header_end() -> None:  # as Starlette's form parser, which BentoML uses: the last Content-Disposition
+        if part["name"].lower() == b"content-disposition":
+            part["disposition"] = part["value"]
+        part["name"] = part["value"] = b""
+
+    def on_headers_finished() -> None:
+        _, options = parse_options_header(part["disposition"])
+        part["disposition"] = b""
+        if b"name" in options and b"filename" not in options and _decode(options[b"name"], charset) == "file":
+            text_files.append("file")
+
+    return MultipartParser(params[b"boundary"], callbacks={
+        "on_header_field": on_header_field, "on_header_value": on_header_value, "on_header_end": on_header_end,
+        "on_headers_finished": on_headers_finished})
+
+
+def _charset(value: bytes | str) -> str:
+    """The charset Starlette's form parser decodes field names with."""
+    import codecs
+
+    name = value.decode("latin-1") if isinstance(value, bytes) else value
+    try:
+        return codecs.lookup(name).name
+    except LookupError:
+        return "latin-1"
+
+
+def _decode(value: bytes, charset: str) -> str:
+    try:
+        return value.decode(charset)
+    except (UnicodeDecodeError, LookupError):
+        return value.decode("latin-1")
 
 
 def multipart_problem(content_type: str) -> str | None:
