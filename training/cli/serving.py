@@ -95,6 +95,11 @@ def add_commands(app: typer.Typer) -> None:
         uri = model or default_model_uri(p)
         with tempfile.TemporaryDirectory(prefix="spatial-serve-") as cache:
             served = ServedModel.resolve(uri, p.mlflow, cache_dir=cache)
+            # every weight and novelty file read once here (on the CPU; the model is small): a missing or corrupt one
+            # is a one-line ModelError now, not a BentoML worker that fails and restarts forever
+            from training.uncertainty.ensemble import Ensemble
+
+            Ensemble.load(served.path)
             os.environ.update({
                 ENV_MODEL: uri,
                 ENV_MODEL_DIR: str(served.path.resolve()),

@@ -20,6 +20,7 @@ the kNN score on their features).
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -77,9 +78,47 @@ class EnsembleSpec:
         if not spec_file.is_file():
             raise ModelError(f"{p}: not an ensemble directory (spec.json missing)")
         try:
-            return cls(**json.loads(spec_file.read_text()))
+            spec = cls(**json.loads(spec_file.read_text()))
         except (TypeError, json.JSONDecodeError) as exc:
             raise ModelError(f"{spec_file}: unreadable ensemble spec ({exc})") from None
+        spec.check_temperatures(spec_file)
+        return spec
+
+    def check_temperatures(self, spec_file: Path) -> None:
+        """Every temperature a finite number > 0 (a NaN, 0 or negative one would only fail once scoring started)."""
+        temps = self.temperatures
+        if not isinstance(temps, list) or not temps:
+            raise ModelError(f"{spec_file}: temperatures must be a non-empty list of numbers > 0, got {temps!r}")
+        fields = [(f"temperatures[{k}]", t) for k, t in enumerate(temps)]
+        for name, t in [*fields, ("pooled_temperature", self.pooled_temperature)]:
+            if isinstance(t, bool) or not isinstance(t, int | float) or not math.isfinite(t) or t <= 0:
+                raise ModelError(f"{spec_file}: {name} must be a finite number > 0, got {t!r}")
+
+
+def _reason(exc: BaseException, limit: int = 200) -> str:
+    """One short line about ``exc``: its type and the first sentence of its message (not the advice that may
+    follow, such as loading the file unsafely)."""
+    text = (str(exc).strip().splitlines() or [""])[0].split(". ")[0]
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _first_mismatch(model: torch.nn.Module, state: dict) -> str:
+    """The first difference between ``model``'s tensors and a loaded ``state`` dict, in one line."""
+    expected = model.state_dict()
+    for key, tensor in expected.items():
+        if key not in state:
+            return f"first mismatch: {key} missing from the file"
+        got = state[key]
+        if not isinstance(got, torch.Tensor):
+            return f"first mismatch: {key} is not a tensor"
+        if got.shape != tensor.shape:
+            return (f"first mismatch: {key} has shape {list(got.shape)} in the file, {list(tensor.shape)} in the "
+                    "model")
+    extra = [str(key) for key in state if key not in expected]
+    if extra:
+        return f"first mismatch: unexpected {extra[0]} in the file"
+    return "no tensor could be copied"
 
 
 class Ensemble:
@@ -122,10 +161,22 @@ class Ensemble:
 
         def network(name: str, k: int) -> torch.nn.Module:
             model = build_model(arch, len(spec.channels), len(spec.classes))
+            file = p / f"{name}_{k}.pt"
+            if not file.is_file():
+                raise ModelError(f"{p}: cannot load {name} {k}: {file.name} is missing")
             try:
-                model.load_state_dict(torch.load(p / f"{name}_{k}.pt", map_location="cpu", weights_only=True))
-            except (OSError, RuntimeError) as exc:
-                raise ModelError(f"{p}: cannot load {name} {k} ({exc})") from None
+                state = torch.load(file, map_location="cpu", weights_only=True)
+            except Exception as exc:  # a truncated or foreign file fails in many ways (KeyError...)
+                raise ModelError(f"{p}: cannot load {name} {k}: {file.name} is not a readable PyTorch state dict "
+                                 f"({_reason(exc)})") from None
+            if not isinstance(state, dict):
+                raise ModelError(f"{p}: cannot load {name} {k}: {file.name} is not a state dict "
+                                 f"(a {type(state).__name__})")
+            try:
+                model.load_state_dict(state)
+            except Exception:  # torch lists every mismatching tensor: name the first one only
+                raise ModelError(f"{p}: cannot load {name} {k}: the weights in {file.name} do not fit the model "
+                                 f"architecture in spec.json ({_first_mismatch(model, state)})") from None
             return model
 
         members = [network("member", k) for k in range(spec.n_members)]
@@ -133,8 +184,15 @@ class Ensemble:
         novelty = []
         n_novelty = (len(encoders) or len(members)) if spec.has_novelty else 0
         for k in range(n_novelty):
-            with np.load(p / f"novelty_{k}.npz") as z:
-                novelty.append(novelty_from_dict({n: z[n] for n in z.files}))
+            file = p / f"novelty_{k}.npz"
+            if not file.is_file():
+                raise ModelError(f"{p}: cannot load novelty model {k}: {file.name} is missing")
+            try:
+                with np.load(file) as z:
+                    novelty.append(novelty_from_dict({n: z[n] for n in z.files}))
+            except Exception as exc:  # not an .npz, pickled data, missing arrays...
+                raise ModelError(f"{p}: cannot load novelty model {k}: {file.name} is not a readable novelty model "
+                                 f"({_reason(exc)})") from None
         return cls(spec, members, novelty, device, encoders)
 
     # -- scoring ---------------------------------------------------------------------------------------
