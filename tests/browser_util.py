@@ -3,12 +3,15 @@ browser download). Tests that need it are skipped when either is missing."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -46,6 +49,24 @@ def wait_http(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
         except OSError:
             time.sleep(0.2)
     raise TimeoutError(url)
+
+
+@contextlib.contextmanager
+def labeling_server(workdir: Path, labels: Path) -> Iterator[tuple[str, int]]:
+    """``spatial label`` on ``workdir/queries.parquet`` (classes bright and spotty) on a free port, as a subprocess
+    started where the tests run from; yields its URL (no trailing slash) and port, and stops it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(workdir / "queries.parquet"),
+                             "--labels", str(labels), "--port", str(port), "--set", "split.classes=[bright,spotty]"],
+                            cwd=workdir, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/api/session", proc)
+        yield url, port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def keep_figure(shot: Path, name: str) -> None:

@@ -11,20 +11,14 @@ a 4xx with a JSON body naming what was wrong, never a 500, and changes nothing o
 from __future__ import annotations
 
 import json
-import os
 import socket
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from pathlib import Path
 
 import httpx
 import pytest
-from browser_util import free_port, wait_http
+from browser_util import labeling_server
 from test_serving import assert_good, screen, server  # noqa: F401  (fixtures: `spatial serve` on the tiny ensemble)
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # -- the scoring service: a `file` field that is not a file upload ----------------------------------------------------
@@ -111,22 +105,11 @@ def label_server(tmp_path_factory, tiny_ensemble, tiny_manifest):
     q = run_query(Ensemble.load(tiny_ensemble), build_index(tiny_manifest, progress=False), "margin", 6,
                   pool_subsample=60).queries
     q.to_parquet(d / "queries.parquet")
-    labels, port = d / "labels.csv", free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(d / "queries.parquet"),
-                             "--labels", str(labels), "--port", str(port), "--set", "split.classes=[bright,spotty]"],
-                            cwd=d, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    client = httpx.Client(base_url=url, timeout=60)
-    try:
-        wait_http(url + "/api/session", proc)
+    labels = d / "labels.csv"
+    with labeling_server(d, labels) as (url, port), httpx.Client(base_url=url, timeout=60) as client:
         r = client.post("/api/label", json={"i": 0, "label": "bright", "annotator": "ann"})
         assert r.status_code == 200, r.text
         yield {"client": client, "labels": labels, "port": port}
-    finally:
-        client.close()
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def assert_json_error(r: httpx.Response, status: int, *words: str) -> None:

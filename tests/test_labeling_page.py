@@ -4,18 +4,15 @@ keyboard labeling, labels.csv, undo, two annotators at once, reload, new phenoty
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from browser_util import chromium, free_port, keep_figure, wait_http  # noqa: F401  (chromium is a fixture)
+from browser_util import chromium, keep_figure, labeling_server  # noqa: F401  (chromium is a fixture)
 
 from training.data.labels import read_history, replay
 
-ROOT = Path(__file__).resolve().parents[1]
 N_QUERIED = 24
 
 
@@ -31,18 +28,9 @@ def server(tmp_path_factory, tiny_ensemble, tiny_manifest):
     q["slide_label"] = None  # as label_check writes it, on one cell, with markup that must show as text
     q.loc[3, "slide_label"] = "spotty <i>x</i>"
     q.to_parquet(d / "queries.parquet")
-    labels, port = d / "labels.csv", free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(d / "queries.parquet"),
-                             "--labels", str(labels), "--port", str(port), "--set", "split.classes=[bright,spotty]"],
-                            cwd=d, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        wait_http(url + "api/session", proc)
-        yield {"url": url, "labels": labels, "queries": q, "dir": d}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    labels = d / "labels.csv"
+    with labeling_server(d, labels) as (url, _):
+        yield {"url": url + "/", "labels": labels, "queries": q, "dir": d}
 
 
 def open_page(browser, url: str, annotator: str):
