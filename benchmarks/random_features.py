@@ -34,13 +34,13 @@ from slide_shift import data_params
 from tqdm.auto import tqdm
 from uncertainty_study import CONTROL_CLASSES, screen_cells
 
+from serving.discovery.controls import random_network
 from training.cli.options import write_json
 from training.config import ModelConfig
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data
 from training.engine import forward
 from training.io.tables import read_table
-from training.models.factory import build_model
 from training.uncertainty.novelty import KNNNovelty, make_novelty, stage_features
 from training.uncertainty.pixel_descriptor import pixel_descriptor
 
@@ -52,7 +52,7 @@ KEY = ["source_file", "cell_id"]
 def architectures(model: ModelConfig) -> dict[str, ModelConfig]:
     """The untrained networks measured: the SPARCS VGG, and the pipeline's ConvNeXt with its full-resolution stem
     and with its own (stride 4)."""
-    convnext = {**model.model_dump(), "pretrained": None}
+    convnext = model.model_dump()
     return {"random_vgg": ModelConfig(name="sparcs_vgg"),
             "random_convnext_p1": ModelConfig(**{**convnext, "patch_size": 1}),
             "random_convnext": ModelConfig(**convnext)}
@@ -65,9 +65,7 @@ def describe(cells: pd.DataFrame, params, channels: list[str], archs: dict[str, 
     out = {"pixels": pixel_descriptor(x)}
     for name, cfg in archs.items():
         for seed in NETWORK_SEEDS:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed)
-                net = build_model(cfg, len(channels), 2).eval()
+            net = random_network(cfg, len(channels), 2, seed)
             rows = []
             for i in tqdm(range(0, len(x), 256), desc=f"{name} seed {seed}", leave=False):
                 maps: list = []
@@ -161,7 +159,6 @@ def main() -> int:
         if unknown:
             raise SystemExit(f"--arch: unknown {unknown}; choose from {sorted(archs)}")
         archs = {k: v for k, v in archs.items() if k in a.arch}
-    torch.manual_seed(0)
     t0 = time.time()
     result = (loco_part if a.part == "loco" else task_part)(params, archs)
     result = {"part": a.part, "screen": a.screen, "network_seeds": list(NETWORK_SEEDS),

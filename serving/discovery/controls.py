@@ -39,14 +39,20 @@ from training.uncertainty.novelty import KNNNovelty, stage_features
 BLOCK = 1024  # cells read and featurised at a time
 
 
+def random_network(model: ModelConfig, in_chans: int, n_classes: int, seed: int) -> torch.nn.Module:
+    """The architecture ``model`` at a seeded random initialisation (eval mode), whatever checkpoint ``model.pretrained``
+    names: these networks are random by design. The global random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = build_model(model.model_copy(update={"pretrained": None}), in_chans, n_classes)
+    return net.eval()
+
+
 def random_filter_network(spec: EnsembleSpec, seed: int) -> torch.nn.Module:
     """The architecture of the ensemble ``spec`` at a seeded random initialisation (eval mode): the feature
     extractor."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        # never the checkpoint the members were fine-tuned from: these networks are random by design
-        net = build_model(ModelConfig(**{**spec.model, "pretrained": None}), len(spec.channels), len(spec.classes))
-    return net.eval()
+    return random_network(ModelConfig(**{**spec.model, "pretrained": None}), len(spec.channels), len(spec.classes),
+                          seed)
 
 
 def morphology_features(cells: pd.DataFrame, model: ServedModel, seeds: Sequence[int] = (0,),
