@@ -27,6 +27,25 @@ ENV_MODEL = "SPATIAL_MODEL"
 ENV_PARAMS = "SPATIAL_PARAMS"  # params file the service reads under `bentoml serve` (default ./params.yaml)
 ENV_MODEL_DIR = "SPATIAL_MODEL_DIR"  # set by `spatial serve`: the model resolved once for every worker process
 ENV_MODEL_INFO = "SPATIAL_MODEL_INFO"
+MIN_SIDE = 8  # smallest crop side either path resizes to the model's input size
+
+
+def crop_size_problem(height: int, width: int, image_size: int, resize: bool = True) -> str | None:
+    """Why crops of ``height x width`` cannot go to a model of ``image_size`` inputs (``"HxW; expected ..."``), or
+    ``None`` if they can.
+
+    The one size policy of the HTTP service and ``spatial score``: square crops of any side >= ``MIN_SIDE`` are
+    resized by the model's ``Preprocess``; non-square crops are refused (resizing them would distort the cell), and
+    so is any other size when ``resize`` is off (``serve.resize=false``)."""
+    size = f"{height}x{width}"
+    if height != width:
+        return f"{size}; expected square crops (H == W), e.g. {image_size}x{image_size}"
+    if not resize and height != image_size:
+        return f"{size}; expected {image_size}x{image_size} (serve.resize is off)"
+    if height < MIN_SIDE:
+        return (f"{size}; expected at least {MIN_SIDE}x{MIN_SIDE} "
+                f"(they are resized to the model's {image_size}x{image_size})")
+    return None
 
 
 @dataclass

@@ -137,6 +137,32 @@ def test_bad_inputs_are_clear_errors(files, tiny_ensemble, tmp_path):
         score_files([other], tiny_ensemble, tmp_path / "c.parquet", progress=False)
 
 
+@pytest.mark.parametrize(("h", "w", "problem"), [(24, 20, "24x20; expected square crops"),
+                                                  (4, 4, "4x4; expected at least 8x8")])
+def test_crops_the_http_service_refuses_are_refused_before_any_chunk(files, tiny_ensemble, tmp_path, h, w, problem,
+                                                                     monkeypatch, capsys):
+    """``spatial score`` applies the HTTP service's size policy: the same refusal, named by file, nothing written."""
+    from serving.service.validation import RequestError, check_size
+    from training.cli.main import main
+    from training.io.formats import write_h5sc
+
+    spec = Ensemble.load(tiny_ensemble).spec
+    bad = write_h5sc(tmp_path / "odd.h5sc", np.full((3, len(spec.channels), h, w), 0.5, np.float32), np.arange(3),
+                     channel_names=list(spec.channels))
+    with pytest.raises(RequestError, match=problem):
+        check_size(np.empty((0, len(spec.channels), h, w)), spec.image_size, resize=True)
+    out = tmp_path / "s.parquet"
+    with pytest.raises(DataError, match=rf"odd\.h5sc: crops are {problem}"):
+        score_files([files[0], bad], tiny_ensemble, out, progress=False)
+    monkeypatch.setattr("sys.argv", ["spatial", "score", str(bad), "--model", str(tiny_ensemble), "--out", str(out),
+                                     "--no-progress"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and problem in err and "Traceback" not in err
+    assert not out.exists() and not parts_dir(out).exists()
+
+
 def test_cli_score_with_embeddings(files, tiny_ensemble, reference, tmp_path):
     from training.cli.serving import add_commands
 

@@ -4,6 +4,7 @@ failed `spatial score` recovered by the same command (the HTTP cases are in test
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import hostile
@@ -13,7 +14,7 @@ import pytest
 from conftest import run_main
 
 from training.errors import DataError
-from training.io.atomic import atomic_path
+from training.io.atomic import atomic_path, check_destination
 from training.io.formats import CellFile
 from training.io.hdf5 import ENV_ALLOW_EXTERNAL, LimitExceeded, ReadLimits
 from training.io.pixels import bad_cells, describe_cell
@@ -296,6 +297,39 @@ def test_cli_refuses_a_wrong_kind_of_output_before_its_work(command, tmp_path, m
                 else f"{wrong}: is a {'file' if wrong == str(file) else 'folder'}; this writes")
     assert code == 2 and err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.csv", "folder"] and file.read_text() == "kept"
+
+
+UNWRITABLE = Path("/sys/spatial-test")  # sysfs: no process may create a file there, root included
+DENIED = r"\((Permission denied|Read-only file system)\)"  # sysfs mounted read-write, or read-only (containers)
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys")
+def test_an_output_in_a_folder_no_one_can_write_is_named_as_asked_not_by_its_temporary_name():
+    with pytest.raises(DataError, match=rf"^/sys/spatial-test/m\.json: cannot write in /sys {DENIED}$"):
+        check_destination(UNWRITABLE / "m.json", folder=False)
+    refused = pytest.raises(DataError, match=rf"^/sys/m\.json: cannot write in /sys {DENIED}$")
+    with refused, atomic_path("/sys/m.json") as tmp:
+        tmp.write_text("{}")
+
+
+@pytest.mark.skipif(not Path("/sys").is_dir(), reason="needs Linux's /sys")
+@pytest.mark.parametrize("command", [
+    ["synth", "--out", "{bad}"],
+    ["split", "--index", "{missing}", "--out", "{new}", "--metrics", "{bad}"],
+    ["train", "--splits", "{missing}", "--out", "{new}", "--metrics", "{bad}"],
+    ["hits", "--counts", "{missing}", "--samples", "{missing}", "--library", "{missing}", "--out", "{new}",
+     "--metrics", "{bad}"],
+    ["score", "{missing}", "--model", "{missing}", "--out", "{new}", "--metrics", "{bad}"],
+    ["score", "{missing}", "--model", "{missing}", "--out", "{bad}"],
+])
+def test_cli_refuses_an_output_it_cannot_write_before_its_work(command, tmp_path, monkeypatch, capsys):
+    """The finding this answers: ``--metrics`` in an unwritable folder failed after ``--out`` was written, named
+    by its temporary file. Now the command stops first, on the path as given."""
+    bad = UNWRITABLE / "m.json"
+    args = [a.format(bad=bad, missing=tmp_path / "missing", new=tmp_path / "new") for a in command]
+    code, err = run_main(args, monkeypatch, capsys)
+    assert code == 2 and re.fullmatch(rf"error: {bad}: cannot write in /sys {DENIED}\n", err), err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_what_the_system_refuses_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):

@@ -325,7 +325,10 @@ def test_recalibrate_refits_the_served_temperature_on_labels_of_new_slides(tmp_p
     assert "120 labeled cell(s) of the model's classes; a temperature needs at least 500" in capsys.readouterr().err
     assert _spatial(monkeypatch, *common[:-1], "--group", "plate_9", "--out", tmp_path / "bad", "--no-progress") == 2
     assert "unknown group(s) plate_9" in capsys.readouterr().err
-    assert not (tmp_path / "few").exists() and not (tmp_path / "bad").exists()
+    missing = tmp_path / "typo.csv"  # a mistyped --labels is "not found", not an empty history
+    assert _spatial(monkeypatch, *[missing if a == labels else a for a in common], "--out", tmp_path / "gone") == 2
+    assert f"{missing}: labels file not found" in capsys.readouterr().err
+    assert not (tmp_path / "few").exists() and not (tmp_path / "bad").exists() and not (tmp_path / "gone").exists()
 
 
 def test_recalibrate_unlabeled_serves_the_temperature_atc_predicts(tmp_path, tiny_manifest, tiny_ensemble, ens,

@@ -153,7 +153,9 @@ def test_resolve_model_errors(trained, monkeypatch):
     with pytest.raises(ModelError, match="not an ensemble directory"):
         resolve_model(trained)
     local, info = resolve_model("models:/tiny@champion")
-    assert (local / "spec.json").is_file() and info["version"] == 3
+    champion = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}").get_model_version_by_alias("tiny", "champion")
+    assert (local / "spec.json").is_file() and info["version"] == int(champion.version)  # 3 after the alias test
+    assert Ensemble.load(local).spec.info["mlflow_run_id"] == champion.run_id
 
 
 def test_refit_novelty_serves_another_score_without_retraining(trained, tmp_path):

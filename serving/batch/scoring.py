@@ -32,7 +32,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from serving.model import ServedModel
+from serving.model import ServedModel, crop_size_problem
 from training.config import MlflowConfig, ScoreConfig
 from training.errors import DataError
 from training.io.atomic import atomic_path, check_destination
@@ -92,7 +92,10 @@ def model_identity(model: ServedModel) -> dict[str, Any]:
 
 def make_plan(files: Sequence[str | os.PathLike], chunk_size: int, model: ServedModel, embeddings: bool = False,
               channel_map: dict[str, str] | None = None) -> tuple[Plan, dict[str, np.ndarray]]:
-    """Chunks over every file's rows, and each file's cell ids (from the index datasets only, never pixels)."""
+    """Chunks over every file's rows, and each file's cell ids (from the index datasets only, never pixels).
+
+    Every file is checked first: the model's channels, unique cell ids, and crops the HTTP service would accept too
+    (``serving.model.crop_size_problem``)."""
     if not files:
         raise DataError("no input files given")
     entries, chunks, ids = [], [], {}
@@ -107,6 +110,9 @@ def make_plan(files: Sequence[str | os.PathLike], chunk_size: int, model: Served
                 cf.resolve_channels(model.spec.channels, channel_map)
             except DataError as exc:
                 raise DataError(f"{exc}; the model needs {', '.join(model.spec.channels)}") from None
+            problem = crop_size_problem(cf.info.height, cf.info.width, model.spec.image_size)
+            if problem is not None:
+                raise DataError(f"{f}: crops are {problem}")
             ids[path] = cf.check_unique_ids()
             n = cf.n_cells
         st = os.stat(path)

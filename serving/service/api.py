@@ -37,12 +37,11 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.model import ServedModel, pack, records, to_json
+from serving.model import MIN_SIDE, ServedModel, pack, records, to_json
 from serving.service.openapi import patch_spec
 from serving.service.schemas import ScoreResponse
 from serving.service.uploads import open_upload, upload_limits
 from serving.service.validation import (
-    MIN_SIDE,
     RequestError,
     ScoreRequest,
     check_count,

@@ -8,11 +8,9 @@ Every rejected request gets a 4xx JSON body of one shape, the one BentoML uses f
 
     {"error": "<one line>", "detail": [{"loc": ["images"], "msg": "...", "type": "..."}]}
 
-Image size policy (resize, not reject): square images of any side >= ``MIN_SIDE`` are brought to the model's input
-size by the model's own preprocessing (the same ``Preprocess`` that batch scoring applies to stored crops of another
-size), so the HTTP service and ``spatial score`` agree. Non-square images are rejected (resizing them would distort
-the cell), as are images smaller than ``MIN_SIDE`` pixels a side, or any size other than the model's when the
-service runs with ``serve.resize=false``.
+Image size policy: ``serving.model.crop_size_problem``, which ``spatial score`` applies too (square crops of any
+side >= ``MIN_SIDE`` are resized by the model's own ``Preprocess``; non-square or smaller crops are refused, and any
+size other than the model's when the service runs with ``serve.resize=false``).
 """
 
 from __future__ import annotations
@@ -25,9 +23,9 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
 
+from serving.model import crop_size_problem
 from training.io.pixels import PIXEL_RANGE, bad_cells, describe_cell
 
-MIN_SIDE = 8
 IMAGES_EXPECTED = (
     "a nested list of numbers of shape (N, C, H, W), or (N, H, W) for a one-channel model, or a tensor object "
     '{"b64": base64 of little-endian values, "dtype": "float16" | "float32", "shape": [N, C, H, W]}'
@@ -173,13 +171,6 @@ def select_channels(images: np.ndarray, channels: list[str], source_channels: li
 
 
 def check_size(images: np.ndarray, image_size: int, resize: bool, loc: str = "images") -> None:
-    h, w = images.shape[-2:]
-    if h != w:
-        raise RequestError(loc, f"images are {h}x{w}; expected square crops (H == W), e.g. {image_size}x{image_size}",
-                           kind="image_size")
-    if not resize and h != image_size:
-        raise RequestError(loc, f"images are {h}x{w}; expected {image_size}x{image_size} (serve.resize is off)",
-                           kind="image_size")
-    if h < MIN_SIDE:
-        raise RequestError(loc, f"images are {h}x{w}; expected at least {MIN_SIDE}x{MIN_SIDE} "
-                           f"(they are resized to the model's {image_size}x{image_size})", kind="image_size")
+    problem = crop_size_problem(*images.shape[-2:], image_size, resize)
+    if problem is not None:
+        raise RequestError(loc, f"images are {problem}", kind="image_size")

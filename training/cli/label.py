@@ -154,6 +154,9 @@ def add_commands(app: typer.Typer) -> None:
         check_at_least_one(max_cells=max_cells, min_cells=min_cells)
         check_outputs(folders=[out], files=[metrics])
         labels = labels or Path(p.label.labels)
+        if not unlabeled and not labels.is_file():  # elsewhere an absent history is an empty one; here it is a slip
+            raise DataError(f"{labels}: labels file not found; label cells first (spatial label) or refit from "
+                            "unlabeled cells with --unlabeled")
         index = build_index(manifest or p.index.manifest, progress=False)
         uri = model or default_model_uri(p)
         with tempfile.TemporaryDirectory(prefix="spatial-recalibrate-") as cache:

@@ -15,21 +15,39 @@ from training.errors import DataError
 def check_destination(path: str | os.PathLike, folder: bool) -> Path:
     """``path`` if a ``folder`` (else a file) can be written there; otherwise :class:`DataError`.
 
-    Refused: an existing path of the other kind, and a path under a file. :func:`atomic_path` checks this when it
-    renames; a command checks its outputs before its work too, so a wrong ``--out`` costs nothing.
+    Refused: an existing path of the other kind, a path under a file, and a folder this process cannot create files
+    in (probed with a file created and removed at once: permission bits do not say it for root, nor for a read-only
+    mount). :func:`atomic_path` checks this when it renames; a command checks its outputs before its work too, so a
+    wrong ``--out`` or ``--metrics`` costs nothing.
     """
     final = Path(path)
     _check_ancestors(final)
+    _check_writable(final)
+    _check_kind(final, folder)
+    return final
+
+
+def _check_kind(final: Path, folder: bool) -> None:
     if final.exists() and final.is_dir() != folder:
         kinds = ("a folder", "a file") if final.is_dir() else ("a file", "a folder")
         raise DataError(f"{final}: is {kinds[0]}; this writes {kinds[1]} there. Remove it or choose another path")
-    return final
 
 
 def _check_ancestors(final: Path) -> None:
     ancestor = next((a for a in final.parents if a.exists()), None)
     if ancestor is not None and not ancestor.is_dir():
         raise DataError(f"{ancestor}: is a file, not a folder; cannot write {final} inside it")
+
+
+def _check_writable(final: Path) -> None:
+    folder = next((a for a in final.parents if a.exists()), None)
+    if folder is None:
+        return
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise DataError(f"{final}: cannot write in {folder} ({exc.strerror or exc})") from None
 
 
 @contextlib.contextmanager
@@ -41,16 +59,19 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     """
     final = Path(path)
     _check_ancestors(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(
-        prefix=f".{final.name}.", suffix=suffix if suffix is not None else ".tmp", dir=final.parent
-    )
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(
+            prefix=f".{final.name}.", suffix=suffix if suffix is not None else ".tmp", dir=final.parent
+        )
+    except OSError as exc:  # named by the output asked for, not by the temporary name
+        raise DataError(f"{final}: cannot write in {final.parent} ({exc.strerror or exc})") from None
     os.close(fd)
     tmp = Path(tmp_name)
     tmp.unlink()
     try:
         yield tmp
-        check_destination(final, folder=tmp.is_dir())
+        _check_kind(final, folder=tmp.is_dir())
         if final.is_dir() and not final.is_symlink():
             shutil.rmtree(final)
         os.replace(tmp, final)
