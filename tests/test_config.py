@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import types
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
 from training.config import Params, flatten, load_params, resolve
 from training.errors import ConfigError
@@ -55,6 +58,31 @@ def test_profile_chosen_in_the_file() -> None:
 def test_bad_profiles_and_overrides_name_the_problem(raw: dict, overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):
         resolve(raw, overrides)
+
+
+def float_settings(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
+    """Every setting typed float (or optionally float), by dotted key."""
+    keys = []
+    for name, field in model.model_fields.items():
+        kind = field.annotation
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            keys += float_settings(kind, f"{prefix}{name}.")
+        elif kind is float or (typing.get_origin(kind) in (typing.Union, types.UnionType) and float in typing.get_args(kind)):
+            keys.append(prefix + name)
+    return keys
+
+
+def test_no_setting_takes_nan_or_infinity() -> None:
+    """NaN passed every setting without a bound (``data.mean``, ``data.std``) and inf every one without an upper
+    bound (``train.lr=inf``), to fail deep inside a run or, for a cut, to exclude nothing."""
+    keys = float_settings()
+    assert {"data.mean", "train.lr", "bins.max_novelty", "hits.fdr"} <= set(keys) and len(keys) > 50
+    for key in keys:
+        for value in (".nan", ".inf", "-.inf"):
+            with pytest.raises(ConfigError, match=rf"{re.escape(key)}: Input should be a finite number"):
+                resolve({}, [f"{key}={value}"])
+    with pytest.raises(ConfigError, match=r"synth\.timecourse_hours\.1: Input should be a finite number"):
+        resolve({}, ["synth.timecourse_hours=[1, .nan]"])
 
 
 def test_a_params_file_that_is_not_yaml_is_one_line_with_its_place(tmp_path) -> None:

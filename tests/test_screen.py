@@ -39,8 +39,8 @@ from serving.screen.hits import (
 )
 from serving.screen.sequencing import sequence_replicate
 from training.cli.main import main
-from training.config import BinsConfig, HitsConfig, SequenceConfig, resolve
-from training.errors import ConfigError, DataError
+from training.config import BinsConfig, HitsConfig, SequenceConfig
+from training.errors import DataError
 
 
 # -- hand-made inputs ------------------------------------------------------------------------------------------------
@@ -581,10 +581,3 @@ def test_read_library_refuses_an_unknown_control_word(tmp_path):
         read_library(write_library(tmp_path, [("X", "X", "maybe")], "bad.csv"))
     with pytest.raises(DataError, match=r"blank\.csv: row 3 has an empty grna or gene"):
         read_library(write_library(tmp_path, [("NT1", "NT", True), ("A_1", " ", False)], "blank.csv"))
-
-
-def test_a_nan_cut_is_refused_by_name():
-    """`--set bins.max_novelty=.nan` would exclude nothing: refused with the key, as any invalid setting."""
-    for key in ("bins.max_novelty", "bins.max_epistemic"):
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            resolve({}, [f"{key}=.nan"])

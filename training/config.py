@@ -20,7 +20,10 @@ Seed = Annotated[int, Field(ge=0, description="random seed (numpy's generators t
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """A params section: unknown keys and non-finite numbers (NaN, inf) are refused; no setting means "no limit" by
+    inf (an optional one is ``null``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class SynthConfig(Section):
@@ -416,10 +419,8 @@ class BinsConfig(Section):
                                     description="lower score edges, bin 1 first (the SPARCS autophagy screen)")
     quantiles: list[float] = Field(default_factory=lambda: [0.001, 0.01, 0.03], min_length=1,
                                    description="cumulative top shares of the eligible cells, bin 1 first")
-    max_novelty: float | None = Field(None, allow_inf_nan=False,
-                                      description="leave out cells with a higher novelty score")
-    max_epistemic: float | None = Field(None, ge=0, allow_inf_nan=False,
-                                        description="leave out cells with a higher epistemic uncertainty")
+    max_novelty: float | None = Field(None, description="leave out cells with a higher novelty score")
+    max_epistemic: float | None = Field(None, ge=0, description="leave out cells with a higher epistemic uncertainty")
     manifest: str | None = Field("data/raw/manifest.csv", description="adds group/plate/well per cell; None = none")
 
     @field_validator("thresholds")
