@@ -3,6 +3,7 @@ failed `spatial score` recovered by the same command (the HTTP cases are in test
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 from pathlib import Path
@@ -18,6 +19,7 @@ from training.io.atomic import atomic_path, check_destination
 from training.io.formats import CellFile
 from training.io.hdf5 import ENV_ALLOW_EXTERNAL, LimitExceeded, ReadLimits
 from training.io.pixels import bad_cells, describe_cell
+from training.io.tables import cell_ids
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +299,73 @@ def test_cli_refuses_a_wrong_kind_of_output_before_its_work(command, tmp_path, m
                 else f"{wrong}: is a {'file' if wrong == str(file) else 'folder'}; this writes")
     assert code == 2 and err.startswith(f"error: {expected}") and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file.csv", "folder"] and file.read_text() == "kept"
+
+
+def test_one_rule_for_a_cell_id_column():
+    """Whole numbers within int64 pass, as int64; NaN, inf, fractions, text and overflow are flagged, never cast."""
+    text = pd.Series(["3", "-4", "7.0", "inf", "1e30", "2.5", "c9", "", "99999999999999999999"])
+    ids, bad = cell_ids(text)
+    assert bad.tolist() == [False, False, False, True, True, True, True, True, True]
+    assert ids[~bad].tolist() == [3, -4, 7] and ids.dtype == np.int64
+    ids, bad = cell_ids(pd.Series(["5", "6"]), numeric_only=True)  # a table the project writes: text is refused
+    assert bad.all()
+    ids, bad = cell_ids(pd.Series(np.array([1, 2**63], np.uint64)))
+    assert bad.tolist() == [False, True] and ids[0] == 1
+    ids, bad = cell_ids(pd.Series([7, None], dtype="Int64"))
+    assert bad.tolist() == [False, True] and ids[0] == 7
+    ids, bad = cell_ids(pd.Series([2.0**53, 2.0**53 + 2, np.nan]))  # a float past 2**53 need not be the id written
+    assert bad.tolist() == [False, True, True] and ids[0] == 2**53
+    assert cell_ids(pd.Series([2**62 + 1]))[0].tolist() == [2**62 + 1]  # integers are exact at any size
+
+
+def _labels_history(path: Path, cid: str) -> None:
+    path.write_text(f"source_file,cell_id,label,annotator,time\nf.h5,1,a,x,t\nf.h5,{cid},a,x,t\n")
+
+
+def _queries(path: Path, cid: str) -> None:
+    path.write_text(f"source_file,cell_id\nf.h5,1\nf.h5,{cid}\n")
+
+
+def _oracle_labels(path: Path, cid: str) -> None:
+    path.write_text(f"source_file,cell_id,label\nf.h5,1,a\nf.h5,{cid},a\n")
+
+
+def _genotypes(path: Path, cid: str) -> None:
+    path.write_text(f"source_file,cell_id,grna\nf.h5,1,NT1\nf.h5,{cid},NT1\n")
+
+
+def _read(kind: str, path: Path) -> object:
+    from serving.labeling.app import read_queries
+    from serving.screen.counts import read_genotypes
+    from training.active.oracle import read_labels_csv
+    from training.data.labels import read_history
+
+    library = pd.DataFrame({"grna": ["NT1"], "gene": ["NT"], "is_control": [True]})
+    return {"labels history": read_history, "queries": read_queries, "oracle labels": read_labels_csv,
+            "genotypes": lambda p: read_genotypes(p, library, "library.csv")}[kind](path)
+
+
+CELL_ID_READERS = {  # {cid}: the text as written; {parsed}: as pandas parses it (two readers parse the column)
+    "labels history": (_labels_history, "line 3: cell_id '{cid}' is not an integer"),
+    "queries": (_queries, "cell_id must be an integer, got '{parsed}' (row 2 of the queries)"),
+    "oracle labels": (_oracle_labels, "cell_id must be integers, got e.g. [{parsed}]"),
+    "genotypes": (_genotypes, "cell_id must be an integer, got '{cid}'"),
+}
+
+
+@pytest.mark.parametrize("cid", ["inf", "1e30", "9223372036854775808"])
+@pytest.mark.parametrize("kind", list(CELL_ID_READERS))
+def test_every_table_with_cell_ids_refuses_what_no_cast_can_keep(kind, cid, tmp_path):
+    """inf was a pandas traceback in three of these readers, 1e30 a silently wrapped id in all four."""
+    write, message = CELL_ID_READERS[kind]
+    path = tmp_path / "t.csv"
+    write(path, cid)
+    parsed = pd.read_csv(io.StringIO(f"x\n{cid}\n"))["x"].iloc[0]
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message.format(cid=cid, parsed=parsed)}")):
+        _read(kind, path)
+    write(path, "12")
+    table = _read(kind, path)
+    assert table["cell_id"].dtype == np.int64 and 12 in table["cell_id"].tolist()
 
 
 UNWRITABLE = Path("/sys/spatial-test")  # sysfs: no process may create a file there, root included

@@ -28,6 +28,7 @@ from serving.labeling.store import LabelStore
 from serving.labeling.thumbs import Thumbnails, locate
 from training.data.labels import NEW_PREFIX, UNDO, UNSURE, abs_keys
 from training.errors import DataError, SpatialError
+from training.io.tables import cell_ids
 
 STATIC = Path(__file__).parent / "static"
 REQUIRED = ("source_file", "cell_id")
@@ -53,12 +54,11 @@ def read_queries(path: str | os.PathLike) -> pd.DataFrame:
         q = q.sort_values("query_rank", kind="stable")
     q = q.reset_index(drop=True)
     q["source_file"] = q["source_file"].astype(str)
-    ids = pd.to_numeric(q["cell_id"], errors="coerce")
-    bad = (ids.isna() | (ids != ids.round())).to_numpy()
+    ids, bad = cell_ids(q["cell_id"])
     if bad.any():
         i = int(bad.argmax())
         raise DataError(f"{p}: cell_id must be an integer, got '{q['cell_id'].iloc[i]}' (row {i + 1} of the queries)")
-    q["cell_id"] = ids.astype(np.int64)
+    q["cell_id"] = ids
     if q.duplicated(["source_file", "cell_id"]).any():
         raise DataError(f"{p}: a cell is queried twice")
     return q

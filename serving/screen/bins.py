@@ -19,7 +19,7 @@ import pandas as pd
 
 from training.config import BinsConfig
 from training.errors import DataError
-from training.io.tables import require_columns
+from training.io.tables import cell_ids, require_columns
 
 SCORE_COLUMNS = ("source_file", "cell_id")
 META_COLUMNS = ("group", "plate", "well")
@@ -64,26 +64,15 @@ def read_scores(path: str | os.PathLike, class_name: str, extra: tuple[str, ...]
 
 
 def integer_cell_ids(df: pd.DataFrame, path: str | os.PathLike) -> pd.Series:
-    """``df["cell_id"]`` as it is when of an integer dtype; a float column of finite whole numbers (what a nullable
-    integer column without nulls may come back as) as int64; anything else is refused."""
+    """``df["cell_id"]`` as int64 (``training.io.tables.cell_ids``: a float column of whole numbers, what a nullable
+    integer column may come back as, is cast; text is refused in a table ``spatial score`` writes)."""
     ids = df["cell_id"]
-    kind = ids.dtype.kind
-    bad = ids.isna().to_numpy()
-    if kind == "i" and not bad.any():
-        return ids
-    if kind == "u":
-        bad = bad | (ids.to_numpy() > np.iinfo(np.int64).max)
-    elif kind == "f":
-        v = ids.to_numpy()
-        with np.errstate(invalid="ignore"):
-            bad = bad | ~(np.isfinite(v) & (v == np.floor(v)) & (np.abs(v) < 2.0 ** 63))
-    elif kind != "i":
-        bad = np.ones(len(ids), bool)
+    values, bad = cell_ids(ids, numeric_only=True)
     if bad.any():
         i = int(np.argmax(bad))
         raise DataError(f"{path}: column 'cell_id' must hold integer cell ids; row {i} (counting from 0, source_file "
                         f"{df['source_file'].iloc[i]}) holds {ids.iloc[i]!r} ({ids.dtype} column)")
-    return ids.astype(np.int64)
+    return pd.Series(values, index=ids.index, name=ids.name)
 
 
 def check_unique_cells(df: pd.DataFrame, path: str | os.PathLike) -> None:

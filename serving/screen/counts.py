@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from training.errors import DataError
-from training.io.tables import read_csv, require_columns
+from training.io.tables import cell_ids, read_csv, require_columns
 
 SAMPLE_COLUMNS = ("sample", "kind", "bin", "replicate", "cells")
 LIBRARY_COLUMNS = ("grna", "gene", "is_control")
@@ -108,15 +108,14 @@ def read_genotypes(path: str | os.PathLike, library: pd.DataFrame, library_path:
     df = read_csv(path, "genotypes table", dtype=str, keep_default_na=False)
     require_columns(df.columns, GENOTYPE_COLUMNS, path)
     df = df[df["grna"].str.strip() != ""]
-    ids = pd.to_numeric(df["cell_id"].str.strip(), errors="coerce")
-    bad = ids.isna() | (ids != np.floor(ids.fillna(0)))
+    ids, bad = cell_ids(df["cell_id"].str.strip())
     if bad.any():
         raise DataError(f"{path}: cell_id must be an integer, got '{df['cell_id'][bad].iloc[0]}'")
     unknown = df["grna"][~df["grna"].isin(library["grna"])]
     if len(unknown):
         raise DataError(f"{path}: {len(unknown)} cell(s) carry gRNA(s) missing from {library_path} "
                         f"(e.g. {unknown.iloc[0]})")
-    out = pd.DataFrame({"source_file": df["source_file"].map(os.path.abspath), "cell_id": ids.astype(np.int64),
+    out = pd.DataFrame({"source_file": df["source_file"].map(os.path.abspath), "cell_id": ids,
                         "grna": df["grna"]})
     if out.duplicated(["source_file", "cell_id"]).any():
         first = out[out.duplicated(["source_file", "cell_id"])].iloc[0]

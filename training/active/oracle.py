@@ -24,7 +24,7 @@ import pandas as pd
 
 from training.data.cellindex import resolve_path
 from training.errors import ConfigError, DataError
-from training.io.tables import read_csv, require_columns
+from training.io.tables import cell_ids, read_csv, require_columns
 
 NO_CLASS = -1
 LABEL_COLUMNS = ("source_file", "cell_id", "label")
@@ -167,11 +167,10 @@ def read_labels_csv(path: Path) -> pd.DataFrame:
     require_columns(table.columns, LABEL_COLUMNS, path)
     if table.empty:
         raise DataError(f"{path}: no labels")
-    ids = pd.to_numeric(table["cell_id"], errors="coerce")
-    if ids.isna().any() or (ids != ids.round()).any():
-        bad = table.loc[ids.isna() | (ids != ids.round()), "cell_id"].head(3).tolist()
-        raise DataError(f"{path}: cell_id must be integers, got e.g. {bad}")
-    table["cell_id"] = ids.astype(np.int64)
+    ids, bad = cell_ids(table["cell_id"])
+    if bad.any():
+        raise DataError(f"{path}: cell_id must be integers, got e.g. {table.loc[bad, 'cell_id'].head(3).tolist()}")
+    table["cell_id"] = ids
     table["label"] = table["label"].str.strip()
     empty = table.index[table["label"] == ""].tolist()
     if empty:

@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from training.errors import DataError
-from training.io.tables import read_csv
+from training.io.tables import cell_ids, read_csv
 
 log = logging.getLogger(__name__)
 COLUMNS = ("source_file", "cell_id", "label", "annotator", "time")
@@ -46,12 +46,11 @@ def read_history(path: str | os.PathLike) -> pd.DataFrame:
         what = "; ".join(x for x in (unknown and f"unknown column(s) {', '.join(unknown)}",
                                      missing and f"missing column(s) {', '.join(missing)}") if x)
         raise DataError(f"{p}: {what}; expected {','.join(COLUMNS)}")
-    ids = pd.to_numeric(table["cell_id"], errors="coerce")
-    bad = ids.isna() | (ids != ids.round())
+    ids, bad = cell_ids(table["cell_id"])
     if bad.any():
-        line = int(np.nonzero(bad.to_numpy())[0][0]) + 2
-        raise DataError(f"{p}: line {line}: cell_id '{table['cell_id'][bad].iloc[0]}' is not an integer")
-    table["cell_id"] = ids.astype(np.int64)
+        i = int(np.argmax(bad))
+        raise DataError(f"{p}: line {i + 2}: cell_id '{table['cell_id'].iloc[i]}' is not an integer")
+    table["cell_id"] = ids
     table["label"] = table["label"].str.strip()
     for col in ("source_file", "label"):
         empty = np.nonzero((table[col] == "").to_numpy())[0]

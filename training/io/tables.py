@@ -8,6 +8,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -79,3 +80,27 @@ def read_csv(path: str | os.PathLike, what: str = "CSV", hint: str | None = None
         return pd.read_csv(p, **kwargs)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{p}: not a readable {what} ({str(exc).splitlines()[0]})") from None
+
+
+def cell_ids(values: pd.Series, numeric_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``values`` as int64 cell ids, and the mask of entries that are not one: the one rule for a ``cell_id`` column.
+
+    A cell id is a whole number within int64. Integer columns are taken as they are; a float column (a nullable
+    integer column read back, a CSV with a blank) and text (a CSV read with ``dtype=str``; not with ``numeric_only``,
+    for a table this project writes) are parsed, and NaN, inf, fractions, text and overflow are flagged, never cast
+    into another id (nor a float beyond 2**53, which need not be the number written). Flagged entries hold 0 in the returned ids; the caller names the first in its own words."""
+    kind = values.dtype.kind
+    if kind in "iu":  # numpy or nullable (pandas "Int64") integers
+        missing = values.isna().to_numpy()
+        raw = values.fillna(0).to_numpy()
+        bad = missing | (raw > np.iinfo(np.int64).max) if kind == "u" else missing
+        return np.where(bad, 0, raw).astype(np.int64), bad
+    if kind != "f" and numeric_only:
+        return np.zeros(len(values), np.int64), np.ones(len(values), bool)
+    parsed = values if kind == "f" else pd.to_numeric(values, errors="coerce")
+    if parsed.dtype.kind in "iu":  # every text entry was a whole number
+        return cell_ids(parsed)
+    v = parsed.to_numpy(np.float64, na_value=np.nan)
+    with np.errstate(invalid="ignore"):  # beyond 2**53 a float is not the whole number that was written
+        bad = ~(np.isfinite(v) & (v == np.floor(v)) & (np.abs(v) <= 2.0**53))
+    return np.where(bad, 0, v).astype(np.int64), bad
