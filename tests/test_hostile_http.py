@@ -119,8 +119,10 @@ def assert_json_error(r: httpx.Response, status: int, *words: str) -> None:
 
 
 def raw_post(port: int, path: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, str], bytes]:
-    """An HTTP/1.1 request sent as is (a Content-Length that does not match the body), and its response."""
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n" + "".join(
+    """An HTTP/1.1 request sent as is (a Content-Length that does not match the body, another Host), and its
+    response."""
+    headers = {"Host": f"127.0.0.1:{port}", **headers}
+    head = f"POST {path} HTTP/1.1\r\nConnection: close\r\n" + "".join(
         f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n"
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
         s.sendall(head.encode() + body)
@@ -162,6 +164,29 @@ def test_label_with_a_huge_content_length_and_a_tiny_body_is_a_413(label_server)
     assert status == 413, payload
     assert headers["content-type"] == "application/json" and "9999999" in json.loads(payload)["error"], payload
     assert labels.read_bytes() == before
+
+
+def test_another_sites_page_cannot_write_labels(label_server):
+    """What a page on another site can make the annotator's browser send (a no-preflight ``text/plain`` POST with
+    its Origin; its own name resolving to 127.0.0.1), against the real server: 403, ``labels.csv`` untouched."""
+    c, labels, port = label_server["client"], label_server["labels"], label_server["port"]
+    before = labels.read_bytes()
+    body = json.dumps({"i": 2, "label": "spotty", "annotator": "csrf"})
+    r = c.post("/api/label", content=body, headers={"Content-Type": "text/plain", "Origin": "http://evil.example.com"})
+    assert_json_error(r, 403, "another site (http://evil.example.com)")
+    r = c.post("/api/undo", content=body, headers={"Content-Type": "application/json", "Origin": "null"})
+    assert_json_error(r, 403, "another site (null)")
+    r = c.post("/api/label", content=body, headers={"Content-Type": "text/plain"})
+    assert_json_error(r, 415, "Content-Type: application/json")
+    status, _, payload = raw_post(port, "/api/label", {"Content-Type": "application/json", "Host":
+                                                       f"evil.example.com:{port}", "Content-Length": str(len(body))},
+                                  body.encode())
+    assert status == 403 and b"is not this machine" in payload, payload
+    assert labels.read_bytes() == before
+    r = c.post("/api/label", content=body, headers={"Content-Type": "application/json",
+                                                    "Origin": f"http://127.0.0.1:{port}"})
+    assert r.status_code == 200 and "csrf" in labels.read_text()  # the page's own request
+    assert c.post("/api/undo", json={"i": 2, "annotator": "csrf"}).status_code == 200
 
 
 @pytest.mark.parametrize("path,field,body", [

@@ -402,13 +402,15 @@ def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_
     labels = tmp_path / "labels.csv"
     session = Session(read_queries(tmp_path / "q.parquet"), labels, ["bright", "spotty"])
     app = create_app(session)
-    with TestClient(app, client=("127.0.0.1", 5000)) as c:
+    local = {"client": ("127.0.0.1", 5000), "base_url": "http://127.0.0.1:8000"}
+    with TestClient(app, **local) as c:
         assert c.post("/api/label", json={"i": 0, "label": "bright", "annotator": "ann"}).status_code == 200
         before = labels.read_bytes()
         assert c.post("/api/label", json={"i": 5, "label": "bright", "annotator": "ann"}).status_code == 404
         assert c.post("/api/label", json={"i": 0, "label": "zebra", "annotator": "ann"}).status_code == 400
         assert c.post("/api/label", json={"i": 0, "label": "bright", "annotator": ""}).status_code == 400
-        assert c.post("/api/label", content=b"not json").status_code == 400
+        assert c.post("/api/label", content=b"not json", headers={"Content-Type": "application/json"}
+                      ).status_code == 400
         assert c.post("/api/label", json={"i": "../../etc/passwd", "label": "bright", "annotator": "a"}
                       ).status_code == 400
         assert c.get("/thumb/5/composite").status_code == 404
@@ -416,13 +418,53 @@ def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_
         assert c.get("/thumb/0/composite?contrast=abc").status_code == 400
         assert c.get("/thumb/0/composite").headers["content-type"] == "image/png"
         assert labels.read_bytes() == before
-    with TestClient(app, client=("10.1.2.3", 5000)) as c:
+    with TestClient(app, client=("10.1.2.3", 5000), base_url="http://127.0.0.1:8000") as c:
         r = c.post("/api/label", json={"i": 1, "label": "bright", "annotator": "ann"})
-        assert r.status_code == 403 and "this machine only" in r.text
+        assert r.status_code == 403 and "this machine only" in r.json()["error"]
         assert c.get("/").status_code == 403
     assert labels.read_bytes() == before
-    with TestClient(create_app(session, allow_remote=True), client=("10.1.2.3", 5000)) as c:
+    with TestClient(create_app(session, allow_remote=True), client=("10.1.2.3", 5000),
+                    base_url="http://lab-pc.example.org:8000") as c:
         assert c.get("/api/session").status_code == 200
+        assert c.post("/api/label", json={"i": 1, "label": "bright", "annotator": "ann"}).status_code == 200
+
+
+@pytest.mark.parametrize(("allow_remote", "base_url", "headers", "status", "message"), [
+    # another site's page in the annotator's browser: a text/plain POST needs no CORS preflight
+    (False, "http://127.0.0.1:8000", {"Origin": "http://evil.example.com", "Content-Type": "text/plain"}, 403,
+     "a request from another site (http://evil.example.com) may not write labels"),
+    (False, "http://127.0.0.1:8000", {"Origin": "http://evil.example.com"}, 403, "from another site"),
+    (False, "http://127.0.0.1:8000", {"Origin": "null"}, 403, "from another site (null)"),  # sandboxed frame, file://
+    (True, "http://lab-pc:8000", {"Origin": "http://evil.example.com"}, 403, "from another site"),
+    # a site whose name resolves to 127.0.0.1 (DNS rebinding): its own origin, but not this machine's name
+    (False, "http://evil.example.com:8000", {"Origin": "http://evil.example.com:8000"}, 403,
+     "Host 'evil.example.com:8000' is not this machine"),
+    # a form or a plain fetch (no preflight) cannot send JSON
+    (False, "http://127.0.0.1:8000", {"Content-Type": "text/plain"}, 415, "the body must be JSON"),
+    (False, "http://127.0.0.1:8000", {"Content-Type": "application/x-www-form-urlencoded"}, 415, "must be JSON"),
+])
+def test_labeling_api_refuses_writes_from_other_sites(tmp_path, ens, tiny_manifest, allow_remote, base_url, headers,
+                                                      status, message):
+    import json
+
+    from starlette.testclient import TestClient
+
+    from serving.labeling.app import Session, create_app, read_queries
+    from training.active.query import run_query
+    from training.data.cellindex import build_index
+
+    q = run_query(ens, build_index(tiny_manifest, progress=False), "margin", 3, pool_subsample=30).queries
+    q.to_parquet(tmp_path / "q.parquet")
+    labels = tmp_path / "labels.csv"
+    app = create_app(Session(read_queries(tmp_path / "q.parquet"), labels, ["bright", "spotty"]), allow_remote)
+    body = json.dumps({"i": 0, "label": "bright", "annotator": "csrf"})
+    with TestClient(app, client=("127.0.0.1", 5000), base_url=base_url) as c:
+        r = c.post("/api/label", content=body, headers={"Content-Type": "application/json", **headers})
+        assert r.status_code == status and message in r.json()["error"], r.text
+        assert not labels.exists() or "csrf" not in labels.read_text()
+        if "evil" not in base_url:  # the page itself, opened by this machine's name: same origin, JSON
+            ok = c.post("/api/label", content=body, headers={"Content-Type": "application/json", "Origin": base_url})
+            assert ok.status_code == 200 and "csrf" in labels.read_text()
 
 
 def test_a_queries_table_needs_integer_cell_ids(tmp_path):
@@ -461,7 +503,8 @@ def test_queries_with_cells_not_in_the_files_are_refused(tmp_path, ens, tiny_man
     proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
                            "--host", "0.0.0.0", "--labels", str(tmp_path / "l.csv")], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
-    assert proc.returncode == 2 and "not a loopback address" in proc.stderr
+    assert proc.returncode == 2 and proc.stderr == ("error: --host 0.0.0.0 is not a loopback address; pass "
+                                                    "--allow-remote to serve other machines\n"), proc.stderr
 
 
 def test_a_labeling_history_is_an_al_oracle(tmp_path):

@@ -482,6 +482,22 @@ def run_cli(monkeypatch, capsys, *args) -> tuple[int, str]:
     return code, capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("method", "rule"), [("sparcs", "(sparcs, p < 0.05, not corrected, as published)"),
+                                              ("spatial", "(spatial, FDR 0.2)")])
+def test_hits_cli_names_the_calling_rule_it_used(method, rule, small, tmp_path, monkeypatch, capsys):
+    """SPARCS' published rule is an uncorrected p-value cut: the summary line must not call it an FDR."""
+    counts, samples, library = small
+    monkeypatch.setattr(sys, "argv", ["spatial", "hits", "--counts", str(counts), "--samples", str(samples),
+                                      "--library", str(library), "--out", str(tmp_path / "h"), "--method", method,
+                                      "--fdr", "0.2", "--set", "hits.null_draws=200"])
+    main()
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"wrote {tmp_path / 'h'}: ") and line.endswith(f"genes called {rule}"), line
+    # this small screen gives SPARCS' t-test no p-value at all; the rank plot says so instead of failing the command
+    genes = pd.read_csv(tmp_path / "h" / "genes.csv")
+    assert genes["p_value"].isna().all() == (method == "sparcs") and (tmp_path / "h" / "rank.png").is_file()
+
+
 def test_hits_cli_writes_every_output(small, tmp_path, monkeypatch, capsys):
     counts, samples, library = small
     out = tmp_path / "hits"

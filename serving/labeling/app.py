@@ -4,8 +4,9 @@
 with the model's outputs and their current labels; ``GET /thumb/{i}/{channel}?contrast=`` a PNG of query position
 ``i`` (``composite`` or an image-channel position); ``POST /api/label`` ``{i, label, annotator}``; ``POST /api/undo``
 ``{i, annotator}``; ``GET /api/review`` cells for a second look (annotators disagree, or the ensemble is confident
-and the label says otherwise). Cells are only ever named by their query position. Requests from other hosts than
-loopback get 403 unless ``allow_remote``.
+and the label says otherwise). Cells are only ever named by their query position. Requests from other machines, or
+by another name than loopback, get 403 unless ``allow_remote``; a POST from another site's page 403, one that is not
+JSON 415 (:class:`RequestGuard`).
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import ipaddress
 import json
 import os
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import pandas as pd
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from serving.labeling.store import LabelStore
@@ -71,20 +73,52 @@ def _is_loopback(host: str | None) -> bool:
         return host == "localhost"
 
 
-class LoopbackOnly:
-    """Pure ASGI middleware: HTTP requests from other hosts than loopback get 403 (a ``BaseHTTPMiddleware`` would
-    turn an exception raised while a route reads the body into a plain-text 500)."""
+def _host_name(authority: str) -> str | None:
+    """The host of a ``Host`` header or an ``Origin``'s authority (``127.0.0.1:8000``, ``[::1]:8000``)."""
+    try:
+        return urlsplit(f"//{authority}").hostname
+    except ValueError:
+        return None
 
-    def __init__(self, app) -> None:
+
+class RequestGuard:
+    """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would turn an exception raised while a route reads the body
+    into a plain-text 500) that keeps other machines and other web sites out of the labels:
+
+    - without ``allow_remote``, a client that is not this machine gets 403, and so does a ``Host`` header that does
+      not name loopback (a web site whose name resolves to 127.0.0.1, DNS rebinding, would pass the client check);
+    - a POST whose ``Origin`` is not the page's own (another site's script in the annotator's browser) gets 403;
+    - a POST body that is not ``application/json`` gets 415: a browser sends JSON across sites only after a CORS
+      preflight, which this server never grants, where a form or a ``text/plain`` fetch needs none.
+    """
+
+    def __init__(self, app, allow_remote: bool = False) -> None:
         self.app = app
+        self.allow_remote = allow_remote
+
+    def refusal(self, scope) -> tuple[int, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        host = headers.get("host", "")
+        if not self.allow_remote:
+            client = scope.get("client")
+            if not _is_loopback(client[0] if client else None):
+                return 403, "labeling is served to this machine only (start with --allow-remote)"
+            if not _is_loopback(_host_name(host)):
+                return 403, f"Host {host[:80]!r} is not this machine; open the page at http://127.0.0.1:<port>/"
+        if scope["method"] != "POST":
+            return None
+        origin = headers.get("origin")
+        if origin is not None and urlsplit(origin).netloc != host:
+            return 403, f"a request from another site ({origin[:80]}) may not write labels"
+        if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            return 415, "the body must be JSON (Content-Type: application/json)"
+        return None
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] == "http":
-            client = scope.get("client")
-            if not _is_loopback(client[0] if client else None):
-                response = PlainTextResponse("labeling is served to this machine only (start with --allow-remote)",
-                                             403)
-                return await response(scope, receive, send)
+            refused = self.refusal(scope)
+            if refused is not None:
+                return await JSONResponse({"error": refused[1]}, status_code=refused[0])(scope, receive, send)
         await self.app(scope, receive, send)
 
 
@@ -263,7 +297,7 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
     routes = [Route("/", page), Route("/api/session", meta), Route("/api/cells", cells),
               Route("/thumb/{i:int}/{channel:str}", thumb), Route("/api/label", label, methods=["POST"]),
               Route("/api/undo", undo, methods=["POST"]), Route("/api/review", review)]
-    middleware = [] if allow_remote else [Middleware(LoopbackOnly)]
+    middleware = [Middleware(RequestGuard, allow_remote=allow_remote)]
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield
@@ -274,10 +308,15 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
     return app
 
 
+def check_host(host: str, allow_remote: bool = False) -> None:
+    """Refuse a bind address other machines could reach unless ``allow_remote``."""
+    if not allow_remote and not _is_loopback(host):
+        raise DataError(f"--host {host} is not a loopback address; pass --allow-remote to serve other machines")
+
+
 def serve(app: Starlette, host: str, port: int, allow_remote: bool = False) -> None:
     """Run ``app`` with uvicorn (blocking)."""
     import uvicorn
 
-    if not allow_remote and not _is_loopback(host):
-        raise DataError(f"--host {host} is not a loopback address; pass --allow-remote to serve other machines")
+    check_host(host, allow_remote)
     uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -55,7 +55,10 @@ def plot_rank(genes: pd.DataFrame, path: str | os.PathLike, title: str) -> Path:
     y = _neglog(tg["p_value"])
     ax.plot(x, y, c="tab:blue", lw=1)
     ax.scatter(x[hit], y[hit], s=14, c="tab:red", label="called", zorder=3)
-    ax.set_xscale("log")
+    if len(tg):
+        ax.set_xscale("log")
+    else:  # e.g. too few gRNAs per gene for the method's test: an empty plot that says so, not a failed command
+        ax.text(0.5, 0.5, "no gene has a p-value", ha="center", va="center", transform=ax.transAxes)
     ax.set_xlabel("gene rank")
     ax.set_ylabel("-log10 p")
     ax.set_title(title, fontsize=10)

@@ -96,11 +96,12 @@ def add_commands(app: typer.Typer) -> None:
         set_: SetOpt = None,
     ) -> None:
         """Serve the labeling page for the queried cells (keyboard: digits = classes, u unsure, n new, z undo)."""
-        from serving.labeling.app import Session, create_app, read_queries, serve
+        from serving.labeling.app import Session, check_host, create_app, read_queries, serve
 
         p = params_for(params, set_, {"label.host": host, "label.port": port})
         cfg = p.label
         remote = allow_remote or cfg.allow_remote
+        check_host(cfg.host, remote)
         check_outputs(files=[labels or cfg.labels])
         check_port(cfg.host, cfg.port)
         session = Session(read_queries(queries), labels or cfg.labels, list(p.split.classes), cfg.thumbnail_px,

@@ -110,5 +110,5 @@ def add_commands(app: typer.Typer) -> None:
         if metrics:
             write_json(metrics, flat_metrics(summary))
         main = summary["methods"][summary["method"]]
-        typer.echo(f"wrote {out}: {main['n_called']} of {main['n_genes']} genes called ({summary['method']}, "
-                   f"FDR {cfg.fdr})")
+        rule = f"p < {main['p_cut']}, not corrected, as published" if "p_cut" in main else f"FDR {cfg.fdr}"
+        typer.echo(f"wrote {out}: {main['n_called']} of {main['n_genes']} genes called ({summary['method']}, {rule})")
