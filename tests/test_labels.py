@@ -435,6 +435,7 @@ def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_
      "a request from another site (http://evil.example.com) may not write labels"),
     (False, "http://127.0.0.1:8000", {"Origin": "http://evil.example.com"}, 403, "from another site"),
     (False, "http://127.0.0.1:8000", {"Origin": "null"}, 403, "from another site (null)"),  # sandboxed frame, file://
+    (False, "http://127.0.0.1:8000", {"Origin": "http://[::1"}, 403, "from another site (http://[::1)"),  # no parse
     (True, "http://lab-pc:8000", {"Origin": "http://evil.example.com"}, 403, "from another site"),
     # a site whose name resolves to 127.0.0.1 (DNS rebinding): its own origin, but not this machine's name
     (False, "http://evil.example.com:8000", {"Origin": "http://evil.example.com:8000"}, 403,

@@ -81,6 +81,14 @@ def _host_name(authority: str) -> str | None:
         return None
 
 
+def _authority(origin: str) -> str | None:
+    """``host:port`` of an ``Origin`` header (``None`` for ``null`` or one that does not parse)."""
+    try:
+        return urlsplit(origin).netloc.lower() or None
+    except ValueError:
+        return None
+
+
 class RequestGuard:
     """Pure ASGI middleware (a ``BaseHTTPMiddleware`` would turn an exception raised while a route reads the body
     into a plain-text 500) that keeps other machines and other web sites out of the labels:
@@ -108,7 +116,7 @@ class RequestGuard:
         if scope["method"] != "POST":
             return None
         origin = headers.get("origin")
-        if origin is not None and urlsplit(origin).netloc != host:
+        if origin is not None and _authority(origin) != host.lower():
             return 403, f"a request from another site ({origin[:80]}) may not write labels"
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return 415, "the body must be JSON (Content-Type: application/json)"

@@ -17,8 +17,8 @@ def check_destination(path: str | os.PathLike, folder: bool) -> Path:
 
     Refused: an existing path of the other kind, a path under a file, and a folder this process cannot create files
     in (probed with a file created and removed at once: permission bits do not say it for root, nor for a read-only
-    mount). :func:`atomic_path` checks this when it renames; a command checks its outputs before its work too, so a
-    wrong ``--out`` or ``--metrics`` costs nothing.
+    mount). A command checks its outputs so before its work, and a wrong ``--out`` or ``--metrics`` costs nothing;
+    :func:`atomic_path` checks the kind again when it renames.
     """
     final = Path(path)
     _check_ancestors(final)
