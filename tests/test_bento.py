@@ -117,6 +117,26 @@ def batch_probabilities(model: Path, screen: Path, out: Path) -> pd.DataFrame:
     return df[[c for c in df.columns if c.startswith("prob_")]]
 
 
+def test_package_refuses_a_bentoml_home_inside_the_project_before_saving_anything(tiny_ensemble):
+    """A store inside the build context made the build copy itself until a path was too long, and broke later builds."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    from serving.bento.build import check_store_outside
+    from serving.bento.package import package
+    from training.errors import ConfigError
+
+    home = Path(BentoMLContainer.bentoml_home.get()).resolve()
+
+    def store() -> list[str]:
+        return sorted(str(p) for p in (home / "models").rglob("*"))
+
+    before = store()
+    with pytest.raises(ConfigError, match=f"the BentoML home {home} is inside the project folder {home.parent},"):
+        package(str(tiny_ensemble), repo=home.parent)
+    assert store() == before
+    check_store_outside(tiny_ensemble)  # a project folder elsewhere is fine
+
+
 @pytest.mark.slow
 def test_a_packaged_bento_serves_its_own_model_without_the_registry(tiny_ensemble, tiny_manifest, tmp_path,
                                                                      one_thread):

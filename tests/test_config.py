@@ -54,6 +54,8 @@ def test_profile_chosen_in_the_file() -> None:
     ({}, ["split.classes=[a"], "--set split.classes: cannot parse value '[a': expected ',' or ']'"),
     ({}, ["seed=-1"], "seed: Input should be greater than or equal to 0"),
     ({}, ["synth.seed=-3"], "synth.seed: Input should be greater than or equal to 0"),
+    ({}, ["train.probe_epochs=10", "train.epochs=2"], "invalid params: train: train.probe_epochs=10 exceeds "
+                                                      "train.epochs=2"),
 ])
 def test_bad_profiles_and_overrides_name_the_problem(raw: dict, overrides: list[str], needle: str) -> None:
     with pytest.raises(ConfigError, match=re.escape(needle)):

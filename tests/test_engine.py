@@ -361,8 +361,9 @@ def test_probe_epochs_train_only_the_classifier_first() -> None:
     probed = make()
     fit(probed, train, val, cfg(epochs=1, probe_epochs=1), objective(), 2, progress=False)
     assert torch.equal(probed.state_dict()["stem.0.weight"], start["stem.0.weight"])
-    with pytest.raises(ConfigError, match="probe_epochs=4 exceeds train.epochs=3"):
-        fit(make(), train, val, cfg(epochs=3, probe_epochs=4), objective(), 2, progress=False)
+    with pytest.raises(ConfigError, match="probe_epochs=4 exceeds train.epochs=3"):  # params refuse it at load;
+        unchecked = cfg(epochs=3).model_copy(update={"probe_epochs": 4})  # a copy made in code is still caught
+        fit(make(), train, val, unchecked, objective(), 2, progress=False)
     # an error during the probe (here a NaN loss) still leaves the model fully trainable
     failed = make()
     with pytest.raises(TrainingError):

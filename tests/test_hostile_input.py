@@ -401,6 +401,16 @@ def test_cli_refuses_an_output_it_cannot_write_before_its_work(command, tmp_path
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_settings_that_contradict_each_other_are_refused_before_a_split_is_written(command, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """``--manifest`` makes the split now, beside ``--out``: an LP-FT probe longer than the training left that file
+    behind before the engine refused it; the params refuse it at load."""
+    code, err = run_main([command, "--manifest", str(tmp_path / "manifest.csv"), "--out", str(tmp_path / "m"),
+                          "--set", "train.probe_epochs=10", "--set", "train.epochs=2"], monkeypatch, capsys)
+    assert code == 2 and "train.probe_epochs=10 exceeds train.epochs=2" in err and list(tmp_path.iterdir()) == []
+
+
 def test_cli_what_the_system_refuses_is_one_line_not_a_traceback(tmp_path, monkeypatch, capsys):
     """An OSError (here a file name over the file system's 255 bytes; as well permission denied, a full disk) is
     the user's to fix: one line naming the path, exit 2."""

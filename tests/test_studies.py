@@ -57,6 +57,22 @@ def test_metrics_per_seed_and_the_cli(tmp_path):
         metrics_per_seed(str(tmp_path / "ssl_fixmatch_s*.json"), "balanced_accuracy")
 
 
+def test_one_seed_writes_strict_json_and_says_it_has_no_interval(tmp_path):
+    """One seed has a mean but no interval: the file holds null (NaN is not JSON), the line says why."""
+    for arm, value in {"random": 0.8656, "margin": 0.87}.items():
+        (tmp_path / f"al_{arm}_s0.json").write_text(json.dumps({"aubc": value}))
+    out = tmp_path / "seeds.json"
+    r = runner.invoke(app, ["seeds", "--arm", f"random={tmp_path}/al_random_s*.json", "--arm",
+                            f"margin={tmp_path}/al_margin_s*.json", "--baseline", "random", "--key", "aubc",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    m = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} in {out}"))
+    assert m["random/mean"] == 0.8656 and m["random/ci_low"] is None and m["margin/diff_ci_high"] is None
+    assert m["margin/diff_excludes_zero"] is False and m["margin/n"] == 1
+    assert "random: 0.8656 [no interval from one seed]" in r.output
+    assert "minus random +0.0044 [no interval from one seed], above on 1 of 1 seeds" in r.output
+
+
 def test_al_per_seed():
     curve = pd.DataFrame({"strategy": ["random"] * 4 + ["margin"] * 2, "seed": [0, 0, 1, 1, 0, 0],
                           "n_labels": [10, 20, 10, 20, 10, 20], "balanced_accuracy": [0.5, 0.7, 0.6, 0.6, 0.6, 0.8]})

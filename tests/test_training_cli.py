@@ -100,7 +100,11 @@ def test_mlflow_run_layout_and_champion(trained):
     children = client.search_runs([run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'")
     assert sorted(c.info.run_name for c in children) == ["member-0", "member-1"]
     # the MLflow 3 UI opens a model-training experiment on its runs table, not the GenAI view
-    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    exp = client.get_experiment(run.info.experiment_id)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    # artifacts beside the store, not in ./mlruns of whatever folder the command ran in
+    assert exp.artifact_location == (trained / "mlruns" / exp.name).as_uri()
+    assert (trained / "mlruns" / exp.name / run.info.run_id / "artifacts" / "evaluate" / "reliability.png").is_file()
 
     history = client.get_metric_history(children[0].info.run_id, "val_loss")
     assert len(history) == 3  # one point per epoch

@@ -142,6 +142,12 @@ class TrainConfig(Section):
     max_steps_per_epoch: int | None = Field(None, ge=1)
     seed: Seed = 0
 
+    @model_validator(mode="after")
+    def _probe_within_training(self) -> TrainConfig:
+        if self.probe_epochs > self.epochs:  # refused at load, before a command writes anything
+            raise ValueError(f"train.probe_epochs={self.probe_epochs} exceeds train.epochs={self.epochs}")
+        return self
+
 
 class EnsembleConfig(Section):
     members: int = Field(3, ge=1)
@@ -615,7 +621,7 @@ def resolve(raw: dict[str, Any] | None = None, overrides: list[str] | dict[str, 
         return Params.model_validate(tree)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg'].removeprefix('Value error, ')}" for err in exc.errors()
         )
         raise ConfigError(f"invalid params: {problems}") from None
 

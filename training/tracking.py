@@ -67,14 +67,25 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+def artifact_location(uri: str, name: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: ``mlruns/<name>`` beside the database, not
+    MLflow's default ``./mlruns`` of whatever folder the process runs in (a benchmark's temporary store would put its
+    artifacts into the checkout, mixed with the pipeline's). ``None`` (the store decides) for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlruns" / name).as_uri()
+
+
 def ensure_experiment(client, name: str) -> str:
-    """The id of experiment ``name`` (created if missing), tagged as model training (:data:`EXPERIMENT_KIND`)."""
+    """The id of experiment ``name`` (created if missing, its artifacts placed by :func:`artifact_location`), tagged
+    as model training (:data:`EXPERIMENT_KIND`)."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         from mlflow.exceptions import MlflowException
 
         try:
-            return client.create_experiment(name, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            return client.create_experiment(name, artifact_location(client.tracking_uri, name),
+                                            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
         except MlflowException:  # created meanwhile by another process (parallel trials)
             exp = client.get_experiment_by_name(name)
             if exp is None:

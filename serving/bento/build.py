@@ -69,6 +69,18 @@ def locked_requirements(roots: list[str], constraints: dict[str, str]) -> list[s
     return sorted(seen.values(), key=str.lower)
 
 
+def check_store_outside(repo: str | os.PathLike) -> None:
+    """Refuse a BentoML home inside the build context: a build copies the context while BentoML writes its
+    temporary build folder into that home, so it copies into itself until a path is too long, and the tree it leaves
+    breaks the next build too."""
+    from bentoml._internal.configuration.containers import BentoMLContainer
+
+    home, repo = Path(BentoMLContainer.bentoml_home.get()).resolve(), Path(repo).resolve()
+    if home == repo or repo in home.parents:
+        raise ConfigError(f"the BentoML home {home} is inside the project folder {repo}, which the Bento is built "
+                          "from; keep it outside (e.g. export BENTOML_HOME=~/bentoml)")
+
+
 def build_bento(model_tag: str, repo: str | os.PathLike, bentofile: str = "bentofile.yaml",
                 constraints: str = ".ci/constraints.txt") -> dict[str, Any]:
     """Build the Bento for ``model_tag``; returns its tag, size in bytes, build seconds and the requirement count."""

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from serving.bento.build import build_bento
+from serving.bento.build import build_bento, check_store_outside
 from serving.bento.store import save_model
 from serving.model import ServedModel
 from training.config import MlflowConfig, RegistryConfig
@@ -17,6 +17,8 @@ from training.tracking import resolve_model
 def package(uri: str, mlflow: MlflowConfig | None = None, repo: str | os.PathLike = ".", build: bool = True) -> dict[str, Any]:
     """Resolve ``uri`` (``models:/NAME@ALIAS``, ``models:/NAME/VERSION`` or an ensemble directory), save it into the
     model store (idempotent) and, with ``build``, build the Bento referencing it."""
+    if build:
+        check_store_outside(repo)
     with tempfile.TemporaryDirectory(prefix="spatial-package-") as cache:
         served = ServedModel.resolve(uri, mlflow, cache_dir=cache)
         info = dict(served.info)

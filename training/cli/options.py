@@ -6,6 +6,7 @@ Command modules import from here; nothing outside ``training.cli`` does.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated
@@ -75,11 +76,24 @@ def check_port(host: str, port: int) -> None:
             raise DataError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from None
 
 
+def _finite_or_null(obj: object) -> object:
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite_or_null(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj: object) -> None:
+    """``obj`` as strict JSON: NaN and inf (an interval from one seed, a metric without data) become ``null``, which
+    every JSON reader takes; ``NaN`` is not JSON."""
     from training.io.atomic import atomic_path
 
+    text = json.dumps(_finite_or_null(obj), indent=2, sort_keys=True, default=str, allow_nan=False)
     with atomic_path(path, suffix=".json") as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.write_text(text + "\n")
 
 
 def load_split_table(p: Params, splits: Path | None, manifest: Path | None, out_dir: Path) -> tuple:

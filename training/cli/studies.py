@@ -46,12 +46,15 @@ def add_commands(app: typer.Typer) -> None:
             raise DataError("give --arm NAME=GLOB (repeated) or --al-curve")
         result = compare_arms(per_seed, baseline)
         write_json(out, result)
+        def interval(lo: float, hi: float, sign: str = "") -> str:
+            return "[no interval from one seed]" if lo != lo else f"[{lo:{sign}.4f}, {hi:{sign}.4f}]"
+
         for name in per_seed:
-            line = f"{name}: {result[f'{name}/mean']:.4f} [{result[f'{name}/ci_low']:.4f}, {result[f'{name}/ci_high']:.4f}]"
+            line = f"{name}: {result[f'{name}/mean']:.4f} {interval(result[f'{name}/ci_low'], result[f'{name}/ci_high'])}"
             if name != baseline:
-                line += (f", minus {baseline} {result[f'{name}/diff_mean']:+.4f} [{result[f'{name}/diff_ci_low']:+.4f}, "
-                         f"{result[f'{name}/diff_ci_high']:+.4f}], above on {result[f'{name}/diff_seeds_above']} of "
-                         f"{result[f'{name}/n']} seeds")
+                line += (f", minus {baseline} {result[f'{name}/diff_mean']:+.4f} "
+                         f"{interval(result[f'{name}/diff_ci_low'], result[f'{name}/diff_ci_high'], '+')}, above on "
+                         f"{result[f'{name}/diff_seeds_above']} of {result[f'{name}/n']} seeds")
             typer.echo(line)
 
     @app.command()
