@@ -11,7 +11,8 @@ Targets: batch scoring >= 0.8x the pure loop; HTTP >= 0.7x in-process batch scor
 and flat memory.
 
 ``--hostile`` adds the issue-14 figures: the server's peak RSS while it answers hostile uploads (a few-KB file
-claiming 2x10^8 cells, the ``--cells`` file stored as one gzip chunk, 2048-pixel crops, external links into a
+claiming 2x10^8 cells, the ``--cells`` file tiled past ``serve.max_chunk_mb`` and stored as one gzip chunk,
+2048-pixel crops, external links into a
 server-side file) against the peak of the valid ``--cells`` upload measured in the same run, with their status
 codes, and the number of retry warnings the load run left in the server log. ``--check`` exits 1 unless: the
 throughput ratios meet their targets, the load run had no errors, every hostile upload got its 4xx, and the largest
@@ -291,6 +292,8 @@ def write_hostile_files(d: Path, score_file: Path) -> dict[str, Path]:
     """Uploads an attacker would send; each must be refused from its metadata, before any pixel is read."""
     import h5py
 
+    from training.config import ServeConfig
+
     d.mkdir(parents=True, exist_ok=True)
     files = {}
     files["claims 2e8 cells (8 KB)"] = d / "claims.h5sc"
@@ -300,6 +303,8 @@ def write_hostile_files(d: Path, score_file: Path) -> dict[str, Path]:
     files["one gzip chunk"] = d / "one_chunk.h5sc"
     with h5py.File(score_file, "r") as src, h5py.File(files["one gzip chunk"], "w") as h5:
         data = src["obsm/single_cell_images"][()]
+        over = int(ServeConfig().max_chunk_mb * 2**20 // data[0].nbytes) + 1  # cells in a chunk just over the limit
+        data = np.resize(data, (max(len(data), over), *data.shape[1:]))  # tiled: any --cells gives a refused chunk
         ds = h5.create_dataset("obsm/single_cell_images", data=data, chunks=data.shape, compression="gzip")
         ds.attrs.update(dict(src["obsm/single_cell_images"].attrs))
         h5.create_dataset("obs/scportrait_cell_id", data=np.arange(len(data)))
