@@ -213,16 +213,57 @@ def _bad_json_cases(images: np.ndarray) -> list[tuple[str, dict, int, list, str]
     ]
 
 
+def assert_error_body(r: httpx.Response, loc: list, text: str) -> None:
+    """The README's error body: ``error`` is one line naming the field and the problem, ``detail`` items carry
+    exactly loc / msg / type (no pydantic class names, prefixes, URLs or echoed input)."""
+    body = r.json()
+    assert set(body) == {"error", "detail"} and body["detail"], r.text
+    assert all(set(d) == {"loc", "msg", "type"} for d in body["detail"]), r.text
+    assert body["detail"][0]["loc"] == loc, r.text
+    error = body["error"]
+    assert "\n" not in error and error.startswith(f"{'.'.join(map(str, loc)) or 'body'}: ") and text in error, r.text
+    assert not any(w in r.text for w in ("validation error for", "IODescriptor", "Value error, ", "pydantic")), r.text
+
+
 @pytest.mark.parametrize("case", range(18))
 def test_bad_requests_get_a_4xx_naming_the_field(server, screen, case):
     name, kwargs, status, loc, text = _bad_json_cases(screen[1])[case]
     headers = {"content-type": "application/json"}
     r = server.post("/score", headers=headers, **kwargs)
     assert r.status_code == status, (name, r.text)
-    body = r.json()
-    assert loc == body["detail"][0]["loc"], (name, body)
-    assert text in json.dumps(body), (name, body)
+    assert_error_body(r, loc, text)
     assert_good(server, screen)
+
+
+def test_pydantic_errors_read_as_one_line(server):
+    x = np.zeros((2, 1, 8, 8))
+    r = server.post("/score", content=b'{"images": [[[[0.5, NaN]]]]}', headers={"content-type": "application/json"})
+    assert r.json()["error"] == ("images: NaN or Inf pixels in cell(s) at position [0]; expected finite values in "
+                                 "[0, 1]"), r.text
+    r = server.post("/score", json={"images": x.tolist(), "cell_ids": [3, 3], "extra": 1})
+    assert r.status_code == 400 and r.json()["error"] == ("cell_ids: cell ids are not unique; expected one distinct id "
+                                                          "per cell"), r.text
+    assert [d["loc"] for d in r.json()["detail"]] == [["cell_ids"], ["extra"]], r.text  # every error, first first
+    r = server.post("/score", json={"images": {"b64": "AAAA"}})
+    assert r.status_code == 400 and r.json()["error"] == "images.dtype: Field required", r.text
+
+
+def test_bad_input_leaves_one_log_line_and_no_traceback(server, screen):
+    """Any client can send bad input: each refusal is one line in the server's log, never a traceback."""
+    start = server.log_path.stat().st_size
+    cases = [c for c in _bad_json_cases(screen[1]) if c[2] == 400]
+    for _, kwargs, *_ in cases:
+        server.post("/score", headers={"content-type": "application/json"}, **kwargs)
+    server.post("/score_file", files={"other": ("x.h5", b"123")})
+    deadline = time.monotonic() + 10
+    while True:  # the workers' lines reach the log file a moment later
+        new = server.log_path.read_bytes()[start:].decode("utf-8", "replace")
+        if new.count("refused with 400") >= len(cases) + 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert new.count("refused with 400") == len(cases) + 1, new[-3000:]
+    assert "Traceback" not in new and "Exception on" not in new, new[-3000:]
+    assert "POST /score refused with 400: images: NaN or Inf pixels" in new, new[-3000:]
 
 
 @pytest.fixture(scope="module")
@@ -256,13 +297,14 @@ def test_bad_uploads_get_a_4xx_naming_the_file(server, screen, bad_files, name, 
     with open(bad_files / name, "rb") as fh:
         r = server.post("/score_file", files={"file": (name, fh)})
     assert r.status_code == status, r.text
-    assert r.json()["detail"][0]["loc"] == ["file"] and text in r.text, r.text
+    assert_error_body(r, ["file"], text)
     assert_good(server, screen)
 
 
 def test_missing_upload_field(server, screen):
     r = server.post("/score_file", files={"other": ("x.h5", b"123")})
-    assert r.status_code == 400 and "file" in r.text
+    assert r.status_code == 400, r.text
+    assert_error_body(r, ["file"], "Field required")
     assert_good(server, screen)
 
 
@@ -380,7 +422,11 @@ def test_uploads_cannot_read_other_server_files(server, screen, tmp_path):
                        (hostile.external_link(tmp_path, path), "external link"),
                        (hostile.virtual_dataset(tmp_path, path), "virtual dataset")):
         r = post_file(server, file)
-        assert r.status_code == 422 and what in r.text and "self-contained" in r.text, r.text
+        assert r.status_code == 422, r.text
+        assert_error_body(r, ["file"], f"the upload links to data outside itself ({what} '")
+        assert r.json()["error"].endswith("; upload a self-contained file"), r.text
+        assert "--allow-external" not in r.text and "expected" not in r.text, r.text
+        assert str(tmp_path) not in r.text and str(path.parent) not in r.text, r.text  # no path written in the file
         assert "cells" not in r.json() and "root:x" not in r.text
         assert '"cell_id"' not in r.text and str(ids[5]) not in r.json()["error"].split("'")[0]
     assert_good(server, screen)

@@ -32,6 +32,7 @@ from typing import Any
 import bentoml
 import numpy as np
 import torch
+from pydantic import Field, ValidationError
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -117,8 +118,39 @@ def json_response(obj: Any, status: int = 200) -> Response:
     return Response(to_json(obj), status_code=status, media_type="application/json")
 
 
-def error_response(exc: RequestError) -> Response:
+def refuse(route: str, exc: RequestError) -> Response:
+    """The error response to a refused request, logged as one line (a client's bad input is no server error: no
+    traceback)."""
+    log_refusal("POST", route, exc.status, str(exc))
     return json_response(exc.body(), exc.status)
+
+
+def log_refusal(method: str, path: str, status: int, error: str) -> None:
+    log.log(logging.ERROR if status >= 500 else logging.WARNING, "%s %s refused with %d: %s", method, path, status,
+            error)
+
+
+class CheckedInput(bentoml.IODescriptor):
+    """A route's input whose pydantic ``ValidationError`` becomes the service's 400 (``RequestError.from_validation``)
+    instead of BentoML's (an ``error`` naming an internal class, and a logged traceback per bad request). The error
+    takes the place of every field's value in the call, so the route answers it with ``refuse``."""
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: Any) -> CheckedInput:
+        try:
+            return await super().from_http_request(request, serde)
+        except ValidationError as exc:
+            return cls.model_construct(**dict.fromkeys(cls.model_fields, RequestError.from_validation(exc)))
+
+
+class ScoreInput(CheckedInput, ScoreRequest):
+    """POST /score body."""
+
+
+class ScoreFileInput(CheckedInput):
+    """POST /score_file form."""
+
+    file: Path = Field(description="the upload: .h5 (SPARCSpy), .h5sc (scPortrait) or .npy")
 
 
 @bentoml.service(name="spatial_ensemble", resources=_runner_resources(SERVE), traffic={"timeout": SERVE.timeout_s})
@@ -238,37 +270,41 @@ class SpatialScorer:
         }
 
     # -- routes ------------------------------------------------------------------------------------------------------
-    @bentoml.api(route="/score", input_spec=ScoreRequest, output_spec=ScoreResponse)
-    def score(self, images: np.ndarray, cell_ids: list[int] | None = None) -> Response:
+    @bentoml.api(route="/score", input_spec=ScoreInput, output_spec=ScoreResponse)
+    def score(self, images: np.ndarray | RequestError, cell_ids: list[int] | None = None) -> Response:
         """Score cell images given in the request body (see ``/metadata`` for the expected input)."""
+        if isinstance(images, RequestError):
+            return refuse("/score", images)
         try:
             check_count(len(images), self.cfg.max_cells_per_request)
             check_dims(images.shape, self.cfg.max_image_side, self.cfg.max_channels)
             pixels = select_channels(images, self.model.spec.channels, self.model.spec.source_channels)
             check_size(pixels, self.model.spec.image_size, self.cfg.resize)
         except RequestError as exc:
-            return error_response(exc)
+            return refuse("/score", exc)
         ids = cell_ids if cell_ids is not None else range(len(pixels))
         try:
             values = self._infer(pixels)
         except RequestError as exc:
-            return error_response(exc)
+            return refuse("/score", exc)
         return json_response({**self._head(), "cells": records(values, self.model.classes, ids)})
 
-    @bentoml.api(route="/score_file", output_spec=ScoreResponse)
-    def score_file(self, file: Path) -> Response:
+    @bentoml.api(route="/score_file", input_spec=ScoreFileInput, output_spec=ScoreResponse)
+    def score_file(self, file: Path | RequestError) -> Response:
         """Score every cell of an uploaded ``.h5`` / ``.h5sc`` / ``.npy`` file (multipart field ``file``); the
         response is streamed chunk by chunk (``serve.file_chunk_cells``)."""
+        if isinstance(file, RequestError):
+            return refuse("/score_file", file)
         chunk = self.cfg.file_chunk_cells
         try:
             upload = open_upload(file, self.model.spec, self.cfg.resize, self.limits)
         except RequestError as exc:
-            return error_response(exc)
+            return refuse("/score_file", exc)
         try:  # the first chunk is scored before anything is sent, so its problems still get a 4xx
             first = self._file_chunk(upload, 0, min(chunk, upload.n))
         except RequestError as exc:
             upload.close()
-            return error_response(exc)
+            return refuse("/score_file", exc)
 
         def stream() -> Iterator[bytes]:
             try:
@@ -316,21 +352,21 @@ class BodyLimit:
         ctype = headers.get(b"content-type", b"").decode("latin-1")
         problem = multipart_problem(ctype)
         if problem:
-            return await _send(send, 400, _field_error("content-type", problem,
-                                                       "multipart/form-data; boundary=<1-70 characters>", "multipart"))
+            return await _send(send, scope, 400, _field_error(
+                "content-type", problem, "multipart/form-data; boundary=<1-70 characters>", "multipart"))
         upload = path in self.file_routes
         if upload and ctype.split(";")[0].strip() != "multipart/form-data":  # BentoML's own test for its form parser
-            return await _send(send, 415, _field_error("content-type", repr(ctype) if ctype else "no Content-Type",
-                                                       "multipart/form-data with the upload in a part named 'file'",
-                                                       "content_type"))
+            return await _send(send, scope, 415, _field_error(
+                "content-type", repr(ctype) if ctype else "no Content-Type",
+                "multipart/form-data with the upload in a part named 'file'", "content_type"))
         length = headers.get(b"content-length")
         if length is not None:
             try:
                 size = int(length)
             except ValueError:
-                return await _send(send, 400, _field_error("content-length", "not an integer", "a byte count"))
+                return await _send(send, scope, 400, _field_error("content-length", "not an integer", "a byte count"))
             if size > limit:
-                return await _send(send, 413, _too_big(size, limit, path))
+                return await _send(send, scope, 413, _too_big(size, limit, path))
         text_files: list[str] = []  # names of text parts called 'file' (on an upload route), from the parser
         parser = _multipart_checker(ctype, text_files if upload else None)
         state: dict[str, Any] = {"received": 0, "error": None, "sent": False}
@@ -362,7 +398,7 @@ class BodyLimit:
                 return await send(message)
             if not state["sent"] and message["type"] == "http.response.start":
                 state["sent"] = True
-                await _send(send, *state["error"])
+                await _send(send, scope, *state["error"])
 
         await self.app(scope, checked_receive, guarded_send)
 
@@ -444,7 +480,8 @@ def _too_big(size: int, limit: int, path: str) -> dict[str, Any]:
     return _field_error("body", f"{size / MB:.1f} MB", f"at most {limit / MB:g} MB ({key})")
 
 
-async def _send(send: Any, status: int, body: dict[str, Any]) -> None:
+async def _send(send: Any, scope: dict, status: int, body: dict[str, Any]) -> None:
+    log_refusal(scope.get("method", ""), scope.get("path", ""), status, body["error"])
     payload = json.dumps(body).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]})

@@ -18,7 +18,7 @@ import numpy as np
 from serving.service.validation import RequestError, check_size, select_channels
 from training.errors import DataError
 from training.io.formats import CellFile
-from training.io.hdf5 import LimitExceeded, ReadLimits
+from training.io.hdf5 import ForeignData, LimitExceeded, ReadLimits
 from training.io.pixels import PIXEL_RANGE, bad_cells, describe_cell
 from training.uncertainty.ensemble import EnsembleSpec
 
@@ -58,6 +58,10 @@ class _H5Upload(Upload):
             self.file = CellFile(path, allow_external=False, limits=limits)
         except LimitExceeded as exc:
             raise RequestError("file", _strip(exc, path), status=413, kind="too_large") from None
+        except ForeignData as exc:  # the names of its objects only: no CLI flag, no path written in the file
+            refs = "; ".join(f"{ref.kind} '{ref.name}'" for ref in exc.refs[:3])
+            raise RequestError("file", f"the upload links to data outside itself ({refs}); upload a self-contained "
+                               "file", kind="external_data") from None
         except DataError as exc:
             raise RequestError("file", f"unreadable upload ({_strip(exc, path)}); expected {EXPECTED}") from None
         try:

@@ -4,9 +4,10 @@ the served model (channels, image size, limits).
 Pixel values are checked by ``training.io.pixels`` (finite, in [0, 1]), the same check batch scoring and training
 apply to stored files, so every cell that reaches the model (and so every adaptive batch) is one the model accepts.
 
-Every rejected request gets a 4xx JSON body of one shape, the one BentoML uses for pydantic errors::
+Every rejected request gets a 4xx JSON body of one shape (``RequestError.body``; pydantic's errors included, via
+``RequestError.from_validation``)::
 
-    {"error": "<one line>", "detail": [{"loc": ["images"], "msg": "...", "type": "..."}]}
+    {"error": "<field>: <one line>", "detail": [{"loc": ["images"], "msg": "...", "type": "..."}]}
 
 Image size policy: ``serving.model.crop_size_problem``, which ``spatial score`` applies too (square crops of any
 side >= ``MIN_SIDE`` are resized by the model's own ``Preprocess``; non-square or smaller crops are refused, and any
@@ -21,7 +22,16 @@ import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 from serving.model import crop_size_problem
 from training.io.pixels import PIXEL_RANGE, bad_cells, describe_cell
@@ -33,15 +43,27 @@ IMAGES_EXPECTED = (
 
 
 class RequestError(Exception):
-    """A request the service refuses: HTTP ``status`` with the offending field ``loc`` and what was expected."""
+    """A request the service refuses: HTTP ``status`` with the offending field ``loc`` and what was expected
+    (``detail``: this error, or all of a ``ValidationError``'s, first one first)."""
 
-    def __init__(self, loc: str | list[str | int], msg: str, status: int = 422, kind: str = "value_error"):
+    def __init__(self, loc: str | list[str | int], msg: str, status: int = 422, kind: str = "value_error",
+                 detail: list[dict[str, Any]] | None = None):
         self.loc = [loc] if isinstance(loc, str) else list(loc)
-        self.msg, self.status, self.kind = msg, status, kind
-        super().__init__(f"{'.'.join(map(str, self.loc))}: {msg}")
+        self.msg, self.status, self.kind = " ".join(msg.split()), status, kind
+        self.detail = detail or [{"loc": self.loc, "msg": self.msg, "type": kind}]
+        super().__init__(f"{'.'.join(map(str, self.loc)) or 'body'}: {self.msg}")
+
+    @classmethod
+    def from_validation(cls, exc: ValidationError) -> RequestError:
+        """pydantic's errors as a 400: each one's own message (no "Value error, " prefix), ``loc`` and ``type``."""
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        detail = [{"loc": list(e["loc"]), "msg": " ".join(e["msg"].removeprefix("Value error, ").split()),
+                   "type": e["type"]} for e in errors]
+        first = detail[0]
+        return cls(first["loc"], first["msg"], status=400, kind=first["type"], detail=detail)
 
     def body(self) -> dict[str, Any]:
-        return error_body(str(self), [{"loc": self.loc, "msg": self.msg, "type": self.kind}])
+        return error_body(str(self), self.detail)
 
 
 def error_body(error: str, detail: list[dict[str, Any]]) -> dict[str, Any]:
@@ -61,13 +83,12 @@ class B64Tensor(BaseModel):
         try:
             raw = base64.b64decode(self.b64, validate=True)
         except (binascii.Error, ValueError):
-            raise ValueError("images.b64: not valid base64") from None
+            raise ValueError("b64 is not valid base64") from None
         dtype = np.dtype(self.dtype).newbyteorder("<")
         expected = math.prod(self.shape) * dtype.itemsize
         if len(raw) != expected:
-            raise ValueError(
-                f"images.b64: {len(raw)} bytes decoded, expected {expected} for shape {self.shape} and dtype {self.dtype}"
-            )
+            raise ValueError(f"{len(raw)} bytes decoded from b64; expected {expected} for shape {self.shape} and dtype "
+                             f"{self.dtype}")
         return np.frombuffer(raw, dtype=dtype).reshape(self.shape).astype(np.float32)  # a writable copy
 
 

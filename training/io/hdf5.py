@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -34,10 +35,29 @@ def external_allowed(allow_external: bool | None = None) -> bool:
     return os.environ.get(ENV_ALLOW_EXTERNAL, "").strip().lower() in ("1", "true", "yes")
 
 
-def foreign_references(h5: h5py.File, max_objects: int = MAX_OBJECTS) -> list[str]:
-    """Every way ``h5`` reads another file: ``'<name>: external link to <file>'``, ``'<name>: external raw
-    storage in <file>'``, ``'<name>: virtual dataset'``. External links are reported, never followed."""
-    found: list[str] = []
+class ForeignRef(NamedTuple):
+    """One way a file reads another: the object ``name``, the ``kind`` of reference and ``where`` it points."""
+
+    name: str
+    kind: str  # "external link" | "external raw storage" | "virtual dataset"
+    where: str = ""  # "to <file>" | "in '<file>'" (a path written in the file)
+
+    def __str__(self) -> str:
+        return f"'{self.name}': {self.kind}" + (f" {self.where}" if self.where else "")
+
+
+class ForeignData(DataError):
+    """A file that reads other files (``refs``), refused by ``open_hdf5``."""
+
+    def __init__(self, message: str, refs: list[ForeignRef]) -> None:
+        super().__init__(message)
+        self.refs = refs
+
+
+def foreign_references(h5: h5py.File, max_objects: int = MAX_OBJECTS) -> list[ForeignRef]:
+    """Every way ``h5`` reads another file (external links, external raw storage, virtual datasets). External links
+    are reported, never followed."""
+    found: list[ForeignRef] = []
     count = [0]
 
     def visit(name: str, link: h5py.HardLink | h5py.SoftLink | h5py.ExternalLink) -> bool | None:
@@ -45,14 +65,14 @@ def foreign_references(h5: h5py.File, max_objects: int = MAX_OBJECTS) -> list[st
         if count[0] > max_objects:
             raise DataError(f"more than {max_objects} HDF5 objects; expected a single-cell file")
         if isinstance(link, h5py.ExternalLink):
-            found.append(f"'{name}': external link to {link.filename}")
+            found.append(ForeignRef(name, "external link", f"to {link.filename}"))
         elif isinstance(link, h5py.HardLink):
             obj = h5.get(name)
             if isinstance(obj, h5py.Dataset):
                 if obj.is_virtual:
-                    found.append(f"'{name}': virtual dataset")
+                    found.append(ForeignRef(name, "virtual dataset"))
                 elif obj.external:
-                    found.append(f"'{name}': external raw storage in {obj.external[0][0]!r}")
+                    found.append(ForeignRef(name, "external raw storage", f"in {obj.external[0][0]!r}"))
         return None
 
     h5.visititems_links(visit)
@@ -60,8 +80,8 @@ def foreign_references(h5: h5py.File, max_objects: int = MAX_OBJECTS) -> list[st
 
 
 def open_hdf5(path: str | os.PathLike, allow_external: bool | None = None) -> h5py.File:
-    """Open ``path`` read-only; refuse (``DataError`` naming the file and the object) a file that reads other files,
-    unless external data is allowed (see the module docstring)."""
+    """Open ``path`` read-only; refuse (``ForeignData`` naming the file and the objects) a file that reads other
+    files, unless external data is allowed (see the module docstring)."""
     p = Path(path)
     try:
         h5 = h5py.File(p, "r")
@@ -79,8 +99,8 @@ def open_hdf5(path: str | os.PathLike, allow_external: bool | None = None) -> h5
         raise DataError(f"{path}: damaged or unreadable HDF5 structure ({exc})") from None
     if refs:
         h5.close()
-        raise DataError(f"{path}: refers to data outside the file ({'; '.join(refs[:3])}); expected a "
-                        "self-contained file (for a trusted file of your own: --allow-external-hdf5)")
+        raise ForeignData(f"{path}: refers to data outside the file ({'; '.join(map(str, refs[:3]))}); expected a "
+                          "self-contained file (for a trusted file of your own: --allow-external-hdf5)", refs)
     return h5
 
 
