@@ -132,6 +132,19 @@ def test_cluster_needs_a_tracking_server_and_shared_storage(tmp_path: Path):
     assert resolve_storage("s3://bucket/sweeps", cluster=True) == "s3://bucket/sweeps"
 
 
+def test_failed_cluster_connection_hints_at_token_authentication(monkeypatch: pytest.MonkeyPatch):
+    """A cluster with token authentication refuses a client without RAY_AUTH_MODE=token with only Ray's log lines
+    and "Failed to connect": the one-line error says what to export; with token mode set there is no hint."""
+    from training.ray_cluster import connect_error
+
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    msg = connect_error("192.0.2.2:6399", ConnectionError("Failed to connect to Ray cluster\nmore"))
+    assert msg.startswith("cannot connect to the Ray cluster at '192.0.2.2:6399': Failed to connect to Ray cluster;")
+    assert "\n" not in msg and "RAY_AUTH_MODE=token" in msg and "RAY_AUTH_TOKEN" in msg
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    assert connect_error("h:1", RuntimeError("x")) == "cannot connect to the Ray cluster at 'h:1': x"
+
+
 def test_active_learning_winner_trains_on_the_cells_its_campaign_labeled(sweep_data):
     from tuning.promote import active_table
 
@@ -315,6 +328,38 @@ def test_interrupted_sweep_resumes_without_rerunning_finished_trials(sweep_data,
     for trial_id in done:  # finished before the interruption: one run, never started again
         assert len(by_trial[trial_id]) == 1 and by_trial[trial_id][0].info.start_time < resumed_at
     assert MlflowClient(uri).get_run(second.parent_run_id).info.status == "FINISHED"
+
+
+def instant_trial(config: dict, table=None, ctx=None) -> None:
+    """One report, no training: the trial's metric is its label smoothing, its epochs what the sweep trains."""
+    tune.report({"val_balanced_accuracy": config["train.label_smoothing"], "epochs": ctx.raw["train"]["epochs"]})
+
+
+def test_finished_sweep_resumed_without_its_flags_keeps_its_own_settings(sweep_data, local_ray, tmp_path: Path):
+    """`--resume --name` without the flags the sweep started with: its trial count and training config, not the
+    current ones (num_samples 4 would expect 8 trials and report the finished sweep as interrupted)."""
+    import ray.cloudpickle
+    import yaml
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    table, classes = sweep_data
+    space = {"train.label_smoothing": {"type": "grid", "values": [0.0, 0.1]}}
+    p = sweep_params(tmp_path, space, **{"train.epochs": 1, "tune.scheduler": "fifo"})
+    first = run_sweep(p, table, classes, name="done", progress=False, trainable=instant_trial)
+    assert not first.interrupted and len(first.trials) == 2
+
+    current = sweep_params(tmp_path, space, **{"tune.num_samples": 4})  # the defaults of a plain `spatial tune`
+    for record in (True, False):  # False: a sweep recorded before spatial_sweep.json (its tuner.pkl knows the count)
+        if not record:
+            (tmp_path / "ray" / "done" / "spatial_sweep.json").unlink()
+        again = run_sweep(current, table, classes, name="done", resume=True, progress=False, trainable=instant_trial)
+        assert not again.interrupted and len(again.trials) == 2 and again.best["value"] == 0.1
+        paths = write_outputs(again, current, tmp_path / f"out{record}")
+        assert json.loads(paths["best"].read_text())["trial_id"] == first.best["trial_id"]
+        if record:  # best_params.yaml has the sweep's train.epochs, not the current one
+            assert yaml.safe_load(paths["best_params"].read_text())["train"]["epochs"] == 1
+    with pytest.raises(ConfigError, match=r"started with tune.num_samples=1"):
+        run_sweep(current, table, classes, name="done", resume=True, num_samples=3, progress=False)
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@ address where nothing runs, printing only Ray's own warnings), or a local Ray.""
 
 from __future__ import annotations
 
+import os
 import socket
 from typing import Any
 
@@ -26,6 +27,18 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
                           "`ray start --head` running there, and the port open?") from None
 
 
+def connect_error(address: str, exc: BaseException) -> str:
+    """The one-line error of a failed ``ray.init(address=...)``, with a token-authentication hint when this
+    client does not use it (Ray then fails with only ``Unauthenticated`` / ``InvalidAuthToken`` log lines)."""
+    detail = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    msg = f"cannot connect to the Ray cluster at '{address}': {detail}"
+    if os.environ.get("RAY_AUTH_MODE", "").strip().lower() != "token":
+        msg += ("; the cluster may use token authentication: export RAY_AUTH_MODE=token and the cluster's token as "
+                "RAY_AUTH_TOKEN=... or RAY_AUTH_TOKEN_PATH=FILE (default ~/.ray/auth_token; `ray get-auth-token` "
+                "on the head prints it)")
+    return msg
+
+
 def connect(address: str | None, **init_kwargs: Any) -> bool:
     """Connect to the cluster at ``address`` (checked first), or start a local Ray (no dashboard) when it is None;
     returns whether this call initialised Ray (an initialised Ray is used as it is)."""
@@ -36,9 +49,11 @@ def connect(address: str | None, **init_kwargs: Any) -> bool:
     if not address:
         ray.init(**{"include_dashboard": False, **init_kwargs})
         return True
+    from ray.exceptions import AuthenticationError
+
     check_reachable(address)
     try:
         ray.init(address=address, **init_kwargs)
-    except (ConnectionError, RuntimeError) as exc:
-        raise ConfigError(f"cannot connect to the Ray cluster at '{address}': {exc}") from None
+    except (ConnectionError, RuntimeError, AuthenticationError) as exc:
+        raise ConfigError(connect_error(address, exc)) from None
     return True

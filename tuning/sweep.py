@@ -54,6 +54,7 @@ class SweepResult:
     metric: str = "val_balanced_accuracy"
     mode: str = "max"
     info: dict[str, Any] = field(default_factory=dict)
+    params: Params | None = None  # a resumed sweep's own params (those it was started with)
 
     @property
     def failed(self) -> pd.DataFrame:
@@ -311,8 +312,9 @@ def run_sweep(params: Params, table: pd.DataFrame, classes: list[str], *, name: 
     if updates:  # validated like --set (e.g. a negative --gpus-per-trial is a ConfigError)
         params = resolve(params.model_dump(mode="json"), updates)
     cfg = params.tune
-    specs = parse_space(cfg.space, params)
-    check_unlabeled(specs, params, table)
+    if not resume:  # a resumed sweep checks its own space below
+        specs = parse_space(cfg.space, params)
+        check_unlabeled(specs, params, table)
     address = cfg.address or os.environ.get("RAY_ADDRESS") or None
     cluster = bool(address)
     uri = resolve_tracking_uri(params, cluster)
@@ -323,17 +325,25 @@ def run_sweep(params: Params, table: pd.DataFrame, classes: list[str], *, name: 
             raise ConfigError("--resume with a remote storage path needs --name")
         name = time.strftime("sweep-%Y%m%d-%H%M%S")
     path = f"{storage.rstrip('/')}/{name}"
-    params = resolve(params.model_dump(mode="json"), {"mlflow.tracking_uri": uri, "tune.name": name})
+    exists = tune.Tuner.can_restore(path)
+    if resume and not exists:
+        raise ConfigError(f"--resume: no restorable sweep at {path}")
+    if not resume and exists:
+        raise ConfigError(f"sweep '{name}' already exists at {path}: pass --resume to continue it, "
+                          "or --name for a new sweep")
+    where = {"tune.address": cfg.address, "tune.storage_path": cfg.storage_path, "tune.out": cfg.out,
+             "mlflow.tracking_uri": uri, "tune.name": name}
+    if resume:  # the sweep's own settings (trial count, space, training config); only where it runs from here
+        params = _resumed_params(path, name, params, given, where)
+        cfg = params.tune
+        specs = parse_space(cfg.space, params)
+        check_unlabeled(specs, params, table)
+    else:
+        params = resolve(params.model_dump(mode="json"), where)
 
     started = connect(address, log_to_driver=progress)
     try:
         _check_resources(cfg.cpus_per_trial, cfg.gpus_per_trial)
-        exists = tune.Tuner.can_restore(path)
-        if resume and not exists:
-            raise ConfigError(f"--resume: no restorable sweep at {path}")
-        if not resume and exists:
-            raise ConfigError(f"sweep '{name}' already exists at {path}: pass --resume to continue it, "
-                              "or --name for a new sweep")
         tracker = _parent_run(params, name, resume)
         status = "FAILED"
         try:
@@ -359,8 +369,10 @@ def run_sweep(params: Params, table: pd.DataFrame, classes: list[str], *, name: 
                                        callbacks=[MlflowTrialCallback(uri, params.mlflow.experiment, name, cfg.metric),
                                                   *callbacks],
                                        verbose=1 if progress else 0))
+                _write_record(path, ctx.raw)
             tuner.fit()
             result = _collect(name, path, tracker.run_id, specs, cfg, uri, params.mlflow.experiment)
+            result.params = params if resume else None
             _log_parent(tracker, result)
             status = "KILLED" if result.interrupted else "FINISHED"
         finally:
@@ -375,6 +387,64 @@ def run_sweep(params: Params, table: pd.DataFrame, classes: list[str], *, name: 
         raise TrainingError(f"sweep '{name}': no trial completed with {cfg.metric} ({len(result.trials)} trials; "
                             f"first error: {first}); see {path}")
     return result
+
+
+# -- what a sweep recorded, for --resume ------------------------------------------------------------------------
+SWEEP_RECORD = "spatial_sweep.json"  # next to Tune's tuner.pkl: the params the sweep's trials train with
+RESUME_FLAGS = ("num_samples", "cpus_per_trial", "gpus_per_trial")
+
+
+def _fs_path(path: str, file: str):
+    import pyarrow.fs
+
+    fs, root = pyarrow.fs.FileSystem.from_uri(path)
+    return fs, f"{root.rstrip('/')}/{file}"
+
+
+def _write_record(path: str, raw: dict[str, Any]) -> None:
+    fs, file = _fs_path(path, SWEEP_RECORD)
+    with fs.open_output_stream(file) as f:
+        f.write(json.dumps(raw, indent=1, default=str).encode())
+
+
+def _read_record(path: str) -> dict[str, Any] | None:
+    import pyarrow.fs
+
+    fs, file = _fs_path(path, SWEEP_RECORD)
+    if fs.get_file_info(file).type == pyarrow.fs.FileType.NotFound:
+        return None
+    with fs.open_input_file(file) as f:
+        return json.loads(f.readall())
+
+
+def _tuner_settings(path: str) -> dict[str, Any]:
+    """``tune.*`` settings the sweep's ``tuner.pkl`` knows (sweeps recorded before :data:`SWEEP_RECORD`)."""
+    import ray.cloudpickle
+
+    fs, file = _fs_path(path, "tuner.pkl")
+    with fs.open_input_file(file) as f:
+        tc = ray.cloudpickle.loads(f.readall()).get("_tune_config")
+    if tc is None:
+        return {}
+    out = {"tune.num_samples": tc.num_samples, "tune.metric": tc.metric, "tune.mode": tc.mode}
+    if tc.search_alg is not None:
+        out["tune.search"] = "optuna" if "Optuna" in type(tc.search_alg).__name__ else "random"
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _resumed_params(path: str, name: str, params: Params, given: dict[str, Any], where: dict[str, Any]) -> Params:
+    """The params a resumed sweep runs with: those it was started with (``spatial_sweep.json``; for an older
+    sweep the current ones with the trial count, metric, mode and search its Tuner recorded), with only ``where``
+    (address, storage, tracking URI, outputs) from this call. An explicit flag that differs is refused."""
+    raw = _read_record(path)
+    if raw is None:
+        raw = resolve(params.model_dump(mode="json"), _tuner_settings(path)).model_dump(mode="json")
+    own = resolve(raw, {}).tune
+    for key in RESUME_FLAGS:
+        if given[key] is not None and given[key] != getattr(own, key):
+            raise ConfigError(f"--resume: sweep '{name}' was started with tune.{key}={getattr(own, key):g}; a "
+                              f"resumed sweep keeps its settings (drop --{key.replace('_', '-')})")
+    return resolve(raw, where)
 
 
 def _tune_config(cfg, specs: dict, params: Params):
@@ -492,7 +562,8 @@ def write_outputs(result: SweepResult, params: Params, out_dir: str | Path) -> d
         return {"trials": paths["trials"]}
     with atomic_path(paths["best"], suffix=".json") as tmp:
         tmp.write_text(json.dumps(result.best, indent=2, sort_keys=True, default=str) + "\n")
-    best_params, regime = trial_params(params.model_dump(mode="json"), result.best["overrides"])
+    base = result.params or params  # a resumed sweep's trials trained with the params it was started with
+    best_params, regime = trial_params(base.model_dump(mode="json"), result.best["overrides"])
     header = (f"# best trial {result.best['trial_id']} of sweep {result.name}: {result.metric}="
               f"{result.best['value']:.4f} (regime {regime})\n")
     if regime == "active":

@@ -59,7 +59,7 @@ def tune_command(
             raise ConfigError(f"{best}: best config not found")
         from training.io.tables import read_json
 
-        winner = read_json(best)
+        winner, base = read_json(best), p
     else:
         from tuning.sweep import run_sweep, write_outputs
 
@@ -80,12 +80,12 @@ def tune_command(
         b = result.best
         typer.echo(f"best trial {b['trial_id']} ({b['regime']}): {b['metric']}={b['value']:.4f} "
                    f"-> {written['best_params']}")
-        winner = b
+        winner, base = b, result.params or p  # a resumed sweep's own training config, not this call's
     if promote:
         from serving.bento.package import package_version
         from tuning.promote import promote as do_promote
 
-        res = do_promote(winner, p, table, classes, model_out or Path(p.tune.promote_out), progress=progress,
+        res = do_promote(winner, base, table, classes, model_out or Path(p.tune.promote_out), progress=progress,
                          package=package_version)
         write_json(out_dir / "promote.json", res)
         moved = "moved to it" if res["alias_moved"] else f"stays on version {res['alias_version']}"
