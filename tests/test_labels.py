@@ -468,6 +468,27 @@ def test_labeling_api_refuses_writes_from_other_sites(tmp_path, ens, tiny_manife
             assert ok.status_code == 200 and "csrf" in labels.read_text()
 
 
+def test_labeling_behind_a_reverse_proxy_accepts_the_forwarded_origin(tmp_path, ens, tiny_manifest):
+    """A proxy may ask by its upstream's name (nginx's default Host): the page's Origin is the forwarded host."""
+    from starlette.testclient import TestClient
+
+    from serving.labeling.app import Session, create_app, read_queries
+    from training.active.query import run_query
+    from training.data.cellindex import build_index
+
+    q = run_query(ens, build_index(tiny_manifest, progress=False), "margin", 3, pool_subsample=30).queries
+    q.to_parquet(tmp_path / "q.parquet")
+    labels = tmp_path / "labels.csv"
+    app = create_app(Session(read_queries(tmp_path / "q.parquet"), labels, ["bright", "spotty"]), allow_remote=True)
+    with TestClient(app, client=("10.0.0.2", 5000), base_url="http://127.0.0.1:8000") as c:
+        body = {"i": 0, "label": "bright", "annotator": "ann"}
+        proxied = {"Origin": "https://labs.example.org", "X-Forwarded-Host": "labs.example.org"}
+        assert c.post("/api/label", json=body, headers=proxied).status_code == 200
+        other = {"Origin": "https://evil.example.com", "X-Forwarded-Host": "labs.example.org"}
+        assert c.post("/api/label", json={**body, "annotator": "csrf"}, headers=other).status_code == 403
+    assert "ann" in labels.read_text() and "csrf" not in labels.read_text()
+
+
 def test_a_queries_table_needs_integer_cell_ids(tmp_path):
     from serving.labeling.app import read_queries
 

@@ -95,7 +95,8 @@ class RequestGuard:
 
     - without ``allow_remote``, a client that is not this machine gets 403, and so does a ``Host`` header that does
       not name loopback (a web site whose name resolves to 127.0.0.1, DNS rebinding, would pass the client check);
-    - a POST whose ``Origin`` is not the page's own (another site's script in the annotator's browser) gets 403;
+    - a POST whose ``Origin`` is not the page's own (another site's script in the annotator's browser) gets 403
+      (the page's own: its ``Host``, or the ``X-Forwarded-Host`` of a reverse proxy in front of it);
     - a POST body that is not ``application/json`` gets 415: a browser sends JSON across sites only after a CORS
       preflight, which this server never grants, where a form or a ``text/plain`` fetch needs none.
     """
@@ -116,7 +117,10 @@ class RequestGuard:
         if scope["method"] != "POST":
             return None
         origin = headers.get("origin")
-        if origin is not None and _authority(origin) != host.lower():
+        # the page's own names: the Host it was asked by, and behind a reverse proxy the one the proxy forwards (a
+        # browser sends X-Forwarded-Host across sites only after a preflight, which is never granted)
+        own = {host.lower(), headers.get("x-forwarded-host", "").split(",")[0].strip().lower()} - {""}
+        if origin is not None and _authority(origin) not in own:
             return 403, f"a request from another site ({origin[:80]}) may not write labels"
         if headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
             return 415, "the body must be JSON (Content-Type: application/json)"
