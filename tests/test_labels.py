@@ -390,18 +390,26 @@ def test_recalibrate_unlabeled_serves_the_temperature_atc_predicts(tmp_path, tin
 
 
 # -- the labeling API: bad input ----------------------------------------------------------------------------------
-def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_manifest):
-    from starlette.testclient import TestClient
-
+def labeling_app(tmp_path: Path, ens, manifest: Path, n: int, pool: int, allow_remote: bool = False):
+    """The labeling app on ``n`` cells ``margin`` queries from ``pool`` of the manifest's; returns it and its
+    labels file (not written yet)."""
     from serving.labeling.app import Session, create_app, read_queries
     from training.active.query import run_query
     from training.data.cellindex import build_index
 
-    q = run_query(ens, build_index(tiny_manifest, progress=False), "margin", 5, pool_subsample=60).queries
+    q = run_query(ens, build_index(manifest, progress=False), "margin", n, pool_subsample=pool).queries
     q.to_parquet(tmp_path / "q.parquet")
     labels = tmp_path / "labels.csv"
     session = Session(read_queries(tmp_path / "q.parquet"), labels, ["bright", "spotty"])
-    app = create_app(session)
+    return create_app(session, allow_remote), labels
+
+
+def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_manifest):
+    from starlette.testclient import TestClient
+
+    from serving.labeling.app import create_app
+
+    app, labels = labeling_app(tmp_path, ens, tiny_manifest, 5, 60)
     local = {"client": ("127.0.0.1", 5000), "base_url": "http://127.0.0.1:8000"}
     with TestClient(app, **local) as c:
         assert c.post("/api/label", json={"i": 0, "label": "bright", "annotator": "ann"}).status_code == 200
@@ -423,7 +431,7 @@ def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_
         assert r.status_code == 403 and "this machine only" in r.json()["error"]
         assert c.get("/").status_code == 403
     assert labels.read_bytes() == before
-    with TestClient(create_app(session, allow_remote=True), client=("10.1.2.3", 5000),
+    with TestClient(create_app(app.state.session, allow_remote=True), client=("10.1.2.3", 5000),
                     base_url="http://lab-pc.example.org:8000") as c:
         assert c.get("/api/session").status_code == 200
         assert c.post("/api/label", json={"i": 1, "label": "bright", "annotator": "ann"}).status_code == 200
@@ -450,14 +458,7 @@ def test_labeling_api_refuses_writes_from_other_sites(tmp_path, ens, tiny_manife
 
     from starlette.testclient import TestClient
 
-    from serving.labeling.app import Session, create_app, read_queries
-    from training.active.query import run_query
-    from training.data.cellindex import build_index
-
-    q = run_query(ens, build_index(tiny_manifest, progress=False), "margin", 3, pool_subsample=30).queries
-    q.to_parquet(tmp_path / "q.parquet")
-    labels = tmp_path / "labels.csv"
-    app = create_app(Session(read_queries(tmp_path / "q.parquet"), labels, ["bright", "spotty"]), allow_remote)
+    app, labels = labeling_app(tmp_path, ens, tiny_manifest, 3, 30, allow_remote)
     body = json.dumps({"i": 0, "label": "bright", "annotator": "csrf"})
     with TestClient(app, client=("127.0.0.1", 5000), base_url=base_url) as c:
         r = c.post("/api/label", content=body, headers={"Content-Type": "application/json", **headers})
@@ -472,14 +473,7 @@ def test_labeling_behind_a_reverse_proxy_accepts_the_forwarded_origin(tmp_path, 
     """A proxy may ask by its upstream's name (nginx's default Host): the page's Origin is the forwarded host."""
     from starlette.testclient import TestClient
 
-    from serving.labeling.app import Session, create_app, read_queries
-    from training.active.query import run_query
-    from training.data.cellindex import build_index
-
-    q = run_query(ens, build_index(tiny_manifest, progress=False), "margin", 3, pool_subsample=30).queries
-    q.to_parquet(tmp_path / "q.parquet")
-    labels = tmp_path / "labels.csv"
-    app = create_app(Session(read_queries(tmp_path / "q.parquet"), labels, ["bright", "spotty"]), allow_remote=True)
+    app, labels = labeling_app(tmp_path, ens, tiny_manifest, 3, 30, allow_remote=True)
     with TestClient(app, client=("10.0.0.2", 5000), base_url="http://127.0.0.1:8000") as c:
         body = {"i": 0, "label": "bright", "annotator": "ann"}
         proxied = {"Origin": "https://labs.example.org", "X-Forwarded-Host": "labs.example.org"}

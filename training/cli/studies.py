@@ -10,6 +10,11 @@ import typer
 from training.cli.options import check_outputs, write_json
 
 
+def _interval(lo: float, hi: float, sign: str = "") -> str:
+    """``[lo, hi]`` of ``spatial seeds``, or why there is none (NaN bounds: one seed)."""
+    return "[no interval from one seed]" if lo != lo else f"[{lo:{sign}.4f}, {hi:{sign}.4f}]"
+
+
 def add_commands(app: typer.Typer) -> None:
     """Register ``seeds`` and ``summary`` on the ``spatial`` typer app."""
 
@@ -46,14 +51,11 @@ def add_commands(app: typer.Typer) -> None:
             raise DataError("give --arm NAME=GLOB (repeated) or --al-curve")
         result = compare_arms(per_seed, baseline)
         write_json(out, result)
-        def interval(lo: float, hi: float, sign: str = "") -> str:
-            return "[no interval from one seed]" if lo != lo else f"[{lo:{sign}.4f}, {hi:{sign}.4f}]"
-
         for name in per_seed:
-            line = f"{name}: {result[f'{name}/mean']:.4f} {interval(result[f'{name}/ci_low'], result[f'{name}/ci_high'])}"
+            line = f"{name}: {result[f'{name}/mean']:.4f} {_interval(result[f'{name}/ci_low'], result[f'{name}/ci_high'])}"
             if name != baseline:
                 line += (f", minus {baseline} {result[f'{name}/diff_mean']:+.4f} "
-                         f"{interval(result[f'{name}/diff_ci_low'], result[f'{name}/diff_ci_high'], '+')}, above on "
+                         f"{_interval(result[f'{name}/diff_ci_low'], result[f'{name}/diff_ci_high'], '+')}, above on "
                          f"{result[f'{name}/diff_seeds_above']} of {result[f'{name}/n']} seeds")
             typer.echo(line)
 
