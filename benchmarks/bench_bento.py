@@ -11,7 +11,7 @@ library call builds the Bento. Then, alternating, ``--repeats`` times each:
 * Bento start: ``bentoml serve <bento tag>`` in an empty directory, ``MLFLOW_TRACKING_URI`` pointing nowhere.
 
 Prints the medians and the ratio registry / Bento. ``--check`` exits 1 unless the Bento starts at most 1.1x as
-slowly as the registry start (ratio >= 0.9)::
+slowly as the registry start (ratio >= 0.9); it needs ``--repeats`` of 3 or more, since one start is too noisy::
 
     .venv/bin/python benchmarks/bench_bento.py [--repeats 3] [--workdir DIR] [--check]
 """
@@ -81,6 +81,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="keep data / model here (default: a temp dir)")
     ap.add_argument("--check", action="store_true")
     args = ap.parse_args()
+    if args.check and args.repeats < 3:  # one cold start swings by more than the check's 10 % margin
+        ap.error("--check needs --repeats 3 or more: a single cold start varies by more than the 10 % margin")
 
     work = (args.workdir or Path(tempfile.mkdtemp(prefix="bench-bento-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)

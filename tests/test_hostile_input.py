@@ -174,12 +174,12 @@ def test_a_ray_address_where_nothing_runs_is_one_line(screen, tiny_ensemble, tmp
         closed.bind(("127.0.0.1", 0))
         port = closed.getsockname()[1]
     out = tmp_path / "scores.parquet"
-    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):  # with progress bars: none is drawn
         code, err = run_main(["score", str(screen[0]), "--model", str(tiny_ensemble), "--out", str(out),
-                              "--ray-address", address, "--no-progress"], monkeypatch, capsys)
+                              "--ray-address", address], monkeypatch, capsys)
         assert code == 2 and err.startswith(f"error: cannot reach the Ray cluster at '{address}' (Connection "
                                             "refused)") and len(err.strip().splitlines()) == 1, err
-        assert not out.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], "nothing written, not even the chunk plan"
     with pytest.raises(ConfigError, match="Ray address 'head-node': expected HOST:PORT"):
         check_reachable("head-node")
 

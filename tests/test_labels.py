@@ -523,6 +523,19 @@ def test_queries_with_cells_not_in_the_files_are_refused(tmp_path, ens, tiny_man
                                                     "--allow-remote to serve other machines\n"), proc.stderr
 
 
+def test_a_wildcard_bind_is_announced_by_the_names_that_reach_it():
+    """`--host 0.0.0.0` announced http://0.0.0.0:PORT, which is no address to type (and BentoML logs localhost)."""
+    import socket
+
+    from training.cli.options import server_url
+
+    assert server_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
+    assert server_url("::1", 3000, "") == "http://[::1]:3000"
+    assert server_url("0.0.0.0", 8000) == (f"http://{socket.gethostname()}:8000/ (every interface; "
+                                           "http://127.0.0.1:8000/ on this machine)")
+    assert server_url("::", 3000, "").endswith("http://[::1]:3000 on this machine)")
+
+
 def test_a_labeling_history_is_an_al_oracle(tmp_path):
     """`spatial al --labels labels.csv` reads the page's history: latest label per cell, unsure / new left out."""
     from training.active.oracle import read_labels_csv

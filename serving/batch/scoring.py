@@ -37,7 +37,7 @@ from training.config import MlflowConfig, ScoreConfig
 from training.errors import DataError
 from training.io.atomic import atomic_path, check_destination
 from training.io.formats import CellFile
-from training.ray_cluster import connect
+from training.ray_cluster import check_reachable, connect
 
 log = logging.getLogger(__name__)
 PLAN_VERSION = 1
@@ -202,6 +202,8 @@ def score_files(files: Sequence[str | os.PathLike], model: str | os.PathLike | S
     ensemble directory, ``models:/NAME@ALIAS`` (downloaded for the run, removed after) or a ``ServedModel``.
     ``channel_map``: model channel name -> file channel name (names also match ignoring case)."""
     check_destination(out, folder=False)  # before any cell is scored (atomic_path would refuse it only at the end)
+    if ray_address:  # before the plan is written and the progress bar drawn
+        check_reachable(ray_address)
     cfg = cfg or ScoreConfig()
     channel_map = dict(channel_map or {})
     if isinstance(model, ServedModel):

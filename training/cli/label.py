@@ -19,6 +19,7 @@ from training.cli.options import (
     check_port,
     default_model_uri,
     params_for,
+    server_url,
     write_json,
 )
 
@@ -106,7 +107,7 @@ def add_commands(app: typer.Typer) -> None:
         check_port(cfg.host, cfg.port)
         session = Session(read_queries(queries), labels or cfg.labels, list(p.split.classes), cfg.thumbnail_px,
                           cfg.thumbnail_cache, cfg.confident, annotator)
-        typer.echo(f"labeling {len(session.cells)} cells -> {labels or cfg.labels} on http://{cfg.host}:{cfg.port}/",
+        typer.echo(f"labeling {len(session.cells)} cells -> {labels or cfg.labels} on {server_url(cfg.host, cfg.port)}",
                    err=True)
         serve(create_app(session, remote), cfg.host, cfg.port, remote)
 

@@ -76,6 +76,18 @@ def check_port(host: str, port: int) -> None:
             raise DataError(f"cannot listen on {host}:{port}: {exc.strerror}; choose another --port or --host") from None
 
 
+def server_url(host: str, port: int, path: str = "/") -> str:
+    """Where a server bound to ``host:port`` answers, for the line that announces it: a wildcard bind (0.0.0.0, ::)
+    names this machine's host name and the loopback address (BentoML's own log says localhost for both)."""
+    import socket
+
+    if host in ("0.0.0.0", "::", ""):
+        loopback = "127.0.0.1" if host != "::" else "[::1]"
+        return (f"http://{socket.gethostname()}:{port}{path} (every interface; http://{loopback}:{port}{path} on "
+                "this machine)")
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{path}"
+
+
 def _finite_or_null(obj: object) -> object:
     if isinstance(obj, float) and not math.isfinite(obj):
         return None

@@ -19,6 +19,7 @@ from training.cli.options import (
     check_port,
     default_model_uri,
     params_for,
+    server_url,
     write_json,
 )
 
@@ -110,6 +111,6 @@ def add_commands(app: typer.Typer) -> None:
             import bentoml
 
             typer.echo(f"serving {served.info.get('name')} (version {served.info.get('version')}, classes "
-                       f"{', '.join(served.classes)}) on http://{cfg.host}:{cfg.port}")
+                       f"{', '.join(served.classes)}) on {server_url(cfg.host, cfg.port, '')}")
             bentoml.serve("serving.service.api:SpatialScorer", host=cfg.host, port=cfg.port,
                           working_dir=str(Path(__file__).resolve().parents[2]), blocking=True)
