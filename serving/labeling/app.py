@@ -15,6 +15,7 @@ import contextlib
 import ipaddress
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -278,13 +279,10 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
         cur = session.current()
         return {"i": i, "label": cur.get(i, {}).get("label"), "progress": session.progress(cur)}
 
-    async def label(request: Request) -> Response:
+    async def answer(request: Request, act: Callable[[dict], dict]) -> Response:
+        """``act`` on the request's JSON body, its errors as 413 / 404 / 400 with their message."""
         try:
-            d = await body(request)
-            lab, annotator = _text(d, "label"), _text(d, "annotator")
-            if lab == UNDO:
-                raise DataError("use /api/undo to take a label back")
-            return JSONResponse(write(d["i"], lab, annotator))
+            return JSONResponse(act(await body(request)))
         except TooLarge as exc:
             return error(413, str(exc))
         except LookupError as exc:
@@ -292,16 +290,17 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
         except SpatialError as exc:
             return error(400, str(exc))
 
+    def write_label(d: dict) -> dict:
+        lab, annotator = _text(d, "label"), _text(d, "annotator")
+        if lab == UNDO:
+            raise DataError("use /api/undo to take a label back")
+        return write(d["i"], lab, annotator)
+
+    async def label(request: Request) -> Response:
+        return await answer(request, write_label)
+
     async def undo(request: Request) -> Response:
-        try:
-            d = await body(request)
-            return JSONResponse(write(d["i"], UNDO, _text(d, "annotator")))
-        except TooLarge as exc:
-            return error(413, str(exc))
-        except LookupError as exc:
-            return error(404, str(exc))
-        except SpatialError as exc:
-            return error(400, str(exc))
+        return await answer(request, lambda d: write(d["i"], UNDO, _text(d, "annotator")))
 
     def review(request: Request) -> Response:
         return JSONResponse({"cells": session.review()})
