@@ -148,3 +148,20 @@ def test_new_phenotype_sort_and_contrast(chromium, server):  # noqa: F811
 
     assert mean_of("4") > mean_of("1")
     page.close()
+
+
+def test_markup_in_a_shared_labels_file_shows_as_text(chromium, server, tmp_path):  # noqa: F811
+    """labels.csv is a shared file: the API checks names, but rows written by hand or another tool reach the review
+    list as they are. An annotator or new-phenotype name with markup showed as HTML there (and ran its script)."""
+    q = server["queries"]
+    trap = '<img src=x onerror="window.pwned=1">'
+    pd.DataFrame({"source_file": [q.source_file[0]] * 2, "cell_id": [int(q.cell_id[0])] * 2,
+                  "label": ["bright", f"new:{trap}"], "annotator": ["bob", f"mallory{trap}"],
+                  "time": ["2026-12-07T00:00:00.000Z"] * 2}).to_csv(tmp_path / "labels.csv", index=False)
+    q.to_parquet(tmp_path / "queries.parquet")
+    with labeling_server(tmp_path, tmp_path / "labels.csv") as (url, _):
+        page = open_page(chromium, url + "/", "alice")
+        review = page.locator("#review li").first.text_content()
+        assert review.startswith(f"#1: annotators disagree: bob=bright, mallory{trap}=new:{trap}"), review
+        assert page.locator("#review img").count() == 0 and page.evaluate("() => window.pwned") is None
+        page.close()
