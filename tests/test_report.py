@@ -204,3 +204,24 @@ def test_report_cli_and_page_in_chromium(chromium, project):  # noqa: F811
     page.screenshot(path=str(shot), full_page=True)
     keep_figure(shot, "screen_report.png")
     page.close()
+
+
+def test_markup_in_an_input_file_cannot_run_in_the_page(chromium, tmp_path, project):  # noqa: F811
+    """The discovery counts went into the page unescaped: markup in metrics/discovery.json ran its script. And the page's
+    Content-Security-Policy lets no script run but the report's own, whatever reaches the HTML."""
+    root = tmp_path / "proj"
+    shutil.copytree(project[0], root, ignore=shutil.ignore_patterns("*.html"))
+    trap = '<img src=x onerror="window.pwned=1">'
+    m = json.loads((root / "metrics/discovery.json").read_text())
+    (root / "metrics/discovery.json").write_text(json.dumps({**m, "n_novel": trap, "n_clusters": trap}))
+    out = root / "r.html"
+    build_report(root, out)
+    page = chromium.new_page()
+    page.goto(out.as_uri())
+    assert page.locator("#discovery-summary").text_content().startswith(f"{trap} of 80 cells are unlike")
+    assert page.locator("#discovery-summary img").count() == 0 and page.evaluate("() => window.pwned") is None
+    out.write_text(out.read_text().replace("</nav>", f"</nav>{trap}"))  # markup past every escape
+    page.goto(out.as_uri())
+    page.wait_for_function("document.getElementById('gene-count').textContent === '5 of 5 genes'")  # own script ran
+    assert page.locator("nav + img").count() == 1 and page.evaluate("() => window.pwned") is None
+    page.close()

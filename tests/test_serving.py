@@ -202,6 +202,8 @@ def _bad_json_cases(images: np.ndarray) -> list[tuple[str, dict, int, list, str]
         ("bad b64", {"json": {"images": {"b64": "!!", "dtype": "float32", "shape": [1, 1, 8, 8]}}}, 400, ["images"],
          "base64"),
         ("b64 size", {"json": {"images": {**_b64(x), "shape": [3, 5, 32, 32]}}}, 400, ["images"], "bytes decoded"),
+        ("b64 long shape", {"json": {"images": {"b64": "", "dtype": "float32", "shape": [2**62] * 100_000}}}, 400,
+         ["images", "shape"], "at most 4 items"),
         ("too many", {"json": {"images": np.zeros((MAX_CELLS + 1, 1, 8, 8)).tolist()}}, 413, ["images"],
          f"at most {MAX_CELLS}"),
         ("too big", {"content": b'{"images": [' + b"0.5," * (MAX_MB * 2**20 // 4 + 10) + b"0.5]}"}, 413, ["body"],
@@ -225,7 +227,7 @@ def assert_error_body(r: httpx.Response, loc: list, text: str) -> None:
     assert not any(w in r.text for w in ("validation error for", "IODescriptor", "Value error, ", "pydantic")), r.text
 
 
-@pytest.mark.parametrize("case", range(18))
+@pytest.mark.parametrize("case", range(19))
 def test_bad_requests_get_a_4xx_naming_the_field(server, screen, case):
     name, kwargs, status, loc, text = _bad_json_cases(screen[1])[case]
     headers = {"content-type": "application/json"}

@@ -17,6 +17,7 @@ table) from whatever the pipeline has written. Each section appears only when it
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import logging
 import os
@@ -39,6 +40,14 @@ MODEL_METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "nll", "ece", "bri
 # -- small HTML pieces --------------------------------------------------------------------------------------------
 def esc(x: object) -> str:
     return html.escape(str(x))
+
+
+def content_policy(template: str) -> str:
+    """The page's Content-Security-Policy: nothing fetched, images only inline, and no script but the template's own
+    (by its hash), so markup that reached the page through an input file cannot run."""
+    script = template.split("<script>", 1)[1].split("</script>", 1)[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    return f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
 
 
 def img_tag(data: bytes, alt: str, cls: str = "fig") -> str:
@@ -310,8 +319,9 @@ def discovery_section(root: Path, p: Params) -> str | None:
                    else "the model's validation cells")
         top = (f"; top gene of cluster 0: <b>{esc(m['top_cluster_top_gene'])}</b> (FDR {fmt(m['top_cluster_top_gene_fdr'])})"
                if m.get("top_cluster_top_gene") else "")
-        parts.append(f'<p id="discovery-summary">{m["n_novel"]} of {m["n_scored"]} cells are unlike {against} '
-                     f"(over the {fmt(m['quantile'])} quantile of their novelty), in {m['n_clusters']} clusters, "
+        parts.append(f'<p id="discovery-summary">{fmt(m["n_novel"])} of {fmt(m["n_scored"])} cells are unlike '
+                     f"{against} (over the {fmt(m['quantile'])} quantile of their novelty), in {fmt(m['n_clusters'])} "
+                     "clusters, "
                      f"cluster 0 first in the queue{top}.</p>")
     if (d / "clusters.csv").is_file():
         parts.append(table(read_csv(d / "clusters.csv"), "clusters"))
@@ -350,8 +360,8 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, params: Params
             bodies.append(body)
     nav = " · ".join(f'<a href="#{n}">{n}</a>' for n in done)
     page = (STATIC / "report.html").read_text()
-    page = page.replace("{{NAV}}", nav).replace("{{BODY}}", "\n".join(bodies) or
-                                                "<p>No inputs yet: run <code>dvc repro</code>.</p>")
+    page = page.replace("{{CSP}}", content_policy(page)).replace("{{NAV}}", nav).replace(
+        "{{BODY}}", "\n".join(bodies) or "<p>No inputs yet: run <code>dvc repro</code>.</p>")
     with atomic_path(out, suffix=".html") as tmp:
         tmp.write_text(page, encoding="utf-8")
     log.info("report %s: %s", out, ", ".join(done))

@@ -77,7 +77,9 @@ class B64Tensor(BaseModel):
     model_config = ConfigDict(extra="forbid")
     b64: str
     dtype: Literal["float16", "float32"]
-    shape: list[Annotated[int, Field(ge=0)]]
+    # at most rank 4 and 2**31 per axis: a long list of huge numbers made math.prod below run for minutes,
+    # blocking the service's event loop
+    shape: Annotated[list[Annotated[int, Field(ge=0, le=2**31)]], Field(max_length=4)]
 
     def to_array(self) -> np.ndarray:
         try:
