@@ -7,5 +7,6 @@
 - ``discovery/`` the discovery queue: novel cells clustered into candidate phenotypes, enriched genes per cluster
 - ``labeling/`` the labeling page (``spatial label``): Starlette app, labels history store, thumbnails
 - ``report/``   the self-contained HTML screen report (``spatial report``)
+- ``pages.py``  the two pages' Content-Security-Policy (no script runs but the page's own)
 - ``screen/``   excision bins, simulated sequencing, count tables, gene hits with an NT-calibrated FDR
 """

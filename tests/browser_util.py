@@ -69,6 +69,16 @@ def labeling_server(workdir: Path, labels: Path) -> Iterator[tuple[str, int]]:
         proc.wait(timeout=30)
 
 
+def wait_until(page, expression: str, timeout: float = 30.0) -> None:
+    """Poll the JavaScript ``expression`` in ``page`` until it is true. Playwright's ``wait_for_function`` evaluates
+    its predicate as a string inside the page, which the pages' Content-Security-Policy forbids (no eval)."""
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(f"() => Boolean({expression})"):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout:.0f} s: {expression}")
+        time.sleep(0.05)
+
+
 def keep_figure(shot: Path, name: str) -> None:
     """Copy a screenshot to ``$SPATIAL_FIGURES_DIR`` (README figures) when that is set."""
     dest = os.environ.get("SPATIAL_FIGURES_DIR")

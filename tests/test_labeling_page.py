@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from browser_util import chromium, keep_figure, labeling_server  # noqa: F401  (chromium is a fixture)
+from browser_util import chromium, keep_figure, labeling_server, wait_until  # noqa: F401  (chromium is a fixture)
 
 from training.data.labels import read_history, replay
 
@@ -57,21 +57,21 @@ def test_keyboard_labels_undo_and_reload(chromium, server):  # noqa: F811
     assert "slide says spotty <i>x</i>" in page.locator("#cell-3 .meta").text_content()
     assert "slide says" not in page.locator("#cell-0 .meta").text_content()
     page.keyboard.press("1")            # cell 0 -> bright, moves on
-    page.wait_for_function("document.querySelector('#cell-0 .badge').textContent === 'bright'")
+    wait_until(page, "document.querySelector('#cell-0 .badge').textContent === 'bright'")
     page.keyboard.press("2")            # cell 1 -> spotty
-    page.wait_for_function("document.querySelector('#cell-1 .badge').textContent === 'spotty'")
+    wait_until(page, "document.querySelector('#cell-1 .badge').textContent === 'spotty'")
     page.keyboard.press("u")            # cell 2 -> unsure
-    page.wait_for_function("document.querySelector('#cell-2 .badge').textContent === 'unsure'")
+    wait_until(page, "document.querySelector('#cell-2 .badge').textContent === 'unsure'")
     a = rows_of(labels, "alice")
     assert a[["cell_id", "label"]].values.tolist() == [[int(q.cell_id[0]), "bright"], [int(q.cell_id[1]), "spotty"],
                                                        [int(q.cell_id[2]), "unsure"]]
     assert [os.path.abspath(f) for f in a["source_file"]] == [os.path.abspath(f) for f in q.source_file[:3]]
     page.keyboard.press("z")            # undo: cell 2 unlabeled again, the history keeps both rows
-    page.wait_for_function("document.querySelector('#cell-2 .badge').textContent === ''")
+    wait_until(page, "document.querySelector('#cell-2 .badge').textContent === ''")
     assert rows_of(labels, "alice")["label"].tolist() == ["bright", "spotty", "unsure", "undo"]
     page.keyboard.press("ArrowLeft")    # back to cell 1 and re-label it: latest wins
     page.keyboard.press("1")
-    page.wait_for_function("document.querySelector('#cell-1 .badge').textContent === 'bright'")
+    wait_until(page, "document.querySelector('#cell-1 .badge').textContent === 'bright'")
     assert page.locator("#progress").text_content() == f"labeled 2 / {N_QUERIED}"
     cur = replay(read_history(labels))
     assert dict(zip(cur["cell_id"], cur["label"], strict=True)) == {int(q.cell_id[0]): "bright",
@@ -79,13 +79,13 @@ def test_keyboard_labels_undo_and_reload(chromium, server):  # noqa: F811
     # mouse: click a cell, then a class button
     page.click("#cell-4")
     page.click("#keys span[data-l='spotty']")
-    page.wait_for_function("document.querySelector('#cell-4 .badge').textContent === 'spotty'")
+    wait_until(page, "document.querySelector('#cell-4 .badge').textContent === 'spotty'")
     page.reload()
     page.wait_for_selector("body[data-ready='1']")
     assert [badge(page, i) for i in range(5)] == ["bright", "bright", "", "", "spotty"]
     assert page.locator("#progress").text_content() == f"labeled 3 / {N_QUERIED}"
     # every image on the page loaded (composite + one per channel)
-    page.wait_for_function("Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
+    wait_until(page, "Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
     assert page.locator("#cell-0 .chans img").count() == 3
     assert page.locator("#cell-0 .chans img").nth(2).get_attribute("title") == "LC3B"
     shot = server["dir"] / "labeling.png"
@@ -102,8 +102,8 @@ def test_two_annotators_at_once_and_second_look(chromium, server):  # noqa: F811
     for _ in range(5):                   # interleaved keyboard labeling on two pages
         a.keyboard.press("1")
         b.keyboard.press("2")
-    a.wait_for_function("document.querySelector('#cell-14 .badge').textContent === 'bright'")
-    b.wait_for_function("document.querySelector('#cell-19 .badge').textContent === 'spotty'")
+    wait_until(a, "document.querySelector('#cell-14 .badge').textContent === 'bright'")
+    wait_until(b, "document.querySelector('#cell-19 .badge').textContent === 'spotty'")
     burst = """(args) => { window.done = Promise.all(args.cells.map((i) => fetch('/api/label', {method: 'POST',
         headers: {'Content-Type': 'application/json'},
         body: JSON.stringify({i, label: args.label, annotator: args.who})}).then((r) => r.status))); }"""
@@ -127,7 +127,7 @@ def test_new_phenotype_sort_and_contrast(chromium, server):  # noqa: F811
     page.click("#cell-22")
     page.once("dialog", lambda d: d.accept("vacuolated"))
     page.keyboard.press("n")
-    page.wait_for_function("document.querySelector('#cell-22 .badge').textContent === 'new:vacuolated'")
+    wait_until(page, "document.querySelector('#cell-22 .badge').textContent === 'new:vacuolated'")
     assert rows_of(labels, "erin")["label"].tolist() == ["new:vacuolated"]
     page.select_option("#sort", "uncertainty")
     order = page.eval_on_selector_all("#gallery .cell", "els => els.map((e) => Number(e.dataset.i))")
@@ -135,8 +135,8 @@ def test_new_phenotype_sort_and_contrast(chromium, server):  # noqa: F811
     assert order == expected
     page.locator("#contrast").fill("4")
     page.locator("#contrast").dispatch_event("change")
-    page.wait_for_function("document.querySelector('#cell-0 img.main').src.endsWith('contrast=4')")
-    page.wait_for_function("Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
+    wait_until(page, "document.querySelector('#cell-0 img.main').src.endsWith('contrast=4')")
+    wait_until(page, "Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
     # brighter at contrast 4 than at 1 (the composite is a screen blend of the channels)
     import io
 

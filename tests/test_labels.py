@@ -425,6 +425,13 @@ def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_
         assert c.get("/thumb/0/9").status_code == 400
         assert c.get("/thumb/0/composite?contrast=abc").status_code == 400
         assert c.get("/thumb/0/composite").headers["content-type"] == "image/png"
+        # each a 500 before: deep nesting, an integer past Python's 4,300 digits, in a body or in the URL
+        for content in (b"[" * 60_000, b'{"i": ' + b"1" * 5_000 + b"}"):
+            r = c.post("/api/label", content=content, headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"] == "request body is not JSON", r.text
+        assert c.get("/thumb/" + "9" * 5_000 + "/composite").status_code == 404
+        assert c.get("/thumb/-1/composite").status_code == 404
+        assert c.get("/thumb/0/" + "1" * 5_000).json()["error"].startswith("channel must be 'composite' or 0..")
         assert labels.read_bytes() == before
     with TestClient(app, client=("10.1.2.3", 5000), base_url="http://127.0.0.1:8000") as c:
         r = c.post("/api/label", json={"i": 1, "label": "bright", "annotator": "ann"})
@@ -435,6 +442,25 @@ def test_labeling_api_rejects_bad_requests_and_keeps_labels(tmp_path, ens, tiny_
                     base_url="http://lab-pc.example.org:8000") as c:
         assert c.get("/api/session").status_code == 200
         assert c.post("/api/label", json={"i": 1, "label": "bright", "annotator": "ann"}).status_code == 200
+
+
+def test_labeling_pages_cannot_be_framed_or_run_other_scripts(tmp_path, ens, tiny_manifest):
+    """Another site could show the page in an invisible frame and catch the annotator's keys; and a model column with
+    inf in the queries made /api/cells a 500, so the page never loaded."""
+    from starlette.testclient import TestClient
+
+    from serving.labeling.app import create_app
+
+    app, _ = labeling_app(tmp_path, ens, tiny_manifest, 3, 30)
+    session = app.state.session
+    session.cells.loc[0, "confidence"] = np.inf
+    with TestClient(create_app(session), client=("127.0.0.1", 5000), base_url="http://127.0.0.1:8000") as c:
+        for r in (c.get("/"), c.get("/api/session"), c.post("/api/label", content=b"i=0")):  # the last one refused
+            assert r.headers["x-frame-options"] == "DENY" and r.headers["x-content-type-options"] == "nosniff"
+            policy = r.headers["content-security-policy"]
+            assert "frame-ancestors 'none'" in policy and "script-src 'sha256-" in policy, policy
+        cells = c.get("/api/cells").json()["cells"]
+        assert "confidence" not in cells[0] and "confidence" in cells[1]
 
 
 @pytest.mark.parametrize(("allow_remote", "base_url", "headers", "status", "message"), [

@@ -16,7 +16,7 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-from browser_util import chromium, keep_figure  # noqa: F401  (chromium is a fixture)
+from browser_util import chromium, keep_figure, wait_until  # noqa: F401  (chromium is a fixture)
 
 from serving.report.build import build_report, timecourse_profile
 from training.errors import DataError
@@ -169,7 +169,7 @@ def test_report_cli_and_page_in_chromium(chromium, project):  # noqa: F811
     for sid in ALL:
         assert page.locator(f"section#{sid}").is_visible()
         assert page.locator(f"section#{sid} h2").text_content()
-    page.wait_for_function("Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
+    wait_until(page, "Array.from(document.images).every((im) => im.complete && im.naturalWidth > 0)")
     assert page.locator("#heldout-metrics tbody tr td:first-child").all_text_contents() == [
         "heldout", "heldout_ei24", "heldout_tc_2h", "heldout_tc_14h"]  # timepoints in time order
     assert page.locator("section#galleries h3.class-gallery").all_text_contents() == ["bright", "spotty"]
@@ -222,6 +222,6 @@ def test_markup_in_an_input_file_cannot_run_in_the_page(chromium, tmp_path, proj
     assert page.locator("#discovery-summary img").count() == 0 and page.evaluate("() => window.pwned") is None
     out.write_text(out.read_text().replace("</nav>", f"</nav>{trap}"))  # markup past every escape
     page.goto(out.as_uri())
-    page.wait_for_function("document.getElementById('gene-count').textContent === '5 of 5 genes'")  # own script ran
+    wait_until(page, "document.getElementById('gene-count').textContent === '5 of 5 genes'")  # own script ran
     assert page.locator("nav + img").count() == 1 and page.evaluate("() => window.pwned") is None
     page.close()

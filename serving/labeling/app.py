@@ -29,6 +29,7 @@ from starlette.routing import Route
 
 from serving.labeling.store import LabelStore
 from serving.labeling.thumbs import Thumbnails, locate
+from serving.pages import content_policy
 from training.data.labels import NEW_PREFIX, UNDO, UNSURE, abs_keys
 from training.errors import DataError, SpatialError
 from training.io.tables import cell_ids
@@ -99,12 +100,16 @@ class RequestGuard:
     - a POST whose ``Origin`` is not the page's own (another site's script in the annotator's browser) gets 403
       (the page's own: its ``Host``, or the ``X-Forwarded-Host`` of a reverse proxy in front of it);
     - a POST body that is not ``application/json`` gets 415: a browser sends JSON across sites only after a CORS
-      preflight, which this server never grants, where a form or a ``text/plain`` fetch needs none.
+      preflight, which this server never grants, where a form or a ``text/plain`` fetch needs none;
+    - every response forbids framing (another site could show the page invisibly and catch the annotator's keys)
+      and content sniffing, and carries the page's Content-Security-Policy (``policy``).
     """
 
-    def __init__(self, app, allow_remote: bool = False) -> None:
+    def __init__(self, app, allow_remote: bool = False, policy: str = "frame-ancestors 'none'") -> None:
         self.app = app
         self.allow_remote = allow_remote
+        self.headers = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
+                        (b"content-security-policy", policy.encode())]
 
     def refusal(self, scope) -> tuple[int, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
@@ -128,11 +133,18 @@ class RequestGuard:
         return None
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http":
-            refused = self.refusal(scope)
-            if refused is not None:
-                return await JSONResponse({"error": refused[1]}, status_code=refused[0])(scope, receive, send)
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *self.headers]
+            await send(message)
+
+        refused = self.refusal(scope)
+        if refused is not None:
+            return await JSONResponse({"error": refused[1]}, status_code=refused[0])(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
 
 
 def _int(text: str) -> int:
@@ -209,7 +221,10 @@ def _cell_json(cells: pd.DataFrame, i: int) -> dict:
     d = {"i": i, "source_file": os.path.basename(str(row["source_file"])), "cell_id": int(row["cell_id"])}
     for f in MODEL_FIELDS:
         if f in cells.columns and pd.notna(row[f]):
-            d[f] = row[f] if isinstance(row[f], str) else float(row[f])
+            if isinstance(row[f], str):
+                d[f] = row[f]
+            elif np.isfinite(float(row[f])):  # JSON has no inf: such a value is left out, as NaN is
+                d[f] = float(row[f])
     return d
 
 
@@ -234,7 +249,8 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
                                        for c in cells_json], "progress": session.progress(cur)})
 
     def thumb(request: Request) -> Response:
-        i, channel = request.path_params["i"], request.path_params["channel"]
+        text, channel = request.path_params["i"], request.path_params["channel"]
+        i = int(text) if text.isdigit() and len(text) <= 12 else -1  # a route's {i:int} fails with 500 past 4,300 digits
         try:
             contrast = float(request.query_params.get("contrast", "1"))
         except ValueError:
@@ -244,7 +260,7 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
         try:
             data = session.thumbs.png(i, channel, round(contrast, 2))
         except IndexError:
-            return error(404, f"cell {i} is not in the queries (0..{len(session.cells) - 1})")
+            return error(404, f"cell {text[:20]} is not in the queries (0..{len(session.cells) - 1})")
         except ValueError as exc:
             return error(400, str(exc))
         return Response(data, media_type="image/png", headers={"Cache-Control": "max-age=3600"})
@@ -264,7 +280,7 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
     async def body(request: Request) -> dict:
         try:
             d = json.loads(await read(request))
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # not JSON or not UTF-8, an integer of over 4,300 digits, deep nesting
             raise DataError("request body is not JSON") from None
         if not isinstance(d, dict) or not isinstance(d.get("i"), int) or isinstance(d.get("i"), bool):
             raise DataError("request needs an integer 'i' (the cell's query position)")
@@ -306,9 +322,11 @@ def create_app(session: Session, allow_remote: bool = False) -> Starlette:
         return JSONResponse({"cells": session.review()})
 
     routes = [Route("/", page), Route("/api/session", meta), Route("/api/cells", cells),
-              Route("/thumb/{i:int}/{channel:str}", thumb), Route("/api/label", label, methods=["POST"]),
+              Route("/thumb/{i:str}/{channel:str}", thumb), Route("/api/label", label, methods=["POST"]),
               Route("/api/undo", undo, methods=["POST"]), Route("/api/review", review)]
-    middleware = [Middleware(RequestGuard, allow_remote=allow_remote)]
+    policy = content_policy((STATIC / "index.html").read_text(), "img-src 'self'", "connect-src 'self'",
+                            "frame-ancestors 'none'")
+    middleware = [Middleware(RequestGuard, allow_remote=allow_remote, policy=policy)]
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
         yield

@@ -88,7 +88,7 @@ class Thumbnails:
         if not 0 <= i < len(self.cells):
             raise IndexError(i)
         n_img = len(self.layouts[str(self.cells["source_file"].iat[i])]["image"])
-        if channel != "composite" and not (channel.isdigit() and int(channel) < n_img):
+        if channel != "composite" and not (channel.isdigit() and len(channel) <= 3 and int(channel) < n_img):
             raise ValueError(f"channel must be 'composite' or 0..{n_img - 1}")
         key = (i, channel, float(contrast))
         with self._lock:

@@ -17,7 +17,6 @@ table) from whatever the pipeline has written. Each section appears only when it
 from __future__ import annotations
 
 import base64
-import hashlib
 import html
 import logging
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from serving.pages import content_policy
 from training.config import Params
 from training.errors import DataError, SpatialError
 from training.io.atomic import atomic_path
@@ -40,14 +40,6 @@ MODEL_METRICS = ("balanced_accuracy", "macro_f1", "accuracy", "nll", "ece", "bri
 # -- small HTML pieces --------------------------------------------------------------------------------------------
 def esc(x: object) -> str:
     return html.escape(str(x))
-
-
-def content_policy(template: str) -> str:
-    """The page's Content-Security-Policy: nothing fetched, images only inline, and no script but the template's own
-    (by its hash), so markup that reached the page through an input file cannot run."""
-    script = template.split("<script>", 1)[1].split("</script>", 1)[0]
-    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
-    return f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'sha256-{digest}'"
 
 
 def img_tag(data: bytes, alt: str, cls: str = "fig") -> str:
@@ -360,7 +352,7 @@ def build_report(root: str | os.PathLike, out: str | os.PathLike, params: Params
             bodies.append(body)
     nav = " · ".join(f'<a href="#{n}">{n}</a>' for n in done)
     page = (STATIC / "report.html").read_text()
-    page = page.replace("{{CSP}}", content_policy(page)).replace("{{NAV}}", nav).replace(
+    page = page.replace("{{CSP}}", content_policy(page, "img-src data:")).replace("{{NAV}}", nav).replace(
         "{{BODY}}", "\n".join(bodies) or "<p>No inputs yet: run <code>dvc repro</code>.</p>")
     with atomic_path(out, suffix=".html") as tmp:
         tmp.write_text(page, encoding="utf-8")
