@@ -167,6 +167,8 @@ def test_metadata_and_bentoml_endpoints(server, tiny_ensemble):
     assert "bentoml_service_request" in server.get("/metrics").text
     paths = server.get("/docs.json").json()["paths"]
     assert "/score" in paths and "/score_file" in paths
+    r = server.get("/")  # not BentoML's page, which loads Google Tag Manager
+    assert r.status_code == 307 and r.headers["location"] == "/docs.json" and not r.content, r.text[:200]
 
 
 def test_binds_loopback_by_default(server):

@@ -494,14 +494,20 @@ def openapi_document() -> dict[str, Any]:
 
 
 class OpenAPIDocs:
-    """ASGI middleware: ``GET /docs.json`` answers the corrected document (built once per worker)."""
+    """ASGI middleware: ``GET /docs.json`` answers the corrected document (built once per worker), and ``GET /``
+    redirects there (BentoML's own page at ``/`` loads Google Tag Manager into the service's origin)."""
 
     def __init__(self, app: Any) -> None:
         self.app, self.body = app, None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("path") != "/docs.json" or scope.get("method") not in ("GET", "HEAD"):
+        if scope["type"] != "http" or scope.get("path") not in ("/", "/docs.json") or \
+                scope.get("method") not in ("GET", "HEAD"):
             return await self.app(scope, receive, send)
+        if scope["path"] == "/":
+            await send({"type": "http.response.start", "status": 307,
+                        "headers": [(b"location", b"/docs.json"), (b"content-length", b"0")]})
+            return await send({"type": "http.response.body", "body": b""})
         if self.body is None:
             self.body = json.dumps(openapi_document()).encode()
         await send({"type": "http.response.start", "status": 200,
