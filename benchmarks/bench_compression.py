@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 from floors import Floors, add_args
 
-from training.cli.options import write_json
+from serving.cli.options import write_json
 from training.config import SynthConfig
 from training.evaluation.study_summary import machine
 from training.io.formats import CellFile

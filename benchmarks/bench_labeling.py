@@ -105,7 +105,7 @@ def page_paint(tmp: Path) -> dict[str, float]:
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp / "queries.parquet"),
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "label", "--queries", str(tmp / "queries.parquet"),
                              "--labels", str(tmp / "labels.csv"), "--port", str(port)], cwd=tmp,
                             env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)

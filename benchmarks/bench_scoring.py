@@ -162,7 +162,7 @@ class Server:
             sets += ["--set", f"serve.torch_threads={threads}"]
         self.log = open(workdir / "serve.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "training.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
+            [sys.executable, "-m", "serving.cli", "serve", "--model", str(model_dir), "--port", str(self.port),
              *sets], cwd=workdir, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         self.url = f"http://127.0.0.1:{self.port}"
 

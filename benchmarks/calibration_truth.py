@@ -41,7 +41,7 @@ import pandas as pd
 import yaml
 from escaper_labels import is_escaper
 
-from training.cli.options import write_json
+from serving.cli.options import write_json
 from training.config import resolve
 from training.data.labels import current_labels
 from training.data.splits import make_splits

@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 from escaper_labels import is_escaper
 
+from serving.cli.options import write_json
 from training.active.query import LABEL_CHECK, run_query
-from training.cli.options import write_json
 from training.data.cellindex import build_index
 from training.io.tables import read_table
 from training.uncertainty.ensemble import Ensemble

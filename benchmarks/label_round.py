@@ -30,7 +30,7 @@ KEYS = {"on": "1", "partial": "1", "blocked": "2", "off": "2", "debris": "u", "d
 
 
 def spatial(project: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "training.cli", *args], cwd=project, capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", *args], cwd=project, capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     if proc.returncode:
         raise SystemExit(f"spatial {' '.join(args)} failed:\n{proc.stderr[-2000:]}")
@@ -68,7 +68,7 @@ def main() -> None:
     states = q.merge(truth[["key", "cell_id", "state"]], on=["key", "cell_id"], how="left")["state"]
     print("true states of the queried cells:", states.value_counts().to_dict())
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(queries), "--labels",
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "label", "--queries", str(queries), "--labels",
                              str(labels), "--port", str(port)], cwd=project, env={**os.environ, "PYTHONPATH": str(ROOT)},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

@@ -29,7 +29,7 @@ from sklearn.model_selection import cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from training.cli.options import write_json
+from serving.cli.options import write_json
 from training.config import resolve
 from training.data.loader import loader_for
 from training.data.splits import make_splits

@@ -34,8 +34,8 @@ from slide_shift import data_params
 from tqdm.auto import tqdm
 from uncertainty_study import CONTROL_CLASSES, screen_cells
 
+from serving.cli.options import write_json
 from serving.discovery.controls import random_network
-from training.cli.options import write_json
 from training.config import ModelConfig
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data

@@ -29,8 +29,8 @@ from discovery_transfer import queue
 from pixel_probe import auroc, images
 from uncertainty_study import screen_cells
 
+from serving.cli.options import write_json
 from serving.model import ServedModel
-from training.cli.options import write_json
 from training.config import resolve
 from training.data.splits import make_splits
 from training.data.trainset import prepare_data

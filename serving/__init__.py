@@ -1,4 +1,4 @@
-"""spatiAL serving: using a trained ensemble on screens.
+"""spatiAL serving: using a trained ensemble on screens, and the ``spatial`` command line over the whole project.
 
 - ``model.py``  the served model: resolved once from a directory or ``models:/NAME@ALIAS``, packing of outputs
 - ``service/``  the BentoML HTTP service (``api``), request validation, uploads, response schemas, OpenAPI document
@@ -9,4 +9,6 @@
 - ``report/``   the self-contained HTML screen report (``spatial report``)
 - ``pages.py``  the two pages' Content-Security-Policy (no script runs but the page's own)
 - ``screen/``   excision bins, simulated sequencing, count tables, gene hits with an NT-calibrated FDR
+- ``cli/``      the ``spatial`` command, every group of it (thin shells over ``training``, ``tuning`` and the above):
+                it imports all three packages, so it sits here, on top, and imports run one way
 """

@@ -56,7 +56,7 @@ def labeling_server(workdir: Path, labels: Path) -> Iterator[tuple[str, int]]:
     """``spatial label`` on ``workdir/queries.parquet`` (classes bright and spotty) on a free port, as a subprocess
     started where the tests run from; yields its URL (no trailing slash) and port, and stops it."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "training.cli", "label", "--queries", str(workdir / "queries.parquet"),
+    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "label", "--queries", str(workdir / "queries.parquet"),
                              "--labels", str(labels), "--port", str(port), "--set", "split.classes=[bright,spotty]"],
                             cwd=workdir, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

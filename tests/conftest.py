@@ -113,7 +113,7 @@ def tiny_ensemble(tiny_manifest: Path, tmp_path_factory: pytest.TempPathFactory)
 def run_main(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
     """Run ``spatial ARGS`` in-process, as the console script does (its error handling included): exit code and
     stderr + stdout."""
-    from training.cli.main import main
+    from serving.cli.main import main
 
     monkeypatch.setattr(sys, "argv", ["spatial", *args])
     try:

@@ -129,8 +129,8 @@ def command_modules(root: Path) -> dict[str, tuple[str, list[ast.AST]]]:
     """``spatial`` command name -> (CLI module, the command function and the module-level functions it calls,
     transitively), from ``@app.command(...)`` decorators and ``app.command("name")(function)`` calls."""
     out = {}
-    for m, f in module_files(root, ("training",)).items():
-        if not m.startswith("training.cli."):
+    for m, f in module_files(root, ("serving",)).items():
+        if not m.startswith("serving.cli."):
             continue
         tree = parse(f)
         funcs = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef)}
@@ -170,9 +170,9 @@ def closure(root: Path, command: str) -> set[str]:
         cmds = command_modules(root)
         name = next((w for w in words[1:] if not w.startswith("-")), None)
         if name not in cmds:
-            raise KeyError(f"'{command}': no spatial command '{name}' in training/cli")
+            raise KeyError(f"'{command}': no spatial command '{name}' in serving/cli")
         module, body = cmds[name]
-        start = {"training.cli.main"}.union(*(imports(fn, module, False, known) for fn in body))
+        start = {"serving.cli.main"}.union(*(imports(fn, module, False, known) for fn in body))
         todo, seen = list(start), set()
         while todo:
             m = todo.pop()
@@ -180,7 +180,7 @@ def closure(root: Path, command: str) -> set[str]:
                 continue
             seen.add(m)
             # CLI modules run only their top level (other commands' lazy imports never execute)
-            todo += sorted((top if m.startswith("training.cli") else graph).get(m, ()))
+            todo += sorted((top if m.startswith("serving.cli") else graph).get(m, ()))
         return seen
     script = next((w for w in words if w.endswith(".py")), None)
     if script is None:

@@ -126,7 +126,7 @@ def test_summary_area_and_labels_to_target():
 
 # -- the command -----------------------------------------------------------------------------------------------
 def _spatial(monkeypatch, *args: str) -> int:
-    import training.cli.main as cli
+    import serving.cli.main as cli
 
     monkeypatch.setattr(sys, "argv", ["spatial", *args])
     try:

@@ -142,8 +142,8 @@ def test_bad_inputs_are_clear_errors(files, tiny_ensemble, tmp_path):
 def test_crops_the_http_service_refuses_are_refused_before_any_chunk(files, tiny_ensemble, tmp_path, h, w, problem,
                                                                      monkeypatch, capsys):
     """``spatial score`` applies the HTTP service's size policy: the same refusal, named by file, nothing written."""
+    from serving.cli.main import main
     from serving.service.validation import RequestError, check_size
-    from training.cli.main import main
     from training.io.formats import write_h5sc
 
     spec = Ensemble.load(tiny_ensemble).spec
@@ -164,7 +164,7 @@ def test_crops_the_http_service_refuses_are_refused_before_any_chunk(files, tiny
 
 
 def test_cli_score_with_embeddings(files, tiny_ensemble, reference, tmp_path):
-    from training.cli.serving import add_commands
+    from serving.cli.serving import add_commands
 
     app = typer.Typer()
     add_commands(app)
@@ -302,7 +302,7 @@ def test_model_trained_on_sparcspy_scores_an_h5sc_with_scportrait_channel_names(
 
 
 def test_channel_map_option_names_the_file_channel(files, sparcspy_model, tmp_path):
-    from training.cli.serving import add_commands
+    from serving.cli.serving import add_commands
     from training.io.formats import write_h5sc
 
     with CellFile(files[1]) as cf:

@@ -46,7 +46,7 @@ def register_model(ensemble: Path, db: str, accuracy: float) -> dict:
 
 def spatial_package(db: str, out: Path) -> dict:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{db}", "BENTOML_DO_NOT_TRACK": "True"}
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "package", "--set", f"registry.model_name={NAME}",
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "package", "--set", f"registry.model_name={NAME}",
                            "--out", str(out)], env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text())

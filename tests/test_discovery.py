@@ -203,7 +203,7 @@ def test_genotypes_from_truth(tmp_path):
 def test_cli_score_then_discover(tiny_ensemble, tiny_manifest, tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}"}
     screen = tiny_manifest.parent / "screen_s0.h5sc"
-    run = lambda *a: subprocess.run([sys.executable, "-m", "training.cli", *a], capture_output=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "serving.cli", *a], capture_output=True,  # noqa: E731
                                     text=True, cwd=tmp_path, env=env)
     proc = run("score", str(screen), "--model", str(tiny_ensemble), "--embeddings", "--out", "scores.parquet",
                "--no-progress")

@@ -61,7 +61,7 @@ def test_serve_with_a_damaged_member_exits_2_before_bentoml(ensemble, damage):
     out_file, err_file = ensemble.parent / "serve.out", ensemble.parent / "serve.err"
     # output to files, not pipes: BentoML's workers (their own sessions) would hold pipes open after a timeout
     with open(out_file, "w") as out_fh, open(err_file, "w") as err_fh:
-        proc = subprocess.Popen([sys.executable, "-m", "training.cli", "serve", "--model", str(ensemble),
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--model", str(ensemble),
                                  "--port", str(free_port())], cwd=ROOT, env=env, stdout=out_fh, stderr=err_fh,
                                 start_new_session=True)
     try:

@@ -121,7 +121,7 @@ def test_split_cli_reads_labels_csv(tmp_path, tiny_manifest):
     write_labels(tmp_path / "labels.csv", [(screen, cid, "bright", "ann", "2026-01-01T00:00:00Z")])
     args = ["split", "--index", str(tmp_path / "cells.parquet"), "--out", str(tmp_path / "splits.parquet"),
             "--set", "split.classes=[bright,spotty]", "--set", f"label.labels={tmp_path / 'labels.csv'}"]
-    proc = subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
     assert proc.returncode == 0, proc.stderr
     table, summary = read_table(tmp_path / "splits.parquet")
@@ -248,17 +248,17 @@ def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):
     args = ["query", "--model", str(tiny_ensemble), "--manifest", str(tiny_manifest), "--strategy", "margin",
             "--n", "7", "--out", str(tmp_path / "q.parquet"), "--labels", str(tmp_path / "none.csv"),
             "--set", "al.pool_subsample=100", "--no-progress"]
-    proc = subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True, cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True, cwd=tmp_path,
                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     q = pd.read_parquet(tmp_path / "q.parquet")
     assert len(q) == 7 and (q["strategy"] == "margin").all() and q["query_rank"].tolist() == list(range(7))
-    proc = subprocess.run([sys.executable, "-m", "training.cli", *args[:-1], "--strategy", "oracle"],
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", *args[:-1], "--strategy", "oracle"],
                           capture_output=True, text=True, cwd=tmp_path, env={"PYTHONPATH": str(ROOT)})
     assert proc.returncode == 2 and "unknown active learning strategy 'oracle'" in proc.stderr
     for bad in ("0", "-5"):  # not the default count, not a traceback: a clear error, nothing written
         out = tmp_path / f"q{bad}.parquet"
-        proc = subprocess.run([sys.executable, "-m", "training.cli", *args[:5], "--n", bad, "--out", str(out),
+        proc = subprocess.run([sys.executable, "-m", "serving.cli", *args[:5], "--n", bad, "--out", str(out),
                                "--no-progress"], capture_output=True, text=True, cwd=tmp_path,
                               env={"PYTHONPATH": str(ROOT)})
         assert proc.returncode == 2 and f"--n must be at least 1, got {bad}" in proc.stderr and not out.exists()
@@ -266,7 +266,7 @@ def test_query_cli_writes_queries(tmp_path, tiny_manifest, tiny_ensemble):
 
 # -- spatial recalibrate ------------------------------------------------------------------------------------------
 def _spatial(monkeypatch, *args: str) -> int:
-    import training.cli.main as cli
+    import serving.cli.main as cli
 
     monkeypatch.setattr(sys, "argv", ["spatial", *map(str, args)])
     try:
@@ -529,20 +529,20 @@ def test_queries_with_cells_not_in_the_files_are_refused(tmp_path, ens, tiny_man
     q.to_parquet(tmp_path / "q.parquet")
     (tmp_path / "bad.csv").write_text("source_file,cell_id,label,who\n")
     env = {"PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q.parquet"),
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "label", "--queries", str(tmp_path / "q.parquet"),
                            "--labels", str(tmp_path / "l.csv")], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "1 cell(s) are not in" in proc.stderr and "Traceback" not in proc.stderr
     q.drop(index=1).to_parquet(tmp_path / "q2.parquet")
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
                            "--labels", str(tmp_path / "bad.csv")], capture_output=True, text=True, cwd=tmp_path,
                           env=env)
     assert proc.returncode == 2 and "bad.csv: unknown column(s) who" in proc.stderr
     (tmp_path / "zebra.csv").write_text("source_file,cell_id,label,annotator,time\nf.h5,1,zebra,ann,t\n")
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
                            "--labels", str(tmp_path / "zebra.csv"), "--set", "split.classes=[bright,spotty]"],
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 2 and "zebra.csv: label(s) zebra are not configured classes" in proc.stderr
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "label", "--queries", str(tmp_path / "q2.parquet"),
                            "--host", "0.0.0.0", "--labels", str(tmp_path / "l.csv")], capture_output=True, text=True,
                           cwd=tmp_path, env=env)
     assert proc.returncode == 2 and proc.stderr == ("error: --host 0.0.0.0 is not a loopback address; pass "
@@ -553,7 +553,7 @@ def test_a_wildcard_bind_is_announced_by_the_names_that_reach_it():
     """`--host 0.0.0.0` announced http://0.0.0.0:PORT, which is no address to type (and BentoML logs localhost)."""
     import socket
 
-    from training.cli.options import server_url
+    from serving.cli.options import server_url
 
     assert server_url("127.0.0.1", 8000) == "http://127.0.0.1:8000/"
     assert server_url("::1", 3000, "") == "http://[::1]:3000"

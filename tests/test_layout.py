@@ -25,6 +25,16 @@ def test_no_import_cycles() -> None:
     assert cycles(import_graph(REPO)) == []
 
 
+def test_packages_import_one_way() -> None:
+    """serving (with the command line) -> tuning -> training, never back: ``training`` imported ``serving`` and
+    ``tuning`` while the command line lived in ``training/cli``, a cycle between the packages (not between modules)."""
+    graph = import_graph(REPO)
+    below = {"training": set(), "tuning": {"training"}, "serving": {"training", "tuning"}}
+    upward = sorted((m, d) for m, deps in graph.items() for d in deps
+                    if d.split(".")[0] != m.split(".")[0] and d.split(".")[0] not in below[m.split(".")[0]])
+    assert upward == []
+
+
 def test_closure_follows_the_command_and_its_lazy_imports() -> None:
     train = closure(REPO, "spatial train --splits x --no-progress")
     assert {"training.regimes.semisupervised", "training.uncertainty.calibration", "training.workflow",

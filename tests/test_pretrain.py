@@ -14,7 +14,7 @@ import yaml
 from conftest import tiny_params
 from typer.testing import CliRunner
 
-from training.cli.main import app
+from serving.cli.main import app
 from training.data.cellindex import build_index
 from training.data.splits import make_splits
 from training.data.trainset import keep_label_fraction, prepare_data
@@ -140,7 +140,7 @@ def test_cli_pretrain_writes_the_encoder_and_train_starts_from_it(tiny_manifest,
     spec = json.loads((tmp_path / "ens" / "spec.json").read_text())
     assert spec["model"]["pretrained"] == str(tmp_path / "pre" / ENCODER)
     # too few cells for a batch: one line naming the setting, exit 2, nothing written
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "pretrain", "--params", str(tmp_path / "params.yaml"),
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "pretrain", "--params", str(tmp_path / "params.yaml"),
                            "--manifest", str(tiny_manifest), "--set", "pretrain.batch_size=100000",
                            "--out", str(tmp_path / "none")], capture_output=True, text=True, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})

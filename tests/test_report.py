@@ -159,7 +159,7 @@ def test_timecourse_profile_is_the_t_interval():
 def test_report_cli_and_page_in_chromium(chromium, project):  # noqa: F811
     root, facts = project
     out = root / "reports/screen/index.html"
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "report", "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "report", "--out", str(out),
                            "--set", "report.timecourse_class=bright"],
                           cwd=root, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proc.returncode == 0, proc.stderr

@@ -13,6 +13,7 @@ import pytest
 from pydantic import ValidationError
 from scipy import stats
 
+from serving.cli.main import main
 from serving.screen.bins import assign, make_bins
 from serving.screen.counts import (
     SampleSheet,
@@ -38,7 +39,6 @@ from serving.screen.hits import (
     truth_metrics,
 )
 from serving.screen.sequencing import sequence_replicate
-from training.cli.main import main
 from training.config import BinsConfig, HitsConfig, SequenceConfig
 from training.errors import DataError
 

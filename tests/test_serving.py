@@ -37,14 +37,14 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tiny_ensemble, tmp_path_factory):
-    """`spatial serve` (`python -m training.cli serve`) with small limits; yields an httpx client."""
+    """`spatial serve` (`python -m serving.cli serve`) with small limits; yields an httpx client."""
     tmp = tmp_path_factory.mktemp("serve")
     port = free_port()
     env = {**os.environ, "BENTOML_HOME": str(tmp / "bentoml"), "BENTOML_DO_NOT_TRACK": "True"}
     env.pop("SPATIAL_MODEL", None)
     log = open(tmp / "serve.log", "w")  # noqa: SIM115
     proc = subprocess.Popen(
-        [sys.executable, "-m", "training.cli", "serve", "--model", str(tiny_ensemble), "--port", str(port),
+        [sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_ensemble), "--port", str(port),
          "--set", f"serve.max_cells_per_request={MAX_CELLS}", "--set", f"serve.max_request_mb={MAX_MB}",
          "--set", f"serve.file_chunk_cells={FILE_CHUNK}", "--set", "serve.max_latency_ms=20000",
          "--set", f"serve.max_chunk_mb={MAX_CHUNK_MB}"],

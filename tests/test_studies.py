@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from training.cli.main import app
+from serving.cli.main import app
 from training.errors import DataError
 from training.evaluation.seeds import al_per_seed, compare_arms, mean_interval, metrics_per_seed
 from training.evaluation.study_summary import machine, write_summary

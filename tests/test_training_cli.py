@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
-from training.cli.main import app
+from serving.cli.main import app
 from training.errors import ModelError
 from training.evaluation.metrics import calibration_report, ece_if_calibrated
 from training.tracking import repo_root, resolve_model
@@ -206,7 +206,7 @@ def test_refit_novelty_serves_another_score_without_retraining(trained, tmp_path
     np.testing.assert_array_equal(served["mean_probs"], was["mean_probs"])
     assert not np.allclose(was["novelty"], expected)  # the score did change
 
-    proc = subprocess.run([sys.executable, "-m", "training.cli", "refit-novelty", "--params", str(p), "--model",
+    proc = subprocess.run([sys.executable, "-m", "serving.cli", "refit-novelty", "--params", str(p), "--model",
                            str(src), "--splits", str(trained / "ens.splits.parquet"), "--out", str(src)],
                           capture_output=True, text=True, cwd=tmp_path, env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 2 and "is the model directory itself" in proc.stderr, proc.stderr
@@ -236,7 +236,7 @@ def test_cli_user_errors_exit_2_without_traceback(tmp_path, tiny_manifest):
         (["split", "--set", "split.test_fraction=2"], "split.test_fraction"),
     ]
     for args, message in cases:
-        proc = subprocess.run([sys.executable, "-m", "training.cli", *args], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "serving.cli", *args], capture_output=True, text=True,
                               cwd=tmp_path, env={"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'm.db'}",
                                                  "PATH": "/usr/bin:/bin", "TQDM_DISABLE": "1"})
         assert proc.returncode == 2, (args, proc.stderr)

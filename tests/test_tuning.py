@@ -370,7 +370,7 @@ def test_tune_command_promotes_the_winner_to_champion(sweep_data, tiny_manifest,
     import yaml
     from typer.testing import CliRunner
 
-    from training.cli.tuning import add_commands
+    from serving.cli.tuning import add_commands
     from training.tracking import Tracker, log_ensemble_model, register
 
     space = {"train.lr": {"type": "loguniform", "low": 2e-3, "high": 5e-3}}

@@ -12,6 +12,5 @@
 - ``active/``      acquisition functions, simulated campaigns, oracles, campaign reports
 - ``tracking.py``  MLflow runs (experiment tagged as model training), model logging and the registry alias
 - ``workflow.py``  train -> evaluate -> register, step by step (CLI) or as one (``spatial tune --promote``)
-- ``cli/``         the ``spatial`` command (thin shells over the above)
 - ``config.py`` / ``errors.py``  the typed params and the user-facing error types
 """

@@ -6,5 +6,5 @@
 * :mod:`tuning.sweep` - local Ray or an existing cluster, ASHA / FIFO, random / Optuna, retries, resume,
   the MLflow parent run and the sweep outputs (``best.json``, ``best_params.yaml``, ``trials.csv``).
 * :mod:`tuning.promote` - the winner retrained as an ensemble, evaluated and registered (``champion``).
-* :mod:`training.cli.tuning` - ``add_commands(app)`` registers ``spatial tune``.
+The command itself, ``spatial tune``, is :mod:`serving.cli.tuning` (the CLI imports every package, so it lives on top).
 """

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import check_outputs, write_json
+from serving.cli.options import check_outputs, write_json
 
 
 def _interval(lo: float, hi: float, sign: str = "") -> str:

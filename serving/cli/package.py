@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ModelOpt, ParamsOpt, SetOpt, check_outputs, default_model_uri, params_for, write_json
+from serving.cli.options import ModelOpt, ParamsOpt, SetOpt, check_outputs, default_model_uri, params_for, write_json
 
 
 def add_commands(app: typer.Typer) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ParamsOpt, SetOpt, check_outputs, params_for, write_json
+from serving.cli.options import ParamsOpt, SetOpt, check_outputs, params_for, write_json
 from training.errors import SpatialError
 
 ClassOpt = Annotated[str | None, typer.Option("--class", help="phenotype class (default bins.class_name)")]

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import (
+from serving.cli.options import (
     ParamsOpt,
     ProgressOpt,
     SetOpt,

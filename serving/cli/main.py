@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from training.cli import active, data, discover, label, package, screen, serving, studies, train, tuning
+from serving.cli import active, data, discover, label, package, screen, serving, studies, train, tuning
 from training.errors import SpatialError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import ParamsOpt, ProgressOpt, SetOpt, check_outputs, params_for, write_json
+from serving.cli.options import ParamsOpt, ProgressOpt, SetOpt, check_outputs, params_for, write_json
 from training.errors import SpatialError
 
 

@@ -1,6 +1,6 @@
 """Shared pieces of every ``spatial`` command: the ``--params/--set/--progress`` options and small helpers.
 
-Command modules import from here; nothing outside ``training.cli`` does.
+Command modules import from here; nothing outside ``serving.cli`` does.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from training.cli.options import (
+from serving.cli.options import (
     ModelOpt,
     ParamsOpt,
     ProgressOpt,
