@@ -85,6 +85,18 @@ def test_score_file_never_fetches_a_url(server, screen, url_trap):  # noqa: F811
     assert_good(server, screen)
 
 
+def test_score_takes_only_json_bodies(server, screen):  # noqa: F811
+    """BentoML parsed any body as JSON: a page of another web site could make its visitor's browser send cells to a
+    service on their machine as text/plain (no CORS preflight) and use its CPU."""
+    body = json.dumps({"images": screen[1][:2].tolist()}).encode()
+    for headers in ({"content-type": "text/plain", "origin": "https://elsewhere.example"},
+                    {"content-type": "application/x-www-form-urlencoded"}, {}):  # the last: curl -d, no header
+        r = server.post("/score", content=body, headers=headers)
+        assert_refused(r, 415, "content-type", "application/json")
+    r = server.post("/score", content=body, headers={"content-type": "application/json; charset=utf-8"})
+    assert r.status_code == 200 and len(r.json()["cells"]) == 2, r.text
+
+
 def test_score_file_real_uploads_still_work(server, screen):  # noqa: F811
     path, _, ids = screen
     with open(path, "rb") as fh:

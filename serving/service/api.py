@@ -336,12 +336,16 @@ class BodyLimit:
     * an upload route (``file_routes``) takes ``multipart/form-data`` only (else 415), and a ``file`` part without a
       filename (a text field, ``curl -F file=abc``) gets 400 before the service sees its value: BentoML would take
       such a string, or a non-multipart body that is a URL, as a URL to download (a request to any URL a client
-      names).
+      names);
+    * a JSON route (``json_routes``) takes ``application/json`` only (else 415): BentoML parsed any body as JSON, so
+      a page of any web site could make the visitor's browser send cells to score as ``text/plain``, which needs no
+      CORS preflight.
     """
 
     def __init__(self, app: Any, limits: dict[str, int], default: int,
-                 file_routes: tuple[str, ...] = ("/score_file",)) -> None:
-        self.app, self.limits, self.default, self.file_routes = app, limits, default, file_routes
+                 file_routes: tuple[str, ...] = ("/score_file",), json_routes: tuple[str, ...] = ("/score",)) -> None:
+        self.app, self.limits, self.default = app, limits, default
+        self.file_routes, self.json_routes = file_routes, json_routes
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
@@ -359,6 +363,9 @@ class BodyLimit:
             return await _send(send, scope, 415, _field_error(
                 "content-type", repr(ctype) if ctype else "no Content-Type",
                 "multipart/form-data with the upload in a part named 'file'", "content_type"))
+        if path in self.json_routes and ctype.split(";")[0].strip().lower() != "application/json":
+            return await _send(send, scope, 415, _field_error(
+                "content-type", repr(ctype) if ctype else "no Content-Type", "application/json", "content_type"))
         length = headers.get(b"content-length")
         if length is not None:
             try:

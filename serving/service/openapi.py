@@ -83,9 +83,8 @@ def patch_spec(spec: dict[str, Any], images_schema: dict[str, Any]) -> dict[str,
         responses = op.setdefault("responses", {})
         responses.pop("404", None)
         for status in (400, 413, 415, 422, 500, 503):
-            if route == "/score" and status == 415:
-                continue
-            responses[str(status)] = {"description": STATUS_TEXT[status], "content": _error_content()}
+            text = "The body is not application/json" if (route, status) == ("/score", 415) else STATUS_TEXT[status]
+            responses[str(status)] = {"description": text, "content": _error_content()}
     score = paths.get("/score", {}).get("post")
     if score is not None:
         body = score["requestBody"]["content"]["application/json"]["schema"]
