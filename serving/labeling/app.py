@@ -105,7 +105,7 @@ class RequestGuard:
       and content sniffing, and carries the page's Content-Security-Policy (``policy``).
     """
 
-    def __init__(self, app, allow_remote: bool = False, policy: str = "frame-ancestors 'none'") -> None:
+    def __init__(self, app, policy: str, allow_remote: bool = False) -> None:
         self.app = app
         self.allow_remote = allow_remote
         self.headers = [(b"x-frame-options", b"DENY"), (b"x-content-type-options", b"nosniff"),
