@@ -430,49 +430,74 @@ def _row_after(head: str) -> str:
     return after
 
 
+NUMBER_WORDS = {"three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10}
+SPAN = r"(\d+) min (\d+) s to (\d+) min (\d+) s"
+
+
+def _span(said: re.Match, first: int) -> tuple[int, int]:
+    """Seconds of the ``A min B s to C min D s`` groups starting at group ``first``."""
+    g = [int(said[first + i]) for i in range(4)]
+    return g[0] * 60 + g[1], g[2] * 60 + g[3]
+
+
 def test_make_run_timings_match_their_records() -> None:
-    """Every timed run the README's `make run` rows name (Intel, then AMD below it) reads as its record's seconds."""
+    """The README's `make run` rows (Intel, then AMD below it): the last run and the span of the runs it names before
+    it, as their records' seconds."""
     head = "`make run` (`make install` with pip's cache warm, then `dvc repro`)"
-    row = _table_row(head) + _row_after(head)
-    checked = 0
-    for record in sorted((REPO / "reports/make_run").glob("intel_*.json")) + sorted(
-            (REPO / "reports/make_run").glob("amd_*.json")):
-        run = json.loads(record.read_text())
-        sha, seconds = run["commit"], run.get("seconds")
-        if f"`{sha}`" not in row or not isinstance(seconds, int):
-            continue
-        said = re.search(rf"(\d+) min (\d+) s (?:at|for) `{sha}`", row)
-        assert said, f"the make run row names {sha} without a time"
-        assert (int(said[1]), int(said[2])) == divmod(seconds, 60), f"{sha}: README {said[0]!r}, record {seconds} s"
-        checked += 1
-    assert checked >= 5
+    for machine, row in (("intel", _table_row(head)), ("amd", _row_after(head))):
+        said = re.search(rf"\| (\d+) min (\d+) s at `(\w+)`; the (\w+) runs before it, {SPAN} \(([^)]*)\)", row)
+        assert said, row[:160]
+        seconds = {}
+        for sha in [said[3], *re.findall(r"`(\w+)`", said[9])]:
+            record = json.loads((REPO / f"reports/make_run/{machine}_{sha}.json").read_text())
+            assert record["commit"] == sha and record["rc"] == 0
+            seconds[sha] = record["seconds"]
+        latest = seconds.pop(said[3])
+        assert (int(said[1]), int(said[2])) == divmod(latest, 60), (machine, said[0])
+        assert NUMBER_WORDS[said[4]] == len(seconds), (machine, said[4], sorted(seconds))
+        assert _span(said, 5) == (min(seconds.values()), max(seconds.values())), (machine, seconds)
+
+
+def _wall_seconds(wall: str) -> float:
+    m, s = re.match(r"(\d+)m([\d.]+)s", wall).groups()
+    return int(m) * 60 + float(s)
+
+
+def _matches(said: tuple[int, int], wall: float) -> bool:
+    """\"12m12.8s\" reads as 12 min 12 s or 13 s (the records' history holds both roundings)."""
+    return said[0] * 60 + said[1] in (int(wall), round(wall))
 
 
 def test_ci_timings_and_counts_match_their_records() -> None:
-    """The README's CI row: each run's wall clock and test counts as `reports/make_run/ci_intel.json` has them."""
-    row = _table_row("`.ci/run` (install, then `make test`'s suite)")
-    runs = json.loads((REPO / "reports/make_run/ci_intel.json").read_text())["runs"]
-    def said(wall: str) -> set[tuple[int, int]]:
-        """"10m43.8s" reads as 10 min 43 s or 44 s (the records' history holds both)."""
-        m, s = re.match(r"(\d+)m([\d.]+)s", wall).groups()
-        return {(int(m), int(float(s))), (int(m), round(float(s)))}
-
-    latest = runs[-1]
-    counts = re.match(r"(\d+ passed, \d+ skipped)", latest["pytest"])[1]
-    head = "| `.ci/run` (install, then `make test`'s suite) |"
-    assert any(row.startswith(f"{head} {m} min {s} s ") for m, s in said(latest["wall"])), row[:120]
-    assert counts in row and f"`{latest['commit']}`" in row
-    walls: dict[str, set[tuple[int, int]]] = {}
-    for run in runs:  # a commit run twice has two records; the README quotes one of them
-        if f"`{run['commit']}`" in row and re.match(r"\d+m[\d.]+s", run["wall"]):
-            walls.setdefault(run["commit"], set()).update(said(run["wall"]))
-    for sha, options in walls.items():
-        assert any(re.search(rf"{m} min {s} s[^|]*?`{sha}`", row) for m, s in options), (sha, options)
-    assert len(walls) >= 5
-    amd, amd_row = json.loads((REPO / "reports/make_run/ci_amd.json").read_text())["runs"][-1], _row_after(head[2:-2])
-    counts = re.match(r"(\d+ passed, \d+ skipped)", amd["pytest"])[1]
-    assert any(amd_row.startswith(f"| the same | {m} min {s} s ") for m, s in said(amd["wall"])), amd_row[:80]
-    assert counts in amd_row and f"`{amd['commit']}`" in amd_row
+    """The README's CI rows: the last run's wall clock, test time and counts, and the span of the runs before it, as
+    `reports/make_run/ci_intel.json` and `ci_amd.json` have them."""
+    head = "`.ci/run` (install, then `make test`'s suite)"
+    for machine, row in (("intel", _table_row(head)), ("amd", _row_after(head))):
+        runs = json.loads((REPO / f"reports/make_run/ci_{machine}.json").read_text())["runs"]
+        latest = runs[-1]
+        said = re.search(r"\| (\d+) min (\d+) s \(the tests (\d+) min (\d+) s[^)]*?: (\d+ passed, \d+ skipped)[^)]*\) "
+                         r"at `(\w+)`", row)
+        assert said and said[6] == latest["commit"], row[:160]
+        assert _matches((int(said[1]), int(said[2])), _wall_seconds(latest["wall"]))
+        assert latest["pytest"].startswith(said[5])
+        pytest_time = re.search(r"\(0:(\d+):(\d+)\)", latest["pytest"])
+        assert (int(said[3]), int(said[4])) in {(int(pytest_time[1]), int(pytest_time[2])),
+                                                divmod(round(float(re.search(r"in ([\d.]+)s", latest["pytest"])[1])), 60)}
+        if machine == "intel":
+            span = re.search(rf"the last (\d+) runs, {SPAN}", row)
+            before = runs[-int(span[1]):]
+            spans = [(span, before)]
+        else:
+            span = re.search(rf"the (\d+) runs since the suite runs in two workers \(`(\w+)` on\), {SPAN}", row)
+            first = [r["commit"] for r in runs].index(span[2])
+            assert len(runs) - first == int(span[1])
+            one_process = re.search(rf"the three before them, in one process, {SPAN}", row)
+            spans = [(span, runs[first:]), (one_process, runs[:first])]
+            assert len(runs[:first]) == 3
+        for said_span, group in spans:
+            walls = [_wall_seconds(r["wall"]) for r in group]
+            low, high = _span(said_span, said_span.re.groups - 3)
+            assert _matches(divmod(low, 60), min(walls)) and _matches(divmod(high, 60), max(walls)), (machine, low, high)
 
 
 def test_the_readmes_own_headline_table_matches_the_files() -> None:
