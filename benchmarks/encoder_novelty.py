@@ -185,6 +185,7 @@ def default_part(encoders: list[str], model: str, params, raw: str) -> dict:
         feats = {n: encoder_features(encoder, c, data, params) for n, c in {"train": train, **queries}.items()}
         scores = knn_scores(feats.pop("train"), feats, params, params.seed + i)
         scores[f"{own_kind} + encoder knn"] = robust_sum([own, scores["knn"]])
+        scores[f"{own_kind} + encoder multistage_knn"] = robust_sum([own, scores["multistage_knn"]])
         per_encoder[encoder] = {kind: measure(s) for kind, s in scores.items()}
     averaged, speed = {}, {own_kind: cells_per_second(ens, repeats=3)}
     for kind in INPUTS:  # the product path: the ensemble's novelty refitted on the encoders (uncertainty.encoders)
