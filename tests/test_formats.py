@@ -48,6 +48,44 @@ def test_custom_channel_names_and_obs_columns(tmp_path):
         table = f.obs_table()
         assert list(table["condition"]) == list(obs["condition"])
         np.testing.assert_array_equal(table["timepoint"], obs["timepoint"])
+    assert inspect_file(tmp_path / "x.h5sc")["annotations"] == {
+        "condition": {"distinct": 2, "missing": 0, "values": ["a", "b"]},
+        "timepoint": {"distinct": 12, "missing": 0, "values": [0.0, 1.0, 2.0, 3.0, 4.0]}}
+
+
+def test_inspect_shows_sparcspy_labels_in_number_order_and_names_a_table_of_the_wrong_length(tmp_path):
+    """SPARCSpy's labelled index holds text: its numbers are shown as numbers order them ("2.0" before "10.0"); a
+    table that is not one row per cell is a warning naming it, never a traceback."""
+    labels = pd.DataFrame({"condition": ["ko"] * 6 + ["wt"] * 6, "timepoint": [f"{t:.1f}" for t in range(12)]})
+    path = write_sparcspy(tmp_path / "y.h5", _cells(), np.arange(12), labels=labels)
+    r = inspect_file(path)
+    assert r["annotations"]["timepoint"]["values"] == ["0.0", "1.0", "2.0", "3.0", "4.0"]
+    assert r["annotations"]["condition"] == {"distinct": 2, "missing": 0, "values": ["ko", "wt"]}
+    with h5py.File(path, "r+") as h5:
+        del h5["single_cell_index_labelled"]
+        h5["single_cell_index_labelled"] = np.array([[b"ko"], [b"wt"]])
+    r = inspect_file(path)
+    assert r["annotations"] == {}
+    assert r["warnings"] == [f"{path}: 'single_cell_index_labelled' has shape (2, 1); expected one row per cell (12)"]
+
+
+def test_inspect_reads_anndata_categorical_obs_columns(tmp_path):
+    """AnnData (and so scPortrait) writes text columns as categoricals: codes and categories, -1 for missing."""
+    anndata = pytest.importorskip("anndata")
+    obs = pd.DataFrame({"scportrait_cell_id": np.arange(4) + 7, "well": pd.Categorical(["B2", "A1", None, "A1"])},
+                       index=[str(i) for i in range(4)])
+    path = tmp_path / "cat.h5sc"
+    anndata.AnnData(obs=obs).write_h5ad(path)
+    with h5py.File(path, "r+") as h5:
+        h5.create_dataset("obsm/single_cell_images", data=_cells(4, c=3).astype(np.float16))
+        h5["obsm/single_cell_images"].attrs["channel_names"] = ["a", "b", "c"]
+    with CellFile(path) as f:
+        assert list(f.obs_table()["well"]) == ["B2", "A1", None, "A1"]
+    assert inspect_file(path)["annotations"] == {"well": {"distinct": 2, "missing": 1, "values": ["A1", "B2"]}}
+    with h5py.File(path, "r+") as h5:
+        h5["obs/well/codes"][0] = 5
+    r = inspect_file(path)
+    assert r["annotations"] == {} and r["warnings"] == [f"{path}: obs column 'well' has codes beyond its 2 categories"]
 
 
 def test_reads_file_written_by_anndata_like_scportrait(tmp_path):

@@ -256,26 +256,45 @@ class CellFile:
         return ids
 
     def obs_table(self) -> pd.DataFrame:
-        """Per-cell annotation columns stored beside the images (legacy labelled index or h5sc ``obs``)."""
+        """Per-cell annotation columns stored beside the images: SPARCSpy's ``single_cell_index_labelled`` (named by
+        ``label_names``) or the ``obs`` columns of a ``.h5sc`` (plain and AnnData-categorical), one row per cell. A
+        table whose rows are not one per cell is a DataError naming it."""
         h5 = self._h5
         cols: dict[str, Any] = {}
-        if self.format == "sparcspy" and "single_cell_index_labelled" in h5:
-            table = h5["single_cell_index_labelled"][()]
-            names = _decode(h5["label_names"][()]) if "label_names" in h5 else None
-            table = np.asarray(_decode(table), dtype=object)
-            if table.ndim == 2:
-                names = names or [f"label_{i}" for i in range(table.shape[1])]
-                for j, name in enumerate(names[: table.shape[1]]):
-                    cols[str(name)] = table[:, j]
-        elif self.format == "h5sc" and "obs" in h5:
-            obs = h5["obs"]
-            index_key = obs.attrs.get("_index", "_index")
-            for key, node in obs.items():
-                if key in (index_key, "scportrait_cell_id", "cell_id") or not isinstance(node, h5py.Dataset):
-                    continue
-                if node.shape == (self.n_cells,):
-                    values = node[()]
-                    cols[key] = _decode(values) if values.dtype.kind in "OS" else values
+        try:
+            if self.format == "sparcspy" and "single_cell_index_labelled" in h5:
+                table = np.asarray(_decode(h5["single_cell_index_labelled"][()]), dtype=object)
+                names = _decode(h5["label_names"][()]) if "label_names" in h5 else []
+                names = [names] if isinstance(names, str) else list(np.ravel(names))
+                if table.ndim != 2 or len(table) != self.n_cells:
+                    raise DataError(f"{self.path}: 'single_cell_index_labelled' has shape {table.shape}; expected "
+                                    f"one row per cell ({self.n_cells})")
+                for j in range(table.shape[1]):
+                    cols[str(names[j]) if j < len(names) else f"label_{j}"] = table[:, j]
+            elif self.format == "h5sc" and "obs" in h5:
+                obs = h5["obs"]
+                index_key = obs.attrs.get("_index", "_index")
+                for key, node in obs.items():
+                    if key in (index_key, "scportrait_cell_id", "cell_id"):
+                        continue
+                    if isinstance(node, h5py.Group) and {"codes", "categories"} <= set(node):
+                        codes = np.asarray(node["codes"][()]).astype(np.int64)
+                        cats = np.asarray(list(_decode(node["categories"][()])) + [None], dtype=object)
+                        if codes.ndim != 1 or (codes.size and codes.max() >= len(cats) - 1):
+                            raise DataError(f"{self.path}: obs column '{key}' has codes beyond its "
+                                            f"{len(cats) - 1} categories")
+                        values = cats[np.where(codes < 0, len(cats) - 1, codes)]  # -1: a missing value
+                    elif isinstance(node, h5py.Dataset) and node.ndim == 1:
+                        values = node[()]
+                        values = _decode(values) if values.dtype.kind in "OS" else values
+                    else:
+                        continue
+                    if len(values) != self.n_cells:
+                        raise DataError(f"{self.path}: obs column '{key}' has {len(values)} values for "
+                                        f"{self.n_cells} cells")
+                    cols[key] = values
+        except UnicodeDecodeError as exc:
+            raise DataError(f"{self.path}: a per-cell annotation is not UTF-8 text ({exc.reason})") from None
         return pd.DataFrame(cols)
 
     # -- pixels ------------------------------------------------------------------------------------
@@ -495,6 +514,21 @@ def write_cells(path: str | os.PathLike, images: np.ndarray, cell_ids: np.ndarra
 
 
 # -- inspection ------------------------------------------------------------------------------------
+def annotation_summary(table: pd.DataFrame, shown: int = 5) -> dict[str, dict[str, Any]]:
+    """Each annotation column: how many distinct values, and the first ``shown`` of them in order (JSON-safe: a
+    missing or non-finite value reads as null)."""
+    out = {}
+    for col in table.columns:
+        values = pd.Series(pd.unique(table[col].dropna()))
+        numbers = pd.to_numeric(values, errors="coerce")  # SPARCSpy stores numbers as text: "2.0" before "10.0"
+        key = numbers if numbers.notna().all() else values.astype(str) if values.dtype == object else values
+        values = values.iloc[np.argsort(key.to_numpy(), kind="stable")].reset_index(drop=True)
+        first = [v.item() if isinstance(v, np.generic) else v for v in values.iloc[:shown]]
+        out[str(col)] = {"distinct": len(values), "missing": int(table[col].isna().sum()),
+                         "values": [None if isinstance(v, float) and not np.isfinite(v) else v for v in first]}
+    return out
+
+
 def inspect_file(path: str | os.PathLike, max_cells: int = 20_000, block: int = 1_000) -> dict[str, Any]:
     """Summary of one file; pixel checks scan up to ``max_cells`` cells in contiguous blocks spread
     over the file (all cells when the file is smaller)."""
@@ -518,6 +552,11 @@ def inspect_file(path: str | os.PathLike, max_cells: int = 20_000, block: int = 
             warnings.append(f"NaN/Inf present: {nonfinite} pixel values in {scanned} scanned cells")
         if outside:
             warnings.append(f"values outside [0, 1]: {outside} pixel values in {scanned} scanned cells")
+        try:
+            annotations = annotation_summary(f.obs_table())
+        except DataError as exc:
+            annotations = {}
+            warnings.append(str(exc))
         return {
             "path": info.path,
             "format": info.format,
@@ -533,5 +572,6 @@ def inspect_file(path: str | os.PathLike, max_cells: int = 20_000, block: int = 
             "chunks": list(info.chunks) if info.chunks else None,
             "compression": info.compression,
             "scanned_cells": scanned,
+            "annotations": annotations,
             "warnings": warnings,
         }
