@@ -144,29 +144,17 @@ def test_plots_write_png(tmp_path):
     plots.plot_reliability(reliability_bins(sharp, y), None, tmp_path / "rel1.png")
     feats = rng.normal(size=(6000, 16))
     plots.plot_embedding(feats, np.array(names)[rng.integers(0, 3, 6000)], tmp_path / "sub" / "emb.png")
-    curves = pd.DataFrame(
-        [
-            {"labels": n, "acc": 0.5 + 0.001 * n + 0.01 * s, "strategy": st, "seed": s}
-            for n in (50, 100, 200)
-            for s in range(3)
-            for st in ("random", "entropy")
-        ]
-    )
-    plots.plot_curves(curves, "labels", "acc", "strategy", tmp_path / "al.png", band_over="seed")
-    plots.plot_curves(curves, "labels", "acc", "strategy", tmp_path / "al_sd.png", band_over="seed", band="sd")
     plots.plot_uncertainty_hist(
         {"seen": rng.gamma(1, 0.05, 300), "unseen": rng.gamma(3, 0.1, 100), "empty": np.array([])},
         tmp_path / "hist.png",
         xlabel="epistemic (nats)",
     )
-    for f in ("cm", "rel", "rel1", "sub/emb", "al", "al_sd", "hist"):
+    for f in ("cm", "rel", "rel1", "sub/emb", "hist"):
         assert _is_png(tmp_path / f"{f}.png"), f
     assert not [p for p in tmp_path.rglob(".*")]  # no temp files left behind
 
 
 def test_plot_errors_leave_nothing(tmp_path):
-    with pytest.raises(ValueError, match="columns"):
-        plots.plot_curves(pd.DataFrame({"a": [1]}), "a", "b", "c", tmp_path / "x.png")
     with pytest.raises(ValueError, match="cm must be"):
         plots.plot_confusion(np.zeros((2, 2)), ["a", "b", "c"], tmp_path / "cm.png")
     assert list(tmp_path.iterdir()) == []

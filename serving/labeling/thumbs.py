@@ -16,7 +16,6 @@ from training.io.formats import CellFile
 # composite colours of the image channels, in file order (thesis: nucleus blue, membrane green, LC3B magenta)
 PALETTE = np.array([(0.2, 0.4, 1.0), (0.1, 1.0, 0.2), (1.0, 0.1, 0.9), (1.0, 0.9, 0.1), (0.1, 0.9, 1.0),
                     (1.0, 0.3, 0.1)], dtype=np.float32)
-CONTRASTS = (0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0)
 
 
 def locate(queries: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, dict]]:
@@ -63,7 +62,6 @@ class Thumbnails:
         self._png: OrderedDict[tuple, bytes] = OrderedDict()
         self._stacks: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
     def channels(self, i: int) -> list[str]:
         lay = self.layouts[str(self.cells["source_file"].iat[i])]
@@ -94,9 +92,7 @@ class Thumbnails:
         with self._lock:
             if key in self._png:
                 self._png.move_to_end(key)
-                self.hits += 1
                 return self._png[key]
-            self.misses += 1
             stack = self._stack(i)
             data = render(stack, self.layouts[str(self.cells["source_file"].iat[i])]["image"], channel, contrast,
                           self.px)

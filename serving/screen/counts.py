@@ -240,12 +240,3 @@ def write_count_table(counts: pd.DataFrame, path: str | os.PathLike) -> Path:
     with atomic_path(path, suffix=".tsv") as tmp:
         counts.to_csv(tmp, sep="\t", index=False)
     return Path(path)
-
-
-def write_csv(df: pd.DataFrame, path: str | os.PathLike) -> Path:
-    """Write a CSV atomically."""
-    from training.io.atomic import atomic_path
-
-    with atomic_path(path, suffix=".csv") as tmp:
-        df.to_csv(tmp, index=False)
-    return Path(path)

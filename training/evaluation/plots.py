@@ -170,54 +170,6 @@ def plot_embedding(
     _save(fig, path)
 
 
-def plot_curves(
-    df: pd.DataFrame,
-    x: str,
-    y: str,
-    hue: str,
-    path: str | os.PathLike,
-    band_over: str | None = None,
-    band: str = "minmax",
-    title: str | None = None,
-) -> None:
-    """One line per ``hue`` value: mean of ``y`` at each ``x``. With ``band_over`` (e.g. ``"seed"``) a shaded
-    band spans the runs: ``band="minmax"`` (range) or ``"sd"`` (mean ± 1 standard deviation)."""
-    cols = [x, y, hue] + ([band_over] if band_over else [])
-    missing = [c for c in cols if c not in df.columns]
-    if missing:
-        raise ValueError(f"plot_curves: columns {missing} not in table with columns {list(df.columns)}")
-    if band not in ("minmax", "sd"):
-        raise ValueError(f"band must be 'minmax' or 'sd', got {band!r}")
-    fig = _figure(6.5, 4.5)
-    ax = fig.add_subplot()
-    hues = list(pd.unique(df[hue]))
-    for h, color in zip(hues, _colors(len(hues)), strict=True):
-        sub = df[df[hue] == h]
-        if band_over:
-            sub = sub.groupby([x, band_over], as_index=False)[y].mean()
-        g = sub.groupby(x)[y]
-        mean = g.mean()
-        label = str(h)
-        if band_over:
-            label += f" (n={sub[band_over].nunique()})"
-        ax.plot(mean.index, mean.to_numpy(), marker="o", ms=3, color=color, label=label)
-        if band_over:
-            if band == "minmax":
-                lo, hi = g.min(), g.max()
-            else:
-                sd = g.std(ddof=1).fillna(0.0)
-                lo, hi = mean - sd, mean + sd
-            ax.fill_between(mean.index, lo.to_numpy(), hi.to_numpy(), color=color, alpha=0.2, lw=0)
-    ax.set_xlabel(x)
-    ax.set_ylabel(y)
-    if hues:
-        ax.legend(fontsize=8, title=hue)
-    ax.grid(alpha=0.3)
-    if title:
-        ax.set_title(title)
-    _save(fig, path)
-
-
 def plot_uncertainty_hist(
     values_by_group: dict[str, np.ndarray],
     path: str | os.PathLike,

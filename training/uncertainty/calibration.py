@@ -58,9 +58,6 @@ def apply_temperature(logits: np.ndarray, temperature: float) -> np.ndarray:
     return special.softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=-1)
 
 
-CALIBRATIONS = ("pooled", "member", "none")
-
-
 def pooled_log_probs(member_logits: np.ndarray) -> np.ndarray:
     """Member logits ``(N, M, S, K)`` (or ``(N, M, K)``) -> log of the members' averaged probabilities ``(N, K)``.
 
