@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -226,9 +227,11 @@ def test_scores_the_registered_champion(files, tiny_ensemble, reference, tmp_pat
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("score")
-    with mlflow.start_run() as run:
+    with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         mlflow.log_metric("test_balanced_accuracy", 0.9)
         model_uri = log_ensemble_model(tiny_ensemble, np.zeros((2, 1, 32, 32), np.float32))
+    assert not [w for w in caught if "type hint" in str(w.message)], "MLflow asks for predict's type hints"
     register(model_uri, run.info.run_id, RegistryConfig(model_name="tiny-score"))
     out = tmp_path / "champion.parquet"
     score_files(files[:1], "models:/tiny-score@champion", out, ScoreConfig(chunk_size=50), progress=False,

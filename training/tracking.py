@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from training.config import MlflowConfig, Params, RegistryConfig
 from training.errors import ConfigError, ModelError
@@ -192,7 +193,9 @@ def _pyfunc_class():
 
             self.ensemble = Ensemble.load(context.artifacts["ensemble"])
 
-        def predict(self, context, model_input, params=None):
+        def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
+            # an ndarray hint: MLflow infers no schema from it (the logged signature holds the shape) and does not
+            # warn that the hint is missing on every log and load
             images = np.asarray(model_input, dtype=np.float32)
             return self.ensemble.to_frame(self.ensemble.predict_images(images))
 
