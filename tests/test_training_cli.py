@@ -278,3 +278,21 @@ def test_a_split_table_made_with_other_split_params_is_refused(tmp_path, tiny_ma
         assert ("made with split.val_fraction=0.2, split.test_groups=[]; the params say split.val_fraction=0.3, "
                 'split.test_groups=["bright_s0"]') in err, (command, err)
     assert not (tmp_path / "m").exists()
+
+
+def test_help_joins_wrapped_docstring_lines_and_keeps_placeholders(monkeypatch):
+    """`spatial --help` shows each command's summary as wrapped prose (a docstring's line breaks are not the
+    screen's), and `<out>`-style placeholders in option help survive the Markdown rendering."""
+    monkeypatch.setenv("COLUMNS", "120")  # rich's width
+    listing = runner.invoke(app, ["--help"]).output
+    lines = listing.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("│ pretrain "))
+    entry = [lines[first][len("│ pretrain "):]]
+    entry += [line for line in lines[first + 1:first + 4] if line.startswith("│" + " " * 10)]  # its wrapped lines
+    text = [line.strip("│ ") for line in entry]
+    assert len(text) == 2 and all(len(t.split()) > 3 for t in text), text  # no line broken where the source was
+    assert text[1].startswith("fine-tune from it with spatial train"), text
+    monkeypatch.setenv("COLUMNS", "200")
+    score = runner.invoke(app, ["score", "--help"]).output
+    assert "parts go to <out>.parts/ until done" in score and "keep <out>.parts/ after assembly" in score
+    assert "else sweep-<time>" in runner.invoke(app, ["tune", "--help"]).output

@@ -15,6 +15,7 @@ from serving.cli import active, data, discover, label, package, screen, serving,
 from training.errors import SpatialError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  rich_markup_mode="markdown",  # a docstring's wrapped lines join; `code` renders as code
                   help="spatiAL: label-efficient phenotyping of SPARCS single-cell screens.")
 for module in (data, train, active, serving, package, tuning, screen, discover, studies, label):
     module.add_commands(app)

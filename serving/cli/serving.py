@@ -43,14 +43,14 @@ def add_commands(app: typer.Typer) -> None:
     @app.command()
     def score(
         files: Annotated[list[Path], typer.Argument(help="single-cell .h5 / .h5sc files")],
-        out: Annotated[Path, typer.Option(help="output Parquet (parts go to <out>.parts/ until done)")],
+        out: Annotated[Path, typer.Option(help="output Parquet (parts go to `<out>.parts/` until done)")],
         model: ModelOpt = None,
         params: ParamsOpt = None,
         set_: SetOpt = None,
         ray_address: Annotated[str | None, typer.Option(
             "--ray-address", envvar="RAY_ADDRESS", help="run on this Ray cluster (e.g. auto, ray://host:10001)")] = None,
         embeddings: Annotated[bool, typer.Option("--embeddings", help="add the penultimate features")] = False,
-        keep_parts: Annotated[bool, typer.Option("--keep-parts", help="keep <out>.parts/ after assembly")] = False,
+        keep_parts: Annotated[bool, typer.Option("--keep-parts", help="keep `<out>.parts/` after assembly")] = False,
         metrics: Annotated[Path | None, typer.Option(help="JSON summary of the run")] = None,
         channel_map: Annotated[list[str] | None, typer.Option(
             "--channel-map", help="MODEL=FILE channel name (repeatable), e.g. LC3B=lc3b; over data.channel_map")] = None,

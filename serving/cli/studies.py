@@ -23,7 +23,7 @@ def add_commands(app: typer.Typer) -> None:
         out: Annotated[Path, typer.Option(help="JSON: mean and 95 % interval per arm, differences to the baseline")],
         baseline: Annotated[str, typer.Option(help="the arm the others are compared with")],
         arm: Annotated[list[str] | None, typer.Option(
-            help="NAME=GLOB of per-seed metrics files (..._s<seed>.json); repeat per arm")] = None,
+            help="NAME=GLOB of per-seed metrics files (`..._s<seed>.json`); repeat per arm")] = None,
         key: Annotated[str, typer.Option(help="the metric compared (with --arm)")] = "balanced_accuracy",
         al_curve: Annotated[Path | None, typer.Option(
             help="an AL campaign's curve.csv: compare the strategies' areas under the budget curve")] = None,

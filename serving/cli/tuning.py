@@ -31,7 +31,7 @@ def tune_command(
     storage_path: Annotated[str | None, typer.Option(help="Tune results/checkpoints; shared storage on a "
                                                      "cluster (NFS path or s3://...)")] = None,
     tracking_uri: Annotated[str | None, typer.Option(help="MLflow tracking URI (a server on a cluster)")] = None,
-    name: Annotated[str | None, typer.Option(help="sweep name (default tune.name, else sweep-<time>)")] = None,
+    name: Annotated[str | None, typer.Option(help="sweep name (default tune.name, else `sweep-<time>`)")] = None,
     resume: Annotated[bool, typer.Option(help="continue an interrupted sweep (default: the latest)")] = False,
     out: Annotated[Path | None, typer.Option(help="best.json, best_params.yaml, trials.csv (default tune.out)")]
     = None,
