@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -112,7 +113,10 @@ def test_mlflow_run_layout_and_champion(trained):
     assert "evaluate/reliability.png" in artifacts and "evaluate/predictions.parquet" in artifacts
     mv = client.get_model_version_by_alias("tiny", "champion")
     assert int(mv.version) == reg["version"] == 1
-    # models:/ URI resolves to the same ensemble
+    # models:/ URI resolves to the same ensemble, logged as code: nothing in it is pickled
+    logged = Path(mlflow.artifacts.download_artifacts("models:/tiny@champion", dst_path=str(trained / "dl")))
+    files = sorted(str(f.relative_to(logged)) for f in logged.rglob("*") if f.is_file())
+    assert "mlflow_model.py" in files and not [f for f in files if f.endswith(".pkl")], files
     loaded = mlflow.pyfunc.load_model("models:/tiny@champion")
     x = np.random.default_rng(0).random((3, 1, 32, 32), dtype=np.float32)
     out = loaded.predict(x)

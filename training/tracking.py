@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
 from training.config import MlflowConfig, Params, RegistryConfig
 from training.errors import ConfigError, ModelError
@@ -177,31 +176,6 @@ class Tracker:
 
 
 # -- the logged model ---------------------------------------------------------------------------------
-def _pyfunc_class():
-    import mlflow.pyfunc
-
-    class EnsembleModel(mlflow.pyfunc.PythonModel):
-        """The whole ensemble (members, temperatures, novelty, classes, channels, size) as one MLflow model.
-
-        Input: float32 images ``(N, C, H, W)`` (model channels or the full stored stack); output: one row per cell
-        with ``prob_<class>...``, ``predicted_class``, ``confidence``, ``entropy``, ``aleatoric``, ``epistemic``,
-        ``novelty``.
-        """
-
-        def load_context(self, context) -> None:
-            from training.uncertainty.ensemble import Ensemble
-
-            self.ensemble = Ensemble.load(context.artifacts["ensemble"])
-
-        def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> pd.DataFrame:
-            # an ndarray hint: MLflow infers no schema from it (the logged signature holds the shape) and does not
-            # warn that the hint is missing on every log and load
-            images = np.asarray(model_input, dtype=np.float32)
-            return self.ensemble.to_frame(self.ensemble.predict_images(images))
-
-    return EnsembleModel
-
-
 def model_requirements() -> list[str]:
     """Pinned requirements of the logged model: the packages scoring imports, at the installed versions."""
     from importlib.metadata import PackageNotFoundError, version
@@ -228,7 +202,7 @@ def log_ensemble_model(ensemble_dir: str | Path, example: np.ndarray) -> str:
     output = ens.to_frame(ens.predict_images(example))
     info = mlflow.pyfunc.log_model(
         name="ensemble",
-        python_model=_pyfunc_class()(),
+        python_model=str(Path(__file__).with_name("mlflow_model.py")),  # models from code: nothing pickled
         artifacts={"ensemble": str(ensemble_dir)},
         signature=infer_signature(example, output),
         input_example=example,
