@@ -222,11 +222,11 @@ def test_scores_the_registered_champion(files, tiny_ensemble, reference, tmp_pat
     import mlflow
 
     from training.config import MlflowConfig, RegistryConfig
-    from training.tracking import log_ensemble_model, register
+    from training.tracking import ensure_experiment, log_ensemble_model, register
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment("score")
+    mlflow.set_experiment(experiment_id=ensure_experiment(mlflow.MlflowClient(uri), "score"))  # artifacts in tmp_path
     with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         mlflow.log_metric("test_balanced_accuracy", 0.9)

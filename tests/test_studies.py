@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from serving.cli.main import app
 from training.errors import DataError
 from training.evaluation.seeds import al_per_seed, compare_arms, mean_interval, metrics_per_seed
-from training.evaluation.study_summary import machine, write_summary
+from training.evaluation.study_summary import cpu_model, machine, write_summary
 
 runner = CliRunner()
 
@@ -107,6 +107,19 @@ def test_summary_writes_the_table_from_metrics_files(tmp_path):
     assert "| arm |" not in text[:text.index("## ssl.json")]  # only results of `spatial seeds` get the arm table
     real = machine()
     assert real["torch"] and real["platform"] and real["commit"]
+    import torch
+
+    assert real["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+
+
+def test_the_cpu_model_names_its_family_and_model(tmp_path):
+    """A cloud's "AMD EPYC" names several generations: the summary adds family and model from the first processor."""
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\nmodel\t\t: 1\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\ncpu family\t: 23\nmodel\t\t: 49\n")
+    assert cpu_model(info) == "AMD EPYC (family 25, model 1)"
+    info.write_text("processor\t: 0\nmodel name\t: Some ARM core\n")
+    assert cpu_model(info) == "Some ARM core"
 
 
 def test_the_commit_is_dirty_only_when_more_than_the_runs_outputs_changed(tmp_path):

@@ -34,7 +34,7 @@ RUN_OUTPUTS = ("dvc.lock", "metrics/", "reports/")  # what a run itself writes i
 
 
 def machine(root: str | os.PathLike | None = None) -> dict[str, str]:
-    """Commit, platform, CPU model, Python and torch versions.
+    """Commit, platform, CPU model, Python and torch versions, and the CPU kernels torch runs.
 
     The commit gets ``-dirty`` when a tracked file other than a run's own outputs (:data:`RUN_OUTPUTS`) differs from
     it: a ``make run`` rewrites ``dvc.lock`` and the metrics, which says nothing about the code that ran."""
@@ -47,22 +47,36 @@ def machine(root: str | os.PathLike | None = None) -> dict[str, str]:
     changed = git("status", "--porcelain", "--untracked-files=no").splitlines()
     if any(not line[3:].split(" -> ")[-1].startswith(RUN_OUTPUTS) for line in changed):
         commit += "-dirty"
-    cpu = platform.processor() or ""
+    return {"commit": commit, "platform": platform.platform(), "cpu": cpu_model(), "cpus": str(os.cpu_count()),
+            "python": platform.python_version(), **torch_build()}
+
+
+def cpu_model(cpuinfo: str | os.PathLike = "/proc/cpuinfo") -> str:
+    """The CPU's name with its x86 family and model: a cloud's "AMD EPYC" names several generations, whose kernels
+    and speed differ (family 25 model 1 is Zen 3)."""
+    fields: dict[str, str] = {}
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+            if not line.strip():  # the first processor's block is enough
                 break
     except OSError:
         pass
+    name = fields.get("model name") or platform.processor() or "unknown"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
+
+
+def torch_build() -> dict[str, str]:
+    """PyTorch's version and the CPU kernels it dispatches to (``AVX2``, ``AVX512``, ...): runs on machines whose
+    kernels differ add up floating-point sums in another order, and their metrics differ in the last digits or more."""
     try:
         import torch
-
-        torch_version = torch.__version__
     except ImportError:  # pragma: no cover
-        torch_version = "not installed"
-    return {"commit": commit, "platform": platform.platform(), "cpu": cpu or "unknown",
-            "cpus": str(os.cpu_count()), "python": platform.python_version(), "torch": torch_version}
+        return {"torch": "not installed", "cpu_kernels": "unknown"}
+    return {"torch": torch.__version__, "cpu_kernels": torch.backends.cpu.get_cpu_capability()}
 
 
 def _fmt(v) -> str:
