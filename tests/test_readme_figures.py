@@ -722,3 +722,30 @@ def test_the_untrained_network_study_matches_its_file() -> None:
     said = (f"an untrained VGG scores {mean['random_vgg']:.3f}, below `pixel_knn`'s {mean['pixel_knn']:.3f} on the same "
             f"cells, and untrained ConvNeXts at either stem {low:.2f}-{high:.2f}, near chance")
     assert said in README_FLAT, said
+
+
+def test_the_zen3_make_runs_match_their_records_and_files() -> None:
+    """The third kind of CPU: the timing row's two runs as their records have them, both runs' metrics the kept
+    files to the byte, and the Determinism paragraph's figures from those files."""
+    import hashlib
+
+    lines = README.splitlines()
+    row = lines[lines.index(_row_after("`make run` (`make install` with pip's cache warm, then `dvc repro`)")) + 1]
+    assert row.startswith("| the same |") and "family 25 model 1" in row, row[:80]  # the row below the AMD one
+    said = re.search(r"\| (\d+) min (\d+) s at `(\w+)`; the run before it, (\d+) min (\d+) s \(`(\w+)`\)", row)
+    assert said, row[:120]
+    for minutes, seconds, sha in ((said[1], said[2], said[3]), (said[4], said[5], said[6])):
+        record = json.loads((REPO / f"reports/make_run/zen3_{sha}.json").read_text())
+        assert record["commit"] == sha and record["rc"] == 0 and "family 25 model 1" in record["machine"]
+        assert divmod(record["seconds"], 60) == (int(minutes), int(seconds)), sha
+        for name, md5 in record["md5"].items():
+            kept = REPO / "reports/make_run/zen3_d10f119" / Path(name).name
+            assert hashlib.md5(kept.read_bytes()).hexdigest() == md5, (sha, name)
+    kept = {n: json.loads((REPO / f"reports/make_run/zen3_d10f119/{n}.json").read_text()) for n in ("evaluate", "hits")}
+    e, h = kept["evaluate"], kept["hits"]
+    said = (f"balanced accuracy {e['balanced_accuracy']:.3f}, ECE {e['ece']:.4f} (`ece_calibration_p` "
+            f"{e['ece_calibration_p']:.3f}), held-out classes {e['heldout/density/auroc']:.3f}, "
+            f"{h['spatial/n_called']} hit calls with no false one")
+    assert said in README_FLAT, said
+    assert h["spatial/false_discoveries"] == 0
+    assert "| cpu_kernels | AVX2 |" in (REPO / "reports/make_run/zen3_d10f119/summary.md").read_text()
