@@ -749,3 +749,11 @@ def test_the_zen3_make_runs_match_their_records_and_files() -> None:
     assert said in README_FLAT, said
     assert h["spatial/false_discoveries"] == 0
     assert "| cpu_kernels | AVX2 |" in (REPO / "reports/make_run/zen3_d10f119/summary.md").read_text()
+    ci = json.loads((REPO / "reports/make_run/ci_zen3.json").read_text())["runs"][-1]
+    head = "`.ci/run` (install, then `make test`'s suite)"
+    row = lines[lines.index(_row_after(head)) + 1]
+    said = re.search(r"\| (\d+) min (\d+) s \(the tests (\d+) min (\d+) s in two pytest workers: (\d+ passed, \d+ skipped);"
+                     r"[^)]*\) at `(\w+)` \| AMD EPYC family 25 model 1", row)
+    assert said and said[6] == ci["commit"] and ci["rc"] == 0, row[:120]
+    assert _matches((int(said[1]), int(said[2])), _wall_seconds(ci["wall"])) and ci["pytest"].startswith(said[5])
+    assert f"(0:{int(said[3]):02d}:{int(said[4]):02d})" in ci["pytest"]
